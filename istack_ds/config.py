@@ -1,0 +1,480 @@
+"""The run configuration: one typed tree, YAML files set values, `--set a.b=v` overrides.
+
+Every field has a docstring (the string literal under it) and a default that is
+the paper's recipe where the paper gives one. Validation lives in each
+section's ``__post_init__`` and in :meth:`Config.validate`; every error names
+the dotted key and, for choices, the allowed values. The DeepSpeed JSON is
+derived here (:meth:`Config.deepspeed_config`), never kept beside the YAML.
+
+This module does not import torch: configs load and validate before any
+process group or heavy import exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad key or value in a run configuration; the message names the key."""
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    """Run name, shown in logs and TensorBoard."""
+    out_dir: str = "runs/demo"
+    """Run directory: tb/, checkpoints/, config.yaml, student/ are written here."""
+    seed: int = 1234
+    """Seed for model initialisation, data order and cropping."""
+
+
+@dataclass
+class DataConfig:
+    train_index: str = "data/demo/shards/train/index.json"
+    """index.json of the training shards (written by tools/shard_corpus.py)."""
+    valid_index: str | None = None
+    """index.json of held-out shards for validation; None disables validation."""
+    sample_rate: int = 16000
+    """Sample rate the models expect; audio at another rate is resampled."""
+    crop_seconds: float = 15.6
+    """Longer cuts are randomly cropped to this many seconds."""
+    batch_seconds: float = 200.0
+    """Audio seconds per batch per rank (duration bucketing fills batches to this)."""
+    num_buckets: int = 20
+    """Duration buckets of the lhotse bucketing sampler."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank; shards are split across them."""
+    shuffle_buffer: int = 1000
+    """Cuts held in the sampler's shuffle buffer."""
+    features: str = "raw"
+    """`raw` waveform samples (the SFM front end consumes them) or `fbank` (80-dim log-mel, added to the batch)."""
+    num_mel_bins: int = 80
+    """Mel bins of the `fbank` features."""
+
+    def __post_init__(self):
+        _choice("data.features", self.features, ("raw", "fbank"))
+        _positive("data.crop_seconds", self.crop_seconds)
+        _positive("data.batch_seconds", self.batch_seconds)
+        _positive("data.num_buckets", self.num_buckets)
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+        _positive("data.shuffle_buffer", self.shuffle_buffer)
+        _positive("data.sample_rate", self.sample_rate)
+        if self.batch_seconds < self.crop_seconds:
+            raise ConfigError(
+                f"data.batch_seconds={self.batch_seconds} is smaller than data.crop_seconds="
+                f"{self.crop_seconds}: a cropped cut would not fit in a batch"
+            )
+
+
+@dataclass
+class TeacherConfig:
+    path: str = "data/demo/teacher"
+    """Local directory of an HF HubertModel / WavLMModel / Wav2Vec2Model (save_pretrained). Never downloaded."""
+    dtype: str = "fp32"
+    """Teacher compute dtype: fp32 or bf16 (autocast)."""
+
+    def __post_init__(self):
+        _choice("teacher.dtype", self.dtype, ("fp32", "bf16"))
+
+
+@dataclass
+class StudentConfig:
+    hidden_size: int = 384
+    """Width of the student transformer."""
+    intermediate_size: int = 1536
+    """FFN width of each student layer."""
+    num_attention_heads: int = 8
+    """Attention heads of each student layer."""
+    init: str = "teacher_cnn"
+    """`teacher_cnn`: CNN front end copied from the teacher (when shapes match); `random`: all random."""
+    conv_dim: list[int] | None = None
+    """CNN channels per conv layer; None takes the teacher's (needed for `teacher_cnn`)."""
+
+    def __post_init__(self):
+        _choice("student.init", self.init, ("teacher_cnn", "random"))
+        _positive("student.hidden_size", self.hidden_size)
+        _positive("student.intermediate_size", self.intermediate_size)
+        _positive("student.num_attention_heads", self.num_attention_heads)
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"student.hidden_size={self.hidden_size} is not divisible by "
+                f"student.num_attention_heads={self.num_attention_heads}"
+            )
+
+
+@dataclass
+class LossConfig:
+    kind: str = "l2l"
+    """`l2l` (the paper: layer-to-layer MSE through projections) or `distilhubert` (heads on the top layer, L1 - log sigmoid cos)."""
+    teacher_layers: list[int] = field(default_factory=lambda: [4, 8, 12])
+    """Teacher hidden-state indices used as targets (i = output of transformer layer i, as in HF hidden_states)."""
+    inter_weight: float = 0.5
+    """l2l: weight of the intermediate-layer terms; the last teacher layer is the output term with weight 1."""
+    cos_weight: float = 1.0
+    """distilhubert: lambda of the -log sigmoid(cos) term."""
+
+    def __post_init__(self):
+        _choice("loss.kind", self.kind, ("l2l", "distilhubert"))
+        if not self.teacher_layers:
+            raise ConfigError("loss.teacher_layers must name at least one teacher layer")
+        if sorted(set(self.teacher_layers)) != list(self.teacher_layers):
+            raise ConfigError(f"loss.teacher_layers={self.teacher_layers} must be strictly increasing")
+        if self.teacher_layers[0] < 1:
+            raise ConfigError(f"loss.teacher_layers={self.teacher_layers}: layer indices start at 1")
+        _positive("loss.inter_weight", self.inter_weight, allow_zero=True)
+        _positive("loss.cos_weight", self.cos_weight, allow_zero=True)
+
+
+GROWTH_OPERATORS = ("interleaved", "gradstack", "midas", "stack", "none")
+
+
+@dataclass
+class GrowthConfig:
+    operator: str = "interleaved"
+    """How depth grows: interleaved (the paper), gradstack, midas, stack, or none (full depth from step 0)."""
+    depths: list[int] = field(default_factory=lambda: [3, 6, 9, 12])
+    """Student depth of each stage; the last is the final depth (the only one used by `none`)."""
+    alpha: float = 0.0
+    """Stage i gets a share of optim.total_steps proportional to i**alpha (0 = EQL, 1 = PROP-1)."""
+    boundaries: list[int] | None = None
+    """Explicit first step of stages 2..B (overrides alpha); len = len(depths) - 1."""
+    carry: str = "last"
+    """Which copy of a supervised layer keeps its target after growth: `last` or `first`."""
+    optimizer_state: str = "copy"
+    """Adam moments of a cloned layer: `copy` from its source, or `reset` to zero."""
+
+    def __post_init__(self):
+        _choice("growth.operator", self.operator, GROWTH_OPERATORS)
+        _choice("growth.carry", self.carry, ("last", "first"))
+        _choice("growth.optimizer_state", self.optimizer_state, ("copy", "reset"))
+        if not self.depths or any(d < 1 for d in self.depths):
+            raise ConfigError(f"growth.depths={self.depths} must be a non-empty list of depths >= 1")
+        if any(b <= a for a, b in zip(self.depths, self.depths[1:])):
+            raise ConfigError(f"growth.depths={self.depths} must be strictly increasing")
+        for a, b in zip(self.depths, self.depths[1:]):
+            if b > 2 * a:
+                raise ConfigError(
+                    f"growth.depths={self.depths}: {a} -> {b} more than doubles the depth; "
+                    "one growth clones each layer at most once"
+                )
+        if self.operator == "stack" and any(b != 2 * a for a, b in zip(self.depths, self.depths[1:])):
+            raise ConfigError(f"growth.depths={self.depths}: operator `stack` needs every step to double the depth")
+        if self.boundaries is not None:
+            if len(self.boundaries) != len(self.depths) - 1:
+                raise ConfigError(
+                    f"growth.boundaries={self.boundaries} needs {len(self.depths) - 1} entries "
+                    f"(one per growth of growth.depths={self.depths})"
+                )
+            if any(b <= a for a, b in zip([0] + self.boundaries, self.boundaries)):
+                raise ConfigError(f"growth.boundaries={self.boundaries} must be strictly increasing and > 0")
+
+    @property
+    def final_depth(self) -> int:
+        return self.depths[-1]
+
+    @property
+    def stage_depths(self) -> list[int]:
+        """Depth of each stage actually trained (`none` trains the final depth only)."""
+        return [self.depths[-1]] if self.operator == "none" else list(self.depths)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5.0e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 1.0e-4
+    """AdamW weight decay (not applied to biases and norms)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW betas."""
+    eps: float = 1.0e-8
+    """AdamW epsilon."""
+    warmup_fraction: float = 0.07
+    """Linear warmup over this fraction of total_steps, then linear decay to 0."""
+    total_steps: int = 330000
+    """Optimizer steps of the whole run, across all stages."""
+    grad_clip: float = 5.0
+    """Clip the global gradient norm to this value (0 disables)."""
+
+    def __post_init__(self):
+        _positive("optim.lr", self.lr)
+        _positive("optim.total_steps", self.total_steps)
+        _positive("optim.grad_clip", self.grad_clip, allow_zero=True)
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"optim.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup_fraction * self.total_steps))
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    """ZeRO stage 1, 2 or 3 (0 is refused: growth reads states through the ZeRO APIs)."""
+    precision: str = "bf16"
+    """Training precision: fp32 or bf16 (fp32 master weights either way)."""
+    gradient_accumulation: int = 1
+    """Micro-batches per optimizer step."""
+    dist_timeout_s: int = 1800
+    """Seconds a collective may wait before the process group gives up (a dead rank must not hang the others)."""
+
+    def __post_init__(self):
+        _choice("deepspeed.zero_stage", self.zero_stage, (1, 2, 3))
+        _choice("deepspeed.precision", self.precision, ("fp32", "bf16"))
+        _positive("deepspeed.gradient_accumulation", self.gradient_accumulation)
+        _positive("deepspeed.dist_timeout_s", self.dist_timeout_s)
+
+
+@dataclass
+class LogConfig:
+    every: int = 50
+    """Optimizer steps between log lines and TensorBoard scalars."""
+    tensorboard: bool = True
+    """Write TensorBoard events to <out_dir>/tb (rank 0)."""
+
+    def __post_init__(self):
+        _positive("log.every", self.every)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 5000
+    """Optimizer steps between checkpoints (0 disables periodic saving)."""
+    keep: int = 3
+    """Newest checkpoints kept."""
+    resume: str = "auto"
+    """`auto` (latest in <out_dir>/checkpoints if any), `none`, or a checkpoint path."""
+
+    def __post_init__(self):
+        _positive("checkpoint.every", self.every, allow_zero=True)
+        _positive("checkpoint.keep", self.keep)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 5000
+    """Optimizer steps between validations (0 disables)."""
+    max_batches: int = 50
+    """Validation batches per rank."""
+
+    def __post_init__(self):
+        _positive("eval.every", self.every, allow_zero=True)
+        _positive("eval.max_batches", self.max_batches)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks that span sections."""
+        if self.loss.kind == "l2l" and len(self.loss.teacher_layers) > self.growth.depths[0]:
+            raise ConfigError(
+                f"loss.teacher_layers={self.loss.teacher_layers} needs {len(self.loss.teacher_layers)} supervised "
+                f"student layers but growth.depths starts at {self.growth.depths[0]}"
+            )
+        if self.growth.boundaries and self.growth.boundaries[-1] >= self.optim.total_steps:
+            raise ConfigError(
+                f"growth.boundaries={self.growth.boundaries} must lie below optim.total_steps={self.optim.total_steps}"
+            )
+        if self.growth.operator != "none" and len(self.growth.depths) > self.optim.total_steps:
+            raise ConfigError(
+                f"optim.total_steps={self.optim.total_steps} is fewer than the {len(self.growth.depths)} stages"
+            )
+
+    # ---- derived -----------------------------------------------------------------
+
+    def deepspeed_config(self, world_size: int) -> dict:
+        """The DeepSpeed JSON for this run on `world_size` ranks (generated, never stored)."""
+        opt = self.optim
+        ds: dict[str, Any] = {
+            # Batches are built by duration, not count: DeepSpeed only needs a
+            # consistent (micro=1) x accumulation x world_size for its bookkeeping.
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": self.deepspeed.gradient_accumulation,
+            "train_batch_size": world_size * self.deepspeed.gradient_accumulation,
+            "gradient_clipping": opt.grad_clip,
+            "steps_per_print": 10**9,  # our own log line replaces DeepSpeed's
+            "wall_clock_breakdown": False,
+            "zero_optimization": {"stage": self.deepspeed.zero_stage},
+            "optimizer": {
+                "type": "AdamW",
+                "params": {
+                    "lr": opt.lr,
+                    "betas": list(opt.betas),
+                    "eps": opt.eps,
+                    "weight_decay": opt.weight_decay,
+                    # torch's AdamW: DeepSpeed's fused CPU Adam would compile for ~50 s
+                    "torch_adam": True,
+                },
+            },
+            "scheduler": {
+                "type": "WarmupDecayLR",
+                "params": {
+                    "warmup_min_lr": 0.0,
+                    "warmup_max_lr": opt.lr,
+                    "warmup_num_steps": max(1, opt.warmup_steps),
+                    "total_num_steps": opt.total_steps,
+                    "warmup_type": "linear",
+                },
+            },
+        }
+        if self.deepspeed.precision == "bf16":
+            ds["bf16"] = {"enabled": True}
+        if self.deepspeed.zero_stage == 3:
+            # Small models: partition every parameter so growth exercises the real path.
+            ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0})
+        return ds
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+# ---- loading -----------------------------------------------------------------------
+
+
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Checks / converts one leaf value against its annotated type."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return value
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    hints = _type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        where = f"section `{prefix}`" if prefix else "the top level"
+        raise ConfigError(f"unknown key `{(prefix + '.') if prefix else ''}{unknown[0]}` in {where}; known keys: {names}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"`{key}` must be a mapping of keys to values")
+            kwargs[name] = _build(hint, value, key)
+        else:
+            kwargs[name] = _coerce(key, value, hint)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override `{item}` must look like section.key=value")
+    key, raw = item.split("=", 1)
+    # YAML parses numbers, booleans, lists ([3,6,12]) and null the way a config file would.
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Loads a YAML config (or the defaults), applies `a.b=v` overrides, validates."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        values = loaded
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = values
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override `{item}`: `{k}` is not a section")
+        node[keys[-1]] = value
+    try:
+        return _build(Config, values, "")
+    except ConfigError as e:
+        if path is not None:
+            raise ConfigError(f"{path}: {e}") from None
+        raise
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring of each field of a config section (read from the source)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = nxt.value.value
+    return docs
