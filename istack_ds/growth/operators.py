@@ -1,0 +1,119 @@
+"""Growth operators: pure functions over layer indices (no torch, no engines).
+
+A *lineage* is the list ``src`` of a growth from depth ``d`` to ``d_new``:
+``new_layer[i] = copy(old_layer[src[i]])``. Every index is 0-based (layer i is
+``{layer_prefix}{i}``; its output is HF hidden-state ``i + 1``).
+
+``n = d_new - d`` layers are cloned, each at most once (``d < d_new <= 2d``):
+
+=============  ==========================================================  ==============
+operator       lineage                                                     3 -> 6
+=============  ==========================================================  ==============
+interleaved    n sources picked evenly, ``idx_j = floor((j+1)*d/n) - 1``;   0 0 1 1 2 2
+               each clone inserted right after its source (the paper)
+gradstack      copies of the last n layers appended on top                 0 1 2 0 1 2
+midas          the middle block of n layers copied, inserted right after   0 1 2 0 1 2
+               itself (block starts at ``(d - n) // 2``)
+stack          ``d_new = 2d``: the whole stack copied on top               0 1 2 0 1 2
+none           not a growth (full depth from step 0): calling it errors
+=============  ==========================================================  ==============
+"""
+
+from __future__ import annotations
+
+OPERATORS = ("interleaved", "gradstack", "midas", "stack", "none")
+
+
+def _check(operator: str, d: int, d_new: int) -> int:
+    if operator not in OPERATORS:
+        raise ValueError(f"unknown growth operator {operator!r}; choose one of {list(OPERATORS)}")
+    if operator == "none":
+        raise ValueError("growth operator 'none' trains at full depth from step 0 and never grows")
+    if d < 1:
+        raise ValueError(f"cannot grow from depth {d}: a student has at least one layer")
+    if d_new <= d:
+        raise ValueError(f"{operator}: growth {d} -> {d_new} does not add layers (need d_new > d)")
+    if d_new > 2 * d:
+        raise ValueError(
+            f"{operator}: growth {d} -> {d_new} more than doubles the depth; one growth clones each layer "
+            f"at most once (need d_new <= {2 * d})"
+        )
+    if operator == "stack" and d_new != 2 * d:
+        raise ValueError(f"stack: growth {d} -> {d_new} must double the depth (d_new = {2 * d})")
+    return d_new - d
+
+
+def interleaved_sources(d: int, n: int) -> list[int]:
+    """The n layers the paper's operator clones: ``idx_j = floor((j+1)*d/n) - 1``."""
+    return [((j + 1) * d) // n - 1 for j in range(n)]
+
+
+def lineage(operator: str, d: int, d_new: int) -> list[int]:
+    """Source (old) layer index of every new layer for a growth ``d -> d_new``.
+
+    Raises ValueError for ``d_new <= d``, ``d_new > 2d``, ``stack`` with
+    ``d_new != 2d``, ``none`` and unknown operators.
+    """
+    n = _check(operator, d, d_new)
+    if operator == "interleaved":
+        cloned = set(interleaved_sources(d, n))
+        src: list[int] = []
+        for i in range(d):
+            src.append(i)
+            if i in cloned:
+                src.append(i)
+        return src
+    if operator in ("gradstack", "stack"):
+        return list(range(d)) + list(range(d - n, d))
+    if operator == "midas":
+        start = (d - n) // 2
+        block = list(range(start, start + n))
+        return list(range(start + n)) + block + list(range(start + n, d))
+    raise AssertionError(operator)  # pragma: no cover
+
+
+def identity(d: int) -> list[int]:
+    """The lineage of a rebuild at the same depth (every layer is its own source)."""
+    return list(range(d))
+
+
+def compose(*lineages: list[int]) -> list[int]:
+    """Lineage of successive growths, back to the first depth's layers.
+
+    ``compose(a, b)[i] == a[b[i]]``: new layer i of the second growth comes from
+    layer ``b[i]`` of the middle depth, which came from layer ``a[b[i]]``.
+    """
+    if not lineages:
+        raise ValueError("compose needs at least one lineage")
+    out = list(lineages[0])
+    for nxt in lineages[1:]:
+        if nxt and max(nxt) >= len(out):
+            raise ValueError(f"lineage {nxt} refers to layer {max(nxt)} of a {len(out)}-layer stack")
+        out = [out[s] for s in nxt]
+    return out
+
+
+def lineage_through(operator: str, depths: list[int]) -> list[int]:
+    """Lineage of the final depth back to the first depth's layers, over every growth of ``depths``."""
+    if len(depths) < 2:
+        return identity(depths[0])
+    return compose(*(lineage(operator, a, b) for a, b in zip(depths, depths[1:])))
+
+
+def carry_supervised(supervised: list[int], src: list[int], carry: str = "last") -> list[int]:
+    """Where each supervised (old, 0-based) layer index goes after a growth with lineage ``src``.
+
+    Each old layer has one or two copies; ``carry='last'`` gives its target to the
+    last new layer whose source it is (the paper's default: a 12-layer interleaved
+    student ends with layers 3, 7, 11, i.e. hidden states 4, 8, 12, supervised),
+    ``carry='first'`` to the first.
+    """
+    if carry not in ("last", "first"):
+        raise ValueError(f"carry={carry!r} is not allowed; choose one of ['last', 'first']")
+    out = []
+    for s in supervised:
+        copies = [i for i, source in enumerate(src) if source == s]
+        if not copies:
+            raise ValueError(f"supervised layer {s} has no copy in lineage {src}")
+        out.append(copies[-1] if carry == "last" else copies[0])
+    return out
