@@ -107,12 +107,16 @@ class StudentConfig:
     """`teacher_cnn`: CNN front end copied from the teacher (when shapes match); `random`: all random."""
     conv_dim: list[int] | None = None
     """CNN channels per conv layer; None takes the teacher's (needed for `teacher_cnn`)."""
+    dropout: float = 0.1
+    """Hidden, attention and activation dropout of the student transformer."""
 
     def __post_init__(self):
         _choice("student.init", self.init, ("teacher_cnn", "random"))
         _positive("student.hidden_size", self.hidden_size)
         _positive("student.intermediate_size", self.intermediate_size)
         _positive("student.num_attention_heads", self.num_attention_heads)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"student.dropout={self.dropout} must be in [0, 1)")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"student.hidden_size={self.hidden_size} is not divisible by "

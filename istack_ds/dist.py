@@ -1,0 +1,78 @@
+"""Rank-aware helpers. Collectives are called on every rank; only human-facing output is rank-0."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("istack_ds")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def log0(msg: str, *args) -> None:
+    """Logs on rank 0 only (every rank may call it)."""
+    if is_main():
+        log.info(msg, *args)
+
+
+def setup_logging() -> None:
+    level = logging.INFO if is_main() else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [r{rank()}] %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def init_distributed(timeout_s: int) -> None:
+    """Starts the process group (gloo on CPU, nccl on GPU) with a timeout, so a dead rank cannot hang the rest.
+
+    Works under the deepspeed launcher, torchrun and Slurm (srun sets SLURM_* instead of RANK).
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+    if "RANK" not in os.environ:  # a plain `python launchers/train.py`: one process
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Averages a dict of floats over ranks (a collective: call it on every rank, same keys)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))

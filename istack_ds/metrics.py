@@ -1,0 +1,68 @@
+"""TensorBoard scalars, the progress line and throughput counters. Only rank 0 writes."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from .dist import is_main, log0
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Metrics:
+    """Rank-0 TensorBoard writer + one log line per interval (step/total, %, loss parts, lr, throughput, ETA)."""
+
+    def __init__(self, out_dir: str | Path, total_steps: int, tensorboard: bool = True):
+        self.total_steps = total_steps
+        self.writer = None
+        if is_main() and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(out_dir) / "tb"))
+        self.start = time.time()
+        self.bar = None
+        if is_main() and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def progress(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def line(self, step: int, values: dict[str, float], depth: int, step_s: float, audio_s_per_s: float) -> None:
+        elapsed = time.time() - self.start
+        eta = step_s * (self.total_steps - step)
+        parts = " ".join(f"{k.removeprefix('train/')}={v:.4f}" for k, v in values.items()
+                         if k.startswith("train/loss"))
+        msg = (f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.1f}%) | {parts} | "
+               f"lr {values.get('train/lr', 0):.2e} | depth {depth} | {step_s:.3f} s/step | "
+               f"{audio_s_per_s:.1f} audio s/s | elapsed {_fmt_duration(elapsed)} | eta {_fmt_duration(eta)}")
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            log0(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

@@ -1,0 +1,1 @@
+"""Teacher (frozen SFM), student (HF HubertModel + distillation heads) and the losses."""

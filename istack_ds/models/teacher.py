@@ -1,0 +1,147 @@
+"""The teacher: a frozen speech foundation model loaded from a local directory.
+
+Any HF ``HubertModel``, ``WavLMModel`` or ``Wav2Vec2Model`` saved with
+``save_pretrained`` works. Nothing is ever downloaded: the path must exist,
+and loading runs with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SUPPORTED_TEACHERS = ("hubert", "wavlm", "wav2vec2")
+
+
+class TeacherError(ValueError):
+    """A teacher directory that is missing, unreadable or of an unsupported model type."""
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What the student and the losses need to know about the teacher, read from config.json only."""
+
+    path: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    conv_dim: tuple[int, ...]
+    conv_kernel: tuple[int, ...]
+    conv_stride: tuple[int, ...]
+    conv_bias: bool
+    feat_extract_norm: str
+
+
+def read_teacher_info(path: str | Path) -> TeacherInfo:
+    """Reads and checks ``<path>/config.json`` without importing a model (cheap, pre-launch check)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise TeacherError(f"teacher directory {path} does not exist (teacher.path); make one with "
+                           f"`python tools/make_teacher.py --out {path}` or point to a local save_pretrained dir")
+    cfg_file = path / "config.json"
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except FileNotFoundError:
+        raise TeacherError(f"teacher directory {path} has no config.json: not a save_pretrained directory") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise TeacherError(f"teacher config {cfg_file} is unreadable: {e}") from None
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_TEACHERS:
+        raise TeacherError(f"teacher {cfg_file}: model_type={model_type!r} is not supported; "
+                           f"use one of {list(SUPPORTED_TEACHERS)}")
+    if not any((path / name).exists() for name in ("model.safetensors", "pytorch_model.bin",
+                                                   "model.safetensors.index.json")):
+        raise TeacherError(f"teacher directory {path} has no weights (model.safetensors or pytorch_model.bin)")
+    return TeacherInfo(
+        path=str(path),
+        model_type=model_type,
+        hidden_size=int(raw["hidden_size"]),
+        num_layers=int(raw["num_hidden_layers"]),
+        conv_dim=tuple(raw["conv_dim"]),
+        conv_kernel=tuple(raw["conv_kernel"]),
+        conv_stride=tuple(raw["conv_stride"]),
+        conv_bias=bool(raw.get("conv_bias", False)),
+        feat_extract_norm=raw.get("feat_extract_norm", "group"),
+    )
+
+
+def check_teacher_layers(info: TeacherInfo, layers: list[int]) -> None:
+    bad = [i for i in layers if not 1 <= i <= info.num_layers]
+    if bad:
+        raise TeacherError(f"loss.teacher_layers={layers}: teacher {info.path} has {info.num_layers} layers, "
+                           f"so {bad} do not exist")
+
+
+class Teacher(nn.Module):
+    """Frozen SFM that returns the hidden states named by ``layers`` (HF indexing: i = output of layer i)."""
+
+    def __init__(self, path: str | Path, layers: list[int], dtype: torch.dtype = torch.float32):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.info = read_teacher_info(path)
+        check_teacher_layers(self.info, layers)
+        model = AutoModel.from_pretrained(str(path), local_files_only=True, mask_time_prob=0.0,
+                                          mask_feature_prob=0.0, layerdrop=0.0)
+        # Run only up to the deepest layer a loss uses. With do_stable_layer_norm the last
+        # hidden state carries the encoder's final norm, so truncating would change it there.
+        deepest = max(layers)
+        if deepest < len(model.encoder.layers) and not model.config.do_stable_layer_norm:
+            model.encoder.layers = model.encoder.layers[:deepest]
+        self.model = model.to(dtype).eval().requires_grad_(False)
+        self.layers = list(layers)
+        self.dtype_ = dtype
+        # HF convention: only models with layer-norm feature extractors were trained with masks.
+        self.use_attention_mask = model.config.feat_extract_norm == "layer"
+
+    def train(self, mode: bool = True):  # the teacher never leaves eval mode
+        return super().train(False)
+
+    def frame_lengths(self, audio_lens: torch.Tensor) -> torch.Tensor:
+        return self.model._get_feat_extract_output_lengths(audio_lens).long()
+
+    @torch.inference_mode()
+    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> dict[int, torch.Tensor]:
+        mask = None
+        if self.use_attention_mask:
+            mask = (torch.arange(audio.shape[1], device=audio.device)[None] < audio_lens[:, None]).long()
+        out = self.model(audio.to(self.dtype_), attention_mask=mask, output_hidden_states=True)
+        # Targets leave inference mode as plain fp32 tensors so the loss can use them.
+        return {i: out.hidden_states[i].float().clone() for i in self.layers}
+
+
+def make_random_teacher(out: str | Path, size: str = "tiny", model_type: str = "hubert", seed: int = 0) -> Path:
+    """Saves a RANDOMLY INITIALISED teacher of the real HF class (it exercises the machinery; it knows nothing)."""
+    from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2Model, WavLMConfig, WavLMModel
+
+    classes = {"hubert": (HubertConfig, HubertModel), "wavlm": (WavLMConfig, WavLMModel),
+               "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model)}
+    if model_type not in classes:
+        raise ValueError(f"model_type={model_type!r}: choose one of {list(classes)}")
+    shapes = {
+        # Small enough for CPU tests and the demo; 8 layers so 4 -> 8 targets look like the paper's 4/8/12.
+        "tiny": dict(hidden_size=96, num_hidden_layers=8, num_attention_heads=4, intermediate_size=192,
+                     conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4),
+        # HuBERT Base shape (95M parameters).
+        "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    }
+    if size not in shapes:
+        raise ValueError(f"size={size!r}: choose one of {list(shapes)}")
+    config_cls, model_cls = classes[model_type]
+    torch.manual_seed(seed)
+    config = config_cls(**shapes[size], mask_time_prob=0.0, layerdrop=0.0)
+    model = model_cls(config).eval()
+    out = Path(out)
+    model.save_pretrained(out)
+    from transformers import Wav2Vec2FeatureExtractor
+
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=False,
+                             return_attention_mask=config.feat_extract_norm == "layer").save_pretrained(out)
+    (out / "RANDOM_WEIGHTS.txt").write_text(
+        f"This {model_type} teacher ({size}) has RANDOM weights made by istack_ds tools/make_teacher.py "
+        f"(seed {seed}).\nIt exercises the distillation machinery; it is not a trained model.\n")
+    return out

@@ -1,0 +1,20 @@
+"""Checks that need no process group: run before any rank starts talking to another.
+
+A missing teacher dir, a missing or empty shard index, a teacher layer that does
+not exist: each stops the run with a message naming the path or key.
+"""
+
+from __future__ import annotations
+
+from .config import Config
+from .models.teacher import check_teacher_layers, read_teacher_info
+
+
+def preflight(cfg: Config) -> None:
+    info = read_teacher_info(cfg.teacher.path)
+    check_teacher_layers(info, cfg.loss.teacher_layers)
+    from .data import read_index
+
+    read_index(cfg.data.train_index)
+    if cfg.data.valid_index:
+        read_index(cfg.data.valid_index)

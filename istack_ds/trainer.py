@@ -1,0 +1,336 @@
+"""The training loop: a class of small verbs whose ``train()`` reads top to bottom.
+
+Data comes from :mod:`istack_ds.data`, depth changes from :mod:`istack_ds.growth`,
+DeepSpeed surgery from :mod:`istack_ds.engine`; this file only orders them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import __version__
+from .config import Config
+from .data import build_loader
+from .dist import all_reduce_mean, all_reduce_sum, is_main, log0, rank, world_size
+from .engine import build_engine, gather_full_states
+from .growth import GrowthManager, Schedule
+from .metrics import Metrics
+from .models.losses import distilhubert_loss, frame_mask, l2l_loss
+from .models.student import LAYER_PREFIX, Student
+from .models.teacher import Teacher
+
+META_FILE = "istack_meta.json"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.out_dir = Path(cfg.run.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.device = self._device()
+        if is_main():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out_dir / "config.yaml")
+
+        self.teacher = Teacher(cfg.teacher.path, cfg.loss.teacher_layers,
+                               dtype=torch.bfloat16 if cfg.teacher.dtype == "bf16" else torch.float32).to(self.device)
+        self.schedule = Schedule.from_config(cfg.growth, cfg.optim.total_steps)
+        self.ds_config = cfg.deepspeed_config(world_size())
+        self.growth = GrowthManager(build_model=self.build_student, ds_config=self.ds_config,
+                                    layer_prefix=LAYER_PREFIX, operator=cfg.growth.operator,
+                                    carry=cfg.growth.carry, optimizer_state=cfg.growth.optimizer_state)
+
+        # Resume builds the student at the checkpoint's depth first, then loads into it.
+        self.step = 0
+        resume = self._find_checkpoint()
+        meta = json.loads((resume / META_FILE).read_text()) if resume else None
+        depth = meta["depth"] if meta else self.schedule.depth_at(0)
+        supervised = meta["supervised"] if meta else None
+        # Same seed on every rank: every rank must build the same initial student.
+        seed_everything(cfg.run.seed)
+        self.student = self.build_student(depth, supervised)
+        if cfg.student.init == "teacher_cnn" and not meta:
+            copied = self.student.copy_frontend_from(self.teacher.model)
+            log0("student CNN front end %s", "copied from the teacher" if copied else "random (shapes differ)")
+        self.engine = build_engine(self.student, self.ds_config)
+        if resume:
+            self._load(resume, meta)
+        # Dropout and cropping differ per rank from here on.
+        seed_everything(cfg.run.seed + 1000 * rank() + self.step)
+
+        self.loader = build_loader(cfg.data, cfg.data.train_index, rank=rank(), world_size=world_size(),
+                                   seed=cfg.run.seed + self.step)
+        self.batches = iter(self.loader)
+        self.metrics = Metrics(self.out_dir, cfg.optim.total_steps, cfg.log.tensorboard)
+        self.window = self._new_window()
+        self.audio_seconds_total = 0.0
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+        self.skipped = 0
+
+    # ---- the loop --------------------------------------------------------------------
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        start = time.time()
+        self.log_topology()
+        self.log_model()
+        while self.step < cfg.optim.total_steps:
+            self.maybe_grow()
+            self.train_step()
+            self.step += 1
+            self.maybe_log()
+            self.maybe_validate()
+            self.maybe_save()
+        self.save(final=True)
+        self.export()
+        summary = self.summary(time.time() - start)
+        self.metrics.close()
+        return summary
+
+    def train_step(self) -> None:
+        """One optimizer step: gradient_accumulation micro-batches through teacher, student, loss."""
+        t0 = time.perf_counter()
+        for _ in range(self.cfg.deepspeed.gradient_accumulation):
+            batch = next(self.batches)
+            audio = batch["audio"].to(self.device)
+            lens = batch["audio_lens"].to(self.device)
+            t_teacher = time.perf_counter()
+            targets = self.teacher(audio, lens)
+            self.window["teacher_s"] += time.perf_counter() - t_teacher
+            loss, parts = self.compute_loss(self.engine(audio, lens), targets, lens)
+            self.engine.backward(loss)
+            self.engine.step()
+            self.window["loss"] += loss.item()
+            for name, value in parts.items():
+                self.window[f"loss_{name}"] = self.window.get(f"loss_{name}", 0.0) + value.item()
+            self.window["micro"] += 1
+            self.window["audio_s"] += float(batch["seconds"])
+            self.skipped = int(batch.get("skipped", self.skipped))
+        self.window["steps"] += 1
+        self.window["step_s"] += time.perf_counter() - t0
+
+    def compute_loss(self, pred: dict, targets: dict, audio_lens: torch.Tensor):
+        frames = self.teacher.frame_lengths(audio_lens)
+        mask = frame_mask(frames, max(t.shape[1] for t in targets.values()))
+        if self.cfg.loss.kind == "l2l":
+            return l2l_loss(pred, targets, mask, self.cfg.loss.inter_weight)
+        return distilhubert_loss(pred, targets, mask, self.cfg.loss.cos_weight)
+
+    def maybe_grow(self) -> None:
+        new_depth = self.schedule.growth_at(self.step)
+        if new_depth is None or new_depth == self.student.depth:
+            return
+        old_depth = self.student.depth
+        # NOTE: every rank reaches this at the same optimizer step; the manager's gathers are collectives.
+        result = self.growth.grow(self.engine, self.student, old_depth, new_depth, self.student.supervised)
+        self.engine, self.student = result.engine, result.model
+        event = (f"step {self.step}: depth {old_depth} -> {new_depth} ({self.cfg.growth.operator}), "
+                 f"lineage {result.lineage}, supervised layers {result.supervised}, pause {result.pause_s:.2f} s "
+                 f"(" + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()) + ")")
+        log0("growth: %s", event)
+        self.metrics.text("growth/event", event, self.step)
+        self.metrics.scalars(self.step, {"growth/pause_s": result.pause_s})
+        self.log_model()
+        self.save()
+
+    def maybe_log(self) -> None:
+        if self.step % self.cfg.log.every and self.step != self.cfg.optim.total_steps:
+            self.metrics.progress(self.step)
+            return
+        w = self.window
+        micro = max(1, w["micro"])
+        local = {k: v / micro for k, v in w.items() if k.startswith("loss")}
+        # NOTE: collectives on every rank; only the writing below is rank-0.
+        means = all_reduce_mean(local)
+        sums = all_reduce_sum({"audio_s": w["audio_s"], "skipped": float(self.skipped)})
+        step_s = w["step_s"] / max(1, w["steps"])
+        values = {"train/loss": means["loss"], **{f"train/{k}": v for k, v in means.items() if k != "loss"},
+                  "train/lr": self.engine.get_lr()[0], "model/depth": float(self.student.depth),
+                  "perf/step_s": step_s, "perf/audio_s_per_s": sums["audio_s"] / max(1e-9, w["step_s"]),
+                  "perf/teacher_frac": w["teacher_s"] / max(1e-9, w["step_s"]), "data/skipped": sums["skipped"]}
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            values["train/grad_norm"] = float(grad_norm)
+        self.metrics.scalars(self.step, values)
+        self.metrics.line(self.step, values, self.student.depth, step_s, values["perf/audio_s_per_s"])
+        self.metrics.progress(self.step)
+        self.audio_seconds_total += sums["audio_s"]
+        if self.first_loss is None:
+            self.first_loss = means["loss"]
+        self.last_loss = means["loss"]
+        self.window = self._new_window()
+
+    def maybe_validate(self) -> None:
+        every = self.cfg.eval.every
+        if self.cfg.data.valid_index and every and (self.step % every == 0 or self.step == self.cfg.optim.total_steps):
+            self.validate()
+
+    def maybe_save(self) -> None:
+        every = self.cfg.checkpoint.every
+        if every and self.step % every == 0 and self.step != self.cfg.optim.total_steps:
+            self.save()
+
+    # ---- validation ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Frame-weighted losses over up to eval.max_batches held-out batches per rank, all-reduced."""
+        self.engine.eval()
+        loader = build_loader(self.cfg.data, self.cfg.data.valid_index, rank=rank(), world_size=world_size(),
+                              seed=self.cfg.run.seed, epochs=1, crop=False)
+        sums: dict[str, float] = {"frames": 0.0}
+        batches = iter(loader)
+        for _ in range(self.cfg.eval.max_batches):
+            batch = next(batches, None)
+            # NOTE: under ZeRO-3 every forward is a collective, so all ranks stop at the shortest stream.
+            if not self._all_have(batch is not None):
+                break
+            audio, lens = batch["audio"].to(self.device), batch["audio_lens"].to(self.device)
+            targets = self.teacher(audio, lens)
+            loss, parts = self.compute_loss(self.engine(audio, lens), targets, lens)
+            frames = float(self.teacher.frame_lengths(lens).sum())
+            sums["frames"] += frames
+            sums["loss"] = sums.get("loss", 0.0) + loss.item() * frames
+            for name, value in parts.items():
+                sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + value.item() * frames
+        self.engine.train()
+        keys = ["loss"] + [f"loss_L{t}" for t in self.cfg.loss.teacher_layers]
+        totals = all_reduce_sum({k: sums.get(k, 0.0) for k in keys + ["frames"]})
+        result = {f"valid/{k}": totals[k] / max(1.0, totals["frames"]) for k in keys}
+        self.metrics.scalars(self.step, result)
+        log0("valid at step %d: %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        return result
+
+    def _all_have(self, have: bool) -> bool:
+        if not dist.is_initialized():
+            return have
+        flag = torch.tensor([1 if have else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    # ---- checkpoints ----------------------------------------------------------------
+
+    def save(self, final: bool = False) -> Path:
+        """Saves every rank's ZeRO partition; the meta file (written last, by rank 0) marks it complete."""
+        tag = f"step{self.step:08d}"
+        path = self.ckpt_dir / tag
+        if (path / META_FILE).exists():
+            return path
+        client_state = {"depth": self.student.depth, "supervised": self.student.supervised,
+                        "step": self.step, "stage": self.schedule.stage_at(max(0, self.step - 1)),
+                        "config": self.cfg.to_dict(), "version": __version__}
+        # NOTE: a collective: every rank writes its own partition.
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+                   path / f"rng_rank{rank()}.pt")
+        if dist.is_initialized():
+            dist.barrier()
+        if is_main():
+            meta = {k: v for k, v in client_state.items() if k != "config"}
+            tmp = path / (META_FILE + ".tmp")
+            tmp.write_text(json.dumps(meta, indent=1))
+            tmp.replace(path / META_FILE)  # atomic: a half-written checkpoint never looks complete
+            self._prune_checkpoints()
+        if dist.is_initialized():
+            dist.barrier()
+        return path
+
+    def _prune_checkpoints(self) -> None:
+        complete = sorted(p for p in self.ckpt_dir.glob("step*") if (p / META_FILE).exists())
+        for old in complete[: -self.cfg.checkpoint.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _find_checkpoint(self) -> Path | None:
+        mode = self.cfg.checkpoint.resume
+        if mode == "none":
+            return None
+        if mode != "auto":
+            path = Path(mode)
+            if not (path / META_FILE).exists():
+                raise FileNotFoundError(f"checkpoint.resume={mode}: no complete checkpoint there ({META_FILE} missing)")
+            return path
+        complete = sorted(p for p in self.ckpt_dir.glob("step*") if (p / META_FILE).exists())
+        return complete[-1] if complete else None
+
+    def _load(self, path: Path, meta: dict) -> None:
+        self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        self.step = meta["step"]
+        rng = path / f"rng_rank{rank()}.pt"
+        if rng.exists():
+            states = torch.load(rng, weights_only=False)
+            random.setstate(states["python"])
+            np.random.set_state(states["numpy"])
+            torch.set_rng_state(states["torch"])
+        log0("resumed from %s: step %d, depth %d, lr %.2e", path, self.step, self.student.depth,
+             self.engine.get_lr()[0])
+
+    # ---- export and reporting ---------------------------------------------------------
+
+    def export(self) -> Path:
+        """Writes the student as an HF save_pretrained dir (AutoModel loads it) + heads, on rank 0."""
+        from .export import save_student
+
+        states = gather_full_states(self.engine)  # NOTE: a collective, on every rank
+        out = self.out_dir / "student"
+        if is_main():
+            full = {name: s.param for name, s in states.items()}
+            save_student(self.student, full, out, teacher_path=self.cfg.teacher.path, step=self.step)
+            log0("exported student (depth %d) to %s", self.student.depth, out)
+        return out
+
+    def summary(self, wall_s: float) -> dict:
+        summary = {"steps": self.step, "depth": self.student.depth, "wall_s": round(wall_s, 1),
+                   "audio_hours": round(self.audio_seconds_total / 3600, 4),
+                   "loss_first": self.first_loss, "loss_last": self.last_loss,
+                   "tensorboard": str(self.out_dir / "tb"), "student": str(self.out_dir / "student"),
+                   "checkpoints": str(self.ckpt_dir)}
+        if is_main():
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            log0("done: %d steps in %.1f s, %.3f h of audio, loss %.4f -> %.4f, final depth %d",
+                 self.step, wall_s, summary["audio_hours"], self.first_loss or float("nan"),
+                 self.last_loss or float("nan"), self.student.depth)
+            log0("TensorBoard: tensorboard --logdir %s | student: %s | checkpoints: %s",
+                 summary["tensorboard"], summary["student"], summary["checkpoints"])
+        return summary
+
+    def log_topology(self) -> None:
+        nodes = max(1, world_size() // max(1, torch.cuda.device_count() if torch.cuda.is_available() else 1))
+        log0("topology: %d rank(s), %d data worker(s) per rank, ZeRO %d, %s; schedule %s",
+             world_size(), self.cfg.data.num_workers, self.cfg.deepspeed.zero_stage, self.cfg.deepspeed.precision,
+             ", ".join(f"depth {d} from step {s}" for d, s in zip(self.schedule.depths, self.schedule.starts)))
+
+    def log_model(self) -> None:
+        params = self.student.num_parameters() if self.cfg.deepspeed.zero_stage < 3 else \
+            sum(getattr(p, "ds_numel", p.numel()) for p in self.student.parameters())
+        self.metrics.scalars(self.step, {"model/depth": float(self.student.depth), "model/params": float(params)})
+        log0("student: depth %d, %.2fM parameters, supervised layers %s -> teacher %s",
+             self.student.depth, params / 1e6, self.student.supervised, self.cfg.loss.teacher_layers)
+
+    # ---- building ---------------------------------------------------------------------
+
+    def build_student(self, depth: int, supervised: list[int] | None) -> Student:
+        return Student(self.cfg.student, self.cfg.loss, self.teacher.info, depth, supervised)
+
+    def _device(self) -> torch.device:
+        from deepspeed.accelerator import get_accelerator
+
+        return torch.device(get_accelerator().current_device_name())
+
+    @staticmethod
+    def _new_window() -> dict:
+        return {"loss": 0.0, "micro": 0, "steps": 0, "step_s": 0.0, "teacher_s": 0.0, "audio_s": 0.0}

@@ -1,0 +1,61 @@
+"""istack_ds training entry point: parse, build, train, close.
+
+One machine, 2 CPU ranks (the demo):
+    deepspeed --num_gpus 2 launchers/train.py --config configs/demo.yaml
+One node, 8 GPUs:
+    deepspeed --num_gpus 8 launchers/train.py --config configs/paper_interleaved_eql.yaml
+Four nodes (hostfile lists each node and its slots):
+    deepspeed --num_nodes 4 --num_gpus 8 --hostfile launchers/hostfile.example \\
+        launchers/train.py --config configs/paper_interleaved_eql.yaml
+torchrun works too (free port, good for tests):
+    torchrun --standalone --nproc_per_node 2 launchers/train.py --config configs/demo.yaml
+Any config value can be overridden:  --set optim.total_steps=1000 --set growth.alpha=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+# No hub access at run time, ever: teachers load from local directories.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from istack_ds.config import ConfigError, load_config  # noqa: E402
+from istack_ds.preflight import preflight  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set optim.total_steps=1000 (repeatable)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        # Bad paths stop the run here, before any process group starts.
+        preflight(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"istack_ds: {e}", file=sys.stderr)
+        return 2
+
+    from istack_ds.dist import init_distributed, setup_logging
+    from istack_ds.trainer import Trainer
+
+    init_distributed(cfg.deepspeed.dist_timeout_s)
+    setup_logging()
+    Trainer(cfg).train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
