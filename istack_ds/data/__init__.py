@@ -1,0 +1,21 @@
+"""The data side: LibriLight -> VAD-window cuts -> WebDataset shards + index -> streamed batches.
+
+- :mod:`istack_ds.data.corpus`: a small synthetic corpus in LibriLight layout (the demo, tests).
+- :mod:`istack_ds.data.shards`: LibriLight layout -> lhotse manifests -> VAD windows -> shards + index.json.
+- :mod:`istack_ds.data.stream`: shards -> split by rank and worker -> lhotse cuts -> bucketed batches.
+
+This package never imports the model. ``stream`` (torch, lhotse) is imported lazily
+so that tools that only shard a corpus stay light.
+"""
+
+from istack_ds.data.shards import DataError, ShardIndex, ShardInfo, read_index
+
+__all__ = ["DataError", "ShardIndex", "ShardInfo", "read_index", "build_loader"]
+
+
+def __getattr__(name):
+    if name == "build_loader":
+        from istack_ds.data.stream import build_loader
+
+        return build_loader
+    raise AttributeError(name)
