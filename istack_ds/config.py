@@ -306,10 +306,11 @@ class Config:
 
     def validate(self) -> None:
         """Checks that span sections."""
-        if self.loss.kind == "l2l" and len(self.loss.teacher_layers) > self.growth.depths[0]:
+        first_depth = self.growth.stage_depths[0]
+        if self.loss.kind == "l2l" and len(self.loss.teacher_layers) > first_depth:
             raise ConfigError(
                 f"loss.teacher_layers={self.loss.teacher_layers} needs {len(self.loss.teacher_layers)} supervised "
-                f"student layers but growth.depths starts at {self.growth.depths[0]}"
+                f"student layers but the student starts at depth {first_depth} (growth.depths)"
             )
         if self.growth.boundaries and self.growth.boundaries[-1] >= self.optim.total_steps:
             raise ConfigError(
@@ -404,6 +405,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key}={value!r} must be an integer")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} must be a number")
         return float(value)
@@ -442,18 +448,32 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """Reads a config file; a top-level `base: other.yaml` (relative to this file) is loaded first and merged under it."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path}: `base` chain loops back to itself")
+    with open(path) as f:
+        loaded = yaml.safe_load(f) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    return _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), loaded)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Loads a YAML config (or the defaults), applies `a.b=v` overrides, validates."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
-        values = loaded
+    values: dict = _read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         keys, value = _parse_override(item)
         node = values

@@ -1,0 +1,83 @@
+"""Teacher loading (local only, frozen, clear errors) and the student's shape, heads and CNN copy."""
+
+import json
+
+import pytest
+import torch
+
+from istack_ds.config import LossConfig, StudentConfig
+from istack_ds.models.student import LAYER_PREFIX, Student, initial_supervised_layers
+from istack_ds.models.teacher import Teacher, TeacherError, make_random_teacher, read_teacher_info
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return make_random_teacher(tmp_path_factory.mktemp("teacher") / "hubert", size="tiny")
+
+
+def test_missing_teacher_dir_is_named(tmp_path):
+    with pytest.raises(TeacherError, match=str(tmp_path / "nope")):
+        read_teacher_info(tmp_path / "nope")
+
+
+def test_teacher_dir_without_weights_or_bad_type(tmp_path, teacher_dir):
+    (tmp_path / "config.json").write_text((teacher_dir / "config.json").read_text())
+    with pytest.raises(TeacherError, match="no weights"):
+        read_teacher_info(tmp_path)
+    bad = json.loads((teacher_dir / "config.json").read_text()) | {"model_type": "bert"}
+    (tmp_path / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(TeacherError, match="'bert' is not supported"):
+        read_teacher_info(tmp_path)
+
+
+def test_teacher_layer_out_of_range(teacher_dir):
+    with pytest.raises(TeacherError, match=r"has 8 layers, so \[12\] do not exist"):
+        Teacher(teacher_dir, [4, 12])
+
+
+@pytest.mark.parametrize("model_type", ["hubert", "wavlm", "wav2vec2"])
+def test_teacher_frozen_and_matches_full_model(tmp_path, model_type):
+    from transformers import AutoModel
+
+    path = make_random_teacher(tmp_path / model_type, size="tiny", model_type=model_type)
+    teacher = Teacher(path, [2, 4])
+    assert all(not p.requires_grad for p in teacher.parameters())
+    teacher.train()
+    assert not teacher.model.training  # the teacher never leaves eval mode
+    audio = torch.randn(2, 8000)
+    lens = torch.tensor([8000, 6000])
+    out = teacher(audio, lens)
+    full = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    with torch.no_grad():
+        ref = full(audio, output_hidden_states=True).hidden_states
+    for i in (2, 4):
+        assert torch.allclose(out[i], ref[i], atol=1e-5)
+    assert len(teacher.model.encoder.layers) == 4  # runs only up to the deepest layer used
+
+
+def test_initial_supervised_layers():
+    assert initial_supervised_layers(3, 3) == [0, 1, 2]  # paper: student 1,2,3 -> teacher 4,8,12
+    assert initial_supervised_layers(12, 3) == [3, 7, 11]
+    assert initial_supervised_layers(2, 2) == [0, 1]
+    assert initial_supervised_layers(4, 1) == [3]
+
+
+def test_student_shapes_names_and_cnn_copy(teacher_dir):
+    info = read_teacher_info(teacher_dir)
+    cfg = StudentConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, dropout=0.0)
+    student = Student(cfg, LossConfig(teacher_layers=[4, 8]), info, depth=2)
+    assert student.supervised == [0, 1]
+    names = [n for n, _ in student.named_parameters()]
+    assert any(n.startswith(LAYER_PREFIX + "1.") for n in names)
+    assert not any(n.startswith(LAYER_PREFIX + "2.") for n in names)
+    teacher = Teacher(teacher_dir, [4, 8])
+    assert student.copy_frontend_from(teacher.model)
+    for (n, a), (_, b) in zip(student.sfm.feature_extractor.state_dict().items(),
+                              teacher.model.feature_extractor.state_dict().items()):
+        assert torch.equal(a, b), n
+    audio, lens = torch.randn(2, 8000), torch.tensor([8000, 4000])
+    pred = student(audio, lens)
+    target = teacher(audio, lens)
+    assert set(pred) == {4, 8}
+    assert pred[4].shape == target[4].shape == (2, 24, 96)
+    assert student.frame_lengths(lens).tolist() == teacher.frame_lengths(lens).tolist() == [24, 12]
