@@ -125,10 +125,11 @@ def synth_utterance(rng, seconds: float, voice: dict) -> tuple[np.ndarray, list[
     vad = []
     pos = int(rng.uniform(0.15, 0.5) * SAMPLE_RATE)
     while True:
-        phrase_s = rng.uniform(0.8, 3.5)
-        end = pos + int(phrase_s * SAMPLE_RATE)
-        if end > n - int(0.15 * SAMPLE_RATE):
+        remaining = (n - int(0.15 * SAMPLE_RATE) - pos) / SAMPLE_RATE
+        if remaining < 0.6:
             break
+        phrase_s = min(rng.uniform(0.8, 3.5), remaining)
+        end = pos + int(phrase_s * SAMPLE_RATE)
         audio[pos:end] = _phrase(rng, phrase_s, voice) * rng.uniform(0.6, 1.0)
         vad.append([round(pos / SAMPLE_RATE, 3), round(end / SAMPLE_RATE, 3)])
         pos = end + int(rng.uniform(0.3, 1.0) * SAMPLE_RATE)

@@ -274,7 +274,8 @@ def _keys_digest(cuts) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def _flac_bytes(audio, sample_rate: int) -> bytes:
+def encode_flac(audio, sample_rate: int) -> bytes:
+    """16-bit FLAC bytes of a float mono signal."""
     import soundfile as sf
 
     buf = io.BytesIO()
@@ -304,7 +305,7 @@ def write_shard(path: Path, cuts: list, sample_rate: int) -> dict:
         meta = {"id": cut.id, "speaker": cut.custom["speaker"], "book": cut.custom["book"],
                 "source": cut.custom["source"], "offset": cut.start, "duration": round(len(audio) / sample_rate, 4),
                 "sample_rate": sample_rate}
-        members.append({"__key__": cut.id, "flac": _flac_bytes(audio, sample_rate),
+        members.append({"__key__": cut.id, "flac": encode_flac(audio, sample_rate),
                         "json": json.dumps(meta).encode()})
         seconds += len(audio) / sample_rate
     number = int(path.stem.split("-")[-1])
