@@ -472,3 +472,40 @@ def decode_member(sample: dict, sample_rate: int):
     if not np.isfinite(audio).all():
         raise ValueError(f"{sample['__key__']}: non-finite samples")
     return audio, meta
+
+
+def check_shard(shard: ShardInfo, sample_rate: int, decode: bool = True) -> tuple[list[tuple[str, str]], int]:
+    """Problems [(where, why)] of one shard and the number of samples read (tools/check_shards.py)."""
+    import webdataset as wds
+
+    where = shard.path
+    if not Path(where).is_file():
+        return [(where, "missing on disk")], 0
+    problems = []
+    size = Path(where).stat().st_size
+    if size != shard.bytes:
+        problems.append((where, f"size {size} != index {shard.bytes}"))
+    digest = file_sha256(where)
+    if digest != shard.sha256:
+        problems.append((where, f"sha256 {digest[:12]}... != index {shard.sha256[:12]}..."))
+    if not decode:
+        return problems, 0
+    errors: list[Exception] = []
+
+    def handler(exn: Exception) -> bool:
+        errors.append(exn)
+        return True
+
+    n = 0
+    for sample in wds.tarfile_samples([{"url": where}], handler=handler):
+        n += 1
+        try:
+            audio, meta = decode_member(sample, sample_rate)
+            if meta.get("id") != sample["__key__"]:
+                raise ValueError(f"{sample['__key__']}: json id {meta.get('id')!r} differs from the key")
+        except ValueError as e:
+            problems.append((where, str(e)))  # the message starts with the member's key
+    problems += [(where, f"unreadable tar ({e})") for e in errors]
+    if n != shard.samples:
+        problems.append((where, f"{n} samples read, index says {shard.samples}"))
+    return problems, n

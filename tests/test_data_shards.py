@@ -1,0 +1,166 @@
+"""Sharding: index <-> files, totals <-> manifests, window lengths, speaker split, idempotence, clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from istack_ds.data.shards import DataError, plan_shards, read_index, shard_corpus, vad_windows
+from tests.conftest import DEMO_SHARDING
+from tests.helpers import ROOT
+
+
+def members(tar_path) -> dict[str, dict[str, bytes]]:
+    """{key: {ext: bytes}} of a shard."""
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(tar_path) as tf:
+        for m in tf.getmembers():
+            key, ext = m.name.split(".", 1)
+            out.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return out
+
+
+def split_meta(split_dir) -> list[dict]:
+    index = read_index(split_dir / "index.json")
+    return [json.loads(m["json"]) for s in index.shards for m in members(s.path).values()]
+
+
+def test_index_matches_shard_files_and_manifests(demo_shards):
+    from lhotse import CutSet
+
+    for split in ("train", "valid"):
+        raw = json.loads((demo_shards / split / "index.json").read_text())
+        index = read_index(demo_shards / split / "index.json")
+        # small splits are spread over min_shards shards (valid has fewer cuts than that: one each)
+        assert len(index.shards) == min(DEMO_SHARDING["min_shards"], raw["totals"]["samples"])
+        assert split == "valid" or len(index.shards) == DEMO_SHARDING["min_shards"]
+        for entry, shard in zip(raw["shards"], index.shards):
+            data = open(shard.path, "rb").read()
+            assert not entry["path"].startswith("/"), "paths are relative to the index"
+            assert len(data) == entry["bytes"] and hashlib.sha256(data).hexdigest() == entry["sha256"]
+            got = members(shard.path)
+            assert len(got) == entry["samples"]
+            assert all(set(m) == {"flac", "json"} for m in got.values()), "flac + json, no pickles"
+        cuts = CutSet.from_jsonl_lazy(demo_shards / split / "cuts.jsonl.gz").to_eager()
+        totals = raw["totals"]
+        assert totals["shards"] == len(raw["shards"])
+        assert totals["samples"] == sum(e["samples"] for e in raw["shards"]) == len(cuts)
+        assert totals["bytes"] == sum(e["bytes"] for e in raw["shards"])
+        assert totals["seconds"] == pytest.approx(sum(c.duration for c in cuts), abs=1e-3 * len(cuts))
+        assert sum(raw["duration_histogram"]["counts"]) == len(cuts)
+        metas = split_meta(demo_shards / split)
+        assert sorted(m["id"] for m in metas) == sorted(c.id for c in cuts)
+
+
+def test_members_are_16k_mono_vad_windows_within_limits(demo_shards):
+    import soundfile as sf
+
+    index = read_index(demo_shards / "train" / "index.json")
+    for shard in index.shards:
+        for key, m in members(shard.path).items():
+            meta = json.loads(m["json"])
+            audio, sr = sf.read(io.BytesIO(m["flac"]))
+            assert meta["id"] == key and sr == meta["sample_rate"] == 16000 and audio.ndim == 1
+            assert set(meta) >= {"id", "speaker", "book", "source", "offset", "duration", "sample_rate"}
+            assert DEMO_SHARDING["min_seconds"] <= len(audio) / sr <= DEMO_SHARDING["max_seconds"] + 1e-3
+            assert meta["duration"] == pytest.approx(len(audio) / sr, abs=1e-3)
+
+
+def test_speaker_split_is_disjoint(demo_shards):
+    train = {m["speaker"] for m in split_meta(demo_shards / "train")}
+    valid = {m["speaker"] for m in split_meta(demo_shards / "valid")}
+    assert len(valid) == DEMO_SHARDING["valid_speakers"] and len(train) == 2 and not train & valid
+
+
+def test_rerun_skips_verified_shards_and_rewrites_a_damaged_one(demo_corpus, demo_shards, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(demo_shards, out)
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/shard-*.tar")}
+    reports = shard_corpus(demo_corpus, out, log=lambda *_: None, **DEMO_SHARDING)
+    assert all(r.written == 0 and r.skipped == r.shards for r in reports.values())
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/shard-*.tar")} == before
+
+    damaged = out / "train" / "shard-000003.tar"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    # the command-line tool, as a user runs it
+    args = ["--corpus", demo_corpus, "--out", out] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in DEMO_SHARDING.items()]
+    proc = subprocess.run([sys.executable, ROOT / "tools" / "shard_corpus.py", *map(str, args)],
+                          capture_output=True, text=True, check=True)
+    assert "train: 8 shards (1 written, 7 already there)" in proc.stdout
+    valid_shards = len(read_index(out / "valid" / "index.json").shards)
+    assert f"valid: {valid_shards} shards (0 written, {valid_shards} already there)" in proc.stdout
+    assert (out / "train" / "index.json").read_text() == (demo_shards / "train" / "index.json").read_text()
+
+
+def test_vad_windows_merge_split_and_drop():
+    vad = [(0.0, 1.0), (1.5, 2.5), (2.8, 3.5), (10.0, 10.2), (12.0, 19.0)]
+    assert vad_windows(vad, max_seconds=4.0, min_seconds=0.5) == [(0.0, 3.5), (12.0, 16.0), (16.0, 19.0)]
+    windows = vad_windows(vad, max_seconds=2.0, min_seconds=0.0)
+    assert all(b - a <= 2.0 for a, b in windows) and windows[0] == (0.0, 1.0)
+
+
+def test_plan_shards_limits_and_spreads_small_splits():
+    assert plan_shards([1.0] * 10, sample_rate=16000, shard_mb=1e3, max_per_shard=4, min_shards=1) == [4, 4, 2]
+    assert plan_shards([1.0] * 10, sample_rate=16000, shard_mb=1e3, max_per_shard=None, min_shards=4) == [3, 3, 2, 2]
+    assert plan_shards([1.0] * 3, sample_rate=16000, shard_mb=1e3, max_per_shard=None, min_shards=8) == [1, 1, 1]
+    # 16-bit PCM estimate: 10 s = 320 kB, so 0.7 MB holds two cuts
+    assert plan_shards([10.0] * 5, sample_rate=16000, shard_mb=0.7, max_per_shard=None, min_shards=1) == [2, 2, 1]
+
+
+# ---- read_index errors ---------------------------------------------------------------
+
+
+def test_read_index_missing_file(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path / 'nope.json'} does not exist"):
+        read_index(tmp_path / "nope.json")
+
+
+def test_read_index_empty(tmp_path):
+    path = tmp_path / "index.json"
+    path.write_text(json.dumps({"split": "train", "shards": []}))
+    with pytest.raises(DataError, match=f"{path} lists no shards"):
+        read_index(path)
+    path.write_text("{not json")
+    with pytest.raises(DataError, match="not readable JSON"):
+        read_index(path)
+
+
+def test_read_index_names_the_missing_shard(demo_shards, tmp_path):
+    shutil.copytree(demo_shards / "train", tmp_path / "train")
+    (tmp_path / "train" / "shard-000005.tar").unlink()
+    with pytest.raises(DataError, match=r"shard .*shard-000005\.tar \(entry 5\) is missing on disk"):
+        read_index(tmp_path / "train" / "index.json")
+
+
+# ---- tools/check_shards.py -----------------------------------------------------------
+
+
+def test_check_shards_passes_good_and_names_bad_members(demo_shards, tmp_path):
+    tool = [sys.executable, str(ROOT / "tools" / "check_shards.py")]
+    ok = subprocess.run(tool + [str(demo_shards / "valid" / "index.json")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "0 bad" in ok.stdout
+
+    shutil.copytree(demo_shards / "valid", tmp_path / "valid")
+    shard = tmp_path / "valid" / "shard-000000.tar"
+    got = members(shard)
+    key = sorted(got)[0]
+    with tarfile.open(shard, "w") as tf:
+        for k, exts in sorted(got.items()):
+            for ext, data in exts.items():
+                data = b"not a flac at all" if (k, ext) == (key, "flac") else data
+                info = tarfile.TarInfo(f"{k}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    bad = subprocess.run(tool + [str(tmp_path / "valid" / "index.json")], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert f"shard-000000.tar: {key}: undecodable flac" in bad.stdout
+    assert "sha256" in bad.stdout  # the rewritten shard no longer matches its index entry

@@ -1,0 +1,47 @@
+"""Checks every shard of an index: sha256 and size against the index, then decodes every member.
+
+Usage:
+    python tools/check_shards.py data/demo/shards/train/index.json
+    python tools/check_shards.py /data/ll-shards/train/index.json --no-decode   # hashes only
+
+Prints each bad shard or member with the reason, then a summary; exits 1 if anything
+is bad, 2 if the index itself is unusable, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from istack_ds.data.shards import DataError, check_shard, read_index  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("index", help="index.json written by tools/shard_corpus.py")
+    p.add_argument("--no-decode", action="store_true", help="check sha256 and sizes only")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    try:
+        index = read_index(args.index, check_files=False)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    bad = members = 0
+    for shard in index.shards:
+        problems, n = check_shard(shard, index.sample_rate, decode=not args.no_decode)
+        members += n
+        for where, why in problems:
+            print(f"BAD {where}: {why}")
+        bad += len(problems)
+    print(f"{args.index}: {len(index.shards)} shards, {members} members checked, {bad} bad "
+          f"({time.time() - t0:.1f} s)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
