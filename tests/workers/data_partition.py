@@ -1,0 +1,38 @@
+"""One epoch of the training loader on every rank; rank 0 writes each rank's cut ids.
+
+Run by tests/test_data_stream.py under torchrun (2 ranks x 2 workers, gloo):
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/workers/data_partition.py INDEX OUT_JSON
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch.distributed as dist
+
+from istack_ds.config import DataConfig
+from istack_ds.data.stream import build_loader
+
+
+def main(index_path: str, out_json: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    data = DataConfig(train_index=index_path, num_workers=2, crop_seconds=2.0, batch_seconds=8.0, num_buckets=3,
+                      shuffle_buffer=16)
+    ids, seconds, workers = [], 0.0, set()
+    for batch in build_loader(data, index_path, rank=rank, world_size=world_size, seed=11, epochs=1):
+        ids += batch["cut_ids"]
+        seconds += batch["seconds"]
+        workers.add(batch["worker"])
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, {"ids": ids, "seconds": seconds, "workers": sorted(workers)})
+    if rank == 0:
+        with open(out_json, "w") as f:
+            json.dump(gathered, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
