@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import shutil
@@ -143,11 +144,17 @@ def test_read_index_names_the_missing_shard(demo_shards, tmp_path):
 # ---- tools/check_shards.py -----------------------------------------------------------
 
 
-def test_check_shards_passes_good_and_names_bad_members(demo_shards, tmp_path):
-    tool = [sys.executable, str(ROOT / "tools" / "check_shards.py")]
-    ok = subprocess.run(tool + [str(demo_shards / "valid" / "index.json")], capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "0 bad" in ok.stdout
+def _check_shards_main():
+    spec = importlib.util.spec_from_file_location("check_shards", ROOT / "tools" / "check_shards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_check_shards_passes_good_and_names_bad_members(demo_shards, tmp_path, capsys):
+    check = _check_shards_main()
+    assert check([str(demo_shards / "valid" / "index.json")]) == 0
+    assert "0 bad" in capsys.readouterr().out
 
     shutil.copytree(demo_shards / "valid", tmp_path / "valid")
     shard = tmp_path / "valid" / "shard-000000.tar"
@@ -160,7 +167,8 @@ def test_check_shards_passes_good_and_names_bad_members(demo_shards, tmp_path):
                 info = tarfile.TarInfo(f"{k}.{ext}")
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
-    bad = subprocess.run(tool + [str(tmp_path / "valid" / "index.json")], capture_output=True, text=True)
-    assert bad.returncode == 1
-    assert f"shard-000000.tar: {key}: undecodable flac" in bad.stdout
-    assert "sha256" in bad.stdout  # the rewritten shard no longer matches its index entry
+    assert check([str(tmp_path / "valid" / "index.json")]) == 1
+    out = capsys.readouterr().out
+    assert f"shard-000000.tar: {key}: undecodable flac" in out
+    assert "sha256" in out  # the rewritten shard no longer matches its index entry
+    assert check([str(tmp_path / "nope.json")]) == 2

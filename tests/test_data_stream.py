@@ -148,3 +148,31 @@ def test_bad_members_are_skipped_and_counted(demo_shards, tmp_path):
     ids = [i for b in batches for i in b["cut_ids"]]
     assert sorted(ids) == sorted(index_keys(demo_shards / "train" / "index.json"))
     assert batches[-1]["skipped"] == 3
+
+
+def test_other_rate_and_stereo_members_are_resampled_and_downmixed(demo_shards, tmp_path):
+    split = tmp_path / "train"
+    shutil.copytree(demo_shards / "train", split)
+    shard = split / "shard-000000.tar"
+    with tarfile.open(shard) as tf:
+        files = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+    name, flac = next((n, d) for n, d in files if n.endswith(".flac"))
+    audio, sr = sf.read(io.BytesIO(flac), dtype="float32")
+    stereo = np.stack([audio[::2], audio[::2]], axis=1)  # 8 kHz, two channels
+    buf = io.BytesIO()
+    sf.write(buf, stereo, sr // 2, format="FLAC")
+    with tarfile.open(shard, "w") as tf:
+        for n, payload in files:
+            payload = buf.getvalue() if n == name else payload
+            info = tarfile.TarInfo(n)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    data = config(split / "index.json", crop_seconds=20.0, batch_seconds=40.0, shuffle_buffer=64)
+    key = name.split(".")[0]
+    for batch in build_loader(data, data.train_index, rank=0, world_size=1, seed=0, epochs=1):
+        if key in batch["cut_ids"]:
+            n = int(batch["audio_lens"][batch["cut_ids"].index(key)])
+            assert n == pytest.approx(len(audio), abs=2) and batch["skipped"] == 0
+            break
+    else:
+        raise AssertionError(f"{key} never arrived")
