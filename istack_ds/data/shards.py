@@ -380,7 +380,7 @@ def shard_split(split: str, cuts_path: Path, split_dir: Path, *, sample_rate: in
             _write_json_atomic(split_dir / "index.partial.json",
                                _index_dict(split, sample_rate, entries, histogram, settings))
     # shards of an older, larger plan would be picked up by nothing, but confuse people
-    for stale in split_dir.glob("shard-*.tar"):
+    for stale in split_dir.glob("shard-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
         if int(stale.stem.split("-")[-1]) >= len(sizes):
             stale.unlink()
     _write_json_atomic(split_dir / "index.json", _index_dict(split, sample_rate, entries, histogram, settings))
