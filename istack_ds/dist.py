@@ -36,9 +36,17 @@ def log0(msg: str, *args) -> None:
 
 def setup_logging() -> None:
     level = logging.INFO if is_main() else logging.WARNING
-    logging.basicConfig(level=level, format=f"%(asctime)s [r{rank()}] %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=level, format=f"%(asctime)s [r{rank()}] %(message)s", datefmt="%H:%M:%S", force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import warnings
+
+    import transformers
+
+    # One progress line per interval is ours; per-load progress bars and deprecation chatter are noise.
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def init_distributed(timeout_s: int) -> None:

@@ -51,8 +51,9 @@ def main(argv=None) -> int:
     from istack_ds.dist import init_distributed, setup_logging
     from istack_ds.trainer import Trainer
 
-    init_distributed(cfg.deepspeed.dist_timeout_s)
     setup_logging()
+    init_distributed(cfg.deepspeed.dist_timeout_s)
+    setup_logging()  # again: the rank is known only now
     Trainer(cfg).train()
     return 0
 
