@@ -80,7 +80,8 @@ class Trainer:
         self.audio_seconds_total = 0.0
         self.first_loss: float | None = None
         self.last_loss: float | None = None
-        self.skipped = 0
+        # Latest counters of each data worker (they count per worker; the totals are sums).
+        self.data_counters: dict[int, dict] = {}
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -120,7 +121,8 @@ class Trainer:
                 self.window[f"loss_{name}"] = self.window.get(f"loss_{name}", 0.0) + value.item()
             self.window["micro"] += 1
             self.window["audio_s"] += float(batch["seconds"])
-            self.skipped = int(batch.get("skipped", self.skipped))
+            self.data_counters[int(batch.get("worker", 0))] = {
+                k: batch[k] for k in ("epoch", "shards_done", "skipped") if k in batch}
         self.window["steps"] += 1
         self.window["step_s"] += time.perf_counter() - t0
 
@@ -157,12 +159,16 @@ class Trainer:
         local = {k: v / micro for k, v in w.items() if k.startswith("loss")}
         # NOTE: collectives on every rank; only the writing below is rank-0.
         means = all_reduce_mean(local)
-        sums = all_reduce_sum({"audio_s": w["audio_s"], "skipped": float(self.skipped)})
+        data = self.data_counters.values()
+        sums = all_reduce_sum({"audio_s": w["audio_s"], "skipped": float(sum(d.get("skipped", 0) for d in data)),
+                               "shards_done": float(sum(d.get("shards_done", 0) for d in data))})
+        epoch = all_reduce_mean({"epoch": float(min((d.get("epoch", 0) for d in data), default=0))})["epoch"]
         step_s = w["step_s"] / max(1, w["steps"])
         values = {"train/loss": means["loss"], **{f"train/{k}": v for k, v in means.items() if k != "loss"},
                   "train/lr": self.engine.get_lr()[0], "model/depth": float(self.student.depth),
                   "perf/step_s": step_s, "perf/audio_s_per_s": sums["audio_s"] / max(1e-9, w["step_s"]),
-                  "perf/teacher_frac": w["teacher_s"] / max(1e-9, w["step_s"]), "data/skipped": sums["skipped"]}
+                  "perf/teacher_frac": w["teacher_s"] / max(1e-9, w["step_s"]), "data/skipped": sums["skipped"],
+                  "data/shards_done": sums["shards_done"], "data/epoch": epoch}
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)

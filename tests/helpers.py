@@ -18,7 +18,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_env(**extra: str) -> dict:
+def child_env(**extra: str) -> dict:
     """Environment for child processes: offline, one thread a rank, CPU accelerator."""
     env = dict(os.environ)
     env.update(
@@ -45,7 +45,7 @@ def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float = 30
         script = WORKERS / script
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(script), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env or test_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{script.name} failed on {nproc} ranks (rc={proc.returncode})\n"

@@ -1,0 +1,60 @@
+"""Engine helpers that need no process group: parameter groups, refusals, the manager's name mapping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from istack_ds.engine import GrowthStateError, build_engine, param_groups
+from istack_ds.growth import GrowthManager
+
+
+class Tiny(nn.Module):
+    def __init__(self, depth=2):
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.layers = nn.ModuleList(nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 4)) for _ in range(depth))
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+
+def test_param_groups_decay_matrices_only():
+    groups = param_groups(Tiny(), weight_decay=0.1)
+    assert [g["name"] for g in groups] == ["decay", "no_decay"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert all(p.ndim == 2 for p in groups[0]["params"]) and len(groups[0]["params"]) == 3
+    assert len(groups[1]["params"]) == 1 + 2 * 3  # inp bias, per layer: norm weight + bias, linear bias
+    assert all(p.requires_grad for g in groups for p in g["params"])
+
+
+def test_build_engine_refuses_zero_stage_0():
+    with pytest.raises(ValueError, match="stage 1, 2 or 3"):
+        build_engine(Tiny(), {"zero_optimization": {"stage": 0}})
+
+
+def test_source_names_map_layers_through_the_lineage():
+    m = GrowthManager(lambda d, s: Tiny(d), {}, "layers.", "interleaved")
+    old = {n for n, p in Tiny(2).named_parameters() if p.requires_grad}
+    new = [n for n, p in Tiny(4).named_parameters() if p.requires_grad]
+    mapping = m.source_names(new, m.lineage(2, 4), old)
+    assert mapping["layers.1.1.weight"] == "layers.0.1.weight"
+    assert mapping["layers.2.0.bias"] == "layers.1.0.bias"
+    assert mapping["inp.weight"] == "inp.weight"
+    with pytest.raises(GrowthStateError, match="new parameter extra.weight has no source"):
+        m.source_names(new + ["extra.weight"], m.lineage(2, 4), old)
+    with pytest.raises(ValueError, match="must end with '.'"):
+        GrowthManager(lambda d, s: Tiny(d), {}, "layers")
+    assert m.lineage(3, 3) == [0, 1, 2]
+
+
+def test_grown_states_reset_zeroes_only_clones():
+    from istack_ds.engine import ParamState
+
+    m = GrowthManager(lambda d, s: Tiny(d), {}, "layers.", "interleaved", optimizer_state="reset")
+    old = {f"layers.{i}.w": ParamState(torch.full((2,), float(i)), torch.ones(2), torch.ones(2), 5) for i in range(2)}
+    src = m.lineage(2, 4)  # [0, 0, 1, 1]
+    new = m.grown_states(old, m.source_names([f"layers.{i}.w" for i in range(4)], src, set(old)), src)
+    assert [float(new[f"layers.{i}.w"].param[0]) for i in range(4)] == [0, 0, 1, 1]
+    assert [float(new[f"layers.{i}.w"].exp_avg.sum()) for i in range(4)] == [2, 0, 2, 0]
+    assert all(s.step == 5 for s in new.values())

@@ -1,0 +1,94 @@
+"""Training with real DeepSpeed engines on 2 gloo ranks, end to end through launchers/train.py."""
+
+import json
+
+import pytest
+import torch
+
+from istack_ds.models.teacher import make_random_teacher
+from tests.helpers import ROOT, child_env, torchrun
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return make_random_teacher(tmp_path_factory.mktemp("teacher") / "hubert", size="tiny")
+
+
+@pytest.mark.parametrize("zero_stage, precision", [(2, "fp32"), (2, "bf16")])
+def test_fixed_batch_loss_falls_and_teacher_is_frozen(tmp_path, teacher_dir, zero_stage, precision):
+    out = tmp_path / "result.json"
+    torchrun("train_fixed_batch.py", teacher_dir, out, zero_stage, precision, timeout=300)
+    result = json.loads(out.read_text())
+    losses = result["losses"]
+    assert result["teacher_moved"] == 0.0
+    assert result["dtype"] == ("torch.bfloat16" if precision == "bf16" else "torch.float32")
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def _events(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_demo_pipeline_end_to_end(tmp_path, teacher_dir, demo_shards):
+    """Shards -> 2 ranks with two growths -> TensorBoard tags, checkpoints, an AutoModel-loadable student."""
+    out = tmp_path / "run"
+    args = ["--config", ROOT / "configs/demo.yaml",
+            "--set", f"run.out_dir={out}", "--set", f"teacher.path={teacher_dir}",
+            "--set", f"data.train_index={demo_shards / 'train/index.json'}",
+            "--set", f"data.valid_index={demo_shards / 'valid/index.json'}",
+            "--set", "optim.total_steps=12", "--set", "log.every=2", "--set", "eval.every=6",
+            "--set", "checkpoint.every=6", "--set", "data.num_workers=1", "--set", "data.crop_seconds=2",
+            "--set", "data.batch_seconds=6"]
+    proc = torchrun(ROOT / "launchers/train.py", *args, timeout=400)
+    assert "depth 2 -> 4" in proc.stderr + proc.stdout and "depth 4 -> 8" in proc.stderr + proc.stdout
+
+    acc = _events(out / "tb")
+    tags = set(acc.Tags()["scalars"])
+    expected = {"train/loss", "train/loss_L4", "train/loss_L8", "train/lr", "train/grad_norm", "model/depth",
+                "model/params", "growth/pause_s", "perf/audio_s_per_s", "perf/step_s", "perf/teacher_frac",
+                "data/skipped", "data/shards_done", "data/epoch", "valid/loss", "valid/loss_L4", "valid/loss_L8"}
+    assert expected <= tags, expected - tags
+    depth = {e.step: e.value for e in acc.Scalars("model/depth")}
+    assert depth[2] == 2 and depth[6] == 4 and depth[12] == 8  # EQL thirds of 12 steps
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["depth"] == 8
+    assert (out / "config.yaml").exists()
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step00000008", "step00000012"]
+
+    from transformers import AutoModel
+
+    student = AutoModel.from_pretrained(out / "student", local_files_only=True).eval()
+    assert type(student).__name__ == "HubertModel" and student.config.num_hidden_layers == 8
+    with torch.no_grad():
+        hidden = student(torch.randn(1, 16000), output_hidden_states=True).hidden_states
+    assert len(hidden) == 9 and hidden[-1].shape == (1, 49, 64)
+    assert json.loads((out / "student/istack_student.json").read_text())["supervised_layers"] == [3, 7]
+
+
+@pytest.mark.parametrize("problem", ["teacher", "index", "empty_index", "typo"])
+def test_bad_input_stops_before_any_process_group(tmp_path, teacher_dir, demo_shards, problem, capsys):
+    """Each problem is one clear message naming the path or key, exit code 2, and no process group."""
+    import launchers.train as train
+
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"shards": []}))
+    sets = {"teacher": [f"teacher.path={tmp_path / 'no_teacher'}"],
+            "index": [f"data.train_index={tmp_path / 'no_index.json'}"],
+            "empty_index": [f"data.train_index={empty}"],
+            "typo": ["optim.lr_max=1"]}[problem]
+    argv = ["--config", str(ROOT / "configs/demo.yaml"), "--set", f"teacher.path={teacher_dir}",
+            "--set", f"data.train_index={demo_shards / 'train/index.json'}", "--set", "data.valid_index=null"]
+    for s in sets:
+        argv += ["--set", s]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    needle = {"teacher": "no_teacher", "index": "no_index.json", "empty_index": str(empty),
+              "typo": "optim.lr_max"}[problem]
+    assert needle in err, err
+    assert not torch.distributed.is_initialized()

@@ -1,0 +1,139 @@
+"""Shared by the growth workers: tiny students, a DeepSpeed config, batches, rank-aware checks.
+
+Workers run under torchrun (tests/helpers.torchrun); each builds real engines on gloo.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+import torch
+from torch import nn
+
+# The shared-memory comm op only serves inference all-reduce; skip its ~25 s g++ build.
+importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+from istack_ds.config import Config, DeepSpeedConfig, OptimConfig  # noqa: E402
+
+TOY_PREFIX = "layers."
+HUBERT_PREFIX = "sfm.encoder.layers."
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def log0(*args) -> None:
+    if rank() == 0:
+        print(*args, flush=True)
+
+
+def ds_config(zero_stage: int, precision: str = "fp32", total_steps: int = 20, lr: float = 1e-2,
+              grad_clip: float = 0.0, warmup_fraction: float = 0.25) -> dict:
+    cfg = Config(optim=OptimConfig(lr=lr, total_steps=total_steps, grad_clip=grad_clip, warmup_fraction=warmup_fraction,
+                                   weight_decay=0.01),
+                 deepspeed=DeepSpeedConfig(zero_stage=zero_stage, precision=precision))
+    return cfg.deepspeed_config(int(os.environ.get("WORLD_SIZE", 1)))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, h):
+        return h + self.fc2(torch.tanh(self.fc1(self.norm(h))))
+
+
+class ToyStudent(nn.Module):
+    """input linear + ``layers`` + head; the supervised layers' outputs are pulled towards zero."""
+
+    def __init__(self, depth: int, supervised: list[int], width: int = 16):
+        super().__init__()
+        self.inp = nn.Linear(8, width)
+        self.layers = nn.ModuleList(Block(width) for _ in range(depth))
+        self.head = nn.Linear(width, 4)
+        self.supervised = list(supervised)
+
+    def forward(self, x, y):
+        h = self.inp(x)
+        inter = 0.0
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if i in self.supervised:
+                inter = inter + 0.1 * h.pow(2).mean()
+        return nn.functional.mse_loss(self.head(h), y) + inter
+
+
+def build_toy(depth: int, supervised: list[int], width: int = 16) -> ToyStudent:
+    torch.manual_seed(1000 + depth)
+    return ToyStudent(depth, supervised, width)
+
+
+def toy_batch(step: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(step)  # the same batch on every rank
+    return torch.randn(4, 8, generator=g).to(dtype), torch.randn(4, 4, generator=g).to(dtype)
+
+
+class HubertStudent(nn.Module):
+    """A tiny HF HubertModel wrapped as ``sfm`` (the real student's layout): weight-norm pos-conv included."""
+
+    def __init__(self, depth: int, supervised: list[int]):
+        super().__init__()
+        from transformers import HubertConfig, HubertModel
+
+        cfg = HubertConfig(hidden_size=32, num_hidden_layers=depth, num_attention_heads=2, intermediate_size=64,
+                           conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                           mask_time_prob=0.0, layerdrop=0.0, hidden_dropout=0.0, attention_dropout=0.0,
+                           activation_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0)
+        self.sfm = HubertModel(cfg)
+        self.supervised = list(supervised)
+
+    def forward(self, audio, target):
+        out = self.sfm(audio, output_hidden_states=True)
+        loss = nn.functional.mse_loss(out.last_hidden_state, target)
+        for i in self.supervised:
+            loss = loss + 0.5 * out.hidden_states[i + 1].pow(2).mean()
+        return loss
+
+
+def build_hubert(depth: int, supervised: list[int]) -> HubertStudent:
+    torch.manual_seed(2000 + depth)
+    return HubertStudent(depth, supervised)
+
+
+def hubert_batch(step: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(step)
+    audio = torch.randn(1, 4000, generator=g)
+    return audio.to(dtype), torch.randn(1, 12, 32, generator=g).to(dtype)
+
+
+def train_step(engine, batch) -> float:
+    loss = engine(*batch)
+    engine.backward(loss)
+    engine.step()
+    return float(loss.detach().float())
+
+
+def current_lr(engine) -> float:
+    return float(engine.optimizer.param_groups[0]["lr"])
+
+
+def emit(result: dict) -> None:
+    """Rank 0 prints one JSON line the test can parse."""
+    if rank() == 0:
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+def parse_args(argv=None) -> dict:
+    """--key value pairs (torchrun forwards them) into a dict of strings."""
+    argv = sys.argv[1:] if argv is None else argv
+    out = {}
+    for k, v in zip(argv[::2], argv[1::2]):
+        out[k.lstrip("-").replace("-", "_")] = v
+    return out

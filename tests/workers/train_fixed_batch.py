@@ -1,0 +1,53 @@
+"""2 ranks: a real DeepSpeed engine trains the student on one fixed batch; the loss must fall, the teacher must not move.
+
+Usage (under torchrun): train_fixed_batch.py TEACHER_DIR OUT_JSON ZERO_STAGE PRECISION
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from istack_ds.config import load_config
+from istack_ds.dist import init_distributed
+from istack_ds.engine import build_engine
+from istack_ds.models.losses import frame_mask, l2l_loss
+from istack_ds.models.student import Student
+from istack_ds.models.teacher import Teacher
+
+
+def main(teacher_dir: str, out_json: str, zero_stage: str, precision: str) -> None:
+    cfg = load_config(None, [f"teacher.path={teacher_dir}", f"deepspeed.zero_stage={zero_stage}",
+                             f"deepspeed.precision={precision}", "optim.total_steps=20", "optim.lr=3e-3",
+                             "optim.warmup_fraction=0.1", "loss.teacher_layers=[4,8]", "growth.depths=[2]",
+                             "student.hidden_size=64", "student.intermediate_size=128",
+                             "student.num_attention_heads=4", "student.dropout=0.0"])
+    init_distributed(60)
+    teacher = Teacher(teacher_dir, cfg.loss.teacher_layers)
+    before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    torch.manual_seed(0)
+    student = Student(cfg.student, cfg.loss, teacher.info, depth=2)
+    student.copy_frontend_from(teacher.model)
+    engine = build_engine(student, cfg.deepspeed_config(dist.get_world_size()))
+    g = torch.Generator().manual_seed(100 + dist.get_rank())  # each rank its own fixed batch
+    audio = torch.randn(2, 16000, generator=g)
+    lens = torch.tensor([16000, 12000])
+    targets = teacher(audio, lens)
+    mask = frame_mask(teacher.frame_lengths(lens), targets[4].shape[1])
+    losses = []
+    for _ in range(20):
+        loss, _ = l2l_loss(engine(audio, lens), targets, mask)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    teacher_moved = max((p - before[n]).abs().max().item() for n, p in teacher.named_parameters())
+    if dist.get_rank() == 0:
+        with open(out_json, "w") as f:
+            json.dump({"losses": losses, "teacher_moved": teacher_moved,
+                       "dtype": str(next(engine.module.parameters()).dtype)}, f)
+    engine.destroy()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
