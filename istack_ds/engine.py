@@ -1,0 +1,436 @@
+"""DeepSpeed engines: build, gather / scatter full states, carry counters, destroy.
+
+This is the one module that touches DeepSpeed internals. Growth needs four
+things DeepSpeed does not offer as public API, all pinned to deepspeed==0.19.8
+and covered by tests/test_growth_engine.py:
+
+- a freshly built engine has no Adam state (torch AdamW creates it at the first
+  step), so :func:`scatter_full_states` creates it on the engine's flat fp32
+  partitions and, on ZeRO 1/2, re-links the per-parameter views;
+- ``safe_set_full_fp32_param`` writes only the fp32 master, so the master is
+  pushed to the model weights by hand;
+- the DeepSpeed setters silently do nothing on a parameter they do not manage,
+  so every scatter ends with a read-back that names any parameter that differs;
+- ``engine.destroy()`` leaves the engine reachable (forward hooks on the root
+  module; on ZeRO 3 two module-level references), so :func:`destroy_engine`
+  removes them.
+
+Every function that reads or writes full states is COLLECTIVE: every rank calls
+it, in the same order, with the same parameter names (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+# Names of the flat fp32 partitions the wrapped torch optimizer steps, per ZeRO optimizer class:
+# ZeRO 1/2 (DeepSpeedZeroOptimizer), bf16 ZeRO 1 (BF16_Optimizer), ZeRO 3 (DeepSpeedZeroOptimizer_Stage3).
+_FLAT_FP32_ATTRS = ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat")
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class GrowthStateError(RuntimeError):
+    """The states in an engine are not what was set (or cannot be read): the message names the parameter."""
+
+
+@dataclass
+class ParamState:
+    """Full (unpartitioned) fp32 training state of one parameter, identical on every rank."""
+
+    param: torch.Tensor
+    """fp32 master value, full shape."""
+    exp_avg: torch.Tensor | None = None
+    """Adam first moment, full shape; None before the optimizer's first step."""
+    exp_avg_sq: torch.Tensor | None = None
+    """Adam second moment, full shape; None before the optimizer's first step."""
+    step: int | None = None
+    """Adam step count (bias correction); None before the first step."""
+
+
+# ---- distributed set-up -------------------------------------------------------------------------
+
+
+def ensure_distributed(backend: str | None = None, timeout_s: int | None = None) -> None:
+    """``deepspeed.init_distributed`` once per process (gloo on CPU) from the launcher's environment."""
+    import deepspeed
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        return
+    from datetime import timedelta
+
+    from deepspeed.accelerator import get_accelerator
+
+    backend = backend or ("gloo" if get_accelerator().device_name() == "cpu" else None)
+    kwargs: dict[str, Any] = {"dist_backend": backend}
+    if timeout_s is not None:
+        kwargs["timeout"] = timedelta(seconds=timeout_s)
+    deepspeed.init_distributed(**kwargs)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two named groups: ``decay`` (matrices) and ``no_decay`` (biases, norms).
+
+    A parameter decays when it has >= 2 dims and is not part of a norm layer. Empty groups are
+    left out; the order follows ``model.named_parameters()`` so every rank groups identically.
+    """
+    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d)
+    norm_params = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        owner = name.split(".")[-2].lower() if "." in name else ""
+        if p.ndim >= 2 and id(p) not in norm_params and "norm" not in owner:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_engine(model: nn.Module, ds_config: dict):
+    """``deepspeed.initialize`` on the trainable parameters of ``model`` (weight decay on matrices only).
+
+    Returns the engine alone (it owns the optimizer and LR scheduler), so no stray
+    reference to them survives in the caller: see :func:`destroy_engine`.
+    """
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2, 3):
+        raise ValueError(
+            f"zero_optimization.stage={stage}: growth reads and writes states through the ZeRO APIs; use stage 1, 2 or 3"
+        )
+    import deepspeed
+
+    ensure_distributed()
+    weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
+    before = {name: set(getattr(model, name)) for name in _ROOT_HOOK_DICTS}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay), config=ds_config)
+    # NOTE: DeepSpeed registers forward (pre-)hooks on the root module that hold the engine; remember
+    # which, so destroy_engine can remove exactly those.
+    engine._istack_root_hooks = {name: set(getattr(model, name)) - before[name] for name in _ROOT_HOOK_DICTS}
+    return engine
+
+
+# ---- reading and writing full states ------------------------------------------------------------
+
+
+def trainable_parameters(engine) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every trainable parameter, in ``named_parameters`` order (same on every rank)."""
+    return [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+
+
+def _zero_stage(engine) -> int:
+    stage = engine.zero_optimization_stage()
+    if stage not in (1, 2, 3):
+        raise ValueError(
+            f"ZeRO stage {stage}: full states are read through the ZeRO APIs (safe_get_full_*), which return "
+            "None at stage 0; build the engine with zero_optimization.stage 1, 2 or 3 (even on one rank)"
+        )
+    return stage
+
+
+def _flat_fp32_partitions(engine) -> list[torch.Tensor]:
+    opt = engine.optimizer
+    for attr in _FLAT_FP32_ATTRS:
+        flats = getattr(opt, attr, None)
+        if flats is not None:
+            return list(flats)
+    raise GrowthStateError(f"unsupported ZeRO optimizer {type(opt).__name__}: no flat fp32 partitions {_FLAT_FP32_ATTRS}")
+
+
+def _adam_state(engine) -> dict:
+    """The wrapped torch optimizer's state, keyed by flat fp32 partition."""
+    return engine.optimizer.optimizer.state
+
+
+def _all_ranks(flag: bool) -> bool:
+    """True when ``flag`` holds on every rank (a MIN all-reduce)."""
+    import torch.distributed as tdist
+
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    if tdist.is_initialized():
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def adam_step(engine) -> int | None:
+    """The Adam step count of the engine (all flat partitions step together), None before the first step."""
+    state = _adam_state(engine)
+    steps = {int(state[f]["step"]) for f in _flat_fp32_partitions(engine) if "step" in state.get(f, {})}
+    if len(steps) > 1:
+        raise GrowthStateError(f"the engine's parameter groups disagree on the Adam step: {sorted(steps)}")
+    return steps.pop() if steps else None
+
+
+def _has_adam_state(engine) -> bool:
+    state = _adam_state(engine)
+    local = all(all(k in state.get(f, {}) for k in (*MOMENTS, "step")) for f in _flat_fp32_partitions(engine))
+    return _all_ranks(local)
+
+
+def _link_hp_views(engine) -> None:
+    """ZeRO 1/2 (and bf16 ZeRO 1): (re-)point each parameter's Adam fragment views at the flat state."""
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+@torch.no_grad()
+def gather_full_states(engine) -> dict[str, ParamState]:
+    """Full fp32 param + Adam moments + step of every trainable parameter, on every rank. COLLECTIVE."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    _zero_stage(engine)
+    with_moments = _has_adam_state(engine)
+    if with_moments:
+        _link_hp_views(engine)
+    step = adam_step(engine) if with_moments else None
+    states = {}
+    for name, p in trainable_parameters(engine):
+        value = safe_get_full_fp32_param(p)
+        if value is None:
+            raise GrowthStateError(f"{name}: the ZeRO optimizer does not manage this parameter (no fp32 master)")
+        st = ParamState(param=value.detach().clone(), step=step)
+        if with_moments:
+            st.exp_avg = safe_get_full_optimizer_state(p, "exp_avg").detach().clone()
+            st.exp_avg_sq = safe_get_full_optimizer_state(p, "exp_avg_sq").detach().clone()
+        states[name] = st
+    return states
+
+
+def _common_step(states: dict[str, ParamState]) -> int | None:
+    steps = {s.step for s in states.values() if s.step is not None}
+    if len(steps) > 1:
+        raise GrowthStateError(f"states disagree on the Adam step ({sorted(steps)}): one engine steps all groups together")
+    return steps.pop() if steps else None
+
+
+def _ensure_adam_state(engine, step: int) -> None:
+    """Adam state (step, zero moments) on every flat fp32 partition that has none; ``step`` everywhere."""
+    state = _adam_state(engine)
+    for flat in _flat_fp32_partitions(engine):
+        st = state[flat]  # defaultdict(dict) in torch optimizers
+        for key in MOMENTS:
+            if key not in st:
+                st[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+        old = st.get("step")
+        dtype = old.dtype if torch.is_tensor(old) else torch.float32
+        st["step"] = torch.tensor(float(step), dtype=dtype)
+    _link_hp_views(engine)
+
+
+def _full_shape(p: nn.Parameter) -> torch.Size:
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+@torch.no_grad()
+def _push_master_to_model(engine) -> None:
+    """Copy the fp32 masters into the (possibly bf16, possibly partitioned) model weights."""
+    opt = engine.optimizer
+    if _zero_stage(engine) == 3:
+        for i in range(len(opt.fp32_partitioned_groups_flat)):
+            opt._reassign_or_swap_out_partitioned_parameters(i)
+    else:
+        opt.update_lp_params()
+
+
+@torch.no_grad()
+def scatter_full_states(engine, states: dict[str, ParamState], verify: bool = True) -> None:
+    """Writes full states into a (fresh) engine, then reads everything back. COLLECTIVE.
+
+    ``states`` must name exactly the engine's trainable parameters. Moments are written when any
+    state has them (a missing moment is written as zeros); the Adam step is the states' common
+    step. Raises :class:`GrowthStateError` naming the parameter on a missing/extra name, a shape
+    mismatch, or any read-back difference.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    _zero_stage(engine)
+    params = trainable_parameters(engine)
+    names = [n for n, _ in params]
+    missing = [n for n in names if n not in states]
+    extra = sorted(set(states) - set(names))
+    if missing or extra:
+        raise GrowthStateError(
+            f"states do not match the engine's parameters: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
+        )
+    for name, p in params:
+        if tuple(states[name].param.shape) != tuple(_full_shape(p)):
+            raise GrowthStateError(f"{name}: state shape {tuple(states[name].param.shape)} != parameter shape "
+                                   f"{tuple(_full_shape(p))}")
+    with_moments = any(s.exp_avg is not None or s.exp_avg_sq is not None for s in states.values())
+    step = _common_step(states)
+    if with_moments:
+        if step is None:
+            raise GrowthStateError("states carry Adam moments but no step")
+        _ensure_adam_state(engine, step)
+    for name, p in params:
+        st = states[name]
+        safe_set_full_fp32_param(p, st.param.float())
+        if with_moments:
+            for key in MOMENTS:
+                value = getattr(st, key)
+                safe_set_full_optimizer_state(p, torch.zeros_like(st.param) if value is None else value.float(), key)
+    _push_master_to_model(engine)
+    if verify:
+        verify_full_states(engine, states)
+
+
+@torch.no_grad()
+def verify_full_states(engine, states: dict[str, ParamState]) -> None:
+    """Reads back every fp32 master, moment and the model weights; raises naming what differs. COLLECTIVE."""
+    import torch.distributed as tdist
+
+    got = gather_full_states(engine)
+    problems = []
+    for name, want in states.items():
+        have = got[name]
+        if not torch.equal(have.param, want.param.float()):
+            problems.append(f"{name}: fp32 master differs (max |diff| {(have.param - want.param).abs().max():.3g})")
+        for key in MOMENTS:
+            w, h = getattr(want, key), getattr(have, key)
+            if w is None and h is None:
+                continue
+            w = torch.zeros_like(want.param) if w is None else w.float()
+            if h is None or not torch.equal(h, w):
+                problems.append(f"{name}: {key} differs" if h is not None else f"{name}: {key} missing in the engine")
+        if want.step is not None and have.step != want.step:
+            problems.append(f"{name}: Adam step {have.step} != {want.step}")
+    # The model weights (low precision and/or partitioned) must hold the master too: a local check.
+    rank = tdist.get_rank() if tdist.is_initialized() else 0
+    for name, p in trainable_parameters(engine):
+        full = states[name].param.float().flatten()
+        if hasattr(p, "ds_tensor"):  # ZeRO 3: this rank's partition of the flat parameter
+            part = p.ds_tensor.flatten()
+            start = rank * part.numel()
+            n = max(0, min(part.numel(), full.numel() - start))
+            local, ref = part[:n], full[start:start + n]
+        else:
+            local, ref = p.data.flatten(), full
+        if not torch.equal(local, ref.to(local.dtype)):
+            problems.append(f"{name}: model weights differ from the fp32 master on rank {rank}")
+    if not _all_ranks(not problems):
+        shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise GrowthStateError(f"read-back after scatter failed: {shown or 'on another rank'}")
+
+
+# ---- counters and LR schedule ------------------------------------------------------------------
+
+_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+
+
+def engine_counters(engine) -> dict:
+    """Step counters and LR scheduler position of an engine (plain values: survive its destruction)."""
+    out = {k: getattr(engine, k) for k in _COUNTERS if hasattr(engine, k)}
+    if engine.lr_scheduler is not None:
+        out["lr_scheduler"] = dict(engine.lr_scheduler.state_dict())
+    return out
+
+
+def carry_counters(old, new) -> None:
+    """Gives ``new`` the step counters and LR position of ``old`` (an engine or :func:`engine_counters`).
+
+    The LR never restarts at growth: ``lr_scheduler.load_state_dict`` does not push the LR into the
+    optimizer, so the scheduler is stepped to its last iteration again.
+    """
+    counters = old if isinstance(old, dict) else engine_counters(old)
+    for k in _COUNTERS:
+        if k in counters:
+            setattr(new, k, counters[k])
+    sched_state = counters.get("lr_scheduler")
+    if sched_state is not None and new.lr_scheduler is not None:
+        new.lr_scheduler.load_state_dict(sched_state)
+        last = sched_state.get("last_batch_iteration")
+        if last is not None:
+            new.lr_scheduler.step(last)
+
+
+# ---- destruction -------------------------------------------------------------------------------
+
+_ROOT_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
+                    "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def malloc_trim() -> None:
+    """Return freed heap pages to the OS (glibc), when available."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _clear_lru_cache(fn) -> None:
+    """``cache_clear()`` an lru_cache, possibly under wrappers (DeepSpeed's instrument_w_nvtx keeps it in a closure)."""
+    seen, todo = set(), [fn]
+    while todo:
+        f = todo.pop()
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        if hasattr(f, "cache_clear"):
+            f.cache_clear()
+            return
+        todo.extend(x for x in [getattr(f, "__wrapped__", None)] if x is not None)
+        todo.extend(c.cell_contents for c in (getattr(f, "__closure__", None) or ()) if callable(c.cell_contents))
+    raise GrowthStateError(f"{getattr(fn, '__qualname__', fn)} has no lru_cache: the pinned DeepSpeed changed; "
+                           "ZeRO 3 would leak one engine per growth")
+
+
+def destroy_engine(engine) -> None:
+    """Destroys ``engine`` and breaks the references DeepSpeed keeps to it.
+
+    The CALLER must also drop every reference it holds to the engine, its optimizer and
+    scheduler, and (unless it is reused) the model: memory is only returned once nothing
+    points at them. ``engine, *_ = deepspeed.initialize(...)`` keeps them alive in ``_``;
+    :func:`build_engine` returns the engine alone for that reason. After this call the
+    engine is unusable; its optimizer state and ZeRO buffers are released eagerly so that
+    memory drops even while a caller still holds the Python object.
+    """
+    module = engine.module
+    stage = engine.zero_optimization_stage()
+    engine.destroy()
+    for name, keys in getattr(engine, "_istack_root_hooks", {}).items():
+        hooks = getattr(module, name)
+        for k in keys:
+            hooks.pop(k, None)
+    if stage == 3:
+        from deepspeed.runtime.zero import parameter_offload
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+        stack = parameter_offload.FWD_MODULE_STACK
+        stack[:] = [m for m in stack if not any(m is s for s in module.modules())]
+        _clear_lru_cache(PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release)
+    # Eager release: the torch optimizer's state and the ZeRO optimizer's flat buffers.
+    opt = getattr(engine, "optimizer", None)
+    base = getattr(opt, "optimizer", None)
+    if base is not None and hasattr(base, "state"):
+        base.state.clear()
+    if opt is not None:
+        for attr, value in list(vars(opt).items()):
+            if torch.is_tensor(value) or (isinstance(value, list) and value and all(
+                    torch.is_tensor(v) or (isinstance(v, list) and all(torch.is_tensor(x) for x in v)) for v in value)):
+                setattr(opt, attr, None)
+    del opt, base, module
+    gc.collect()
+    malloc_trim()
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux), for memory checks."""
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
