@@ -280,40 +280,87 @@ def scatter_full_states(engine, states: dict[str, ParamState], verify: bool = Tr
         _ensure_adam_state(engine, step)
     for name, p in params:
         st = states[name]
-        safe_set_full_fp32_param(p, st.param.float())
+        values = {None: st.param.float()}
         if with_moments:
-            for key in MOMENTS:
-                value = getattr(st, key)
-                safe_set_full_optimizer_state(p, torch.zeros_like(st.param) if value is None else value.float(), key)
+            values.update({k: torch.zeros_like(st.param) if getattr(st, k) is None else getattr(st, k).float()
+                           for k in MOMENTS})
+        for key, value in values.items():
+            if _z3_padded(engine, p):
+                # NOTE: DeepSpeed 0.19.8's ZeRO 3 setter slices past the end of a parameter whose size
+                # is not a multiple of the partition count; write the local partition ourselves.
+                for view, start, n in _local_fragments(engine, p, key):
+                    view.copy_(value.flatten()[start:start + n])
+            elif key is None:
+                safe_set_full_fp32_param(p, value)
+            else:
+                safe_set_full_optimizer_state(p, value, key)
     _push_master_to_model(engine)
     if verify:
         verify_full_states(engine, states)
 
 
+def _z3_padded(engine, p) -> bool:
+    """A ZeRO 3 parameter whose last partition is padded."""
+    if not hasattr(p, "ds_id"):
+        return False
+    return p.ds_numel % engine.optimizer._get_param_partition_world_size(p) != 0
+
+
+def _local_fragments(engine, p, key: str | None) -> list[tuple[torch.Tensor, int, int]]:
+    """This rank's pieces of a parameter's fp32 master (key None) or Adam state, read from the
+    optimizer's own flat tensors: [(view, start in the flattened full tensor, numel)]."""
+    opt = engine.optimizer
+    if hasattr(p, "ds_id"):  # ZeRO 3: one equal-size (last one padded) partition per rank
+        part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=True, optim_state_key=key)
+        start = opt._get_param_partition_rank(p) * part.numel()
+        n = max(0, min(part.numel(), p.ds_numel - start))
+        return [(part.narrow(0, 0, n), start, n)] if n else []
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is None:  # ZeRO 1/2: this parameter lies wholly in other ranks' partitions
+        return []
+    flat = _flat_fp32_partitions(engine)[mapping.param_group_index]
+    source = flat if key is None else _adam_state(engine)[flat][key]
+    hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
+    return [(source.narrow(0, hp.start, hp.numel), lp.start, lp.numel)]
+
+
 @torch.no_grad()
 def verify_full_states(engine, states: dict[str, ParamState]) -> None:
-    """Reads back every fp32 master, moment and the model weights; raises naming what differs. COLLECTIVE."""
+    """Reads back every fp32 master, Adam moment and step, and the model weights; raises naming what differs.
+
+    Each rank reads its own pieces straight from the optimizer's flat fp32 tensors (what the next
+    step will use) and compares them with the matching slice of the full state; one all-reduce
+    then checks that the ranks together hold every element of every parameter (a parameter the
+    ZeRO optimizer does not manage is caught here). COLLECTIVE.
+    """
     import torch.distributed as tdist
 
-    got = gather_full_states(engine)
-    problems = []
-    for name, want in states.items():
-        have = got[name]
-        if not torch.equal(have.param, want.param.float()):
-            problems.append(f"{name}: fp32 master differs (max |diff| {(have.param - want.param).abs().max():.3g})")
-        for key in MOMENTS:
-            w, h = getattr(want, key), getattr(have, key)
-            if w is None and h is None:
-                continue
-            w = torch.zeros_like(want.param) if w is None else w.float()
-            if h is None or not torch.equal(h, w):
-                problems.append(f"{name}: {key} differs" if h is not None else f"{name}: {key} missing in the engine")
-        if want.step is not None and have.step != want.step:
-            problems.append(f"{name}: Adam step {have.step} != {want.step}")
-    # The model weights (low precision and/or partitioned) must hold the master too: a local check.
     rank = tdist.get_rank() if tdist.is_initialized() else 0
-    for name, p in trainable_parameters(engine):
-        full = states[name].param.float().flatten()
+    params = trainable_parameters(engine)
+    with_moments = any(s.exp_avg is not None or s.exp_avg_sq is not None for s in states.values())
+    has_state = all(all(k in _adam_state(engine).get(f, {}) for k in MOMENTS) for f in _flat_fp32_partitions(engine))
+    problems = []
+    if with_moments and not has_state:
+        problems.append(f"the engine has no Adam state on rank {rank}")
+    step = _common_step(states)
+    if with_moments and has_state and adam_step(engine) != step:
+        problems.append(f"Adam step {adam_step(engine)} != {step}")
+    covered = torch.zeros(len(params), dtype=torch.int64)
+    for idx, (name, p) in enumerate(params):
+        want = states[name]
+        keys = [None, *MOMENTS] if with_moments and has_state else [None]
+        for key in keys:
+            full = want.param if key is None else getattr(want, key)
+            full = (torch.zeros_like(want.param) if full is None else full).float().flatten()
+            for view, start, n in _local_fragments(engine, p, key):
+                if key is None:
+                    covered[idx] += n
+                if not torch.equal(view.flatten(), full[start:start + n]):
+                    diff = (view.flatten() - full[start:start + n]).abs().max()
+                    problems.append(f"{name}: {'fp32 master' if key is None else key} differs on rank {rank} "
+                                    f"(max |diff| {diff:.3g})")
+        # The model weights (low precision and/or partitioned) must hold the master too.
+        full = want.param.float().flatten()
         if hasattr(p, "ds_tensor"):  # ZeRO 3: this rank's partition of the flat parameter
             part = p.ds_tensor.flatten()
             start = rank * part.numel()
@@ -323,6 +370,13 @@ def verify_full_states(engine, states: dict[str, ParamState]) -> None:
             local, ref = p.data.flatten(), full
         if not torch.equal(local, ref.to(local.dtype)):
             problems.append(f"{name}: model weights differ from the fp32 master on rank {rank}")
+    if tdist.is_initialized():
+        tdist.all_reduce(covered)
+    for idx, (name, p) in enumerate(params):
+        numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        if covered[idx] != numel:
+            problems.append(f"{name}: the ZeRO optimizer holds {int(covered[idx])} of its {numel} elements "
+                            "(a parameter it does not manage)")
     if not _all_ranks(not problems):
         shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
         raise GrowthStateError(f"read-back after scatter failed: {shown or 'on another rank'}")

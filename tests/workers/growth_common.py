@@ -57,7 +57,7 @@ class ToyStudent(nn.Module):
         super().__init__()
         self.inp = nn.Linear(8, width)
         self.layers = nn.ModuleList(Block(width) for _ in range(depth))
-        self.head = nn.Linear(width, 4)
+        self.head = nn.Linear(width, 3)  # odd sizes: ZeRO pads the last partition
         self.supervised = list(supervised)
 
     def forward(self, x, y):
@@ -77,7 +77,7 @@ def build_toy(depth: int, supervised: list[int], width: int = 16) -> ToyStudent:
 
 def toy_batch(step: int, dtype=torch.float32):
     g = torch.Generator().manual_seed(step)  # the same batch on every rank
-    return torch.randn(4, 8, generator=g).to(dtype), torch.randn(4, 4, generator=g).to(dtype)
+    return torch.randn(4, 8, generator=g).to(dtype), torch.randn(4, 3, generator=g).to(dtype)
 
 
 class HubertStudent(nn.Module):
