@@ -216,12 +216,15 @@ class OptimConfig:
     """Optimizer steps of the whole run, across all stages."""
     grad_clip: float = 5.0
     """Clip the global gradient norm to this value (0 disables)."""
+    max_nonfinite: int = 10
+    """A non-finite loss skips its micro-batch (counted); this many in a row save a checkpoint and stop the run."""
 
     def __post_init__(self):
         _positive("optim.lr", self.lr)
         _positive("optim.total_steps", self.total_steps)
         _positive("optim.grad_clip", self.grad_clip, allow_zero=True)
         _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("optim.max_nonfinite", self.max_nonfinite)
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError(f"optim.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -323,15 +326,21 @@ class Config:
 
     # ---- derived -----------------------------------------------------------------
 
-    def deepspeed_config(self, world_size: int) -> dict:
-        """The DeepSpeed JSON for this run on `world_size` ranks (generated, never stored)."""
+    def deepspeed_config(self, world_size: int, gradient_accumulation: int | None = None,
+                         load_universal: bool = False) -> dict:
+        """The DeepSpeed JSON for this run on `world_size` ranks (generated, never stored).
+
+        `gradient_accumulation` overrides the configured value (a resume on another world size
+        keeps the global batch); `load_universal` loads a universal checkpoint (any world size).
+        """
         opt = self.optim
+        accumulation = gradient_accumulation or self.deepspeed.gradient_accumulation
         ds: dict[str, Any] = {
             # Batches are built by duration, not count: DeepSpeed only needs a
             # consistent (micro=1) x accumulation x world_size for its bookkeeping.
             "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": self.deepspeed.gradient_accumulation,
-            "train_batch_size": world_size * self.deepspeed.gradient_accumulation,
+            "gradient_accumulation_steps": accumulation,
+            "train_batch_size": world_size * accumulation,
             "gradient_clipping": opt.grad_clip,
             "steps_per_print": 10**9,  # our own log line replaces DeepSpeed's
             "wall_clock_breakdown": False,
@@ -360,6 +369,8 @@ class Config:
         }
         if self.deepspeed.precision == "bf16":
             ds["bf16"] = {"enabled": True}
+        if load_universal:
+            ds["checkpoint"] = {"load_universal": True}
         if self.deepspeed.zero_stage == 3:
             # Small models: partition every parameter so growth exercises the real path.
             ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0})

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import __version__
+from . import __version__, faults
+from .checkpoint import Checkpointer, check_compatible, gradient_accumulation_for, read_meta
 from .config import Config
 from .data import build_loader
 from .dist import all_reduce_mean, all_reduce_sum, is_main, log0, rank, world_size
@@ -27,7 +27,10 @@ from .models.losses import distilhubert_loss, frame_mask, l2l_loss
 from .models.student import LAYER_PREFIX, Student
 from .models.teacher import Teacher
 
-META_FILE = "istack_meta.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row: the run saved a checkpoint and stopped."""
 
 
 def seed_everything(seed: int) -> None:
@@ -49,15 +52,23 @@ class Trainer:
         self.teacher = Teacher(cfg.teacher.path, cfg.loss.teacher_layers,
                                dtype=torch.bfloat16 if cfg.teacher.dtype == "bf16" else torch.float32).to(self.device)
         self.schedule = Schedule.from_config(cfg.growth, cfg.optim.total_steps)
-        self.ds_config = cfg.deepspeed_config(world_size())
+
+        # Resume builds the student at the checkpoint's depth first, then loads into it.
+        self.checkpointer = Checkpointer(self.ckpt_dir, cfg.checkpoint.keep)
+        resume = self.checkpointer.resolve(cfg.checkpoint.resume)
+        meta = read_meta(resume) if resume else None
+        if meta:
+            check_compatible(meta, cfg.to_dict(), resume)
+            self._check_world_size(meta, resume)
+        # A resume on another world size keeps the global batch through gradient accumulation.
+        self.accumulation = gradient_accumulation_for(meta, world_size(), cfg.deepspeed.gradient_accumulation) \
+            if meta else cfg.deepspeed.gradient_accumulation
+        self.ds_config = cfg.deepspeed_config(world_size(), self.accumulation,
+                                              load_universal=bool(meta and meta.get("universal")))
         self.growth = GrowthManager(build_model=self.build_student, ds_config=self.ds_config,
                                     layer_prefix=LAYER_PREFIX, operator=cfg.growth.operator,
                                     carry=cfg.growth.carry, optimizer_state=cfg.growth.optimizer_state)
-
-        # Resume builds the student at the checkpoint's depth first, then loads into it.
         self.step = 0
-        resume = self._find_checkpoint()
-        meta = json.loads((resume / META_FILE).read_text()) if resume else None
         depth = meta["depth"] if meta else self.schedule.depth_at(0)
         supervised = meta["supervised"] if meta else None
         # Same seed on every rank: every rank must build the same initial student.
@@ -67,10 +78,25 @@ class Trainer:
             copied = self.student.copy_frontend_from(self.teacher.model)
             log0("student CNN front end %s", "copied from the teacher" if copied else "random (shapes differ)")
         self.engine = build_engine(self.student, self.ds_config)
+        self.data_position: dict[str, dict] = {}
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        rank_state = None
         if resume:
-            self._load(resume, meta)
-        # Dropout and cropping differ per rank from here on.
-        seed_everything(cfg.run.seed + 1000 * rank() + self.step)
+            rank_state = self.checkpointer.load(self.engine, resume)
+            self.step = meta["step"]
+            self.nonfinite_total = meta.get("nonfinite_steps", 0)
+            log0("resumed from %s: step %d, stage %d, depth %d, lr %.3e", resume, self.step,
+                 self.schedule.stage_at(self.step), self.student.depth, self.engine.get_lr()[0])
+            if self.accumulation != cfg.deepspeed.gradient_accumulation:
+                log0("checkpoint ran on %d rank(s); on %d the global batch is kept with gradient accumulation %d "
+                     "(configured %d)", meta["world_size"], world_size(), self.accumulation,
+                     cfg.deepspeed.gradient_accumulation)
+        if rank_state is None:
+            # Dropout and cropping differ per rank from here on.
+            seed_everything(cfg.run.seed + 1000 * rank() + self.step)
+        else:
+            self.data_position = rank_state.get("data_position", {})
 
         self.loader = build_loader(cfg.data, cfg.data.train_index, rank=rank(), world_size=world_size(),
                                    seed=cfg.run.seed + self.step)
@@ -91,22 +117,28 @@ class Trainer:
         self.log_topology()
         self.log_model()
         while self.step < cfg.optim.total_steps:
+            faults.maybe("die", self.step + 1)
             self.maybe_grow()
             self.train_step()
             self.step += 1
             self.maybe_log()
             self.maybe_validate()
             self.maybe_save()
-        self.save(final=True)
+        self.save()
         self.export()
         summary = self.summary(time.time() - start)
         self.metrics.close()
         return summary
 
     def train_step(self) -> None:
-        """One optimizer step: gradient_accumulation micro-batches through teacher, student, loss."""
+        """One optimizer step over `accumulation` finite micro-batches through teacher, student, loss.
+
+        A non-finite loss (on any rank) skips its micro-batch before backward, so no bad gradient
+        reaches the optimizer; `optim.max_nonfinite` in a row save a checkpoint and stop the run.
+        """
         t0 = time.perf_counter()
-        for _ in range(self.cfg.deepspeed.gradient_accumulation):
+        done = attempts = 0
+        while done < self.accumulation:
             batch = next(self.batches)
             audio = batch["audio"].to(self.device)
             lens = batch["audio_lens"].to(self.device)
@@ -114,17 +146,45 @@ class Trainer:
             targets = self.teacher(audio, lens)
             self.window["teacher_s"] += time.perf_counter() - t_teacher
             loss, parts = self.compute_loss(self.engine(audio, lens), targets, lens)
+            self.note_batch(batch)
+            if faults.active("nan_all", self.step + 1) or (faults.active("nan", self.step + 1) and attempts == 0):
+                loss = loss * float("nan")
+            attempts += 1
+            # NOTE: a collective: all ranks skip together or none does (ZeRO steps are collective).
+            if not self._all_have(bool(torch.isfinite(loss))):
+                self.skip_nonfinite()
+                continue
+            self.nonfinite_run = 0
             self.engine.backward(loss)
             self.engine.step()
+            done += 1
             self.window["loss"] += loss.item()
             for name, value in parts.items():
                 self.window[f"loss_{name}"] = self.window.get(f"loss_{name}", 0.0) + value.item()
             self.window["micro"] += 1
             self.window["audio_s"] += float(batch["seconds"])
-            self.data_counters[int(batch.get("worker", 0))] = {
-                k: batch[k] for k in ("epoch", "shards_done", "skipped") if k in batch}
         self.window["steps"] += 1
         self.window["step_s"] += time.perf_counter() - t0
+
+    def note_batch(self, batch: dict) -> None:
+        """Keeps each data worker's latest counters and resume position (per worker: they count separately)."""
+        worker = int(batch.get("worker", 0))
+        self.data_counters[worker] = {k: batch[k] for k in ("epoch", "shards_done", "skipped") if k in batch}
+        if "position" in batch:
+            self.data_position[str(worker)] = dict(batch["position"])
+
+    def skip_nonfinite(self) -> None:
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        log0("non-finite loss at step %d: micro-batch skipped (%d in a row, %d in all)", self.step + 1,
+             self.nonfinite_run, self.nonfinite_total)
+        self.metrics.scalars(self.step + 1, {"train/nonfinite_steps": float(self.nonfinite_total)})
+        if self.nonfinite_run >= self.cfg.optim.max_nonfinite:
+            path = self.save()
+            raise NonFiniteLossError(
+                f"{self.nonfinite_run} non-finite losses in a row at step {self.step + 1} "
+                f"(optim.max_nonfinite={self.cfg.optim.max_nonfinite}); saved {path}. Lower optim.lr or check the data, "
+                "then resume from that checkpoint")
 
     def compute_loss(self, pred: dict, targets: dict, audio_lens: torch.Tensor):
         frames = self.teacher.frame_lengths(audio_lens)
@@ -231,59 +291,19 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------
 
-    def save(self, final: bool = False) -> Path:
-        """Saves every rank's ZeRO partition; the meta file (written last, by rank 0) marks it complete."""
-        tag = f"step{self.step:08d}"
-        path = self.ckpt_dir / tag
-        if (path / META_FILE).exists():
-            return path
-        client_state = {"depth": self.student.depth, "supervised": self.student.supervised,
-                        "step": self.step, "stage": self.schedule.stage_at(max(0, self.step - 1)),
-                        "config": self.cfg.to_dict(), "version": __version__}
-        # NOTE: a collective: every rank writes its own partition.
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-        torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-                   path / f"rng_rank{rank()}.pt")
-        if dist.is_initialized():
-            dist.barrier()
-        if is_main():
-            meta = {k: v for k, v in client_state.items() if k != "config"}
-            tmp = path / (META_FILE + ".tmp")
-            tmp.write_text(json.dumps(meta, indent=1))
-            tmp.replace(path / META_FILE)  # atomic: a half-written checkpoint never looks complete
-            self._prune_checkpoints()
-        if dist.is_initialized():
-            dist.barrier()
-        return path
+    def save(self) -> Path:
+        """A checkpoint of every rank's partition + per-rank RNG and data position (a collective)."""
+        meta = {"step": self.step, "depth": self.student.depth, "supervised": self.student.supervised,
+                "stage": self.schedule.stage_at(max(0, self.step - 1)), "gradient_accumulation": self.accumulation,
+                "nonfinite_steps": self.nonfinite_total, "config": self.cfg.to_dict(), "version": __version__}
+        return self.checkpointer.save(self.engine, meta, {"data_position": self.data_position})
 
-    def _prune_checkpoints(self) -> None:
-        complete = sorted(p for p in self.ckpt_dir.glob("step*") if (p / META_FILE).exists())
-        for old in complete[: -self.cfg.checkpoint.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _find_checkpoint(self) -> Path | None:
-        mode = self.cfg.checkpoint.resume
-        if mode == "none":
-            return None
-        if mode != "auto":
-            path = Path(mode)
-            if not (path / META_FILE).exists():
-                raise FileNotFoundError(f"checkpoint.resume={mode}: no complete checkpoint there ({META_FILE} missing)")
-            return path
-        complete = sorted(p for p in self.ckpt_dir.glob("step*") if (p / META_FILE).exists())
-        return complete[-1] if complete else None
-
-    def _load(self, path: Path, meta: dict) -> None:
-        self.engine.load_checkpoint(str(path.parent), tag=path.name)
-        self.step = meta["step"]
-        rng = path / f"rng_rank{rank()}.pt"
-        if rng.exists():
-            states = torch.load(rng, weights_only=False)
-            random.setstate(states["python"])
-            np.random.set_state(states["numpy"])
-            torch.set_rng_state(states["torch"])
-        log0("resumed from %s: step %d, depth %d, lr %.2e", path, self.step, self.student.depth,
-             self.engine.get_lr()[0])
+    def _check_world_size(self, meta: dict, path: Path) -> None:
+        if meta.get("world_size", world_size()) != world_size() and not meta.get("universal"):
+            raise ValueError(
+                f"checkpoint {path} was saved by {meta['world_size']} rank(s) and this run has {world_size()}: "
+                f"convert it first with `python tools/convert_checkpoint.py {path}` and resume from the "
+                "universal checkpoint it writes")
 
     # ---- export and reporting ---------------------------------------------------------
 

@@ -48,13 +48,26 @@ def main(argv=None) -> int:
         print(f"istack_ds: {e}", file=sys.stderr)
         return 2
 
-    from istack_ds.dist import init_distributed, setup_logging
-    from istack_ds.trainer import Trainer
+    from istack_ds.dist import init_distributed, rank, setup_logging
+    from istack_ds.trainer import NonFiniteLossError, Trainer
 
     setup_logging()
     init_distributed(cfg.deepspeed.dist_timeout_s)
     setup_logging()  # again: the rank is known only now
-    Trainer(cfg).train()
+    try:
+        Trainer(cfg).train()
+    except NonFiniteLossError as e:
+        print(f"istack_ds: rank {rank()}: {e}", file=sys.stderr)
+        return 3
+    except RuntimeError as e:
+        # A peer that died or hangs surfaces here as a failed collective (at the latest after
+        # deepspeed.dist_timeout_s): say so plainly instead of leaving a bare backend trace.
+        if "gloo" in str(e).lower() or "nccl" in str(e).lower() or "timed out" in str(e).lower() \
+                or type(e).__name__ == "DistBackendError":
+            print(f"istack_ds: rank {rank()}: a collective failed; another rank died or stopped answering "
+                  f"(deepspeed.dist_timeout_s={cfg.deepspeed.dist_timeout_s}): {e}", file=sys.stderr)
+            return 4
+        raise
     return 0
 
 
