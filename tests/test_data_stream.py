@@ -108,9 +108,12 @@ def test_same_seed_same_order_endless_stream_keeps_going(demo_shards):
 def test_too_few_shards_for_ranks_x_workers(demo_shards):
     index = demo_shards / "train" / "index.json"
     data = config(index, num_workers=3)
-    with pytest.raises(DataError, match=rf"has 8 shards but 9 are needed \(3 ranks x 3 workers.*") as e:
+    with pytest.raises(DataError, match=rf"has 8 shards but 9 are needed \(1 node\(s\) x 3 ranks x 3 workers.*") as e:
         build_loader(data, str(index), rank=0, world_size=3, seed=0)
-    assert str(index) in str(e.value)
+    assert str(index) in str(e.value) and "--min-shards 9" in str(e.value)
+    data = config(index, num_workers=2)
+    with pytest.raises(DataError, match=r"but 12 are needed \(2 node\(s\) x 3 ranks x 2 workers"):
+        build_loader(data, str(index), rank=0, world_size=6, local_world_size=3, seed=0)
 
 
 def test_missing_and_empty_index(tmp_path):

@@ -2,28 +2,30 @@
 
 Usage:
     python tools/shard_corpus.py --corpus data/demo/corpus --out data/demo/shards
-    python tools/shard_corpus.py --corpus /data/librilight --out /data/ll-shards --shard-mb 512 --valid-speakers 20
+    python tools/shard_corpus.py --corpus /data/librilight --out /data/ll-shards --jobs 16 --valid-fraction 0.01
     python tools/shard_corpus.py --corpus /tmp/tiny --out /tmp/tiny-shards --max-seconds 3 --max-per-shard 3
 
-Steps: lhotse's LibriLight recipe (manifests under OUT/manifests; a corpus with only
-`small` works) -> one cut per VAD window (adjacent voice_activity intervals merged up
-to --max-seconds, windows under --min-seconds dropped) -> split by speaker (the last
---valid-speakers speakers, sorted, go to `valid`) -> OUT/<split>/shard-NNNNNN.tar with
-<key>.flac + <key>.json members -> OUT/<split>/index.json (per shard: path, samples,
-seconds, bytes, sha256; totals). Small splits are spread over at least --min-shards
-shards so that ranks x workers can all be fed. Re-running skips shards that are
-already written and still match their index entry.
+Steps (the first two are tools/prepare_librilight.py, run here too and skipped when
+done): lhotse manifests of every part present (small, medium, large; any subset)
+-> one cut per VAD window (adjacent voice_activity intervals merged up to
+--max-seconds, windows under --min-seconds dropped) -> split by speaker (the last
+--valid-speakers speakers, sorted, or --valid-fraction of them, go to `valid`)
+-> OUT/<split>/shard-NNNNNN.tar of about --shard-mb MB each, <key>.flac (16 kHz mono)
++ <key>.json members, written by --jobs processes -> OUT/<split>/index.json (per
+shard: path, samples, seconds, bytes, sha256; totals). A progress line on stderr
+shows shards, hours written and the ETA. Small splits are spread over at least
+--min-shards shards so that nodes x ranks x workers can all be fed. Re-running skips
+shards that are already written and still match their index entry (an interrupted
+run keeps index.partial.json), so it is also how an interrupted run is resumed.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # the lhotse recipe's progress bars
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from istack_ds.data.shards import DataError, shard_corpus  # noqa: E402
@@ -35,17 +37,22 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output directory: manifests/, train/, valid/")
     p.add_argument("--max-seconds", type=float, default=20.0, help="longest VAD window")
     p.add_argument("--min-seconds", type=float, default=1.0, help="shorter windows are dropped")
-    p.add_argument("--shard-mb", type=float, default=256.0, help="target shard size (MB, may be fractional)")
+    p.add_argument("--shard-mb", type=float, default=1024.0, help="target shard size (MB, may be fractional)")
     p.add_argument("--max-per-shard", type=int, default=None, help="at most this many cuts per shard")
     p.add_argument("--min-shards", type=int, default=8, help="spread a small split over at least this many shards")
-    p.add_argument("--valid-speakers", type=int, default=1, help="speakers held out for validation (0: none)")
+    held = p.add_mutually_exclusive_group()
+    held.add_argument("--valid-speakers", type=int, default=None, help="speakers held out for validation (default 1)")
+    held.add_argument("--valid-fraction", type=float, default=None, help="fraction of the speakers held out")
     p.add_argument("--sample-rate", type=int, default=16000)
+    p.add_argument("--jobs", type=int, default=1, help="parallel shard writers (processes)")
     args = p.parse_args(argv)
     t0 = time.time()
+    valid_speakers = 1 if args.valid_speakers is None and args.valid_fraction is None else args.valid_speakers
     try:
         shard_corpus(args.corpus, args.out, max_seconds=args.max_seconds, min_seconds=args.min_seconds,
                      shard_mb=args.shard_mb, max_per_shard=args.max_per_shard, min_shards=args.min_shards,
-                     valid_speakers=args.valid_speakers, sample_rate=args.sample_rate)
+                     valid_speakers=valid_speakers, valid_fraction=args.valid_fraction,
+                     sample_rate=args.sample_rate, jobs=args.jobs)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

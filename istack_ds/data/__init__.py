@@ -1,8 +1,9 @@
 """The data side: LibriLight -> VAD-window cuts -> WebDataset shards + index -> streamed batches.
 
 - :mod:`istack_ds.data.corpus`: a small synthetic corpus in LibriLight layout (the demo, tests).
-- :mod:`istack_ds.data.shards`: LibriLight layout -> lhotse manifests -> VAD windows -> shards + index.json.
-- :mod:`istack_ds.data.stream`: shards -> split by rank and worker -> lhotse cuts -> bucketed batches.
+- :mod:`istack_ds.data.librilight`: LibriLight layout -> lhotse manifests -> VAD-window cuts per split (lazy).
+- :mod:`istack_ds.data.shards`: cuts -> shards + index.json (parallel writers); reading members back.
+- :mod:`istack_ds.data.stream`: shards -> split by node, rank, worker -> bucketed batches with a resumable position.
 
 This package never imports the model. ``stream`` (torch, lhotse) is imported lazily
 so that tools that only shard a corpus stay light.

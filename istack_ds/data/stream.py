@@ -1,20 +1,27 @@
-"""Shards -> batches: the streaming loader the trainer iterates.
+"""Shards -> batches: the streaming loader the trainer iterates, with a resumable data position.
 
-    index.json -> shard list, shuffled per epoch from (seed, epoch)
-      -> this rank's shards (every world_size-th) -> this worker's shards (every num_workers-th)
-      -> webdataset tar reading -> lhotse MonoCut with the FLAC bytes in memory
-         (decoded once to check it; resampled / downmixed when needed)
-      -> random crop to data.crop_seconds (seeded per rank and worker)
-      -> lhotse DynamicBucketingSampler (max_duration = data.batch_seconds)
-      -> batch dict (raw samples, and log-mel fbank when data.features == 'fbank')
+    index.json -> shard list, shuffled per epoch from (seed, epoch), the same on every rank
+      -> this node's shards (every num_nodes-th) -> this rank's (every local_world_size-th)
+         -> this worker's (every num_workers-th)
+      -> each shard in turn: tar members -> header check (flac + json, rate, channels, length)
+         -> random crop plan (data.crop_seconds) -> shuffle buffer (data.shuffle_buffer cuts)
+         -> duration buckets (bins from the index's histogram) -> batches of <= data.batch_seconds
+      -> decode only the cropped frames (soundfile), resample / downmix when needed
+      -> batch dict (raw samples, plus lhotse log-mel fbank when data.features == 'fbank')
 
-NOTE: the shards are split here, by rank and worker, before lhotse sees a cut.
-The sampler is therefore built with world_size=1, rank=0: left at its defaults it
-reads WORLD_SIZE from the environment and silently drops most of the data.
+NOTE: a worker emits its shards one after another: at the end of a shard the shuffle
+buffer and the buckets are drained (leftovers packed together by length) before the
+next shard is read. A batch therefore says exactly how many of the worker's shards
+are fully emitted (its ``position``), and a resumed worker skips those and re-reads
+at most the one shard it was in. The batching randomness is seeded per (seed, epoch,
+shard), so a re-read shard gives the same batches as the first time. Mixing happens
+across shards through the per-epoch shard order and across ranks and workers.
 
-NOTE: ranks get unequal numbers of batches. Training uses ``epochs=None``, an
-endless stream driven by the step count, so no rank runs dry while another waits
-in a collective. Finite ``epochs`` are for validation and tests.
+NOTE: ranks get unequal numbers of batches. Training uses ``epochs=None``, an endless
+stream driven by the step count, so no rank runs dry while another waits in a
+collective. Finite ``epochs`` are for validation and tests.
+
+NOTE: the seed must be the same when resuming: it fixes every epoch's shard order.
 
 Batch keys:
     audio        FloatTensor [B, T], zero-padded
@@ -22,60 +29,105 @@ Batch keys:
     cut_ids      list[str], the shard keys
     seconds      float, unpadded audio seconds in the batch
     fbank, fbank_lens   FloatTensor [B, F, num_mel_bins], LongTensor [B] (features == 'fbank' only)
-    skipped      int, bad shard members skipped so far by the worker that made this batch
-    epoch        int, that worker's current epoch over its shards
-    shards_done  int, shards that worker has finished (over all epochs)
     worker       int, the DataLoader worker id (0 with num_workers=0): per-worker counters add up across ids
+    epoch        int, that worker's current epoch over its shards
+    shards_done  int, shards of that epoch the worker has fully emitted, this batch included
+    position     {"worker", "epoch", "shards_done"}: what build_loader(position=...) resumes from
+    skipped      int, members (or shards) skipped by that worker so far
+    skipped_by_reason   {reason: count}, reasons from istack_ds.data.shards.SKIP_REASONS
+    repaired_by_reason  {reason: count}: resampled, downmixed, too_long (cropped to data.crop_seconds)
 """
 
 from __future__ import annotations
 
+import bisect
 import io
 import math
+import os
 import random
-from dataclasses import dataclass
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from istack_ds.config import DataConfig
-from istack_ds.data.shards import DataError, ShardIndex, decode_member, encode_flac, read_index
+from istack_ds.data.shards import BadMember, DataError, ShardIndex, iter_tar_samples, member_meta, read_index, \
+    to_mono_rate
+
+
+class ShardLoader(torch.utils.data.DataLoader):
+    """A DataLoader that also says whether it resumed from a data position."""
+
+    resumed: bool = False
+    """True when the workers start from the given position; False: fresh from epoch 0."""
+    position_note: str = ""
+    """Why a given position was not used (empty when it was, or when none was given)."""
 
 
 def build_loader(data: DataConfig, index_path: str, *, rank: int, world_size: int, seed: int,
-                 epochs: int | None = None, crop: bool = True) -> torch.utils.data.DataLoader:
+                 epochs: int | None = None, crop: bool = True, position: dict | None = None,
+                 local_world_size: int | None = None) -> ShardLoader:
     """The DataLoader of this rank over the shards of `index_path`.
 
     `epochs=None` streams forever (each epoch reshuffles the shard order from
-    (seed, epoch)); an int stops after that many passes. Raises DataError when
-    the index is unusable or has fewer shards than ranks x workers.
+    (seed, epoch)); an int stops after that many passes. `position` maps
+    str(worker) -> the latest ``batch["position"]`` of that worker (JSON round
+    trip is fine); a position for another number of workers is ignored (see
+    ``loader.resumed`` and ``loader.position_note``). `local_world_size` (ranks per
+    node; default $LOCAL_WORLD_SIZE, else all ranks on one node) splits the shards
+    by node first. Raises DataError when the index is unusable, a shard is missing
+    on disk, or there are fewer shards than nodes x ranks x workers.
     """
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
+    if local_world_size is None:
+        env = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+        local_world_size = env if env > 0 and world_size % env == 0 else world_size
+    if local_world_size <= 0 or world_size % local_world_size:
+        raise DataError(f"local_world_size {local_world_size} does not divide world_size {world_size}")
     index = read_index(index_path)
-    needed = world_size * max(1, data.num_workers)
+    workers = max(1, data.num_workers)
+    nodes = world_size // local_world_size
+    needed = world_size * workers
     if len(index.shards) < needed:
         raise DataError(
             f"shard index {index_path} has {len(index.shards)} shards but {needed} are needed "
-            f"({world_size} ranks x {max(1, data.num_workers)} workers each read their own shards); "
+            f"({nodes} node(s) x {local_world_size} ranks x {workers} workers each read their own shards); "
             f"re-shard with more, smaller shards (tools/shard_corpus.py --min-shards {needed}) or use fewer workers"
         )
+    start, note = resume_points(position, workers)
+    if note:
+        warnings.warn(f"data position not used, starting from epoch 0: {note}", stacklevel=2)
     dataset = ShardStream(
-        shards=[s.path for s in index.shards], data=data, rank=rank, world_size=world_size, seed=seed,
-        epochs=epochs, crop=crop, duration_bins=duration_bins(index, data.num_buckets,
-                                                               data.crop_seconds if crop else None),
+        shards=[(s.path, s.bytes) for s in index.shards], data=data, rank=rank, world_size=world_size,
+        local_world_size=local_world_size, seed=seed, epochs=epochs, crop=crop, start=start,
+        duration_bins=duration_bins(index, data.num_buckets, data.crop_seconds if crop else None),
     )
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=data.num_workers,
-                                       persistent_workers=False)
+    loader = ShardLoader(dataset, batch_size=None, num_workers=data.num_workers, persistent_workers=False)
+    loader.resumed, loader.position_note = bool(start), note
+    return loader
+
+
+def resume_points(position: dict | None, workers: int) -> tuple[dict[int, tuple[int, int]], str]:
+    """{worker: (epoch, shards_done)} from a saved position, or ({}, why not) when it does not fit."""
+    if not position:
+        return {}, ""
+    try:
+        points = {int(w): (int(p["epoch"]), int(p["shards_done"])) for w, p in position.items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return {}, f"malformed position {position!r} ({e!r})"
+    if sorted(points) != list(range(workers)):
+        return {}, f"it is for workers {sorted(points)}, this loader has {workers} (data.num_workers)"
+    if any(e < 0 or k < 0 for e, k in points.values()):
+        return {}, f"negative epoch or shards_done in {position!r}"
+    return points, ""
 
 
 def duration_bins(index: ShardIndex, num_buckets: int, crop_seconds: float | None) -> list[float]:
-    """Bucket boundaries that split the audio seconds evenly, from the index's duration histogram.
-
-    lhotse would otherwise estimate them by reading (and decoding) the first
-    10,000 cuts of the stream at start-up.
-    """
+    """Bucket boundaries that split the audio seconds evenly, from the index's duration histogram."""
     counts = np.asarray(index.duration_histogram, dtype=np.float64)
     centers = (np.arange(len(counts)) + 0.5) * index.bin_seconds
     if crop_seconds is not None:
@@ -90,123 +142,215 @@ def duration_bins(index: ShardIndex, num_buckets: int, crop_seconds: float | Non
 
 @dataclass
 class WorkerCounters:
-    skipped: int = 0
+    worker: int = 0
     epoch: int = 0
     shards_done: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    repaired: Counter = field(default_factory=Counter)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] += 1
+
+    def stamp(self, batch: dict) -> dict:
+        batch.update(worker=self.worker, epoch=self.epoch, shards_done=self.shards_done,
+                     position={"worker": self.worker, "epoch": self.epoch, "shards_done": self.shards_done},
+                     skipped=sum(self.skipped.values()), skipped_by_reason=dict(self.skipped),
+                     repaired_by_reason=dict(self.repaired))
+        return batch
+
+
+@dataclass
+class Item:
+    """A planned cut: the member's FLAC bytes and which source frames to decode."""
+    key: str
+    flac: bytes
+    start: int
+    frames: int
+    seconds: float
+
+
+class Batcher:
+    """Shuffle buffer -> duration buckets -> batches of at most `batch_seconds` (one shard at a time)."""
+
+    def __init__(self, bins: list[float], batch_seconds: float, buffer_size: int, rng: random.Random):
+        self.bins, self.batch_seconds, self.buffer_size, self.rng = bins, batch_seconds, max(1, buffer_size), rng
+        self.buffer: list[Item] = []
+        self.buckets: list[list[Item]] = [[] for _ in range(len(bins) + 1)]
+        self.filled = [0.0] * (len(bins) + 1)
+
+    def add(self, item: Item) -> list[list[Item]]:
+        self.buffer.append(item)
+        if len(self.buffer) < self.buffer_size:
+            return []
+        i = self.rng.randrange(len(self.buffer))
+        self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
+        return self._place(self.buffer.pop())
+
+    def _place(self, item: Item) -> list[list[Item]]:
+        b = bisect.bisect_left(self.bins, item.seconds)
+        out = []
+        if self.buckets[b] and self.filled[b] + item.seconds > self.batch_seconds:
+            out.append(self.buckets[b])
+            self.buckets[b], self.filled[b] = [], 0.0
+        self.buckets[b].append(item)
+        self.filled[b] += item.seconds
+        return out
+
+    def drain(self) -> list[list[Item]]:
+        """Everything held: full buckets as they fill, then the leftovers of all buckets packed by length."""
+        self.rng.shuffle(self.buffer)
+        out = [batch for item in self.buffer for batch in self._place(item)]
+        self.buffer = []
+        rest = sorted((it for bucket in self.buckets for it in bucket), key=lambda it: it.seconds)
+        self.buckets = [[] for _ in self.buckets]
+        self.filled = [0.0] * len(self.buckets)
+        batch, filled = [], 0.0
+        for it in rest:
+            if batch and filled + it.seconds > self.batch_seconds:
+                out.append(batch)
+                batch, filled = [], 0.0
+            batch.append(it)
+            filled += it.seconds
+        if batch:
+            out.append(batch)
+        return out
 
 
 class ShardStream(torch.utils.data.IterableDataset):
     """Batches of one rank; each DataLoader worker reads its own subset of that rank's shards."""
 
-    def __init__(self, *, shards: list[str], data: DataConfig, rank: int, world_size: int, seed: int,
-                 epochs: int | None, crop: bool, duration_bins: list[float]):
+    def __init__(self, *, shards: list[tuple[str, int]], data: DataConfig, rank: int, world_size: int,
+                 local_world_size: int, seed: int, epochs: int | None, crop: bool, duration_bins: list[float],
+                 start: dict[int, tuple[int, int]] | None = None):
         super().__init__()
         self.shards, self.data, self.rank, self.world_size = list(shards), data, rank, world_size
+        self.local_world_size = local_world_size
         self.seed, self.epochs, self.crop, self.duration_bins = seed, epochs, crop, duration_bins
+        self.start = start or {}
 
-    def shards_for(self, epoch: int, worker: int, num_workers: int) -> list[str]:
-        """This rank's and worker's shards in `epoch`: the same global shuffle on every rank, then strided."""
+    def shards_for(self, epoch: int, worker: int, num_workers: int) -> list[tuple[str, int]]:
+        """This worker's shards in `epoch`: one global shuffle, then split by node, rank in node, worker."""
         order = list(self.shards)
         random.Random(f"shards:{self.seed}:{epoch}").shuffle(order)
-        return order[self.rank::self.world_size][worker::num_workers]
+        nodes = self.world_size // self.local_world_size
+        node, local_rank = divmod(self.rank, self.local_world_size)
+        return order[node::nodes][local_rank::self.local_world_size][worker::num_workers]
 
     def __iter__(self) -> Iterator[dict]:
-        from lhotse import CutSet
-        from lhotse.dataset import DynamicBucketingSampler
-
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        counters = WorkerCounters()
-        cuts = CutSet(_CutStream(self, worker, num_workers, counters))
-        sampler = DynamicBucketingSampler(
-            cuts, max_duration=self.data.batch_seconds, duration_bins=self.duration_bins, shuffle=True,
-            buffer_size=self.data.shuffle_buffer, drop_last=False,
-            world_size=1, rank=0,  # NOTE: shards are already split by rank and worker (see module doc)
-            seed=(self.seed * 1_000_003 + self.rank * 1009 + worker) % 2**31,
-        )
+        counters = WorkerCounters(worker=worker)
+        epoch, skip = self.start.get(worker, (0, 0))
         fbank = None
         if self.data.features == "fbank":
             from lhotse import Fbank, FbankConfig
-            from lhotse.dataset import OnTheFlyFeatures
 
-            fbank = OnTheFlyFeatures(Fbank(FbankConfig(num_mel_bins=self.data.num_mel_bins)))
-        for batch_cuts in sampler:
-            yield self.collate(batch_cuts, fbank, counters, worker)
-
-    @staticmethod
-    def collate(cuts, fbank, counters: WorkerCounters, worker: int) -> dict:
-        from lhotse.dataset.collation import collate_audio
-
-        audio, audio_lens = collate_audio(cuts)
-        batch = {
-            "audio": audio.float(),
-            "audio_lens": audio_lens.long(),
-            "cut_ids": [c.id for c in cuts],
-            "seconds": float(sum(c.duration for c in cuts)),
-        }
-        if fbank is not None:
-            feats, feat_lens = fbank(cuts)
-            batch["fbank"], batch["fbank_lens"] = feats.float(), feat_lens.long()
-        batch.update(skipped=counters.skipped, epoch=counters.epoch, shards_done=counters.shards_done, worker=worker)
-        return batch
-
-
-class _CutStream:
-    """The cuts of one worker, epoch after epoch; bad members are counted and skipped."""
-
-    def __init__(self, stream: ShardStream, worker: int, num_workers: int, counters: WorkerCounters):
-        self.stream, self.worker, self.num_workers, self.counters = stream, worker, num_workers, counters
-        s = stream
-        self.crop_rng = random.Random(f"crop:{s.seed}:{s.rank}:{worker}")
-
-    def __iter__(self):
-        s, c = self.stream, self.counters
-        epoch = 0
-        while s.epochs is None or epoch < s.epochs:
-            c.epoch = epoch
-            shards = s.shards_for(epoch, self.worker, self.num_workers)
-            yielded = 0
-            for shard in shards:
-                for sample in _read_shard(shard, c):
-                    cut = self.make_cut(sample)
-                    if cut is not None:
-                        yielded += 1
-                        yield cut
-                c.shards_done += 1
-            if yielded == 0:
+            fbank = Fbank(FbankConfig(num_mel_bins=self.data.num_mel_bins))
+        while self.epochs is None or epoch < self.epochs:
+            shards = self.shards_for(epoch, worker, num_workers)
+            counters.epoch, counters.shards_done = epoch, min(skip, len(shards))
+            items_in_epoch = 0
+            for k in range(counters.shards_done, len(shards)):
+                path, size = shards[k]
+                rng = random.Random(f"batches:{self.seed}:{epoch}:{path}")
+                batcher = Batcher(self.duration_bins, self.data.batch_seconds, self.data.shuffle_buffer, rng)
+                for item in self.read_shard(path, size, rng, counters):
+                    items_in_epoch += 1
+                    for group in batcher.add(item):
+                        batch = self.collate(group, fbank, counters)
+                        if batch is not None:
+                            yield counters.stamp(batch)
+                ready = batcher.drain()
+                for i, group in enumerate(ready):
+                    if i == len(ready) - 1:
+                        counters.shards_done = k + 1  # NOTE: the last batch of a shard completes it
+                    batch = self.collate(group, fbank, counters)
+                    if batch is not None:
+                        yield counters.stamp(batch)
+                counters.shards_done = k + 1
+            if items_in_epoch == 0 and skip == 0:
                 # an endless loop over unreadable shards would hang this rank silently
-                raise DataError(f"rank {s.rank} worker {self.worker}: no readable cut in epoch {epoch} of "
-                                f"shards {shards} ({c.skipped} bad members skipped); run tools/check_shards.py")
-            epoch += 1
+                raise DataError(f"rank {self.rank} worker {worker}: no readable cut in epoch {epoch} of shards "
+                                f"{[p for p, _ in shards]} (skipped: {dict(counters.skipped)}); "
+                                "run tools/check_shards.py")
+            epoch, skip = epoch + 1, 0
 
-    def make_cut(self, sample: dict):
+    def read_shard(self, path: str, size: int, rng: random.Random, counters: WorkerCounters) -> Iterator[Item]:
+        """Planned cuts of one shard; bad members and broken tars are counted, never raised."""
         import soundfile as sf
-        from lhotse import Recording
 
-        s = self.stream
+        problems: list[str] = []
+        on_error = lambda reason, _msg: problems.append(reason)  # noqa: E731
+        target = self.data.sample_rate
+        for sample in iter_tar_samples(path, on_error):
+            try:
+                member_meta(sample)
+                try:
+                    info = sf.info(io.BytesIO(sample["flac"]))
+                except Exception as e:  # noqa: BLE001 -- soundfile raises several types on junk
+                    raise BadMember("undecodable_flac", f"{sample['__key__']}: {e}") from None
+                if info.frames <= 0 or info.samplerate <= 0:
+                    raise BadMember("empty_audio", f"{sample['__key__']}: empty audio")
+            except BadMember as e:
+                counters.skip(e.reason)
+                continue
+            sr, frames = info.samplerate, info.frames
+            if sr != target:
+                counters.repaired["resampled"] += 1
+            if info.channels != 1:
+                counters.repaired["downmixed"] += 1
+            seconds = frames / sr
+            too_long = seconds > self.data.batch_seconds  # could never fit a batch: cut back like a crop
+            if too_long:
+                counters.repaired["too_long"] += 1
+            start = 0
+            if (self.crop or too_long) and seconds > self.data.crop_seconds:
+                if self.crop:
+                    start = math.floor(rng.uniform(0.0, seconds - self.data.crop_seconds) * sr)
+                frames = math.floor(self.data.crop_seconds * sr)
+            yield Item(sample["__key__"], sample["flac"], start, frames, frames / sr)
+        if not problems and os.path.exists(path) and os.path.getsize(path) < size:
+            problems.append("truncated_tar")  # ended cleanly on a header boundary, but shorter than indexed
+        for reason in problems:
+            counters.skip(reason)
+
+    def decode(self, item: Item, counters: WorkerCounters):
+        import soundfile as sf
+
         try:
-            audio, _meta = decode_member(sample, s.data.sample_rate)
-            data = sample["flac"]
-            info = sf.info(io.BytesIO(data))
-            if info.samplerate != s.data.sample_rate or info.channels != 1:
-                data = encode_flac(audio, s.data.sample_rate)  # resampled / downmixed by decode_member
-            cut = Recording.from_bytes(data, recording_id=sample["__key__"]).to_cut()
-        except Exception:  # noqa: BLE001 -- any bad member is a counted skip, never a dead worker
-            self.counters.skipped += 1
+            with sf.SoundFile(io.BytesIO(item.flac)) as f:
+                if item.start:
+                    f.seek(item.start)
+                audio = f.read(item.frames, dtype="float32", always_2d=True)
+                sr = f.samplerate
+        except Exception:  # noqa: BLE001 -- a body that does not decode is a counted skip
+            counters.skip("undecodable_flac")
             return None
-        if s.crop and cut.duration > s.data.crop_seconds:
-            offset = self.crop_rng.uniform(0.0, cut.duration - s.data.crop_seconds)
-            offset = math.floor(offset * s.data.sample_rate) / s.data.sample_rate
-            cut = cut.truncate(offset=offset, duration=s.data.crop_seconds, preserve_id=True)
-        return cut
+        if audio.shape[0] == 0:
+            counters.skip("empty_audio")
+            return None
+        audio = to_mono_rate(audio, sr, self.data.sample_rate)
+        if not np.isfinite(audio).all():
+            counters.skip("non_finite")
+            return None
+        return audio
 
-
-def _read_shard(path: str, counters: WorkerCounters) -> Iterator[dict]:
-    """Samples ({'__key__', 'flac', 'json'}) of one tar; a broken tar counts as a skip and ends the shard."""
-    import webdataset as wds
-
-    def handler(exn: Exception) -> bool:
-        counters.skipped += 1
-        return True  # keep going
-
-    yield from wds.tarfile_samples([{"url": path}], handler=handler)
+    def collate(self, items: list[Item], fbank, counters: WorkerCounters) -> dict | None:
+        decoded = [(it.key, a) for it in items if (a := self.decode(it, counters)) is not None]
+        if not decoded:
+            return None
+        lens = [len(a) for _, a in decoded]
+        audio = torch.zeros(len(decoded), max(lens), dtype=torch.float32)
+        for row, (_, a) in zip(audio, decoded):
+            row[:len(a)] = torch.from_numpy(a)
+        batch = {"audio": audio, "audio_lens": torch.tensor(lens, dtype=torch.long),
+                 "cut_ids": [k for k, _ in decoded], "seconds": sum(lens) / self.data.sample_rate}
+        if fbank is not None:
+            feats = fbank.extract_batch([a for _, a in decoded], sampling_rate=self.data.sample_rate)
+            feats = [torch.as_tensor(np.asarray(f)) for f in feats]
+            feat_lens = [f.shape[0] for f in feats]
+            out = torch.zeros(len(feats), max(feat_lens), feats[0].shape[1], dtype=torch.float32)
+            for row, f in zip(out, feats):
+                row[:f.shape[0]] = f
+            batch["fbank"], batch["fbank_lens"] = out, torch.tensor(feat_lens, dtype=torch.long)
+        return batch

@@ -1,0 +1,292 @@
+"""LibriLight layout -> lhotse manifests -> VAD-window cuts, split by speaker. Everything lazy.
+
+    CORPUS/{small,medium,large}/<speaker>/<book>/<name>.flac + <name>.json ("voice_activity": [[s, e], ...])
+      -> MANIFESTS/librilight_recordings_<part>.jsonl.gz      one lhotse Recording per file (header only)
+         MANIFESTS/librilight_supervisions_<part>.jsonl.gz    one SupervisionSegment per VAD interval
+      -> OUT/<split>/cuts.jsonl.gz                            one MonoCut per VAD window (<= max_seconds)
+
+The manifests have the file names, ids and fields of ``lhotse.recipes.prepare_librilight``
+(a directory it prepared is read as is), but are written here, file by file, with
+lhotse's sequential jsonl writers: the recipe builds all parts in memory, asserts
+when a part is missing (a user with only ``small``), and finds the json by
+replacing "flac" anywhere in the path. Headers are read by ``jobs`` threads
+(shared storage is latency-bound). A part counts as prepared once both its
+manifests exist (they are written under a temporary name and renamed when
+complete), so re-running is cheap and adding ``medium`` later prepares only it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+LIBRILIGHT_PARTS = ("small", "medium", "large")
+
+
+class DataError(ValueError):
+    """Unusable data (index, shards, corpus); the message names the path."""
+
+
+# ---- LibriLight -> manifests -----------------------------------------------------------
+
+
+def manifest_paths(manifest_dir: Path, part: str) -> tuple[Path, Path]:
+    return (manifest_dir / f"librilight_recordings_{part}.jsonl.gz",
+            manifest_dir / f"librilight_supervisions_{part}.jsonl.gz")
+
+
+def _sorted_dirs(path: Path) -> list[Path]:
+    with os.scandir(path) as it:
+        return sorted(Path(e.path) for e in it if e.is_dir())
+
+
+def iter_flacs(part_dir: Path) -> Iterator[Path]:
+    """<speaker>/<book>/<name>.flac under a part, in sorted order, one directory listing at a time."""
+    for speaker in _sorted_dirs(part_dir):
+        for book in _sorted_dirs(speaker):
+            with os.scandir(book) as it:
+                names = sorted(e.name for e in it if e.name.endswith(".flac"))
+            for name in names:
+                yield book / name
+
+
+def _has_flac(part_dir: Path) -> bool:
+    return part_dir.is_dir() and next(iter_flacs(part_dir), None) is not None
+
+
+def parse_file(corpus_dir: Path, flac: Path):
+    """(Recording, [SupervisionSegment per VAD interval]) of one file; ids as lhotse's recipe makes them."""
+    from lhotse import Recording, SupervisionSegment
+    from lhotse.utils import add_durations
+
+    rec_id = flac.relative_to(corpus_dir).with_suffix("").as_posix()  # small/<speaker>/<book>/<name>
+    meta_path = flac.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+        speaker, vad = str(meta["speaker"]), meta["voice_activity"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{meta_path}: no usable LibriLight json ({e!r})") from None
+    try:
+        recording = Recording.from_file(flac, recording_id=rec_id)
+    except Exception as e:  # noqa: BLE001 -- soundfile raises several types on junk
+        raise DataError(f"{flac}: unreadable audio ({e})") from None
+    sups = [SupervisionSegment(id=f"{rec_id}_{i}", recording_id=rec_id, start=float(s),
+                               duration=add_durations(float(e), -float(s), sampling_rate=16000), channel=0,
+                               language="English", speaker=speaker)
+            for i, (s, e) in enumerate(vad)]
+    return recording, sups
+
+
+@dataclass
+class PrepareReport:
+    parts: list[str]
+    """Parts present in the corpus (each has its two manifests now)."""
+    prepared: list[str]
+    """Parts whose manifests this call wrote (the rest were already there)."""
+    files: int = 0
+    failed: int = 0
+
+
+def prepare_manifests(corpus_dir: str | os.PathLike, manifest_dir: str | os.PathLike, *, jobs: int = 4,
+                      log: Callable = print) -> PrepareReport:
+    """Writes the recordings + supervisions manifests of every part present; skips prepared parts.
+
+    Files whose json or audio is unreadable are logged and left out (counted in `failed`).
+    """
+    from lhotse import RecordingSet, SupervisionSet
+
+    corpus_dir, manifest_dir = Path(corpus_dir).resolve(), Path(manifest_dir)
+    if not corpus_dir.is_dir():
+        raise DataError(f"corpus directory {corpus_dir} does not exist")
+    present = [p for p in LIBRILIGHT_PARTS if _has_flac(corpus_dir / p)]
+    if not present:
+        raise DataError(f"corpus {corpus_dir} has no FLAC files under any of {list(LIBRILIGHT_PARTS)}")
+    manifest_dir.mkdir(parents=True, exist_ok=True)
+    report = PrepareReport(parts=present, prepared=[])
+    for part in present:
+        rec_path, sup_path = manifest_paths(manifest_dir, part)
+        if rec_path.is_file() and sup_path.is_file() and rec_path.stat().st_size > 20:
+            continue
+        tmp_rec, tmp_sup = (p.with_name(p.name.replace(".jsonl.gz", ".tmp.jsonl.gz")) for p in (rec_path, sup_path))
+        n = failed = 0
+        with RecordingSet.open_writer(tmp_rec) as recs, SupervisionSet.open_writer(tmp_sup) as sups, \
+                ThreadPoolExecutor(max(1, jobs)) as pool:
+            pending: deque = deque()
+
+            def drain(limit: int) -> None:
+                nonlocal n, failed
+                while len(pending) > limit:
+                    try:
+                        recording, segments = pending.popleft().result()
+                    except DataError as e:
+                        log(f"skipped: {e}")
+                        failed += 1
+                        continue
+                    recs.write(recording)
+                    for s in segments:
+                        sups.write(s)
+                    n += 1
+
+            for flac in iter_flacs(corpus_dir / part):  # bounded window of in-flight files, in order
+                pending.append(pool.submit(parse_file, corpus_dir, flac))
+                drain(4 * max(1, jobs))
+            drain(0)
+        os.replace(tmp_sup, sup_path)
+        os.replace(tmp_rec, rec_path)  # last: the recordings manifest marks the part as complete
+        report.prepared.append(part)
+        report.files += n
+        report.failed += failed
+        log(f"manifests {part}: {n} recordings ({failed} unreadable, skipped) -> {rec_path.parent}")
+    return report
+
+
+def _lazy(path: Path):
+    from lhotse import load_manifest_lazy
+
+    return load_manifest_lazy(path) if path.is_file() and path.stat().st_size > 20 else None
+
+
+# ---- VAD windows -----------------------------------------------------------------------
+
+
+def vad_windows(intervals: Iterable[tuple[float, float]], max_seconds: float, min_seconds: float,
+                ) -> list[tuple[float, float]]:
+    """Merges adjacent voice-activity intervals into windows of at most `max_seconds`.
+
+    A window spans from its first interval's start to its last interval's end
+    (short pauses inside are kept). An interval longer than `max_seconds` is cut
+    into `max_seconds` pieces. Windows shorter than `min_seconds` are dropped.
+    """
+    pieces: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        while end - start > max_seconds:
+            pieces.append((start, start + max_seconds))
+            start += max_seconds
+        if end > start:
+            pieces.append((start, end))
+    windows: list[list[float]] = []
+    for start, end in pieces:
+        if windows and end - windows[-1][0] <= max_seconds + 1e-9:
+            windows[-1][1] = max(windows[-1][1], end)
+        else:
+            windows.append([start, end])
+    out = []
+    for a, b in windows:
+        if b - a >= min_seconds:
+            a4 = round(a, 4)  # NOTE: rounding never lets a window exceed max_seconds
+            out.append((a4, round(a4 + min(round(b - a4, 4), max_seconds), 4)))
+    return out
+
+
+def cut_key(recording_id: str, window: int) -> str:
+    """A WebDataset key: no dots (they start the extension) and no slashes."""
+    rel = recording_id.split("/", 1)[1] if recording_id.split("/", 1)[0] in LIBRILIGHT_PARTS else recording_id
+    return f"{rel.replace('/', '-').replace('.', '_')}-{window:04d}"
+
+
+def window_cuts(manifest_dir: Path, parts: list[str], max_seconds: float, min_seconds: float) -> Iterator:
+    """Lazily yields one lhotse MonoCut per VAD window, in manifest order.
+
+    NOTE: the supervisions are grouped by recording and come in the recordings' order
+    (both the recipe and :func:`prepare_manifests` write them so): the two manifests
+    are walked in step, never loaded whole.
+    """
+    from lhotse import MonoCut
+
+    for part in parts:
+        rec_path, sup_path = manifest_paths(Path(manifest_dir), part)
+        recordings, supervisions = _lazy(rec_path), _lazy(sup_path)
+        if recordings is None or supervisions is None:
+            continue
+        rec_iter = iter(recordings)
+        for rec_id, group in groupby(supervisions, key=lambda s: s.recording_id):
+            group = list(group)
+            rec = next((r for r in rec_iter if r.id == rec_id), None)
+            if rec is None:
+                raise DataError(f"{sup_path}: recording {rec_id} is not in {rec_path} (or not in the same order); "
+                                "re-prepare the manifests (tools/prepare_librilight.py)")
+            speaker = group[0].speaker
+            book = rec.id.split("/")[-2] if rec.id.count("/") >= 2 else ""
+            intervals = [(max(0.0, s.start), min(rec.duration, s.end)) for s in group]
+            for i, (start, end) in enumerate(vad_windows(intervals, max_seconds, min_seconds)):
+                yield MonoCut(id=cut_key(rec.id, i), start=start, duration=min(round(end - start, 4), max_seconds),
+                              channel=0, recording=rec,
+                              custom={"speaker": speaker, "book": book, "source": rec.id + ".flac"})
+
+
+# ---- cuts per split ----------------------------------------------------------------------
+
+
+def corpus_speakers(manifest_dir: Path, parts: list[str]) -> list[str]:
+    speakers: set[str] = set()
+    for part in parts:
+        speakers.update(s.speaker for s in (_lazy(manifest_paths(Path(manifest_dir), part)[1]) or []))
+    return sorted(speakers)
+
+
+def pick_valid_speakers(speakers: list[str], valid_speakers: int | None, valid_fraction: float | None) -> list[str]:
+    """The held-out speakers: the last N of the sorted list (N given, or a fraction of all, at least 1)."""
+    if valid_fraction is not None:
+        if not 0 <= valid_fraction < 1:
+            raise DataError(f"--valid-fraction {valid_fraction} must be in [0, 1)")
+        n = 0 if valid_fraction == 0 else max(1, round(valid_fraction * len(speakers)))
+    else:
+        n = valid_speakers or 0
+    if n >= len(speakers):
+        raise DataError(f"{n} validation speakers leave no training speaker (corpus has {len(speakers)})")
+    return speakers[len(speakers) - n:] if n > 0 else []
+
+
+def write_split_cuts(manifest_dir: Path, parts: list[str], out_dir: Path, *, max_seconds: float, min_seconds: float,
+                     valid: list[str]) -> dict[str, Path]:
+    """OUT/<split>/cuts.jsonl.gz (train, and valid when `valid` names speakers); returns the paths."""
+    from lhotse import CutSet
+
+    if max_seconds <= 0 or min_seconds < 0 or min_seconds > max_seconds:
+        raise DataError(f"need 0 <= min_seconds ({min_seconds}) <= max_seconds ({max_seconds})")
+    valid_set = set(valid)
+    splits = ["train", "valid"] if valid_set else ["train"]
+    paths = {s: out_dir / s / "cuts.jsonl.gz" for s in splits}
+    writers = {}
+    for split in splits:
+        (out_dir / split).mkdir(parents=True, exist_ok=True)
+        writers[split] = CutSet.open_writer(out_dir / split / "cuts.tmp.jsonl.gz")
+    for cut in window_cuts(manifest_dir, parts, max_seconds, min_seconds):
+        split = "valid" if cut.custom["speaker"] in valid_set else "train"
+        writers[split].write(cut)
+    for split, w in writers.items():
+        w.close()
+        os.replace(out_dir / split / "cuts.tmp.jsonl.gz", paths[split])  # complete: publish
+    return paths
+
+
+def prepare_librilight(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_seconds: float = 20.0,
+                       min_seconds: float = 1.0, valid_speakers: int | None = 1, valid_fraction: float | None = None,
+                       jobs: int = 4, log: Callable = print) -> dict:
+    """Manifests under OUT/manifests, cuts under OUT/<split>/cuts.jsonl.gz; returns a summary dict."""
+    from lhotse import CutSet
+
+    out_dir = Path(out_dir)
+    manifest_dir = out_dir / "manifests"
+    report = prepare_manifests(corpus_dir, manifest_dir, jobs=jobs, log=log)
+    speakers = corpus_speakers(manifest_dir, report.parts)
+    if not speakers:
+        raise DataError(f"corpus {corpus_dir}: no voice-activity interval in any file of {report.parts}")
+    valid = pick_valid_speakers(speakers, valid_speakers, valid_fraction)
+    paths = write_split_cuts(manifest_dir, report.parts, out_dir, max_seconds=max_seconds, min_seconds=min_seconds,
+                             valid=valid)
+    summary = {"parts": report.parts, "speakers": len(speakers), "valid_speakers": valid, "splits": {}}
+    for split, path in paths.items():
+        n, seconds = 0, 0.0
+        for c in CutSet.from_jsonl_lazy(path):
+            n += 1
+            seconds += c.duration
+        summary["splits"][split] = {"cuts": n, "seconds": round(seconds, 3), "path": str(path)}
+        log(f"{split}: {n} VAD windows ({seconds / 3600:.3f} h, <= {max_seconds} s each) -> {path}")
+    return summary

@@ -1,0 +1,57 @@
+"""LibriLight layout -> lhotse manifests -> VAD-window cuts per split (no audio is decoded).
+
+Usage:
+    python tools/prepare_librilight.py --corpus /data/librilight --out /data/ll-shards --jobs 16
+    python tools/prepare_librilight.py --corpus data/demo/corpus --out data/demo/shards --max-seconds 3 --valid-speakers 1
+
+Reads CORPUS/{small,medium,large}/<speaker>/<book>/<name>.flac + <name>.json (any
+subset of the parts) and writes, lazily (file by file, never a whole part in memory):
+  OUT/manifests/librilight_recordings_<part>.jsonl.gz     one Recording per file (headers read by --jobs threads)
+  OUT/manifests/librilight_supervisions_<part>.jsonl.gz   one supervision per voice_activity interval
+  OUT/train/cuts.jsonl.gz, OUT/valid/cuts.jsonl.gz        one cut per VAD window: adjacent intervals merged
+                                                          up to --max-seconds, shorter than --min-seconds dropped
+The manifests match lhotse.recipes.prepare_librilight (names, ids, fields). A part whose
+manifests exist is not read again. tools/shard_corpus.py runs this step itself; run it
+alone to inspect the windows before writing shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from istack_ds.data.librilight import DataError, prepare_librilight  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--corpus", required=True, help="directory holding small/ (and optionally medium/, large/)")
+    p.add_argument("--out", required=True, help="output directory: manifests/, train/, valid/")
+    p.add_argument("--max-seconds", type=float, default=20.0, help="longest VAD window")
+    p.add_argument("--min-seconds", type=float, default=1.0, help="shorter windows are dropped")
+    held = p.add_mutually_exclusive_group()
+    held.add_argument("--valid-speakers", type=int, default=None, help="speakers held out for validation (default 1)")
+    held.add_argument("--valid-fraction", type=float, default=None, help="fraction of the speakers held out")
+    p.add_argument("--jobs", type=int, default=8, help="threads reading FLAC headers and VAD json")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    valid_speakers = 1 if args.valid_speakers is None and args.valid_fraction is None else args.valid_speakers
+    try:
+        summary = prepare_librilight(args.corpus, args.out, max_seconds=args.max_seconds,
+                                     min_seconds=args.min_seconds, valid_speakers=valid_speakers,
+                                     valid_fraction=args.valid_fraction, jobs=args.jobs)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "valid_speakers"}, indent=1))
+    print(f"done in {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
