@@ -106,9 +106,11 @@ class Checkpointer:
         """Saves every rank's partition, then (rank 0, after a barrier) the meta file that marks it complete."""
         tag = f"step{meta['step']:08d}"
         path = self.dir / tag
-        # NOTE: every rank evaluates this on the same shared file system, so all skip or none do.
-        if (path / META_FILE).exists():
-            return path
+        # A checkpoint of the same step from an abandoned timeline (a resume from an older
+        # checkpoint) is incomplete from here on until this save finishes.
+        if _rank() == 0 and (path / META_FILE).exists():
+            (path / META_FILE).unlink()
+        _barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state={"istack": meta}, save_latest=False)
         torch.save(rank_state | {"rng": rng_state()}, path / f"rank{_rank()}.pt")
         faults.maybe("crash_in_save", meta["step"])

@@ -79,12 +79,14 @@ class Trainer:
             log0("student CNN front end %s", "copied from the teacher" if copied else "random (shapes differ)")
         self.engine = build_engine(self.student, self.ds_config)
         self.data_position: dict[str, dict] = {}
+        self.saved_step, self.saved_path = None, None
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         rank_state = None
         if resume:
             rank_state = self.checkpointer.load(self.engine, resume)
             self.step = meta["step"]
+            self.saved_step, self.saved_path = self.step, resume
             self.nonfinite_total = meta.get("nonfinite_steps", 0)
             log0("resumed from %s: step %d, stage %d, depth %d, lr %.3e", resume, self.step,
                  self.schedule.stage_at(self.step), self.student.depth, self.engine.get_lr()[0])
@@ -296,7 +298,10 @@ class Trainer:
         meta = {"step": self.step, "depth": self.student.depth, "supervised": self.student.supervised,
                 "stage": self.schedule.stage_at(max(0, self.step - 1)), "gradient_accumulation": self.accumulation,
                 "nonfinite_steps": self.nonfinite_total, "config": self.cfg.to_dict(), "version": __version__}
-        return self.checkpointer.save(self.engine, meta, {"data_position": self.data_position})
+        if self.saved_step != self.step:  # the final save may follow a periodic or growth save
+            self.saved_path = self.checkpointer.save(self.engine, meta, {"data_position": self.data_position})
+            self.saved_step = self.step
+        return self.saved_path
 
     def _check_world_size(self, meta: dict, path: Path) -> None:
         if meta.get("world_size", world_size()) != world_size() and not meta.get("universal"):

@@ -1,0 +1,82 @@
+"""2 ranks -> universal checkpoint -> 1 rank: the loss after resume equals the 2-rank continuation.
+
+Usage (under torchrun):
+    ckpt_world_size.py save    TEACHER OUT_DIR   # 2 ranks: 3 steps, checkpoint, then 2 more steps (reference)
+    ckpt_world_size.py resume  TEACHER OUT_DIR   # 1 rank, accumulation 2: load the universal checkpoint, 2 steps
+Rank r's batch at step s is a fixed function of (r, s); on 1 rank the micro-batches of
+step s are rank 0's then rank 1's, so both runs see the same global batch.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from istack_ds.checkpoint import Checkpointer, gradient_accumulation_for, read_meta
+from istack_ds.config import load_config
+from istack_ds.dist import init_distributed
+from istack_ds.engine import build_engine
+from istack_ds.models.losses import frame_mask, l2l_loss
+from istack_ds.models.student import Student
+from istack_ds.models.teacher import Teacher
+
+
+def batch(rank: int, step: int):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(2, 8000, generator=g), torch.tensor([8000, 6400])
+
+
+def micro_loss(engine, teacher, rank, step):
+    audio, lens = batch(rank, step)
+    targets = teacher(audio, lens)
+    return l2l_loss(engine(audio, lens), targets, frame_mask(teacher.frame_lengths(lens), targets[4].shape[1]))[0]
+
+
+def main(phase: str, teacher_dir: str, out_dir: str) -> None:
+    cfg = load_config(None, [f"teacher.path={teacher_dir}", "deepspeed.precision=fp32", "optim.total_steps=50",
+                             "optim.lr=2e-3", "loss.teacher_layers=[4,8]", "growth.depths=[2]",
+                             "student.hidden_size=64", "student.intermediate_size=128",
+                             "student.num_attention_heads=4", "student.dropout=0.0"])
+    init_distributed(60)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    teacher = Teacher(teacher_dir, cfg.loss.teacher_layers)
+    ckpt = Checkpointer(Path(out_dir) / "checkpoints", keep=5)
+    torch.manual_seed(0)
+    student = Student(cfg.student, cfg.loss, teacher.info, depth=2)
+    losses = {}
+    if phase == "save":
+        engine = build_engine(student, cfg.deepspeed_config(world))
+        for step in range(1, 6):
+            if step == 4:
+                ckpt.save(engine, {"step": 3, "depth": 2, "supervised": student.supervised, "gradient_accumulation": 1,
+                                   "config": cfg.to_dict()}, {})
+            loss = micro_loss(engine, teacher, rank, step)
+            engine.backward(loss)
+            engine.step()
+            t = loss.detach().clone()
+            dist.all_reduce(t)
+            losses[step] = t.item() / world
+    else:
+        meta = read_meta(Path(out_dir) / "checkpoints/step00000003_universal")
+        accumulation = gradient_accumulation_for(meta, world, 1)
+        assert accumulation == 2, accumulation
+        engine = build_engine(student, cfg.deepspeed_config(world, accumulation, load_universal=True))
+        ckpt.load(engine, Path(out_dir) / "checkpoints/step00000003_universal")
+        assert engine.global_steps == 3, engine.global_steps
+        for step in (4, 5):
+            total = 0.0
+            for r in range(2):
+                loss = micro_loss(engine, teacher, r, step)
+                engine.backward(loss)
+                engine.step()
+                total += loss.item()
+            losses[step] = total / 2
+    if rank == 0:
+        (Path(out_dir) / f"{phase}.json").write_text(json.dumps({"losses": losses, "lr": engine.get_lr()[0]}))
+    engine.destroy()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
