@@ -105,5 +105,14 @@ class Student(nn.Module):
         return {t: self.heads[f"L{t}"](out.hidden_states[s + 1]).float()
                 for t, s in zip(self.teacher_layers, self.supervised)}
 
+    def hidden_states(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """All depth + 1 hidden states of the student transformer (index i = output of layer i), fp32."""
+        dtype = next(self.sfm.parameters()).dtype
+        mask = None
+        if self.use_attention_mask:
+            mask = (torch.arange(audio.shape[1], device=audio.device)[None] < audio_lens[:, None]).long()
+        out = self.sfm(audio.to(dtype), attention_mask=mask, output_hidden_states=True)
+        return tuple(h.float() for h in out.hidden_states)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
