@@ -95,24 +95,21 @@ class Student(nn.Module):
     def frame_lengths(self, audio_lens: torch.Tensor) -> torch.Tensor:
         return self.sfm._get_feat_extract_output_lengths(audio_lens).long()
 
-    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Returns the prediction for each teacher target, in fp32: {t: [B, frames, teacher_hidden]}."""
+    def _encode(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, ...]:
         dtype = next(self.sfm.parameters()).dtype  # bf16 under a bf16 engine: inputs must follow
         mask = None
         if self.use_attention_mask:
             mask = (torch.arange(audio.shape[1], device=audio.device)[None] < audio_lens[:, None]).long()
-        out = self.sfm(audio.to(dtype), attention_mask=mask, output_hidden_states=True)
-        return {t: self.heads[f"L{t}"](out.hidden_states[s + 1]).float()
-                for t, s in zip(self.teacher_layers, self.supervised)}
+        return self.sfm(audio.to(dtype), attention_mask=mask, output_hidden_states=True).hidden_states
+
+    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Returns the prediction for each teacher target, in fp32: {t: [B, frames, teacher_hidden]}."""
+        hidden = self._encode(audio, audio_lens)
+        return {t: self.heads[f"L{t}"](hidden[s + 1]).float() for t, s in zip(self.teacher_layers, self.supervised)}
 
     def hidden_states(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """All depth + 1 hidden states of the student transformer (index i = output of layer i), fp32."""
-        dtype = next(self.sfm.parameters()).dtype
-        mask = None
-        if self.use_attention_mask:
-            mask = (torch.arange(audio.shape[1], device=audio.device)[None] < audio_lens[:, None]).long()
-        out = self.sfm(audio.to(dtype), attention_mask=mask, output_hidden_states=True)
-        return tuple(h.float() for h in out.hidden_states)
+        return tuple(h.float() for h in self._encode(audio, audio_lens))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
