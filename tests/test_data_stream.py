@@ -151,6 +151,8 @@ def test_bad_members_are_skipped_and_counted(demo_shards, tmp_path):
     ids = [i for b in batches for i in b["cut_ids"]]
     assert sorted(ids) == sorted(index_keys(demo_shards / "train" / "index.json"))
     assert batches[-1]["skipped"] == 3
+    assert batches[-1]["skipped_by_reason"] == {"undecodable_flac": 1, "empty_audio": 1, "missing_json": 1}
+    assert batches[-1]["repaired_by_reason"] == {}
 
 
 def test_other_rate_and_stereo_members_are_resampled_and_downmixed(demo_shards, tmp_path):
@@ -176,6 +178,185 @@ def test_other_rate_and_stereo_members_are_resampled_and_downmixed(demo_shards, 
         if key in batch["cut_ids"]:
             n = int(batch["audio_lens"][batch["cut_ids"].index(key)])
             assert n == pytest.approx(len(audio), abs=2) and batch["skipped"] == 0
+            assert batch["repaired_by_reason"] == {"resampled": 1, "downmixed": 1}
             break
     else:
         raise AssertionError(f"{key} never arrived")
+
+
+# ---- data position: resume ----------------------------------------------------------------
+
+
+def key_to_shard(index_path) -> dict[str, str]:
+    out = {}
+    for shard in read_index(index_path).shards:
+        with tarfile.open(shard.path) as tf:
+            out.update({m.name.split(".", 1)[0]: shard.path for m in tf.getmembers()})
+    return out
+
+
+def test_resume_two_ranks_two_workers_gloo(demo_shards, tmp_path):
+    """First K batches + the batches after restoring the position = the whole epoch; repeats <= one shard a worker."""
+    index = demo_shards / "train" / "index.json"
+    out = tmp_path / "resume.json"
+    torchrun("data_resume.py", str(index), str(out), "3", nproc=2)
+    per_rank = json.loads(out.read_text())
+    shard_of = key_to_shard(index)
+    everything = set(index_keys(index))
+    seen = set()
+    assert any(set(r["first"]) & set(r["after"]) for r in per_rank), "the run stopped inside a shard (K, seed)"
+    for r in per_rank:
+        assert r["resumed"] and sorted(r["position"]) == ["0", "1"] and r["skipped"] == 0
+        assert set(r["first"]).isdisjoint(seen) and set(r["after"]).isdisjoint(seen), "ranks share no cut"
+        rank_cuts = set(r["first"]) | set(r["after"])
+        seen |= rank_cuts
+        repeats = set(r["first"]) & set(r["after"])
+        assert len(r["after"]) == len(set(r["after"])), "no duplicates after the resume"
+        # every repeat lies in the one partially read shard of its worker: shard number shards_done of its list
+        partial = {r["shard_lists"][w][p["shards_done"]] for w, p in r["position"].items()
+                   if p["shards_done"] < len(r["shard_lists"][w])}
+        assert {shard_of[k] for k in repeats} <= partial
+        done = {s for w, p in r["position"].items() for s in r["shard_lists"][w][:p["shards_done"]]}
+        assert not any(shard_of[k] in done for k in r["after"]), "completed shards are not read again"
+    assert seen == everything, "nothing skipped: together the ranks see every cut of the epoch"
+
+
+def test_resumed_batches_equal_the_uninterrupted_run(demo_shards):
+    """num_workers=0: the batches after a resume are exactly the original run's from the partial shard on."""
+    data = config(demo_shards / "train" / "index.json", batch_seconds=4.0, shuffle_buffer=4)
+    full = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=9, epochs=2))
+    assert {b["epoch"] for b in full} == {0, 1}
+    for j in (0, 4, len(full) // 2, len(full) - 2):
+        position = {"0": full[j]["position"]}
+        loader = build_loader(data, data.train_index, rank=0, world_size=1, seed=9, epochs=2,
+                              position=json.loads(json.dumps(position)))
+        rest = list(loader)
+        assert loader.resumed and loader.position_note == ""
+        assert 0 < len(rest) <= len(full) - j
+        assert [b["cut_ids"] for b in rest] == [b["cut_ids"] for b in full[len(full) - len(rest):]]
+        assert all(np.array_equal(a["audio"], b["audio"]) for a, b in zip(rest, full[len(full) - len(rest):]))
+        # what is re-read: only batches of the shard that was partial at batch j
+        redone = full[len(full) - len(rest):j + 1]
+        assert all(b["epoch"] == full[j]["epoch"] and b["shards_done"] == full[j]["shards_done"] for b in redone[:-1])
+    # the position counts shards within the epoch and ends the epoch at the worker's whole list
+    ends = [b for b in full if b["epoch"] == 0]
+    assert ends[-1]["shards_done"] == 8 and full[-1]["position"] == {"worker": 0, "epoch": 1, "shards_done": 8}
+
+
+def test_a_position_for_other_workers_starts_fresh(demo_shards):
+    data = config(demo_shards / "train" / "index.json", num_workers=2)
+    position = {str(w): {"worker": w, "epoch": 3, "shards_done": 1} for w in range(3)}
+    with pytest.warns(UserWarning, match="starting from epoch 0: it is for workers \\[0, 1, 2\\], this loader has 2"):
+        loader = build_loader(data, data.train_index, rank=0, world_size=1, seed=0, epochs=1, position=position)
+    assert not loader.resumed and "workers [0, 1, 2]" in loader.position_note
+    assert {b["epoch"] for b in loader} == {0}
+    fresh = build_loader(data, data.train_index, rank=0, world_size=1, seed=0, position=None)
+    assert not fresh.resumed and fresh.position_note == ""
+
+
+def test_shards_split_by_node_then_rank_then_worker(demo_shards):
+    """4 ranks on 2 nodes x 2 workers over 8 shards: each worker one shard, every epoch a partition."""
+    index = demo_shards / "train" / "index.json"
+    data = config(index, num_workers=2)
+    everything = [s.path for s in read_index(index).shards]
+    for epoch in (0, 1):
+        got = []
+        for rank in range(4):
+            stream = build_loader(data, str(index), rank=rank, world_size=4, local_world_size=2, seed=1).dataset
+            lists = [[p for p, _ in stream.shards_for(epoch, w, 2)] for w in range(2)]
+            assert all(len(x) == 1 for x in lists)
+            got += [p for x in lists for p in x]
+        assert sorted(got) == sorted(everything)
+        node0 = set(got[:4])
+        order = list(everything)
+        import random
+        random.Random(f"shards:1:{epoch}").shuffle(order)
+        assert node0 == set(order[0::2]), "node 0 reads every other shard of the epoch's order"
+
+
+def rewrite_shard(shard, extra: dict[str, bytes] | None = None, keep=lambda name: True) -> list[tuple[str, bytes]]:
+    """Rewrites a shard tar with its members filtered by `keep` plus `extra`; returns the original members."""
+    with tarfile.open(shard) as tf:
+        files = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(shard, "w") as tf:
+        for name, payload in [f for f in files if keep(f[0])] + list((extra or {}).items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    return files
+
+
+def test_truncated_tar_keeps_what_precedes_the_cut(demo_shards, tmp_path):
+    split = tmp_path / "train"
+    shutil.copytree(demo_shards / "train", split)
+    shard = split / "shard-000001.tar"
+    with tarfile.open(shard) as tf:
+        members = tf.getmembers()
+    first_key = members[0].name.split(".")[0]
+    # cut inside the second key's flac: the first key survives, the second is lost with the tar's end
+    second_flac = next(m for m in members if m.name.endswith(".flac") and not m.name.startswith(first_key))
+    shard.write_bytes(shard.read_bytes()[:second_flac.offset_data + 100])
+    data = config(split / "index.json", num_workers=2)
+    batches = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=0, epochs=1))
+    ids = {i for b in batches for i in b["cut_ids"]}
+    lost = {m.name.split(".")[0] for m in members} - {first_key}
+    assert ids == set(index_keys(demo_shards / "train" / "index.json")) - lost and first_key in ids
+    by_worker = {b["worker"]: b["skipped_by_reason"] for b in batches}
+    assert sum(r.get("truncated_tar", 0) for r in by_worker.values()) == 1, by_worker
+
+
+def test_tar_cut_at_a_header_boundary_is_counted_too(demo_shards, tmp_path):
+    split = tmp_path / "train"
+    shutil.copytree(demo_shards / "train", split)
+    shard = split / "shard-000001.tar"
+    with tarfile.open(shard) as tf:
+        members = tf.getmembers()
+    shard.write_bytes(shard.read_bytes()[:members[2].offset])  # ends cleanly after the first key
+    data = config(split / "index.json")
+    batches = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=0, epochs=1))
+    assert batches[-1]["skipped_by_reason"] == {"truncated_tar": 1}
+
+
+def test_absurdly_long_member_is_cropped_and_counted(demo_shards, tmp_path):
+    split = tmp_path / "train"
+    shutil.copytree(demo_shards / "train", split)
+    long = io.BytesIO()
+    sf.write(long, 0.1 * np.sin(np.arange(16000 * 60) / 7.0).astype(np.float32), 16000, format="FLAC")
+    meta = json.dumps({"id": "zz-long-0000"}).encode()
+    rewrite_shard(split / "shard-000004.tar", {"zz-long-0000.flac": long.getvalue(), "zz-long-0000.json": meta})
+    data = config(split / "index.json")  # batch_seconds 8: a 60 s member could never fit a batch
+    for crop in (False, True):
+        batches = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=0, epochs=1, crop=crop))
+        lens = {k: int(n) for b in batches for k, n in zip(b["cut_ids"], b["audio_lens"])}
+        assert lens["zz-long-0000"] == data.crop_seconds * data.sample_rate
+        assert batches[-1]["repaired_by_reason"] == {"too_long": 1} and batches[-1]["skipped"] == 0
+        assert all(b["seconds"] <= data.batch_seconds + 1e-6 for b in batches)
+
+
+def test_shard_vanishing_after_start_up_is_a_counted_skip(demo_shards, tmp_path):
+    split = tmp_path / "train"
+    shutil.copytree(demo_shards / "train", split)
+    data = config(split / "index.json")
+    loader = build_loader(data, data.train_index, rank=0, world_size=1, seed=0, epochs=1)
+    gone = split / "shard-000006.tar"
+    lost = {m.split(".")[0] for m in tarfile.open(gone).getnames()}
+    gone.unlink()
+    batches = list(loader)
+    assert {i for b in batches for i in b["cut_ids"]} == set(index_keys(demo_shards / "train" / "index.json")) - lost
+    assert batches[-1]["skipped_by_reason"] == {"missing_shard": 1}
+    # at start-up the missing file is named
+    with pytest.raises(DataError, match=r"shard-000006\.tar \(entry 6\) is missing on disk"):
+        build_loader(data, data.train_index, rank=0, world_size=1, seed=0)
+
+
+def test_all_bad_members_in_a_worker_do_not_kill_it(demo_shards, tmp_path):
+    """A shard of nothing but junk: its worker keeps streaming its other shards (2 workers, 8 shards)."""
+    split = tmp_path / "train"
+    shutil.copytree(demo_shards / "train", split)
+    files = rewrite_shard(split / "shard-000000.tar", keep=lambda name: name.endswith(".json"))
+    data = config(split / "index.json", num_workers=2)
+    batches = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=0, epochs=1))
+    lost = {n.split(".")[0] for n, _ in files}
+    assert {i for b in batches for i in b["cut_ids"]} == set(index_keys(demo_shards / "train" / "index.json")) - lost
+    assert sum(b["skipped_by_reason"].get("missing_flac", 0) for b in
+               {b["worker"]: b for b in batches}.values()) == len(lost)

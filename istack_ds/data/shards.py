@@ -467,12 +467,12 @@ def iter_tar_samples(path: str, on_error: Callable[[str, str], None]) -> Iterato
                 folder, name = os.path.split(m.name)
                 prefix, _, ext = name.partition(".")
                 key = f"{folder}/{prefix}" if folder else prefix
+                if current is not None and current["__key__"] != key:
+                    yield current  # complete: the next key started
+                    current = None
                 data = tf.extractfile(m).read()
                 if len(data) != m.size:
                     raise tarfile.ReadError("unexpected end of data")
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
                 if current is None:
                     current = {"__key__": key}
                 current[ext.lower()] = data
@@ -496,6 +496,8 @@ def member_meta(sample: dict) -> dict:
             raise ValueError("not an object")
     except ValueError as e:
         raise BadMember("bad_json", f"{key}: bad json ({e})") from None
+    if not sample["flac"]:
+        raise BadMember("empty_audio", f"{key}: empty .flac member")
     return meta
 
 

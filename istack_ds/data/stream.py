@@ -102,7 +102,7 @@ def build_loader(data: DataConfig, index_path: str, *, rank: int, world_size: in
     if note:
         warnings.warn(f"data position not used, starting from epoch 0: {note}", stacklevel=2)
     dataset = ShardStream(
-        shards=[(s.path, s.bytes) for s in index.shards], data=data, rank=rank, world_size=world_size,
+        shards=[(s.path, s.samples) for s in index.shards], data=data, rank=rank, world_size=world_size,
         local_world_size=local_world_size, seed=seed, epochs=epochs, crop=crop, start=start,
         duration_bins=duration_bins(index, data.num_buckets, data.crop_seconds if crop else None),
     )
@@ -251,10 +251,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             counters.epoch, counters.shards_done = epoch, min(skip, len(shards))
             items_in_epoch = 0
             for k in range(counters.shards_done, len(shards)):
-                path, size = shards[k]
+                path, samples = shards[k]
                 rng = random.Random(f"batches:{self.seed}:{epoch}:{path}")
                 batcher = Batcher(self.duration_bins, self.data.batch_seconds, self.data.shuffle_buffer, rng)
-                for item in self.read_shard(path, size, rng, counters):
+                for item in self.read_shard(path, samples, rng, counters):
                     items_in_epoch += 1
                     for group in batcher.add(item):
                         batch = self.collate(group, fbank, counters)
@@ -275,14 +275,16 @@ class ShardStream(torch.utils.data.IterableDataset):
                                 "run tools/check_shards.py")
             epoch, skip = epoch + 1, 0
 
-    def read_shard(self, path: str, size: int, rng: random.Random, counters: WorkerCounters) -> Iterator[Item]:
+    def read_shard(self, path: str, samples: int, rng: random.Random, counters: WorkerCounters) -> Iterator[Item]:
         """Planned cuts of one shard; bad members and broken tars are counted, never raised."""
         import soundfile as sf
 
         problems: list[str] = []
         on_error = lambda reason, _msg: problems.append(reason)  # noqa: E731
         target = self.data.sample_rate
+        read = 0
         for sample in iter_tar_samples(path, on_error):
+            read += 1
             try:
                 member_meta(sample)
                 try:
@@ -309,8 +311,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                     start = math.floor(rng.uniform(0.0, seconds - self.data.crop_seconds) * sr)
                 frames = math.floor(self.data.crop_seconds * sr)
             yield Item(sample["__key__"], sample["flac"], start, frames, frames / sr)
-        if not problems and os.path.exists(path) and os.path.getsize(path) < size:
-            problems.append("truncated_tar")  # ended cleanly on a header boundary, but shorter than indexed
+        if not problems and read < samples:
+            problems.append("truncated_tar")  # the tar ended cleanly on a header boundary, short of the index
         for reason in problems:
             counters.skip(reason)
 
