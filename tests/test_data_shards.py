@@ -172,3 +172,15 @@ def test_check_shards_passes_good_and_names_bad_members(demo_shards, tmp_path, c
     assert f"shard-000000.tar: {key}: undecodable flac" in out
     assert "sha256" in out  # the rewritten shard no longer matches its index entry
     assert check([str(tmp_path / "nope.json")]) == 2
+
+
+def test_check_shards_in_parallel_names_a_truncated_tar(demo_shards, tmp_path, capsys):
+    check = _check_shards_main()
+    shutil.copytree(demo_shards / "train", tmp_path / "train")
+    shard = tmp_path / "train" / "shard-000003.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    assert check([str(tmp_path / "train" / "index.json"), "--jobs", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "shard-000003.tar: truncated_tar:" in out and "8 shards" in out and "2 jobs" in out
+    assert sum(line.startswith("BAD ") for line in out.splitlines()) >= 2  # the cut itself, sizes/hash, counts
+    assert "shard-000002.tar" not in out
