@@ -217,10 +217,12 @@ def read_windows(cuts: list[dict], sample_rate: int) -> Iterator[tuple[dict, obj
 def to_mono_rate(audio, sr: int, sample_rate: int):
     """[T, C] float32 -> [T'] float32 mono at `sample_rate`."""
     import numpy as np
-    from scipy import signal
 
-    audio = audio.mean(axis=1) if audio.ndim == 2 else audio
+    if audio.ndim == 2:
+        audio = audio[:, 0] if audio.shape[1] == 1 else audio.mean(axis=1)
     if sr != sample_rate:
+        from scipy import signal
+
         g = math.gcd(sr, sample_rate)
         audio = signal.resample_poly(audio, sample_rate // g, sr // g)
     return np.ascontiguousarray(audio, dtype=np.float32)
