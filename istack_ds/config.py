@@ -109,12 +109,20 @@ class StudentConfig:
     """CNN channels per conv layer; None takes the teacher's (needed for `teacher_cnn`)."""
     dropout: float = 0.1
     """Hidden, attention and activation dropout of the student transformer."""
+    frontend: str = "trainable"
+    """CNN front end: `trainable` (the student's own CNN, gradient scaled by cnn_grad_scale) or `shared` (the teacher's CNN output, computed once per batch, frozen, fed to teacher and student)."""
+    cnn_grad_scale: float = 0.1
+    """`trainable`: multiplies the gradient reaching the student's CNN (DistilHuBERT-style slower CNN learning)."""
 
     def __post_init__(self):
         _choice("student.init", self.init, ("teacher_cnn", "random"))
         _positive("student.hidden_size", self.hidden_size)
         _positive("student.intermediate_size", self.intermediate_size)
         _positive("student.num_attention_heads", self.num_attention_heads)
+        _choice("student.frontend", self.frontend, ("trainable", "shared"))
+        _positive("student.cnn_grad_scale", self.cnn_grad_scale, allow_zero=True)
+        if self.frontend == "shared" and self.conv_dim is not None:
+            raise ConfigError("student.conv_dim must be null with student.frontend=shared: the CNN is the teacher's")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"student.dropout={self.dropout} must be in [0, 1)")
         if self.hidden_size % self.num_attention_heads:

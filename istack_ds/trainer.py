@@ -145,9 +145,9 @@ class Trainer:
             audio = batch["audio"].to(self.device)
             lens = batch["audio_lens"].to(self.device)
             t_teacher = time.perf_counter()
-            targets = self.teacher(audio, lens)
+            features, targets = self.teacher_pass(audio, lens)
             self.window["teacher_s"] += time.perf_counter() - t_teacher
-            loss, parts = self.compute_loss(self.engine(audio, lens), targets, lens)
+            loss, parts = self.compute_loss(self.engine(audio, lens, features), targets, lens)
             self.note_batch(batch)
             if faults.active("nan_all", self.step + 1) or (faults.active("nan", self.step + 1) and attempts == 0):
                 loss = loss * float("nan")
@@ -187,6 +187,11 @@ class Trainer:
                 f"{self.nonfinite_run} non-finite losses in a row at step {self.step + 1} "
                 f"(optim.max_nonfinite={self.cfg.optim.max_nonfinite}); saved {path}. Lower optim.lr or check the data, "
                 "then resume from that checkpoint")
+
+    def teacher_pass(self, audio: torch.Tensor, lens: torch.Tensor):
+        """The teacher's targets and, with a shared front end, the CNN features the student consumes too."""
+        features = self.teacher.cnn(audio) if self.cfg.student.frontend == "shared" else None
+        return features, self.teacher(audio, lens, features)
 
     def compute_loss(self, pred: dict, targets: dict, audio_lens: torch.Tensor):
         frames = self.teacher.frame_lengths(audio_lens)
@@ -269,8 +274,8 @@ class Trainer:
             if not self._all_have(batch is not None):
                 break
             audio, lens = batch["audio"].to(self.device), batch["audio_lens"].to(self.device)
-            targets = self.teacher(audio, lens)
-            loss, parts = self.compute_loss(self.engine(audio, lens), targets, lens)
+            features, targets = self.teacher_pass(audio, lens)
+            loss, parts = self.compute_loss(self.engine(audio, lens, features), targets, lens)
             frames = float(self.teacher.frame_lengths(lens).sum())
             sums["frames"] += frames
             sums["loss"] = sums.get("loss", 0.0) + loss.item() * frames
@@ -320,6 +325,9 @@ class Trainer:
         out = self.out_dir / "student"
         if is_main():
             full = {name: s.param for name, s in states.items()}
+            if self.student.sfm.feature_extractor is None:  # shared front end: the teacher's CNN completes the model
+                full.update({f"sfm.feature_extractor.{k}": v.float()
+                             for k, v in self.teacher.model.feature_extractor.state_dict().items()})
             save_student(self.student, full, out, teacher_path=self.cfg.teacher.path, step=self.step)
             log0("exported student (depth %d) to %s", self.student.depth, out)
         return out

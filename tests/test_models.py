@@ -81,3 +81,56 @@ def test_student_shapes_names_and_cnn_copy(teacher_dir):
     assert set(pred) == {4, 8}
     assert pred[4].shape == target[4].shape == (2, 24, 96)
     assert student.frame_lengths(lens).tolist() == teacher.frame_lengths(lens).tolist() == [24, 12]
+
+
+def _tiny_student(info, **overrides):
+    cfg = StudentConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, dropout=0.0, **overrides)
+    return Student(cfg, LossConfig(teacher_layers=[4, 8]), info, depth=2)
+
+
+def test_shared_frontend_teacher_and_student_match_their_full_models(teacher_dir, tmp_path):
+    """The teacher's CNN output, computed once, gives the teacher's own targets and a student without a CNN."""
+    from transformers import AutoModel
+
+    from istack_ds.export import save_student
+
+    teacher = Teacher(teacher_dir, [4, 8])
+    audio, lens = torch.randn(2, 8000), torch.tensor([8000, 5000])
+    features = teacher.cnn(audio)
+    with_shared, plain = teacher(audio, lens, features), teacher(audio, lens)
+    for t in (4, 8):
+        assert torch.equal(with_shared[t], plain[t])
+
+    torch.manual_seed(0)
+    student = _tiny_student(teacher.info, frontend="shared")
+    assert student.sfm.feature_extractor is None
+    assert not any("feature_extractor" in n for n, _ in student.named_parameters())
+    with pytest.raises(ValueError, match="shared"):
+        student(audio, lens)
+    pred = student(audio, lens, features)
+    assert pred[8].shape == with_shared[8].shape
+
+    # The export puts the teacher's CNN back: AutoModel then reproduces the student from raw audio.
+    full = dict(student.state_dict())
+    full.update({f"sfm.feature_extractor.{k}": v for k, v in teacher.model.feature_extractor.state_dict().items()})
+    save_student(student, full, tmp_path / "student")
+    exported = AutoModel.from_pretrained(tmp_path / "student", local_files_only=True).eval()
+    with torch.no_grad():
+        ref = exported(audio, output_hidden_states=True).hidden_states
+        mine = student.eval().hidden_states(audio, lens, features)
+    assert len(ref) == len(mine) == 3
+    assert max((a - b).abs().max().item() for a, b in zip(ref, mine)) <= 1e-5
+
+
+def test_trainable_frontend_gradient_is_scaled(teacher_dir):
+    info = read_teacher_info(teacher_dir)
+    audio, lens = torch.randn(1, 8000), torch.tensor([8000])
+    grads = {}
+    for scale in (1.0, 0.1):
+        torch.manual_seed(0)
+        student = _tiny_student(info, cnn_grad_scale=scale)
+        sum(p.sum() for p in student(audio, lens).values()).backward()
+        grads[scale] = (student.sfm.feature_extractor.conv_layers[0].conv.weight.grad.clone(),
+                        student.sfm.encoder.layers[0].attention.q_proj.weight.grad.clone())
+    assert torch.allclose(grads[0.1][0], 0.1 * grads[1.0][0], rtol=1e-3, atol=1e-6)
+    assert torch.equal(grads[0.1][1], grads[1.0][1])  # only the CNN is slowed

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..config import LossConfig, StudentConfig
+from . import sfm
 from .teacher import TeacherInfo
 
 LAYER_PREFIX = "sfm.encoder.layers."
@@ -61,6 +62,8 @@ class Student(nn.Module):
 
     ``l2l``: head ``L<t>`` reads the student layer in ``supervised[j]`` for target t = teacher_layers[j].
     ``distilhubert``: every head reads the top layer (DistilHuBERT's prediction heads).
+    With ``frontend: shared`` the student has no CNN of its own (``sfm.feature_extractor`` is None):
+    it consumes the teacher's CNN output, and the export puts the teacher's CNN back in.
     """
 
     def __init__(self, student: StudentConfig, loss: LossConfig, teacher: TeacherInfo, depth: int,
@@ -81,9 +84,16 @@ class Student(nn.Module):
         self.heads = nn.ModuleDict({f"L{t}": nn.Linear(student.hidden_size, teacher.hidden_size)
                                     for t in self.teacher_layers})
         self.use_attention_mask = teacher.feat_extract_norm == "layer"
+        self.frontend = student.frontend
+        if self.frontend == "shared":
+            self.sfm.feature_extractor = None  # no parameters, no optimizer state, no memory
+        else:
+            sfm.scale_frontend_grad(self.sfm, student.cnn_grad_scale)
 
     def copy_frontend_from(self, teacher_model: nn.Module) -> bool:
         """Copies the teacher's CNN feature extractor when every shape matches; returns whether it did."""
+        if self.sfm.feature_extractor is None:
+            return True  # shared: the teacher's CNN is used as it is
         src = teacher_model.feature_extractor.state_dict()
         dst = self.sfm.feature_extractor.state_dict()
         if src.keys() != dst.keys() or any(src[k].shape != dst[k].shape for k in src):
@@ -95,21 +105,27 @@ class Student(nn.Module):
     def frame_lengths(self, audio_lens: torch.Tensor) -> torch.Tensor:
         return self.sfm._get_feat_extract_output_lengths(audio_lens).long()
 
-    def _encode(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        dtype = next(self.sfm.parameters()).dtype  # bf16 under a bf16 engine: inputs must follow
-        mask = None
-        if self.use_attention_mask:
-            mask = (torch.arange(audio.shape[1], device=audio.device)[None] < audio_lens[:, None]).long()
-        return self.sfm(audio.to(dtype), attention_mask=mask, output_hidden_states=True).hidden_states
+    def _encode(self, audio: torch.Tensor, audio_lens: torch.Tensor,
+                features: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        dtype = self.sfm.feature_projection.projection.weight.dtype  # bf16 under a bf16 engine: inputs follow
+        if self.frontend == "shared" and features is None:
+            raise ValueError("student.frontend=shared: pass the teacher's CNN features (Teacher.cnn)")
+        mask = sfm.audio_mask(audio, audio_lens) if self.use_attention_mask else None
+        return sfm.hidden_states(self.sfm, audio.to(dtype), mask, None if features is None else features.to(dtype))
 
-    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Returns the prediction for each teacher target, in fp32: {t: [B, frames, teacher_hidden]}."""
-        hidden = self._encode(audio, audio_lens)
+    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor,
+                features: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """Returns the prediction for each teacher target, in fp32: {t: [B, frames, teacher_hidden]}.
+
+        `features`: the teacher's CNN output [B, T, C], required with ``frontend: shared``.
+        """
+        hidden = self._encode(audio, audio_lens, features)
         return {t: self.heads[f"L{t}"](hidden[s + 1]).float() for t, s in zip(self.teacher_layers, self.supervised)}
 
-    def hidden_states(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def hidden_states(self, audio: torch.Tensor, audio_lens: torch.Tensor,
+                      features: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """All depth + 1 hidden states of the student transformer (index i = output of layer i), fp32."""
-        return tuple(h.float() for h in self._encode(audio, audio_lens))
+        return tuple(h.float() for h in self._encode(audio, audio_lens, features))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

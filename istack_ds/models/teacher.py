@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import sfm
+
 SUPPORTED_TEACHERS = ("hubert", "wavlm", "wav2vec2")
 
 
@@ -104,14 +106,20 @@ class Teacher(nn.Module):
     def frame_lengths(self, audio_lens: torch.Tensor) -> torch.Tensor:
         return self.model._get_feat_extract_output_lengths(audio_lens).long()
 
+    @torch.no_grad()
+    def cnn(self, audio: torch.Tensor) -> torch.Tensor:
+        """The CNN front end's output [B, C, T] (no_grad, not inference_mode: a student may consume it)."""
+        return sfm.cnn(self.model, audio.to(self.dtype_))
+
     @torch.inference_mode()
-    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> dict[int, torch.Tensor]:
-        mask = None
-        if self.use_attention_mask:
-            mask = (torch.arange(audio.shape[1], device=audio.device)[None] < audio_lens[:, None]).long()
-        out = self.model(audio.to(self.dtype_), attention_mask=mask, output_hidden_states=True)
+    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor,
+                features: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """Target hidden states {layer: [B, T, H]} in fp32; `features` skips the CNN (computed by :meth:`cnn`)."""
+        mask = sfm.audio_mask(audio, audio_lens) if self.use_attention_mask else None
+        feats = None if features is None else features.to(self.dtype_)
+        hidden = sfm.hidden_states(self.model, audio.to(self.dtype_), mask, feats)
         # Targets leave inference mode as plain fp32 tensors so the loss can use them.
-        return {i: out.hidden_states[i].float().clone() for i in self.layers}
+        return {i: hidden[i].float().clone() for i in self.layers}
 
 
 def make_random_teacher(out: str | Path, size: str = "tiny", model_type: str = "hubert", seed: int = 0) -> Path:

@@ -1,0 +1,78 @@
+"""Running an HF speech foundation model with its CNN front end shared or slowed.
+
+HF's ``HubertModel`` / ``WavLMModel`` / ``Wav2Vec2Model`` run CNN front end ->
+feature projection -> transformer encoder in one ``forward``, and record hidden
+states with hooks on that forward. To keep that machinery intact, the front end
+is swapped for a parameter-free module that returns features computed earlier
+(``student.frontend: shared``: the teacher's CNN output computed once per batch
+serves teacher and student), and a trainable student CNN gets its gradient
+scaled by a forward hook (``trainable``, DistilHuBERT-style).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by `scale`."""
+    return x if scale == 1.0 else _ScaleGrad.apply(x, scale)
+
+
+def scale_frontend_grad(model: nn.Module, scale: float) -> None:
+    """Makes the CNN front end of `model` learn with its gradient multiplied by `scale`."""
+    if scale != 1.0:
+        model.feature_extractor.register_forward_hook(lambda module, args, out: scale_grad(out, scale))
+
+
+class _Precomputed(nn.Module):
+    def __init__(self, features: torch.Tensor):
+        super().__init__()
+        self.features = features
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.features
+
+
+@contextlib.contextmanager
+def precomputed_frontend(model: nn.Module, features: torch.Tensor | None):
+    """Within the block, `model`'s CNN front end returns `features` ([B, C, T], from :func:`cnn`) instead of running."""
+    if features is None:
+        yield
+        return
+    original = model._modules["feature_extractor"]
+    model._modules["feature_extractor"] = _Precomputed(features)
+    try:
+        yield
+    finally:
+        model._modules["feature_extractor"] = original
+
+
+def cnn(model: nn.Module, audio: torch.Tensor) -> torch.Tensor:
+    """The CNN front end's output [B, C, T]."""
+    return model.feature_extractor(audio)
+
+
+def audio_mask(audio: torch.Tensor, audio_lens: torch.Tensor) -> torch.Tensor:
+    return (torch.arange(audio.shape[1], device=audio.device)[None] < audio_lens[:, None]).long()
+
+
+def hidden_states(model: nn.Module, audio: torch.Tensor, attention_mask: torch.Tensor | None,
+                  features: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Every hidden state (layers + 1) of `model`; `features` replaces the CNN front end's output."""
+    with precomputed_frontend(model, features):
+        return model(audio, attention_mask=attention_mask, output_hidden_states=True).hidden_states
