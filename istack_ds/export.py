@@ -39,3 +39,73 @@ def save_student(student: Student, full_state: dict[str, torch.Tensor], out: str
         "depth": student.depth, "supervised_layers": student.supervised, "teacher_layers": student.teacher_layers,
         "loss": student.loss_kind, "teacher": teacher_path, "step": step}, indent=1))
     return out
+
+
+# ---- any checkpoint -> HF directory ---------------------------------------------------
+
+
+def checkpoint_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of an istack_ds checkpoint, by parameter name, without a process group.
+
+    Works for every ZeRO stage (DeepSpeed's ``zero_to_fp32`` merges the partitions) and for the
+    universal checkpoints of tools/convert_checkpoint.py (one ``zero/<name>/fp32.pt`` per parameter).
+    """
+    checkpoint = Path(checkpoint)
+    universal = checkpoint / "zero"
+    if universal.is_dir():
+        return {p.name: torch.load(p / "fp32.pt", weights_only=False)["param"].float()
+                for p in sorted(universal.iterdir()) if (p / "fp32.pt").is_file()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    return {k: v.float() for k, v in state.items()}
+
+
+def teacher_cnn_state(teacher_path: str | Path) -> dict[str, torch.Tensor]:
+    """The teacher's CNN front end as ``sfm.feature_extractor.*`` (a ``frontend: shared`` student has none)."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(teacher_path), local_files_only=True)
+    return {f"sfm.feature_extractor.{k}": v.float() for k, v in model.feature_extractor.state_dict().items()}
+
+
+def student_from_checkpoint(checkpoint: str | Path, teacher_path: str | Path | None = None):
+    """(Student at the checkpoint's depth and supervised layers holding its fp32 weights, meta, teacher path).
+
+    The student's shape comes from the checkpoint's resolved config; the teacher's
+    config.json (its CNN shape) is read from `teacher_path`, default the config's teacher.path.
+    """
+    from .checkpoint import read_meta
+    from .config import Config, _build
+    from .models.teacher import read_teacher_info
+
+    meta = read_meta(checkpoint)
+    if "config" in meta:
+        cfg = _build(Config, meta["config"], "")
+    else:  # checkpoints written before the meta carried the config: the run's resolved config.yaml
+        import yaml
+
+        run_config = Path(checkpoint).resolve().parent.parent / "config.yaml"
+        if not run_config.is_file():
+            raise RuntimeError(f"checkpoint {checkpoint} records no config and {run_config} does not exist")
+        cfg = _build(Config, yaml.safe_load(run_config.read_text()), "")
+    teacher_path = str(teacher_path or cfg.teacher.path)
+    student = Student(cfg.student, cfg.loss, read_teacher_info(teacher_path), meta["depth"], meta["supervised"])
+    state = checkpoint_state(checkpoint)
+    own = student.state_dict()
+    for name, value in state.items():  # universal checkpoints keep flat tensors
+        if name in own and value.shape != own[name].shape and value.numel() == own[name].numel():
+            state[name] = value.view_as(own[name])
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {checkpoint} does not fit a depth-{meta['depth']} student "
+                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if getattr(student.sfm, "feature_extractor", True) is None:
+        state.update(teacher_cnn_state(teacher_path))
+    return student.eval(), state, meta, teacher_path
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, teacher_path: str | Path | None = None) -> Path:
+    """Any istack_ds checkpoint (any stage, any ZeRO stage, universal too) -> an HF save_pretrained dir."""
+    student, state, meta, teacher_path = student_from_checkpoint(checkpoint, teacher_path)
+    return save_student(student, state, out, teacher_path=teacher_path, step=int(meta["step"]))

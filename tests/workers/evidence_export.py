@@ -1,0 +1,78 @@
+"""2 ranks: train a student a few steps in a real engine, checkpoint it, record its hidden states.
+
+Usage (under torchrun): evidence_export.py TEACHER_DIR OUT_DIR ZERO_STAGE FRONTEND
+
+Writes OUT_DIR/checkpoints/step00000003/ (as the trainer does) and, on rank 0,
+OUT_DIR/reference.pt: the fixed audio and the engine's student hidden states on it.
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from istack_ds.checkpoint import Checkpointer
+from istack_ds.config import load_config
+from istack_ds.diagnostics import teacher_hidden_states  # noqa: F401  (import check: diagnostics loads)
+from istack_ds.dist import init_distributed
+from istack_ds.engine import build_engine
+from istack_ds.models.losses import frame_mask, l2l_loss
+from istack_ds.models.student import Student
+from istack_ds.models.teacher import Teacher
+
+
+def predict(engine, audio, lens, features, by_layers: bool) -> dict:
+    """The student's predictions; `by_layers` goes through hidden_states + heads instead of engine(...).
+
+    NOTE: deepspeed 0.19.8's ZeRO-3 post-forward hook on the root module assumes a dict output has
+    str keys, and Student.forward returns {teacher_layer: tensor}; calling the submodules avoids the
+    root hook, so a ZeRO-3 checkpoint can be made here whatever the trainer does.
+    """
+    if not by_layers:
+        return engine(audio, lens, features) if features is not None else engine(audio, lens)
+    student = engine.module
+    args = (audio, lens, features) if features is not None else (audio, lens)
+    hidden = student.hidden_states(*args)
+    return {t: student.heads[f"L{t}"](hidden[s + 1]) for t, s in zip(student.teacher_layers, student.supervised)}
+
+
+def main(teacher_dir: str, out_dir: str, zero_stage: str, frontend: str) -> None:
+    cfg = load_config(None, [f"teacher.path={teacher_dir}", f"run.out_dir={out_dir}",
+                             f"deepspeed.zero_stage={zero_stage}", "deepspeed.precision=fp32",
+                             f"student.frontend={frontend}", "optim.total_steps=10", "optim.lr=3e-3",
+                             "optim.warmup_fraction=0.1", "loss.teacher_layers=[4,8]", "growth.depths=[2,4]",
+                             "student.hidden_size=64", "student.intermediate_size=128",
+                             "student.num_attention_heads=4", "student.dropout=0.0"])
+    init_distributed(60)
+    teacher = Teacher(teacher_dir, cfg.loss.teacher_layers)
+    torch.manual_seed(0)
+    supervised = [2, 3]  # not the default spread ([1, 3]): the export must take it from the checkpoint
+    student = Student(cfg.student, cfg.loss, teacher.info, depth=4, supervised=supervised)
+    student.copy_frontend_from(teacher.model)
+    engine = build_engine(student, cfg.deepspeed_config(dist.get_world_size()))
+    shared = frontend == "shared"
+    g = torch.Generator().manual_seed(100 + dist.get_rank())
+    audio, lens = torch.randn(2, 16000, generator=g), torch.tensor([16000, 11000])
+    features = teacher.cnn(audio) if shared else None
+    targets = teacher(audio, lens, features) if shared else teacher(audio, lens)
+    mask = frame_mask(teacher.frame_lengths(lens), targets[4].shape[1])
+    for _ in range(3):
+        loss, _ = l2l_loss(predict(engine, audio, lens, features, zero_stage == "3"), targets, mask)
+        engine.backward(loss)
+        engine.step()
+    engine.eval()
+    fixed = torch.randn(2, 24000, generator=torch.Generator().manual_seed(7))
+    fixed_lens = torch.tensor([24000, 24000])
+    with torch.no_grad():  # every rank: under ZeRO-3 the forward is a collective
+        args = (fixed, fixed_lens, teacher.cnn(fixed)) if shared else (fixed, fixed_lens)
+        hidden = engine.module.hidden_states(*args)
+    meta = {"step": 3, "depth": 4, "supervised": supervised, "stage": 0, "gradient_accumulation": 1,
+            "config": cfg.to_dict()}
+    Checkpointer(f"{out_dir}/checkpoints", keep=2).save(engine, meta, {})
+    if dist.get_rank() == 0:
+        torch.save({"audio": fixed, "hidden": [h.clone() for h in hidden]}, f"{out_dir}/reference.pt")
+    engine.destroy()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
