@@ -155,11 +155,18 @@ def _adam_state(engine) -> dict:
     return engine.optimizer.optimizer.state
 
 
+def _comm_device() -> torch.device:
+    """Where collective buffers live (nccl needs accelerator tensors; gloo on CPU takes CPU ones)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
 def _all_ranks(flag: bool) -> bool:
     """True when ``flag`` holds on every rank (a MIN all-reduce)."""
     import torch.distributed as tdist
 
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_comm_device())
     if tdist.is_initialized():
         tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
     return bool(t.item())
@@ -345,7 +352,7 @@ def verify_full_states(engine, states: dict[str, ParamState]) -> None:
     step = _common_step(states)
     if with_moments and has_state and adam_step(engine) != step:
         problems.append(f"Adam step {adam_step(engine)} != {step}")
-    covered = torch.zeros(len(params), dtype=torch.int64)
+    covered = torch.zeros(len(params), dtype=torch.int64, device=_comm_device())
     for idx, (name, p) in enumerate(params):
         want = states[name]
         keys = [None, *MOMENTS] if with_moments and has_state else [None]

@@ -103,7 +103,10 @@ def main() -> None:
     ds_config = cfg.deepspeed_config(world)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     g = torch.Generator().manual_seed(rank)
-    audio = torch.randn(args.batch, int(16000 * args.seconds), generator=g).to(dtype)
+    from deepspeed.accelerator import get_accelerator
+
+    device = torch.device(get_accelerator().current_device_name())
+    audio = torch.randn(args.batch, int(16000 * args.seconds), generator=g).to(device, dtype)
 
     def timed_steps(engine, n):
         target = None
@@ -113,10 +116,11 @@ def main() -> None:
             if target is None:
                 with torch.no_grad():
                     shape = engine.module.sfm(audio).last_hidden_state.shape
-                target = torch.randn(*shape, generator=g)
+                target = torch.randn(*shape, generator=g).to(device)
             loss = engine(audio, target)
             engine.backward(loss)
             engine.step()
+            get_accelerator().synchronize()
             if i:  # the first step warms up
                 times.append(time.perf_counter() - t)
         return statistics.mean(times)

@@ -16,7 +16,11 @@ from torch import nn
 # The shared-memory comm op only serves inference all-reduce; skip its ~25 s g++ build.
 importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+
 from istack_ds.config import Config, DeepSpeedConfig, OptimConfig  # noqa: E402
+
+DEVICE = torch.device(get_accelerator().current_device_name())  # cpu here; cuda:N on a GPU machine
 
 TOY_PREFIX = "layers."
 HUBERT_PREFIX = "sfm.encoder.layers."
@@ -77,7 +81,7 @@ def build_toy(depth: int, supervised: list[int], width: int = 16) -> ToyStudent:
 
 def toy_batch(step: int, dtype=torch.float32):
     g = torch.Generator().manual_seed(step)  # the same batch on every rank
-    return torch.randn(4, 8, generator=g).to(dtype), torch.randn(4, 3, generator=g).to(dtype)
+    return torch.randn(4, 8, generator=g).to(DEVICE, dtype), torch.randn(4, 3, generator=g).to(DEVICE, dtype)
 
 
 class HubertStudent(nn.Module):
@@ -110,7 +114,7 @@ def build_hubert(depth: int, supervised: list[int]) -> HubertStudent:
 def hubert_batch(step: int, dtype=torch.float32):
     g = torch.Generator().manual_seed(step)
     audio = torch.randn(1, 4000, generator=g)
-    return audio.to(dtype), torch.randn(1, 12, 32, generator=g).to(dtype)
+    return audio.to(DEVICE, dtype), torch.randn(1, 12, 32, generator=g).to(DEVICE, dtype)
 
 
 def train_step(engine, batch) -> float:

@@ -11,7 +11,7 @@ states. At every step: the LR equals the unbroken WarmupDecayLR schedule's.
 """
 
 import torch
-from growth_common import (HUBERT_PREFIX, TOY_PREFIX, build_hubert, build_toy, current_lr, ds_config, emit, hubert_batch,
+from growth_common import (DEVICE, HUBERT_PREFIX, TOY_PREFIX, build_hubert, build_toy, current_lr, ds_config, emit, hubert_batch,
                            log0, parse_args, toy_batch, train_step)
 
 from istack_ds.engine import build_engine, gather_full_states, param_groups
@@ -69,7 +69,7 @@ def check_grown(old, new, src, new_prefix_map, reset):
 
 def reference_step(states, depth, sup, lr, batch):
     """A plain torch AdamW step on the grown model from the same states; returns the new fp32 params."""
-    ref = build(depth, sup)
+    ref = build(depth, sup).to(DEVICE)
     named = dict(ref.named_parameters())
     for name, p in named.items():
         p.data.copy_(states[name].param)
