@@ -1,0 +1,87 @@
+"""tools/compare_runs.py on two tiny runs with known wall times: the table's speed-up arithmetic."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import yaml
+
+from tests.helpers import ROOT
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("compare_runs", ROOT / "tools" / "compare_runs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compare_runs"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_run(path, operator, seconds_per_step, valid, depths, resumed_duplicate=False):
+    """A run directory with config.yaml and TensorBoard scalars at known wall times (t0 = 1000 s)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump({"run": {"name": path.name}, "growth": {"operator": operator}}))
+    w = SummaryWriter(str(path / "tb"))
+    w.add_scalar("model/depth", depths[0], 0, walltime=1000.0)
+    for step in range(10, 101, 10):
+        w.add_scalar("train/loss", 3.0 - step / 100, step, walltime=1000.0 + step * seconds_per_step)
+        w.add_scalar("model/depth", depths[0] if step <= 50 else depths[1], step,
+                     walltime=1000.0 + step * seconds_per_step)
+    for step, value in valid:
+        w.add_scalar("valid/loss", value, step, walltime=1000.0 + step * seconds_per_step + 0.5)
+    if resumed_duplicate:  # a resumed run re-logs step 100 later: the latest value counts
+        w.add_scalar("valid/loss", valid[-1][1], 100, walltime=1000.0 + 100 * seconds_per_step + 0.5)
+    w.add_scalar("diag/cka_L8", 0.9, 100, walltime=1000.0 + 100 * seconds_per_step)
+    w.close()
+
+
+def test_speedups_at_equal_steps_and_equal_valid_loss(tmp_path):
+    _write_run(tmp_path / "full", "none", 1.0, [(50, 2.0), (100, 1.0)], (4, 4))
+    # 0.8 s a step; its valid loss crosses 1.0 between step 50 (1.5, t=40.5) and step 100 (0.5, t=80.5).
+    _write_run(tmp_path / "grow", "interleaved", 0.8, [(50, 1.5), (100, 0.5)], (2, 4), resumed_duplicate=True)
+    # Never reaches the baseline's final valid loss.
+    _write_run(tmp_path / "slow", "gradstack", 0.5, [(50, 3.0), (100, 1.2)], (2, 4))
+    out = tmp_path / "cmp"
+    tool = _tool()
+    assert tool.main([str(tmp_path / "full"), str(tmp_path / "grow"), str(tmp_path / "slow"), "--out", str(out)]) == 0
+
+    rows = {r["run"]: r for r in json.loads((out / "comparison.json").read_text())}
+    full, grow, slow = rows["full"], rows["grow"], rows["slow"]
+    assert full["baseline"] and not grow["baseline"]
+    assert full["wall_s"] == pytest.approx(100.0) and grow["wall_s"] == pytest.approx(80.0)
+    assert full["speedup_equal_steps"] == pytest.approx(1.0)
+    assert grow["speedup_equal_steps"] == pytest.approx(100.0 / 80.0)
+    assert slow["speedup_equal_steps"] == pytest.approx(2.0)
+    # Baseline reaches 1.0 at its last evaluation (t = 100.5); grow at 40.5 + 40 * (1.5 - 1.0) / (1.5 - 0.5) = 60.5.
+    assert full["time_to_target_s"] == pytest.approx(100.5)
+    assert grow["time_to_target_s"] == pytest.approx(60.5)
+    assert grow["steps_to_target"] == pytest.approx(75.0)
+    assert grow["speedup_equal_loss"] == pytest.approx(100.5 / 60.5)
+    assert slow["speedup_equal_loss"] is None
+    assert grow["final_depth"] == 4 and grow["final_valid_loss"] == pytest.approx(0.5)
+    assert grow["final_cka_supervised"] == pytest.approx(0.9)
+
+    table = (out / "comparison.md").read_text()
+    assert "| grow | interleaved | 100 | 4 | 80.0 |" in table
+    assert "1.25x" in table and f"{100.5 / 60.5:.2f}x" in table and "not reached" in table
+    assert "full (baseline)" in table
+    assert (out / "comparison.png").stat().st_size > 10_000
+
+
+def test_interpolation_helpers():
+    tool = _tool()
+    points = [(10, 5.0, 3.0), (20, 15.0, 2.0), (30, 20.0, 1.0)]
+    assert tool.time_at_step(points, 15) == pytest.approx(10.0)
+    assert tool.time_at_step(points, 30) == pytest.approx(20.0)
+    assert tool.time_at_step(points, 40) is None
+    assert tool.time_to_loss(points, 3.5) == (5.0, 10.0)  # already below at the first evaluation
+    assert tool.time_to_loss(points, 1.5) == pytest.approx((17.5, 25.0))
+    assert tool.time_to_loss(points, 0.5) is None
+
+
+def test_a_directory_without_logs_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="no tb/ directory"):
+        _tool().main([str(tmp_path), "--out", str(tmp_path / "cmp")])
