@@ -267,6 +267,8 @@ class LogConfig:
     """Optimizer steps between log lines and TensorBoard scalars."""
     tensorboard: bool = True
     """Write TensorBoard events to <out_dir>/tb (rank 0)."""
+    data_audit: bool = False
+    """Append the cut ids of every consumed batch to <out_dir>/data_audit/rank<r>.jsonl (to audit what a resume re-read or skipped)."""
 
     def __post_init__(self):
         _positive("log.every", self.every)

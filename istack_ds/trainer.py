@@ -95,13 +95,18 @@ class Trainer:
                      "(configured %d)", meta["world_size"], world_size(), self.accumulation,
                      cfg.deepspeed.gradient_accumulation)
         if rank_state is None:
-            # Dropout and cropping differ per rank from here on.
+            # Dropout differs per rank from here on (a resume restores each rank's RNG instead).
             seed_everything(cfg.run.seed + 1000 * rank() + self.step)
-        else:
+        elif rank_state.get("num_workers") == cfg.data.num_workers:
             self.data_position = rank_state.get("data_position", {})
 
+        # NOTE: the seed is the run's, never the step's: it fixes every epoch's shard order, which the
+        # data position refers to. A resume on the same world size and workers continues where each worker was.
         self.loader = build_loader(cfg.data, cfg.data.train_index, rank=rank(), world_size=world_size(),
-                                   seed=cfg.run.seed + self.step)
+                                   seed=cfg.run.seed, position=self.data_position or None)
+        if resume:
+            log0("data: %s", self.loader.position_note or ("resumed at the saved position" if self.loader.resumed
+                                                           else "new world size or workers: the stream starts afresh"))
         self.batches = iter(self.loader)
         self.metrics = Metrics(self.out_dir, cfg.optim.total_steps, cfg.log.tensorboard)
         self.window = self._new_window()
@@ -174,6 +179,11 @@ class Trainer:
         self.data_counters[worker] = {k: batch[k] for k in ("epoch", "shards_done", "skipped") if k in batch}
         if "position" in batch:
             self.data_position[str(worker)] = dict(batch["position"])
+        if self.cfg.log.data_audit:
+            audit = self.out_dir / "data_audit" / f"rank{rank()}.jsonl"
+            audit.parent.mkdir(parents=True, exist_ok=True)
+            with open(audit, "a") as f:
+                f.write(json.dumps({"step": self.step + 1, "worker": worker, "cut_ids": list(batch["cut_ids"])}) + "\n")
 
     def skip_nonfinite(self) -> None:
         self.nonfinite_total += 1
@@ -215,7 +225,8 @@ class Trainer:
         self.metrics.text("growth/event", event, self.step)
         self.metrics.scalars(self.step, {"growth/pause_s": result.pause_s})
         self.log_model()
-        self.save()
+        if self.cfg.checkpoint.every:  # a checkpoint after each growth, unless checkpoints are off
+            self.save()
 
     def maybe_log(self) -> None:
         if self.step % self.cfg.log.every and self.step != self.cfg.optim.total_steps:
@@ -304,7 +315,8 @@ class Trainer:
                 "stage": self.schedule.stage_at(max(0, self.step - 1)), "gradient_accumulation": self.accumulation,
                 "nonfinite_steps": self.nonfinite_total, "config": self.cfg.to_dict(), "version": __version__}
         if self.saved_step != self.step:  # the final save may follow a periodic or growth save
-            self.saved_path = self.checkpointer.save(self.engine, meta, {"data_position": self.data_position})
+            rank_state = {"data_position": self.data_position, "num_workers": self.cfg.data.num_workers}
+            self.saved_path = self.checkpointer.save(self.engine, meta, rank_state)
             self.saved_step = self.step
         return self.saved_path
 

@@ -30,7 +30,7 @@ def run_args(out, teacher_dir, shards, *extra):
             "--set", f"data.train_index={shards / 'train/index.json'}", "--set", "data.valid_index=null",
             "--set", f"optim.total_steps={TOTAL}", "--set", "log.every=1", "--set", "checkpoint.every=3",
             "--set", "checkpoint.keep=10", "--set", "data.num_workers=1", "--set", "data.crop_seconds=2",
-            "--set", "data.batch_seconds=6", "--set", "deepspeed.dist_timeout_s=60"]
+            "--set", "data.batch_seconds=6", "--set", "deepspeed.dist_timeout_s=60", "--set", "log.data_audit=true"]
     for e in extra:
         args += ["--set", e]
     return [str(a) for a in args]
@@ -75,6 +75,45 @@ def kill_at_step(args, step, env=None, timeout=300):
     assert proc.returncode != 0, "".join(seen[-50:])
 
 
+def shard_of_cut(shards):
+    """cut id -> shard file name, read from the tars the index lists."""
+    import tarfile
+
+    index = json.loads((shards / "train/index.json").read_text())
+    owner = {}
+    for shard in index["shards"]:
+        with tarfile.open(shards / "train" / shard["path"]) as tar:
+            for name in tar.getnames():
+                owner[name.rsplit(".", 1)[0]] = shard["path"]
+    return owner
+
+
+def shard_course(out, rank, owner):
+    """The shards a rank read, in order, consecutive repeats merged; a resume's redone steps replace the first try's."""
+    entries = [json.loads(line) for line in (out / f"data_audit/rank{rank}.jsonl").read_text().splitlines()]
+    kept = []
+    for e in entries:
+        if kept and e["step"] < kept[-1]["step"]:  # the run restarted at an earlier step: those steps were redone
+            while kept and kept[-1]["step"] >= e["step"]:
+                kept.pop()
+        kept.append(e)
+    course = []
+    for e in kept:
+        for cut in e["cut_ids"]:
+            if not course or course[-1] != owner[cut]:
+                course.append(owner[cut])
+    return course
+
+
+def assert_no_shard_skipped(out, unbroken, shards):
+    """Per rank, the resumed run read the unbroken run's shards in the same order (one partial shard re-read)."""
+    owner = shard_of_cut(shards)
+    for rank in (0, 1):
+        mine, ref = shard_course(out, rank, owner), shard_course(unbroken, rank, owner)
+        short, long_ = sorted((mine, ref), key=len)
+        assert long_[:len(short)] == short and len(short) >= len(long_) - 1, (rank, mine, ref)
+
+
 def assert_same_course(out, unbroken):
     """Continuous global steps 1..TOTAL, the unbroken run's LR at every step, the right depth at the end."""
     lr, ref_lr = scalars(out / "tb", "train/lr"), scalars(unbroken / "tb", "train/lr")
@@ -96,8 +135,10 @@ def test_kill9_then_resume_follows_the_unbroken_run(tmp_path, teacher_dir, demo_
     step = random.Random().randint(4, TOTAL - 1) if where == "random_after_first_checkpoint" else 7
     print(f"killing at step {step}")
     kill_at_step(args, step)
-    torchrun(ROOT / "launchers/train.py", *args, timeout=400)
+    resumed = torchrun(ROOT / "launchers/train.py", *args, timeout=400)
+    assert "resumed at the saved position" in resumed.stderr
     assert_same_course(out, unbroken)
+    assert_no_shard_skipped(out, unbroken, demo_shards)
 
 
 def test_crash_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(tmp_path, teacher_dir, demo_shards,

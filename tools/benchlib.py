@@ -1,0 +1,99 @@
+"""Shared pieces of the step and schedule benchmarks (tools/bench_step.py, tools/bench_schedules.py).
+
+Both run the REAL trainer (istack_ds.trainer.Trainer, one rank, a real DeepSpeed
+engine) on fixed in-memory batches, so the numbers are the framework's own code
+path minus data loading, beside references measured in the same process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+
+CACHE = ROOT / "data" / "bench"
+
+
+def paper_teacher() -> Path:
+    """A RANDOM HuBERT-Base-shaped teacher (12 x 768, 512-channel CNN), made once under data/bench/."""
+    from istack_ds.models.teacher import make_random_teacher
+
+    path = CACHE / "teacher-base"
+    if not (path / "config.json").exists():
+        make_random_teacher(path, size="base")
+    return path
+
+
+def bench_shards() -> Path:
+    """A tiny shard index: the trainer needs one to start; the benchmarks feed fixed batches instead."""
+    from istack_ds.data.corpus import make_corpus
+    from istack_ds.data.shards import shard_corpus
+
+    out = CACHE / "shards"
+    if not (out / "train/index.json").exists():
+        make_corpus(CACHE / "corpus", speakers=2, books=1, files=4, seconds=4.0, seed=3, engine="synth",
+                    log=lambda *_: None)
+        shard_corpus(CACHE / "corpus", out, max_seconds=4.0, min_seconds=0.5, min_shards=2, valid_speakers=0,
+                     log=lambda *_: None)
+    return out / "train/index.json"
+
+
+def fixed_batches(count: int, utterances: int, seconds: float, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    n = int(seconds * 16000)
+    return [{"audio": 0.1 * torch.randn(utterances, n, generator=g), "audio_lens": torch.full((utterances,), n),
+             "seconds": utterances * seconds, "cut_ids": []} for _ in range(count)]
+
+
+def init_single_process() -> None:
+    import importlib
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    # The shared-memory comm op only serves multi-rank inference all-reduce: skip its ~25 s g++ build.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    from istack_ds.dist import init_distributed, setup_logging
+
+    setup_logging()
+    init_distributed(600)
+
+
+def paper_overrides(teacher: Path, index: Path, out_dir: Path, **extra) -> list[str]:
+    """The paper's student (12 x 384, FFN 1536, 8 heads) and schedule, on this machine's CPU, no I/O."""
+    sets = {"teacher.path": str(teacher), "data.train_index": str(index), "data.valid_index": "null",
+            "data.num_workers": 0, "run.out_dir": str(out_dir), "log.tensorboard": "false", "log.every": 10**6,
+            "checkpoint.every": 0, "checkpoint.resume": "none", "eval.every": 0, "deepspeed.precision": "fp32",
+            "deepspeed.zero_stage": 2, "student.dropout": 0.0, "optim.total_steps": 1000}
+    sets.update(extra)
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+def make_trainer(overrides: list[str], batches: list[dict]):
+    """A real Trainer whose batch stream is the given batches, cycled."""
+    from istack_ds.config import load_config
+    from istack_ds.trainer import Trainer
+
+    trainer = Trainer(load_config(None, overrides))
+    trainer.batches = itertools.cycle(batches)
+    return trainer
+
+
+def close_trainer(trainer) -> None:
+    from istack_ds.engine import destroy_engine
+
+    destroy_engine(trainer.engine)
+    trainer.engine = None
+    trainer.metrics.close()
