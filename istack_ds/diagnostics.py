@@ -139,8 +139,11 @@ class LayerDiagnostics:
         return self._batch
 
     @torch.no_grad()
-    def compute(self, student, teacher, batch: dict) -> torch.Tensor:
-        """[depth + 1, teacher_layers + 1] CKA map (float64, CPU). Every rank must call it under ZeRO-3."""
+    def compute(self, student, teacher, batch: dict, matrix: bool = True) -> torch.Tensor | None:
+        """[depth + 1, teacher_layers + 1] CKA map (float64, CPU). Every rank must call it under ZeRO-3.
+
+        `matrix=False` runs the forward passes only (what ranks other than 0 need to do).
+        """
         audio = batch["audio"].to(self.device)
         lens = batch["audio_lens"].to(self.device)
         features = None
@@ -148,6 +151,8 @@ class LayerDiagnostics:
             features = teacher.cnn(audio)
         student_hidden = student.hidden_states(audio, lens, features) if features is not None \
             else student.hidden_states(audio, lens)
+        if not matrix:
+            return None
         teacher_hidden = teacher_hidden_states(teacher, audio, lens)
         frames = teacher.frame_lengths(lens)
         n = int(frames.sum())
@@ -163,7 +168,12 @@ class LayerDiagnostics:
         batch = self.batch()
         if batch is None:
             return None
-        cka = self.compute(student, teacher, batch)
+        from .dist import is_main
+
+        # NOTE: every rank runs the student forward (a collective under ZeRO-3); rank 0 alone builds the map.
+        cka = self.compute(student, teacher, batch, matrix=is_main())
+        if cka is None:
+            return None
         self.last = cka
         pairs = supervised_pairs(student)
         values = {f"diag/cka_{s + 1}_{t}": float(cka[s + 1, t]) for s, t in pairs.items()}

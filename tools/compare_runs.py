@@ -187,8 +187,6 @@ def plot(runs: list[Run], out: Path) -> None:
             ax.plot(xs, ys, label=f"{run.name} ({run.operator})", linewidth=1.3, **style)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("wall time (s)" if x == "wall" else "step")
-        if "loss" in tag:
-            ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
