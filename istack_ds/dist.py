@@ -49,6 +49,32 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def normalize_launcher_env() -> None:
+    """Gives every launcher's processes the same variables: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE.
+
+    torchrun sets them all; the deepspeed launcher says LOCAL_SIZE for the ranks of a node;
+    Slurm's srun sets only SLURM_* (MASTER_ADDR / MASTER_PORT come from the batch script).
+    LOCAL_WORLD_SIZE lets the data split by node first, then by rank within the node.
+    """
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+        tasks_per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+        if tasks_per_node.isdigit():
+            env.setdefault("LOCAL_WORLD_SIZE", tasks_per_node)
+    if "LOCAL_WORLD_SIZE" not in env and "LOCAL_SIZE" in env:
+        env["LOCAL_WORLD_SIZE"] = env["LOCAL_SIZE"]
+
+
+def topology() -> dict:
+    """Nodes and ranks per node of this job (from the launcher's variables)."""
+    world = world_size()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+    if per_node <= 0 or world % per_node:
+        per_node = world
+    return {"nodes": world // per_node, "ranks_per_node": per_node, "world_size": world}
+
+
 def init_distributed(timeout_s: int) -> None:
     """Starts the process group (gloo on CPU, nccl on GPU) with a timeout, so a dead rank cannot hang the rest.
 
@@ -56,9 +82,7 @@ def init_distributed(timeout_s: int) -> None:
     """
     import deepspeed
 
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+    normalize_launcher_env()
     if "RANK" not in os.environ:  # a plain `python launchers/train.py`: one process
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from . import __version__, faults
 from .checkpoint import Checkpointer, check_compatible, gradient_accumulation_for, read_meta
 from .config import Config
-from .data import build_loader
-from .dist import all_reduce_mean, all_reduce_sum, is_main, log0, rank, world_size
+from .data import build_loader, read_index
+from .dist import all_reduce_mean, all_reduce_sum, is_main, log0, rank, topology, world_size
 from .engine import build_engine, gather_full_states
 from .growth import GrowthManager, Schedule
 from .metrics import Metrics
@@ -183,7 +183,9 @@ class Trainer:
             audit = self.out_dir / "data_audit" / f"rank{rank()}.jsonl"
             audit.parent.mkdir(parents=True, exist_ok=True)
             with open(audit, "a") as f:
-                f.write(json.dumps({"step": self.step + 1, "worker": worker, "cut_ids": list(batch["cut_ids"])}) + "\n")
+                f.write(json.dumps({"step": self.step + 1, "depth": self.student.depth, "worker": worker,
+                                    "epoch": batch.get("epoch"),
+                                    "cut_ids": list(batch["cut_ids"])}) + "\n")
 
     def skip_nonfinite(self) -> None:
         self.nonfinite_total += 1
@@ -360,10 +362,16 @@ class Trainer:
         return summary
 
     def log_topology(self) -> None:
-        nodes = max(1, world_size() // max(1, torch.cuda.device_count() if torch.cuda.is_available() else 1))
-        log0("topology: %d rank(s), %d data worker(s) per rank, ZeRO %d, %s; schedule %s",
-             world_size(), self.cfg.data.num_workers, self.cfg.deepspeed.zero_stage, self.cfg.deepspeed.precision,
-             ", ".join(f"depth {d} from step {s}" for d, s in zip(self.schedule.depths, self.schedule.starts)))
+        topo = topology()
+        workers = max(1, self.cfg.data.num_workers)
+        shards = len(read_index(self.cfg.data.train_index).shards)
+        log0("topology: %d node(s) x %d rank(s) = %d ranks, %d data worker(s) per rank, %d shards (%.1f per worker); "
+             "ZeRO %d, %s, gradient accumulation %d", topo["nodes"], topo["ranks_per_node"], topo["world_size"],
+             workers, shards, shards / (topo["world_size"] * workers), self.cfg.deepspeed.zero_stage,
+             self.cfg.deepspeed.precision, self.accumulation)
+        log0("schedule: %s (%s)", ", ".join(f"depth {d} from step {s}" for d, s in zip(self.schedule.depths,
+                                                                                     self.schedule.starts)),
+             self.cfg.growth.operator)
 
     def log_model(self) -> None:
         params = self.student.num_parameters() if self.cfg.deepspeed.zero_stage < 3 else \
