@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The GPU check: step time per depth, teacher share, throughput, MFU and projected speed-ups.
+# Usage (on a single-GPU machine with PyTorch+CUDA, transformers and tensorboard, no network):
+#   bash tools/gpu_check.sh [OUT_DIR]            # writes OUT_DIR/gpu_check.md (default: .)
+# deepspeed, lhotse and webdataset are installed from wheels carried in .whl/ when the machine
+# lacks them (prepare them here with `pip download --no-deps --only-binary=:all: -d .whl ...`;
+# deepspeed builds a pure-Python wheel: `pip wheel --no-deps -w .whl deepspeed==0.19.8`).
+# Finishes in a few minutes on an H100 or H200.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-.}}
+mkdir -p "$OUT"
+if ! python3 -c "import deepspeed, lhotse, webdataset" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/istack_site .whl/*.whl
+  export PYTHONPATH=/tmp/istack_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+timeout 480 python3 tools/gpu_check.py --steps 10 --out "$OUT/gpu_check.md"
