@@ -2,6 +2,8 @@
 # Both bootstrap .venv on a fresh machine: torch is installed FIRST and pinned
 # (constraints.txt); without the pin a dependency can pull a multi-GB CUDA build.
 
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,11 +14,14 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
+# Some machines list local package mirrors that may be absent; pip warns once per package about them.
+QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(PIP) install -q --upgrade pip $(QUIET_PIP)
+	$(PIP) install -q torch==2.13.0 $(QUIET_PIP)
+	$(PIP) install -q -c constraints.txt -e ".[dev]" $(QUIET_PIP)
 	touch $(STAMP)
 
 demo: $(STAMP)
