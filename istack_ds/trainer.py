@@ -43,23 +43,19 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.out_dir = Path(cfg.run.out_dir)
-        self.ckpt_dir = self.out_dir / "checkpoints"
         self.device = self._device()
         if is_main():
             self.out_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out_dir / "config.yaml")
-
         self.teacher = Teacher(cfg.teacher.path, cfg.loss.teacher_layers,
                                dtype=torch.bfloat16 if cfg.teacher.dtype == "bf16" else torch.float32).to(self.device)
         self.schedule = Schedule.from_config(cfg.growth, cfg.optim.total_steps)
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", cfg.checkpoint.keep)
+        self.metrics = Metrics(self.out_dir, cfg.optim.total_steps, cfg.log.tensorboard)
 
         # Resume builds the student at the checkpoint's depth first, then loads into it.
-        self.checkpointer = Checkpointer(self.ckpt_dir, cfg.checkpoint.keep)
         resume = self.checkpointer.resolve(cfg.checkpoint.resume)
-        meta = read_meta(resume) if resume else None
-        if meta:
-            check_compatible(meta, cfg.to_dict(), resume)
-            self._check_world_size(meta, resume)
+        meta = self._checked_meta(resume)
         # A resume on another world size keeps the global batch through gradient accumulation.
         self.accumulation = gradient_accumulation_for(meta, world_size(), cfg.deepspeed.gradient_accumulation) \
             if meta else cfg.deepspeed.gradient_accumulation
@@ -68,37 +64,18 @@ class Trainer:
         self.growth = GrowthManager(build_model=self.build_student, ds_config=self.ds_config,
                                     layer_prefix=LAYER_PREFIX, operator=cfg.growth.operator,
                                     carry=cfg.growth.carry, optimizer_state=cfg.growth.optimizer_state)
+        self.student, self.engine = self._build_initial_student(meta)
+
         self.step = 0
-        depth = meta["depth"] if meta else self.schedule.depth_at(0)
-        supervised = meta["supervised"] if meta else None
-        # Same seed on every rank: every rank must build the same initial student.
-        seed_everything(cfg.run.seed)
-        self.student = self.build_student(depth, supervised)
-        if cfg.student.init == "teacher_cnn" and not meta:
-            copied = self.student.copy_frontend_from(self.teacher.model)
-            log0("student CNN front end %s", "copied from the teacher" if copied else "random (shapes differ)")
-        self.engine = build_engine(self.student, self.ds_config)
-        self.data_position: dict[str, dict] = {}
         self.saved_step, self.saved_path = None, None
-        self.nonfinite_total = 0
-        self.nonfinite_run = 0
-        rank_state = None
+        self.nonfinite_total = self.nonfinite_run = 0
+        self.data_position: dict[str, dict] = {}  # str(worker) -> its latest batch["position"]
+        self.data_counters: dict[int, dict] = {}  # worker -> its latest epoch / shards_done / skipped
         if resume:
-            rank_state = self.checkpointer.load(self.engine, resume)
-            self.step = meta["step"]
-            self.saved_step, self.saved_path = self.step, resume
-            self.nonfinite_total = meta.get("nonfinite_steps", 0)
-            log0("resumed from %s: step %d, stage %d, depth %d, lr %.3e", resume, self.step,
-                 self.schedule.stage_at(self.step), self.student.depth, self.engine.get_lr()[0])
-            if self.accumulation != cfg.deepspeed.gradient_accumulation:
-                log0("checkpoint ran on %d rank(s); on %d the global batch is kept with gradient accumulation %d "
-                     "(configured %d)", meta["world_size"], world_size(), self.accumulation,
-                     cfg.deepspeed.gradient_accumulation)
-        if rank_state is None:
+            self._restore(resume, meta)
+        else:
             # Dropout differs per rank from here on (a resume restores each rank's RNG instead).
-            seed_everything(cfg.run.seed + 1000 * rank() + self.step)
-        elif rank_state.get("num_workers") == cfg.data.num_workers:
-            self.data_position = rank_state.get("data_position", {})
+            seed_everything(cfg.run.seed + 1000 * rank())
 
         # NOTE: the seed is the run's, never the step's: it fixes every epoch's shard order, which the
         # data position refers to. A resume on the same world size and workers continues where each worker was.
@@ -108,13 +85,51 @@ class Trainer:
             log0("data: %s", self.loader.position_note or ("resumed at the saved position" if self.loader.resumed
                                                            else "new world size or workers: the stream starts afresh"))
         self.batches = iter(self.loader)
-        self.metrics = Metrics(self.out_dir, cfg.optim.total_steps, cfg.log.tensorboard)
         self.window = self._new_window()
         self.audio_seconds_total = 0.0
         self.first_loss: float | None = None
         self.last_loss: float | None = None
-        # Latest counters of each data worker (they count per worker; the totals are sums).
-        self.data_counters: dict[int, dict] = {}
+
+    def _checked_meta(self, resume: Path | None) -> dict | None:
+        if resume is None:
+            return None
+        meta = read_meta(resume)
+        check_compatible(meta, self.cfg.to_dict(), resume)
+        if meta.get("world_size", world_size()) != world_size() and not meta.get("universal"):
+            raise ValueError(
+                f"checkpoint {resume} was saved by {meta['world_size']} rank(s) and this run has {world_size()}: "
+                f"convert it first with `python tools/convert_checkpoint.py {resume}` and resume from the "
+                "universal checkpoint it writes")
+        return meta
+
+    def _build_initial_student(self, meta: dict | None):
+        # NOTE: the same seed on every rank: every rank must build the same initial student.
+        seed_everything(self.cfg.run.seed)
+        if meta:
+            student = self.build_student(meta["depth"], meta["supervised"])
+        else:
+            student = self.build_student(self.schedule.depth_at(0), None)
+            if self.cfg.student.init == "teacher_cnn":
+                copied = student.copy_frontend_from(self.teacher.model)
+                log0("student CNN front end %s", "copied from the teacher" if copied else "random (shapes differ)")
+        return student, build_engine(student, self.ds_config)
+
+    def _restore(self, path: Path, meta: dict) -> None:
+        """Model, optimizer, LR position, step, this rank's RNG and (same world size and workers) data position."""
+        rank_state = self.checkpointer.load(self.engine, path)
+        self.step = meta["step"]
+        self.saved_step, self.saved_path = self.step, path
+        self.nonfinite_total = meta.get("nonfinite_steps", 0)
+        if rank_state is None:  # another world size: fresh per-rank randomness
+            seed_everything(self.cfg.run.seed + 1000 * rank() + self.step)
+        elif rank_state.get("num_workers") == self.cfg.data.num_workers:
+            self.data_position = rank_state.get("data_position", {})
+        log0("resumed from %s: step %d, stage %d, depth %d, lr %.3e", path, self.step,
+             self.schedule.stage_at(self.step), self.student.depth, self.engine.get_lr()[0])
+        if self.accumulation != self.cfg.deepspeed.gradient_accumulation:
+            log0("checkpoint ran on %d rank(s); on %d the global batch is kept with gradient accumulation %d "
+                 "(configured %d)", meta["world_size"], world_size(), self.accumulation,
+                 self.cfg.deepspeed.gradient_accumulation)
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -322,13 +337,6 @@ class Trainer:
             self.saved_step = self.step
         return self.saved_path
 
-    def _check_world_size(self, meta: dict, path: Path) -> None:
-        if meta.get("world_size", world_size()) != world_size() and not meta.get("universal"):
-            raise ValueError(
-                f"checkpoint {path} was saved by {meta['world_size']} rank(s) and this run has {world_size()}: "
-                f"convert it first with `python tools/convert_checkpoint.py {path}` and resume from the "
-                "universal checkpoint it writes")
-
     # ---- export and reporting ---------------------------------------------------------
 
     def export(self) -> Path:
@@ -351,7 +359,7 @@ class Trainer:
                    "audio_hours": round(self.audio_seconds_total / 3600, 4),
                    "loss_first": self.first_loss, "loss_last": self.last_loss,
                    "tensorboard": str(self.out_dir / "tb"), "student": str(self.out_dir / "student"),
-                   "checkpoints": str(self.ckpt_dir)}
+                   "checkpoints": str(self.checkpointer.dir)}
         if is_main():
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             log0("done: %d steps in %.1f s, %.3f h of audio, loss %.4f -> %.4f, final depth %d",
