@@ -294,6 +294,8 @@ class EvalConfig:
     """Optimizer steps between validations (0 disables)."""
     max_batches: int = 50
     """Validation batches per rank."""
+    diagnostics: bool = True
+    """At each validation, log the linear CKA of every student layer with every teacher layer (diag/*)."""
 
     def __post_init__(self):
         _positive("eval.every", self.every, allow_zero=True)

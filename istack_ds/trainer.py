@@ -19,6 +19,7 @@ from . import __version__, faults
 from .checkpoint import Checkpointer, check_compatible, gradient_accumulation_for, read_meta
 from .config import Config
 from .data import build_loader, read_index
+from .diagnostics import LayerDiagnostics
 from .dist import all_reduce_mean, all_reduce_sum, is_main, log0, rank, topology, world_size
 from .engine import build_engine, gather_full_states
 from .growth import GrowthManager, Schedule
@@ -52,6 +53,7 @@ class Trainer:
         self.schedule = Schedule.from_config(cfg.growth, cfg.optim.total_steps)
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", cfg.checkpoint.keep)
         self.metrics = Metrics(self.out_dir, cfg.optim.total_steps, cfg.log.tensorboard)
+        self.diagnostics = LayerDiagnostics(cfg.data, self.device) if cfg.eval.diagnostics else None
 
         # Resume builds the student at the checkpoint's depth first, then loads into it.
         resume = self.checkpointer.resolve(cfg.checkpoint.resume)
@@ -309,6 +311,9 @@ class Trainer:
             sums["loss"] = sums.get("loss", 0.0) + loss.item() * frames
             for name, value in parts.items():
                 sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + value.item() * frames
+        if self.diagnostics is not None:
+            # NOTE: every rank: the student forward is a collective under ZeRO-3; rank 0 computes and writes.
+            self.diagnostics.run(self.engine.module, self.teacher, self.metrics, self.step)
         self.engine.train()
         keys = ["loss"] + [f"loss_L{t}" for t in self.cfg.loss.teacher_layers]
         totals = all_reduce_sum({k: sums.get(k, 0.0) for k in keys + ["frames"]})

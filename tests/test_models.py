@@ -78,8 +78,8 @@ def test_student_shapes_names_and_cnn_copy(teacher_dir):
     audio, lens = torch.randn(2, 8000), torch.tensor([8000, 4000])
     pred = student(audio, lens)
     target = teacher(audio, lens)
-    assert set(pred) == {4, 8}
-    assert pred[4].shape == target[4].shape == (2, 24, 96)
+    assert set(pred) == {"L4", "L8"}
+    assert pred["L4"].shape == target[4].shape == (2, 24, 96)
     assert student.frame_lengths(lens).tolist() == teacher.frame_lengths(lens).tolist() == [24, 12]
 
 
@@ -108,7 +108,7 @@ def test_shared_frontend_teacher_and_student_match_their_full_models(teacher_dir
     with pytest.raises(ValueError, match="shared"):
         student(audio, lens)
     pred = student(audio, lens, features)
-    assert pred[8].shape == with_shared[8].shape
+    assert pred["L8"].shape == with_shared[8].shape
 
     # The export puts the teacher's CNN back: AutoModel then reproduces the student from raw audio.
     full = dict(student.state_dict())

@@ -14,7 +14,7 @@ def teacher_dir(tmp_path_factory):
     return make_random_teacher(tmp_path_factory.mktemp("teacher") / "hubert", size="tiny")
 
 
-@pytest.mark.parametrize("zero_stage, precision", [(2, "fp32"), (2, "bf16")])
+@pytest.mark.parametrize("zero_stage, precision", [(2, "fp32"), (2, "bf16"), (3, "fp32")])
 def test_fixed_batch_loss_falls_and_teacher_is_frozen(tmp_path, teacher_dir, zero_stage, precision):
     out = tmp_path / "result.json"
     torchrun("train_fixed_batch.py", teacher_dir, out, zero_stage, precision, timeout=300)
@@ -50,8 +50,10 @@ def test_demo_pipeline_end_to_end(tmp_path, teacher_dir, demo_shards):
     tags = set(acc.Tags()["scalars"])
     expected = {"train/loss", "train/loss_L4", "train/loss_L8", "train/lr", "train/grad_norm", "model/depth",
                 "model/params", "growth/pause_s", "perf/audio_s_per_s", "perf/step_s", "perf/teacher_frac",
-                "data/skipped", "data/shards_done", "data/epoch", "valid/loss", "valid/loss_L4", "valid/loss_L8"}
+                "data/skipped", "data/shards_done", "data/epoch", "valid/loss", "valid/loss_L4", "valid/loss_L8",
+                "diag/cka_L4", "diag/cka_L8"}
     assert expected <= tags, expected - tags
+    assert "diag/cka" in acc.Tags()["images"]  # the student x teacher CKA heatmap
     depth = {e.step: e.value for e in acc.Scalars("model/depth")}
     assert depth[2] == 2 and depth[6] == 4 and depth[12] == 8  # EQL thirds of 12 steps
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]

@@ -121,7 +121,7 @@ def run_one(name: str, recipe: str, run_dir: Path, args_list: list, nproc: int, 
                TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(Path(__file__).resolve()), "--worker", "--config", str(ROOT / "configs" / recipe), *args_list]
+           str(ROOT / "launchers/train.py"), "--config", str(ROOT / "configs" / recipe), *args_list]
     start = time.time()
     with open(log_file, "w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -131,40 +131,8 @@ def run_one(name: str, recipe: str, run_dir: Path, args_list: list, nproc: int, 
     return time.time() - start
 
 
-def worker(argv: list) -> int:
-    """The per-rank entry: launchers/train.py, with the layer diagnostics added to validation
-    when the trainer does not run them itself (then the CKA map is in every run's TensorBoard)."""
-    import launchers.train as train
-    from istack_ds import trainer as trainer_mod
-    from istack_ds.diagnostics import LayerDiagnostics
-
-    Trainer = trainer_mod.Trainer
-    if not getattr(Trainer, "_experiment_diagnostics", False):
-        init, validate = Trainer.__init__, Trainer.validate
-
-        def __init__(self, cfg):
-            init(self, cfg)
-            self._own_diagnostics = not hasattr(self, "diagnostics")
-            if self._own_diagnostics:
-                self.diagnostics = LayerDiagnostics(cfg.data, self.device)
-
-        def validate_with_diagnostics(self):
-            result = validate(self)
-            if self._own_diagnostics:
-                self.engine.eval()  # NOTE: every rank: the student forward may be a collective
-                self.diagnostics.run(self.engine.module, self.teacher, self.metrics, self.step)
-                self.engine.train()
-            return result
-
-        Trainer.__init__, Trainer.validate = __init__, validate_with_diagnostics
-        Trainer._experiment_diagnostics = True
-    return train.main(argv)
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "--worker":
-        return worker(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs/paper_cpu", help="one run directory per schedule")
     parser.add_argument("--data", type=Path, default=ROOT / "data/paper_cpu", help="corpus, shards, teacher")

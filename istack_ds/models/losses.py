@@ -1,9 +1,9 @@
 """The distillation losses, over valid (unpadded) frames only.
 
-Both take ``pred`` and ``target`` as {teacher_layer: [B, T, H]} and a frame
-mask [B, T] (True = real audio), and return ``(total, parts)`` where
-``parts[f"L{t}"]`` is the unweighted loss of target t (logged as
-``train/loss_L<t>``).
+Both take ``pred`` and ``target`` as {teacher_layer: [B, T, H]} (keys ``t`` or
+``"L<t>"``, as the student returns them) and a frame mask [B, T] (True = real
+audio), and return ``(total, parts)`` where ``parts[f"L{t}"]`` is the
+unweighted loss of target t (logged as ``train/loss_L<t>``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,10 @@ import torch.nn.functional as F
 
 def frame_mask(frame_lens: torch.Tensor, num_frames: int) -> torch.Tensor:
     return torch.arange(num_frames, device=frame_lens.device)[None, :] < frame_lens[:, None]
+
+
+def _by_layer(x: dict) -> dict[int, torch.Tensor]:
+    return {int(k[1:]) if isinstance(k, str) else int(k): v for k, v in x.items()}
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -30,6 +34,7 @@ def _align(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
 def l2l_loss(pred: dict[int, torch.Tensor], target: dict[int, torch.Tensor], mask: torch.Tensor,
              inter_weight: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The paper's layer-to-layer loss: MSE on the last target (weight 1) + inter_weight x MSE on the others."""
+    pred, target = _by_layer(pred), _by_layer(target)
     last = max(pred)
     total = pred[last].new_zeros(())
     parts = {}
@@ -44,6 +49,7 @@ def l2l_loss(pred: dict[int, torch.Tensor], target: dict[int, torch.Tensor], mas
 def distilhubert_loss(pred: dict[int, torch.Tensor], target: dict[int, torch.Tensor], mask: torch.Tensor,
                       cos_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DistilHuBERT: per head, L1 + cos_weight x -log sigmoid(cos), summed over heads."""
+    pred, target = _by_layer(pred), _by_layer(target)
     total = next(iter(pred.values())).new_zeros(())
     parts = {}
     for t in sorted(pred):

@@ -114,13 +114,15 @@ class Student(nn.Module):
         return sfm.hidden_states(self.sfm, audio.to(dtype), mask, None if features is None else features.to(dtype))
 
     def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor,
-                features: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        """Returns the prediction for each teacher target, in fp32: {t: [B, frames, teacher_hidden]}.
+                features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Returns the prediction for each teacher target, in fp32: {"L<t>": [B, frames, teacher_hidden]}.
 
         `features`: the teacher's CNN output [B, T, C], required with ``frontend: shared``.
         """
         hidden = self._encode(audio, audio_lens, features)
-        return {t: self.heads[f"L{t}"](hidden[s + 1]).float() for t, s in zip(self.teacher_layers, self.supervised)}
+        # NOTE: string keys: DeepSpeed's ZeRO-3 post-forward hook walks dict outputs with str methods.
+        return {f"L{t}": self.heads[f"L{t}"](hidden[s + 1]).float()
+                for t, s in zip(self.teacher_layers, self.supervised)}
 
     def hidden_states(self, audio: torch.Tensor, audio_lens: torch.Tensor,
                       features: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:

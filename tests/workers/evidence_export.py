@@ -21,21 +21,6 @@ from istack_ds.models.student import Student
 from istack_ds.models.teacher import Teacher
 
 
-def predict(engine, audio, lens, features, by_layers: bool) -> dict:
-    """The student's predictions; `by_layers` goes through hidden_states + heads instead of engine(...).
-
-    NOTE: deepspeed 0.19.8's ZeRO-3 post-forward hook on the root module assumes a dict output has
-    str keys, and Student.forward returns {teacher_layer: tensor}; calling the submodules avoids the
-    root hook, so a ZeRO-3 checkpoint can be made here whatever the trainer does.
-    """
-    if not by_layers:
-        return engine(audio, lens, features) if features is not None else engine(audio, lens)
-    student = engine.module
-    args = (audio, lens, features) if features is not None else (audio, lens)
-    hidden = student.hidden_states(*args)
-    return {t: student.heads[f"L{t}"](hidden[s + 1]) for t, s in zip(student.teacher_layers, student.supervised)}
-
-
 def main(teacher_dir: str, out_dir: str, zero_stage: str, frontend: str) -> None:
     cfg = load_config(None, [f"teacher.path={teacher_dir}", f"run.out_dir={out_dir}",
                              f"deepspeed.zero_stage={zero_stage}", "deepspeed.precision=fp32",
@@ -57,7 +42,7 @@ def main(teacher_dir: str, out_dir: str, zero_stage: str, frontend: str) -> None
     targets = teacher(audio, lens, features) if shared else teacher(audio, lens)
     mask = frame_mask(teacher.frame_lengths(lens), targets[4].shape[1])
     for _ in range(3):
-        loss, _ = l2l_loss(predict(engine, audio, lens, features, zero_stage == "3"), targets, mask)
+        loss, _ = l2l_loss(engine(audio, lens, features), targets, mask)
         engine.backward(loss)
         engine.step()
     engine.eval()

@@ -53,9 +53,10 @@ def reference_validation(trainer, student) -> dict[str, float]:
                 pred = student(audio, lens)
                 frames = trainer.teacher.frame_lengths(lens)
                 for t in errors:
-                    T = min(pred[t].shape[1], targets[t].shape[1])
+                    p = pred[f"L{t}"]
+                    T = min(p.shape[1], targets[t].shape[1])
                     mask = torch.arange(T)[None, :] < frames[:, None]
-                    errors[t].append(((pred[t][:, :T] - targets[t][:, :T]) ** 2).mean(-1)[mask].double())
+                    errors[t].append(((p[:, :T] - targets[t][:, :T]) ** 2).mean(-1)[mask].double())
     means = {t: torch.cat(e).mean().item() for t, e in errors.items()}
     last = max(means)
     total = sum((1.0 if t == last else cfg.loss.inter_weight) * v for t, v in means.items())
