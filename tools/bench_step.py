@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=12, help="student depth (no growth during the benchmark)")
     p.add_argument("--frontend", default="trainable", choices=("trainable", "shared"))
     p.add_argument("--teacher-dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--zero", type=int, default=2, choices=(1, 2, 3), help="ZeRO stage of the istack_ds engine")
     p.add_argument("--utterances", type=int, default=4)
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--steps", type=int, default=5, help="timed steps per side (after 2 warm-up steps each)")
@@ -88,7 +89,8 @@ def main(argv=None) -> int:
     trainer = benchlib.make_trainer(benchlib.paper_overrides(
         teacher, index, out, **{"growth.operator": "none", "growth.depths": f"[{args.depth}]",
                                 "loss.teacher_layers": "[4,8,12]" if args.depth >= 3 else "[12]",
-                                "student.frontend": args.frontend, "teacher.dtype": args.teacher_dtype}), batches)
+                                "student.frontend": args.frontend, "teacher.dtype": args.teacher_dtype,
+                                "deepspeed.zero_stage": args.zero}), batches)
     bare = BareStep(trainer)
 
     def time_istack() -> float:
@@ -110,12 +112,13 @@ def main(argv=None) -> int:
         ours.append(time_istack())
         theirs.append(time_bare(i))
     ratio = statistics.median(ours) / statistics.median(theirs)
-    result = {"depth": args.depth, "frontend": args.frontend, "teacher_dtype": args.teacher_dtype,
+    result = {"depth": args.depth, "frontend": args.frontend, "teacher_dtype": args.teacher_dtype, "zero": args.zero,
               "batch": f"{args.utterances} x {args.seconds} s", "steps": args.steps,
               "istack_step_s": statistics.median(ours), "bare_step_s": statistics.median(theirs),
               "istack_teacher_s": trainer.window["teacher_s"] / args.steps, "bare_teacher_s": bare.teacher_s / args.steps,
               "ratio": ratio, "threads": torch.get_num_threads()}
-    print(f"student {args.depth} x 384 ({args.frontend} front end), teacher HuBERT-Base-shaped {args.teacher_dtype}, "
+    print(f"student {args.depth} x 384 ({args.frontend} front end, ZeRO {args.zero}), "
+          f"teacher HuBERT-Base-shaped {args.teacher_dtype}, "
           f"batch {result['batch']}, {args.steps} steps, {result['threads']} threads")
     print(f"  istack_ds step  {result['istack_step_s']:.3f} s (teacher {result['istack_teacher_s']:.3f} s)")
     print(f"  bare PyTorch    {result['bare_step_s']:.3f} s (teacher {result['bare_teacher_s']:.3f} s)")
