@@ -90,21 +90,16 @@ def init_distributed(timeout_s: int) -> None:
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    """Averages a dict of floats over ranks (a collective: call it on every rank, same keys)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
-
-
 def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
+    """Sums a dict of floats over ranks (a collective: call it on every rank, same keys)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return dict(values)
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Averages a dict of floats over ranks (a collective)."""
+    return {k: v / world_size() for k, v in all_reduce_sum(values).items()}
