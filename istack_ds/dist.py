@@ -90,14 +90,30 @@ def init_distributed(timeout_s: int) -> None:
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def comm_device() -> torch.device:
+    """Where collective tensors must live: the GPU under NCCL, the CPU under gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
     """Sums a dict of floats over ranks (a collective: call it on every rank, same keys)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return dict(values)
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when `flag` is true on every rank (a collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .dist import all_ranks, comm_device
+
 # Names of the flat fp32 partitions the wrapped torch optimizer steps, per ZeRO optimizer class:
 # ZeRO 1/2 (DeepSpeedZeroOptimizer), bf16 ZeRO 1 (BF16_Optimizer), ZeRO 3 (DeepSpeedZeroOptimizer_Stage3).
 _FLAT_FP32_ATTRS = ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat")
@@ -155,23 +157,6 @@ def _adam_state(engine) -> dict:
     return engine.optimizer.optimizer.state
 
 
-def _comm_device() -> torch.device:
-    """Where collective buffers live (nccl needs accelerator tensors; gloo on CPU takes CPU ones)."""
-    from deepspeed.accelerator import get_accelerator
-
-    return torch.device(get_accelerator().current_device_name())
-
-
-def _all_ranks(flag: bool) -> bool:
-    """True when ``flag`` holds on every rank (a MIN all-reduce)."""
-    import torch.distributed as tdist
-
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_comm_device())
-    if tdist.is_initialized():
-        tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
-    return bool(t.item())
-
-
 def adam_step(engine) -> int | None:
     """The Adam step count of the engine (all flat partitions step together), None before the first step."""
     state = _adam_state(engine)
@@ -184,7 +169,7 @@ def adam_step(engine) -> int | None:
 def _has_adam_state(engine) -> bool:
     state = _adam_state(engine)
     local = all(all(k in state.get(f, {}) for k in (*MOMENTS, "step")) for f in _flat_fp32_partitions(engine))
-    return _all_ranks(local)
+    return all_ranks(local)
 
 
 def _link_hp_views(engine) -> None:
@@ -352,7 +337,7 @@ def verify_full_states(engine, states: dict[str, ParamState]) -> None:
     step = _common_step(states)
     if with_moments and has_state and adam_step(engine) != step:
         problems.append(f"Adam step {adam_step(engine)} != {step}")
-    covered = torch.zeros(len(params), dtype=torch.int64, device=_comm_device())
+    covered = torch.zeros(len(params), dtype=torch.int64, device=comm_device())
     for idx, (name, p) in enumerate(params):
         want = states[name]
         keys = [None, *MOMENTS] if with_moments and has_state else [None]
@@ -384,7 +369,7 @@ def verify_full_states(engine, states: dict[str, ParamState]) -> None:
         if covered[idx] != numel:
             problems.append(f"{name}: the ZeRO optimizer holds {int(covered[idx])} of its {numel} elements "
                             "(a parameter it does not manage)")
-    if not _all_ranks(not problems):
+    if not all_ranks(not problems):
         shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
         raise GrowthStateError(f"read-back after scatter failed: {shown or 'on another rank'}")
 

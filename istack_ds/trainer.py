@@ -20,7 +20,7 @@ from .checkpoint import Checkpointer, check_compatible, gradient_accumulation_fo
 from .config import Config
 from .data import build_loader, read_index
 from .diagnostics import LayerDiagnostics
-from .dist import all_reduce_mean, all_reduce_sum, is_main, log0, rank, topology, world_size
+from .dist import all_ranks, all_reduce_sum, is_main, log0, rank, topology, world_size
 from .engine import build_engine, gather_full_states
 from .growth import GrowthManager, Schedule
 from .metrics import Metrics
@@ -175,7 +175,7 @@ class Trainer:
                 loss = loss * float("nan")
             attempts += 1
             # NOTE: a collective: all ranks skip together or none does (ZeRO steps are collective).
-            if not self._all_have(bool(torch.isfinite(loss))):
+            if not all_ranks(bool(torch.isfinite(loss))):
                 self.skip_nonfinite()
                 continue
             self.nonfinite_run = 0
@@ -253,13 +253,15 @@ class Trainer:
             return
         w = self.window
         micro = max(1, w["micro"])
-        local = {k: v / micro for k, v in w.items() if k.startswith("loss")}
-        # NOTE: collectives on every rank; only the writing below is rank-0.
-        means = all_reduce_mean(local)
         data = self.data_counters.values()
-        sums = all_reduce_sum({"audio_s": w["audio_s"], "skipped": float(sum(d.get("skipped", 0) for d in data)),
-                               "shards_done": float(sum(d.get("shards_done", 0) for d in data))})
-        epoch = all_reduce_mean({"epoch": float(min((d.get("epoch", 0) for d in data), default=0))})["epoch"]
+        local = {k: v / micro for k, v in w.items() if k.startswith("loss")}
+        local.update(audio_s=w["audio_s"], skipped=float(sum(d.get("skipped", 0) for d in data)),
+                     shards_done=float(sum(d.get("shards_done", 0) for d in data)),
+                     epoch=float(min((d.get("epoch", 0) for d in data), default=0)))
+        # NOTE: a collective on every rank; only the writing below is rank-0.
+        sums = all_reduce_sum(local)
+        means = {k: v / world_size() for k, v in sums.items() if k.startswith("loss")}
+        epoch = sums["epoch"] / world_size()
         step_s = w["step_s"] / max(1, w["steps"])
         values = {"train/loss": means["loss"], **{f"train/{k}": v for k, v in means.items() if k != "loss"},
                   "train/lr": self.engine.get_lr()[0], "model/depth": float(self.student.depth),
@@ -301,7 +303,7 @@ class Trainer:
         for _ in range(self.cfg.eval.max_batches):
             batch = next(batches, None)
             # NOTE: under ZeRO-3 every forward is a collective, so all ranks stop at the shortest stream.
-            if not self._all_have(batch is not None):
+            if not all_ranks(batch is not None):
                 break
             audio, lens = batch["audio"].to(self.device), batch["audio_lens"].to(self.device)
             features, targets = self.teacher_pass(audio, lens)
@@ -322,12 +324,6 @@ class Trainer:
         log0("valid at step %d: %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result
 
-    def _all_have(self, have: bool) -> bool:
-        if not dist.is_initialized():
-            return have
-        flag = torch.tensor([1 if have else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
 
     # ---- checkpoints ----------------------------------------------------------------
 
