@@ -138,6 +138,11 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         start = time.time()
+        summary_file = self.out_dir / "summary.json"
+        if self.step >= cfg.optim.total_steps and summary_file.exists():
+            log0("run already complete at step %d of %d: see %s", self.step, cfg.optim.total_steps, summary_file)
+            self.metrics.close()
+            return json.loads(summary_file.read_text())
         self.log_topology()
         self.log_model()
         while self.step < cfg.optim.total_steps:
