@@ -72,6 +72,11 @@ def test_demo_pipeline_end_to_end(tmp_path, teacher_dir, demo_shards):
     assert len(hidden) == 9 and hidden[-1].shape == (1, 49, 64)
     assert json.loads((out / "student/istack_student.json").read_text())["supervised_layers"] == [3, 7]
 
+    # Running the finished job again (make demo twice) resumes, finds it complete and keeps its summary.
+    again = torchrun(ROOT / "launchers/train.py", *args, timeout=400)
+    assert "run already complete at step 12 of 12" in again.stderr
+    assert json.loads((out / "summary.json").read_text()) == summary
+
 
 @pytest.mark.parametrize("problem", ["teacher", "index", "empty_index", "typo"])
 def test_bad_input_stops_before_any_process_group(tmp_path, teacher_dir, demo_shards, problem, capsys):
