@@ -169,8 +169,8 @@ class Trainer:
         done = attempts = 0
         while done < self.accumulation:
             batch = next(self.batches)
-            audio = batch["audio"].to(self.device)
-            lens = batch["audio_lens"].to(self.device)
+            audio = batch["audio"].to(self.device, non_blocking=True)
+            lens = batch["audio_lens"].to(self.device, non_blocking=True)
             t_teacher = time.perf_counter()
             features, targets = self.teacher_pass(audio, lens)
             self.window["teacher_s"] += time.perf_counter() - t_teacher

@@ -106,7 +106,9 @@ def build_loader(data: DataConfig, index_path: str, *, rank: int, world_size: in
         local_world_size=local_world_size, seed=seed, epochs=epochs, crop=crop, start=start,
         duration_bins=duration_bins(index, data.num_buckets, data.crop_seconds if crop else None),
     )
-    loader = ShardLoader(dataset, batch_size=None, num_workers=data.num_workers, persistent_workers=False)
+    # Workers prefetch batches while the trainer computes; on a GPU, pinned batches copy asynchronously.
+    loader = ShardLoader(dataset, batch_size=None, num_workers=data.num_workers, persistent_workers=False,
+                         pin_memory=torch.cuda.is_available())
     loader.resumed, loader.position_note = bool(start), note
     return loader
 
