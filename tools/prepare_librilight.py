@@ -25,22 +25,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from istack_ds.data.librilight import DataError, prepare_librilight  # noqa: E402
+from istack_ds.data.librilight import (DataError, add_preparation_args, prepare_librilight,  # noqa: E402
+                                       valid_speakers_arg)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--corpus", required=True, help="directory holding small/ (and optionally medium/, large/)")
-    p.add_argument("--out", required=True, help="output directory: manifests/, train/, valid/")
-    p.add_argument("--max-seconds", type=float, default=20.0, help="longest VAD window")
-    p.add_argument("--min-seconds", type=float, default=1.0, help="shorter windows are dropped")
-    held = p.add_mutually_exclusive_group()
-    held.add_argument("--valid-speakers", type=int, default=None, help="speakers held out for validation (default 1)")
-    held.add_argument("--valid-fraction", type=float, default=None, help="fraction of the speakers held out")
+    add_preparation_args(p)
     p.add_argument("--jobs", type=int, default=8, help="threads reading FLAC headers and VAD json")
     args = p.parse_args(argv)
     t0 = time.time()
-    valid_speakers = 1 if args.valid_speakers is None and args.valid_fraction is None else args.valid_speakers
+    valid_speakers = valid_speakers_arg(args)
     try:
         summary = prepare_librilight(args.corpus, args.out, max_seconds=args.max_seconds,
                                      min_seconds=args.min_seconds, valid_speakers=valid_speakers,

@@ -28,26 +28,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from istack_ds.data.librilight import add_preparation_args, valid_speakers_arg  # noqa: E402
 from istack_ds.data.shards import DataError, shard_corpus  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--corpus", required=True, help="directory holding small/ (and optionally medium/, large/)")
-    p.add_argument("--out", required=True, help="output directory: manifests/, train/, valid/")
-    p.add_argument("--max-seconds", type=float, default=20.0, help="longest VAD window")
-    p.add_argument("--min-seconds", type=float, default=1.0, help="shorter windows are dropped")
+    add_preparation_args(p)
     p.add_argument("--shard-mb", type=float, default=1024.0, help="target shard size (MB, may be fractional)")
     p.add_argument("--max-per-shard", type=int, default=None, help="at most this many cuts per shard")
     p.add_argument("--min-shards", type=int, default=8, help="spread a small split over at least this many shards")
-    held = p.add_mutually_exclusive_group()
-    held.add_argument("--valid-speakers", type=int, default=None, help="speakers held out for validation (default 1)")
-    held.add_argument("--valid-fraction", type=float, default=None, help="fraction of the speakers held out")
     p.add_argument("--sample-rate", type=int, default=16000)
     p.add_argument("--jobs", type=int, default=1, help="parallel shard writers (processes)")
     args = p.parse_args(argv)
     t0 = time.time()
-    valid_speakers = 1 if args.valid_speakers is None and args.valid_fraction is None else args.valid_speakers
+    valid_speakers = valid_speakers_arg(args)
     try:
         shard_corpus(args.corpus, args.out, max_seconds=args.max_seconds, min_seconds=args.min_seconds,
                      shard_mb=args.shard_mb, max_per_shard=args.max_per_shard, min_shards=args.min_shards,

@@ -290,3 +290,19 @@ def prepare_librilight(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike
         summary["splits"][split] = {"cuts": n, "seconds": round(seconds, 3), "path": str(path)}
         log(f"{split}: {n} VAD windows ({seconds / 3600:.3f} h, <= {max_seconds} s each) -> {path}")
     return summary
+
+
+def add_preparation_args(parser) -> None:
+    """The command-line options of the preparation step, shared by tools/prepare_librilight.py and shard_corpus.py."""
+    parser.add_argument("--corpus", required=True, help="directory holding small/ (and optionally medium/, large/)")
+    parser.add_argument("--out", required=True, help="output directory: manifests/, train/, valid/")
+    parser.add_argument("--max-seconds", type=float, default=20.0, help="longest VAD window")
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="shorter windows are dropped")
+    held = parser.add_mutually_exclusive_group()
+    held.add_argument("--valid-speakers", type=int, default=None, help="speakers held out for validation (default 1)")
+    held.add_argument("--valid-fraction", type=float, default=None, help="fraction of the speakers held out")
+
+
+def valid_speakers_arg(args) -> int | None:
+    """--valid-speakers, defaulting to 1 when neither it nor --valid-fraction is given."""
+    return 1 if args.valid_speakers is None and args.valid_fraction is None else args.valid_speakers
