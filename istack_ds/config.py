@@ -89,10 +89,11 @@ class TeacherConfig:
     path: str = "data/demo/teacher"
     """Local directory of an HF HubertModel / WavLMModel / Wav2Vec2Model (save_pretrained). Never downloaded."""
     dtype: str = "fp32"
-    """Teacher compute dtype: fp32 or bf16 (autocast)."""
+    """Teacher compute dtype: fp32, bf16 (weights and activations), or int8 (CPU only: Linear layers
+    dynamically quantized, targets ~4 % from fp32; see README "Performance")."""
 
     def __post_init__(self):
-        _choice("teacher.dtype", self.dtype, ("fp32", "bf16"))
+        _choice("teacher.dtype", self.dtype, ("fp32", "bf16", "int8"))
 
 
 @dataclass

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 from dataclasses import dataclass
@@ -102,6 +103,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def _fused_adamw(ds_config: dict):
+    """The config's torch AdamW as a client optimizer with ``fused=True`` (and the config without it).
+
+    DeepSpeed's ``torch_adam`` builds ``torch.optim.AdamW`` with only ``foreach`` passed on. ZeRO
+    hands the optimizer one flat fp32 partition per group, where the unfused path allocates
+    several partition-sized temporaries per step; torch's fused kernel (CPU and CUDA) needs
+    none and steps a 27M-parameter student 6x faster on CPU (0.015 s against 0.087 s). The
+    update rule and the state (``step``, ``exp_avg``, ``exp_avg_sq``) are the same. Any other
+    optimizer section is left to DeepSpeed.
+    """
+    section = ds_config.get("optimizer") or {}
+    params = dict(section.get("params", {}))
+    if section.get("type", "").lower() != "adamw" or not params.pop("torch_adam", False):
+        return ds_config, None
+    config = {k: v for k, v in ds_config.items() if k != "optimizer"}
+    return config, functools.partial(torch.optim.AdamW, lr=params["lr"], betas=tuple(params.get("betas", (0.9, 0.999))),
+                                     eps=params.get("eps", 1e-8), weight_decay=params.get("weight_decay", 0.0),
+                                     fused=True)
+
+
 def build_engine(model: nn.Module, ds_config: dict):
     """``deepspeed.initialize`` on the trainable parameters of ``model`` (weight decay on matrices only).
 
@@ -116,9 +137,13 @@ def build_engine(model: nn.Module, ds_config: dict):
     import deepspeed
 
     ensure_distributed()
+    ds_config, optimizer = _fused_adamw(ds_config)
     weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
+    if optimizer is not None:
+        weight_decay = optimizer.keywords["weight_decay"]
     before = {name: set(getattr(model, name)) for name in _ROOT_HOOK_DICTS}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay), config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
+                                      optimizer=optimizer, config=ds_config)
     # NOTE: DeepSpeed registers forward (pre-)hooks on the root module that hold the engine; remember
     # which, so destroy_engine can remove exactly those.
     engine._istack_root_hooks = {name: set(getattr(model, name)) - before[name] for name in _ROOT_HOOK_DICTS}
@@ -213,14 +238,15 @@ def _common_step(states: dict[str, ParamState]) -> int | None:
 def _ensure_adam_state(engine, step: int) -> None:
     """Adam state (step, zero moments) on every flat fp32 partition that has none; ``step`` everywhere."""
     state = _adam_state(engine)
+    fused = {id(p) for g in engine.optimizer.optimizer.param_groups if g.get("fused") for p in g["params"]}
     for flat in _flat_fp32_partitions(engine):
         st = state[flat]  # defaultdict(dict) in torch optimizers
         for key in MOMENTS:
             if key not in st:
                 st[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-        old = st.get("step")
-        dtype = old.dtype if torch.is_tensor(old) else torch.float32
-        st["step"] = torch.tensor(float(step), dtype=dtype)
+        # torch's rule: a fused AdamW keeps `step` on the parameter's device, the others on the CPU.
+        st["step"] = torch.tensor(float(step), dtype=torch.float32,
+                                  device=flat.device if id(flat) in fused else "cpu")
     _link_hp_views(engine)
 
 

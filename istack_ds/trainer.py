@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from . import __version__, faults
 from .checkpoint import Checkpointer, check_compatible, gradient_accumulation_for, read_meta
-from .config import Config
+from .config import Config, ConfigError
 from .data import build_loader, read_index
 from .diagnostics import LayerDiagnostics
 from .dist import all_ranks, all_reduce_sum, is_main, log0, rank, topology, world_size
@@ -48,8 +48,11 @@ class Trainer:
         if is_main():
             self.out_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out_dir / "config.yaml")
+        if cfg.teacher.dtype == "int8" and self.device.type != "cpu":
+            raise ConfigError(f"teacher.dtype=int8 runs on CPU only, this rank trains on {self.device}: use bf16")
         self.teacher = Teacher(cfg.teacher.path, cfg.loss.teacher_layers,
-                               dtype=torch.bfloat16 if cfg.teacher.dtype == "bf16" else torch.float32).to(self.device)
+                               dtype=torch.bfloat16 if cfg.teacher.dtype == "bf16" else torch.float32,
+                               int8=cfg.teacher.dtype == "int8").to(self.device)
         self.schedule = Schedule.from_config(cfg.growth, cfg.optim.total_steps)
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", cfg.checkpoint.keep)
         self.metrics = Metrics(self.out_dir, cfg.optim.total_steps, cfg.log.tensorboard)

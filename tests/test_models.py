@@ -55,6 +55,21 @@ def test_teacher_frozen_and_matches_full_model(tmp_path, model_type):
     assert len(teacher.model.encoder.layers) == 4  # runs only up to the deepest layer used
 
 
+def test_int8_teacher_targets_stay_close_to_fp32(teacher_dir):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    fp32, int8 = Teacher(teacher_dir, [4, 8]), Teacher(teacher_dir, [4, 8], int8=True)
+    linears = [m for m in int8.modules() if isinstance(m, (torch.nn.Linear, DynamicInt8Linear))]
+    assert linears and all(isinstance(m, DynamicInt8Linear) for m in linears)
+    torch.manual_seed(0)
+    audio, lens = 0.1 * torch.randn(2, 16000), torch.tensor([16000, 12000])
+    ref, out = fp32(audio, lens), int8(audio, lens)
+    for i in (4, 8):
+        assert out[i].dtype == torch.float32 and out[i].shape == ref[i].shape
+        rel = ((out[i] - ref[i]).norm() / ref[i].norm()).item()
+        assert 0 < rel < 0.1, f"layer {i}: int8 targets {rel:.3f} from fp32"
+
+
 def test_initial_supervised_layers():
     assert initial_supervised_layers(3, 3) == [0, 1, 2]  # paper: student 1,2,3 -> teacher 4,8,12
     assert initial_supervised_layers(12, 3) == [3, 7, 11]

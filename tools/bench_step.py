@@ -9,9 +9,10 @@ Both sides use the same random HuBERT-Base-shaped teacher (made once under
 data/bench/), the same student weights and the same fixed batches (--utterances
 x --seconds of audio). istack_ds: the real Trainer.train_step (a DeepSpeed ZeRO-2
 engine on one CPU rank, the non-finite check, the bookkeeping). Bare: teacher
-forward + student forward + the same loss + backward + gradient clipping + torch
-AdamW + the same LR schedule, no DeepSpeed. The two are timed alternately, step
-by step, so machine noise hits both; the medians and their ratio are printed.
+forward + student forward + the same loss + backward + gradient clipping + torch's
+fused AdamW (what istack_ds steps too) + the same LR schedule, no DeepSpeed. The
+two are timed alternately, step by step, so machine noise hits both; the medians
+and their ratio are printed.
 Goal: istack_ds / bare <= 1.05.
 """
 
@@ -45,7 +46,7 @@ class BareStep:
         self.student.load_state_dict(trainer.engine.module.state_dict())
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(param_groups(self.student, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
-                                           eps=o.eps)
+                                           eps=o.eps, fused=True)  # plain PyTorch's fastest AdamW, as ours
         warmup, total = max(1, o.warmup_steps), o.total_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: s / warmup if s < warmup else max(0.0, (total - s) / (total - warmup)))

@@ -81,7 +81,7 @@ def check_teacher_layers(info: TeacherInfo, layers: list[int]) -> None:
 class Teacher(nn.Module):
     """Frozen SFM that returns the hidden states named by ``layers`` (HF indexing: i = output of layer i)."""
 
-    def __init__(self, path: str | Path, layers: list[int], dtype: torch.dtype = torch.float32):
+    def __init__(self, path: str | Path, layers: list[int], dtype: torch.dtype = torch.float32, int8: bool = False):
         super().__init__()
         from transformers import AutoModel
 
@@ -95,6 +95,8 @@ class Teacher(nn.Module):
         if deepest < len(model.encoder.layers) and not model.config.do_stable_layer_norm:
             model.encoder.layers = model.encoder.layers[:deepest]
         self.model = model.to(dtype).eval().requires_grad_(False)
+        if int8:
+            quantize_linear_int8(self.model)
         self.layers = list(layers)
         self.dtype_ = dtype
         # HF convention: only models with layer-norm feature extractors were trained with masks.
@@ -120,6 +122,25 @@ class Teacher(nn.Module):
         hidden = sfm.hidden_states(self.model, audio.to(self.dtype_), mask, feats)
         # Targets leave inference mode as plain fp32 tensors so the loss can use them.
         return {i: hidden[i].float().clone() for i in self.layers}
+
+
+def quantize_linear_int8(model: nn.Module) -> None:
+    """Replaces every ``nn.Linear`` of a frozen CPU model by its dynamically quantized int8 twin, in place.
+
+    Weights are int8 per tensor, activations quantized per batch on the fly (fbgemm; VNNI where
+    the CPU has it). On the paper-shaped HuBERT-Base the encoder runs 2x faster on CPU, with
+    targets at cosine 0.999 and ~4 % relative L2 error from fp32 (tools/bench_teacher.py); the
+    CNN front end stays fp32. CPU only: quantized Linear kernels do not exist on CUDA.
+    """
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        # torch marks its eager quantization API deprecated in favour of torchao, whose int8 path
+        # needs torch.compile on CPU; the eager kernels are still the fastest here (see the docstring).
+        warnings.simplefilter("ignore")
+        quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def make_random_teacher(out: str | Path, size: str = "tiny", model_type: str = "hubert", seed: int = 0) -> Path:
