@@ -64,6 +64,10 @@ class DataConfig:
     """DataLoader worker processes per rank; shards are split across them."""
     shuffle_buffer: int = 1000
     """Cuts held in the sampler's shuffle buffer."""
+    interleave_shards: int = 4
+    """Shards a worker reads at once, member by member, into one shuffle buffer. Shards hold
+    consecutive speakers, so this is what mixes speakers within a batch; a resumed worker
+    re-reads at most this many shards."""
     features: str = "raw"
     """`raw` waveform samples (the SFM front end consumes them) or `fbank` (80-dim log-mel, added to the batch)."""
     num_mel_bins: int = 80
@@ -76,6 +80,7 @@ class DataConfig:
         _positive("data.num_buckets", self.num_buckets)
         _positive("data.num_workers", self.num_workers, allow_zero=True)
         _positive("data.shuffle_buffer", self.shuffle_buffer)
+        _positive("data.interleave_shards", self.interleave_shards)
         _positive("data.sample_rate", self.sample_rate)
         if self.batch_seconds < self.crop_seconds:
             raise ConfigError(

@@ -31,6 +31,21 @@ def config(index, **kw) -> DataConfig:
     return DataConfig(**{**base, **kw})
 
 
+def rewrite_shard(shard, extra: dict[str, bytes] | None = None, keep=lambda name: True) -> list[tuple[str, bytes]]:
+    """Rewrites a shard tar: members filtered by `keep`, those named in `extra` replaced in place, the
+    other `extra` members appended. Returns the original members."""
+    with tarfile.open(shard) as tf:
+        files = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+    extra = dict(extra or {})
+    members = [(name, extra.pop(name, payload)) for name, payload in files if keep(name)] + list(extra.items())
+    with tarfile.open(shard, "w") as tf:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    return files
+
+
 def test_partition_two_ranks_two_workers_gloo(demo_shards, tmp_path):
     """THE partition test: 2 gloo ranks x 2 workers, one epoch: every cut exactly once."""
     index = demo_shards / "train" / "index.json"
@@ -131,21 +146,15 @@ def test_bad_members_are_skipped_and_counted(demo_shards, tmp_path):
     shutil.copytree(demo_shards / "train", split)
     shard = split / "shard-000002.tar"
     with tarfile.open(shard) as tf:
-        files = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
-    keys = sorted({name.split(".")[0] for name, _ in files})
-    good = dict(files)
+        good = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+    key = sorted(good)[0].split(".")[0]
     empty = io.BytesIO()
     sf.write(empty, np.zeros(0, np.float32), 16000, format="FLAC")
-    added = {
-        "zz-bad-0000.flac": b"\x00garbage" * 100, "zz-bad-0000.json": good[f"{keys[0]}.json"],
-        "zz-empty-0000.flac": empty.getvalue(), "zz-empty-0000.json": good[f"{keys[0]}.json"],
-        "zz-nojson-0000.flac": good[f"{keys[0]}.flac"],
-    }
-    with tarfile.open(shard, "w") as tf:
-        for name, payload in files + list(added.items()):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tf.addfile(info, io.BytesIO(payload))
+    rewrite_shard(shard, {
+        "zz-bad-0000.flac": b"\x00garbage" * 100, "zz-bad-0000.json": good[f"{key}.json"],
+        "zz-empty-0000.flac": empty.getvalue(), "zz-empty-0000.json": good[f"{key}.json"],
+        "zz-nojson-0000.flac": good[f"{key}.flac"],
+    })
     data = config(split / "index.json")
     batches = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=0, epochs=1))
     ids = [i for b in batches for i in b["cut_ids"]]
@@ -155,23 +164,36 @@ def test_bad_members_are_skipped_and_counted(demo_shards, tmp_path):
     assert batches[-1]["repaired_by_reason"] == {}
 
 
+def test_skip_counts_survive_a_resume_without_double_counting(demo_shards, tmp_path):
+    """Resumed anywhere in 2 epochs over a shard with 2 bad members, the last batch counts 4 skips, as unresumed."""
+    split = tmp_path / "train"
+    shutil.copytree(demo_shards / "train", split)
+    shard = split / "shard-000003.tar"
+    with tarfile.open(shard) as tf:
+        flac = next(tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".flac"))
+    rewrite_shard(shard, {"zz-bad-0000.flac": b"\x00garbage" * 100, "zz-bad-0000.json": b"{}",
+                          "zz-nojson-0000.flac": flac})
+    data = config(split / "index.json", batch_seconds=4.0)
+    full = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=1, epochs=2))
+    assert full[-1]["skipped"] == 4
+    for j in range(0, len(full) - 1, 3):
+        position = json.loads(json.dumps({"0": full[j]["position"]}))
+        rest = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=1, epochs=2, position=position))
+        assert rest[-1]["skipped"] == 4, f"resumed after batch {j}: {rest[-1]['skipped_by_reason']}"
+        assert rest[-1]["skipped_by_reason"] == full[-1]["skipped_by_reason"]
+
+
 def test_other_rate_and_stereo_members_are_resampled_and_downmixed(demo_shards, tmp_path):
     split = tmp_path / "train"
     shutil.copytree(demo_shards / "train", split)
     shard = split / "shard-000000.tar"
     with tarfile.open(shard) as tf:
-        files = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
-    name, flac = next((n, d) for n, d in files if n.endswith(".flac"))
+        name, flac = next((m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".flac"))
     audio, sr = sf.read(io.BytesIO(flac), dtype="float32")
     stereo = np.stack([audio[::2], audio[::2]], axis=1)  # 8 kHz, two channels
     buf = io.BytesIO()
     sf.write(buf, stereo, sr // 2, format="FLAC")
-    with tarfile.open(shard, "w") as tf:
-        for n, payload in files:
-            payload = buf.getvalue() if n == name else payload
-            info = tarfile.TarInfo(n)
-            info.size = len(payload)
-            tf.addfile(info, io.BytesIO(payload))
+    rewrite_shard(shard, {name: buf.getvalue()})
     data = config(split / "index.json", crop_seconds=20.0, batch_seconds=40.0, shuffle_buffer=64)
     key = name.split(".")[0]
     for batch in build_loader(data, data.train_index, rank=0, world_size=1, seed=0, epochs=1):
@@ -196,7 +218,8 @@ def key_to_shard(index_path) -> dict[str, str]:
 
 
 def test_resume_two_ranks_two_workers_gloo(demo_shards, tmp_path):
-    """First K batches + the batches after restoring the position = the whole epoch; repeats <= one shard a worker."""
+    """First K batches + the batches after restoring the position = the whole epoch; repeats <= one shard a worker
+    (data.interleave_shards=1; groups are covered by test_resumed_batches_equal_the_uninterrupted_run)."""
     index = demo_shards / "train" / "index.json"
     out = tmp_path / "resume.json"
     torchrun("data_resume.py", str(index), str(out), "3", nproc=2)
@@ -221,8 +244,27 @@ def test_resume_two_ranks_two_workers_gloo(demo_shards, tmp_path):
     assert seen == everything, "nothing skipped: together the ranks see every cut of the epoch"
 
 
+def test_interleaved_shards_mix_in_a_batch_and_every_cut_comes_once(demo_shards):
+    """interleave_shards=4: batches draw from several shards at once; =1: every batch is one shard's."""
+    index = demo_shards / "train" / "index.json"
+    shard_of = key_to_shard(index)
+    for interleave in (1, 4):
+        data = config(index, batch_seconds=20.0, shuffle_buffer=16, interleave_shards=interleave)
+        batches = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=5, epochs=1))
+        ids = [k for b in batches for k in b["cut_ids"]]
+        assert sorted(ids) == sorted(index_keys(index)), "each cut exactly once per epoch"
+        shards_per_batch = [len({shard_of[k] for k in b["cut_ids"]}) for b in batches]
+        if interleave == 1:
+            assert max(shards_per_batch) == 1
+        else:
+            assert max(shards_per_batch) >= 3, shards_per_batch
+            # the position moves by whole groups of 4 of the 8 shards
+            assert {4, 8} <= {b["shards_done"] for b in batches} <= {0, 4, 8}
+
+
 def test_resumed_batches_equal_the_uninterrupted_run(demo_shards):
-    """num_workers=0: the batches after a resume are exactly the original run's from the partial shard on."""
+    """num_workers=0: the batches after a resume are exactly the original run's from the partial group on
+    (8 shards, interleave_shards=4: two groups an epoch)."""
     data = config(demo_shards / "train" / "index.json", batch_seconds=4.0, shuffle_buffer=4)
     full = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=9, epochs=2))
     assert {b["epoch"] for b in full} == {0, 1}
@@ -232,7 +274,9 @@ def test_resumed_batches_equal_the_uninterrupted_run(demo_shards):
                               position=json.loads(json.dumps(position)))
         rest = list(loader)
         assert loader.resumed and loader.position_note == ""
-        assert 0 < len(rest) <= len(full) - j
+        # it restarts no earlier than the first batch of the group unfinished at batch j
+        unfinished = [i for i, b in enumerate(full) if b["position"] == full[j]["position"]]
+        assert 0 < len(rest) <= len(full) - unfinished[0]
         assert [b["cut_ids"] for b in rest] == [b["cut_ids"] for b in full[len(full) - len(rest):]]
         assert all(np.array_equal(a["audio"], b["audio"]) for a, b in zip(rest, full[len(full) - len(rest):]))
         # what is re-read: only batches of the shard that was partial at batch j
@@ -240,7 +284,8 @@ def test_resumed_batches_equal_the_uninterrupted_run(demo_shards):
         assert all(b["epoch"] == full[j]["epoch"] and b["shards_done"] == full[j]["shards_done"] for b in redone[:-1])
     # the position counts shards within the epoch and ends the epoch at the worker's whole list
     ends = [b for b in full if b["epoch"] == 0]
-    assert ends[-1]["shards_done"] == 8 and full[-1]["position"] == {"worker": 0, "epoch": 1, "shards_done": 8}
+    assert ends[-1]["shards_done"] == 8 and full[-1]["position"] == {
+        "worker": 0, "epoch": 1, "shards_done": 8, "skipped_by_reason": {}, "repaired_by_reason": {}}
 
 
 def test_a_position_for_other_workers_starts_fresh(demo_shards):
@@ -272,18 +317,6 @@ def test_shards_split_by_node_then_rank_then_worker(demo_shards):
         import random
         random.Random(f"shards:1:{epoch}").shuffle(order)
         assert node0 == set(order[0::2]), "node 0 reads every other shard of the epoch's order"
-
-
-def rewrite_shard(shard, extra: dict[str, bytes] | None = None, keep=lambda name: True) -> list[tuple[str, bytes]]:
-    """Rewrites a shard tar with its members filtered by `keep` plus `extra`; returns the original members."""
-    with tarfile.open(shard) as tf:
-        files = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
-    with tarfile.open(shard, "w") as tf:
-        for name, payload in [f for f in files if keep(f[0])] + list((extra or {}).items()):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tf.addfile(info, io.BytesIO(payload))
-    return files
 
 
 def test_truncated_tar_keeps_what_precedes_the_cut(demo_shards, tmp_path):

@@ -2,15 +2,19 @@
 
 Usage:
     python tools/bench_schedules.py                     # 16 steps each, paper-shaped models, 2 x 4 s batches
-    python tools/bench_schedules.py --steps 24 --utterances 4 --teacher-dtype bf16 --json schedules.json
+    python tools/bench_schedules.py --steps 40 --teacher-dtype int8 --json schedules.json
 
 Each run is the real Trainer (one CPU rank, a DeepSpeed ZeRO-2 engine, real
-growths 3 -> 6 -> 9 -> 12 through the GrowthManager) fed the same fixed batches,
+growths 3 -> 6 -> 9 -> 12 through the GrowthManager) fed the same fixed batches;
+the schedules of a front end step round-robin, one step each in turn, so the
+machine's noise hits them alike (sequential runs on this CPU drift by ~10 %),
 with the paper-shaped student (12 x 384) and a random HuBERT-Base-shaped teacher.
 For each front end (`trainable`: the student's own CNN; `shared`: the teacher's
 CNN output fed to both) it prints the wall time of `none` (full depth from step
 0), `interleaved` EQL and PROP-1, their speed-ups over `none`, and the loss on
-a held-out batch after the last step, so speed is never shown without quality.
+a held-out batch after the last step, so speed is never shown without quality
+(always against the fp32 teacher's targets, so a bf16 or int8 teacher's error
+shows in it).
 Goals: shared EQL >= 1.25x and PROP-1 >= 1.15x over shared `none`; shared EQL
 >= 2x over trainable `none` (the DistilHuBERT-style baseline).
 """
@@ -34,39 +38,69 @@ SCHEDULES = {"none": {"growth.operator": "none"},
              "interleaved PROP-1": {"growth.operator": "interleaved", "growth.alpha": 1}}
 
 
-def held_out_loss(trainer, batch) -> float:
+def reference_targets(teacher_path: Path, batch: dict) -> dict:
+    """The held-out batch through the fp32 teacher: quality is judged against these whatever the teacher dtype."""
+    from istack_ds.config import LossConfig
+    from istack_ds.models.teacher import Teacher
+
+    teacher = Teacher(teacher_path, LossConfig().teacher_layers)
+    audio, lens = batch["audio"], batch["audio_lens"]
+    features = teacher.cnn(audio)
+    return {**batch, "features": features, "targets": teacher(audio, lens, features)}
+
+
+def held_out_loss(trainer, held_out: dict) -> float:
     trainer.engine.eval()
     with torch.no_grad():
-        audio, lens = batch["audio"], batch["audio_lens"]
-        features, targets = trainer.teacher_pass(audio, lens)
-        loss, _ = trainer.compute_loss(trainer.engine(audio, lens, features), targets, lens)
+        audio, lens = held_out["audio"], held_out["audio_lens"]
+        features = held_out["features"] if trainer.cfg.student.frontend == "shared" else None
+        loss, _ = trainer.compute_loss(trainer.engine(audio, lens, features), held_out["targets"], lens)
     trainer.engine.train()
     return loss.item()
 
 
-def run(frontend: str, schedule: str, args, teacher, index, batches, held_out) -> dict:
-    extra = {**SCHEDULES[schedule], "student.frontend": frontend, "teacher.dtype": args.teacher_dtype,
-             "optim.total_steps": args.steps, "optim.lr": 1e-3}
-    trainer = benchlib.make_trainer(benchlib.paper_overrides(teacher, index, Path(tempfile.mkdtemp()), **extra),
-                                    batches)
-    torch.manual_seed(0)
-    pauses = 0.0
-    start = time.perf_counter()
-    while trainer.step < args.steps:  # Trainer.train()'s loop without logging, validation and checkpoints
+class Timed:
+    """One schedule's Trainer with its wall time and growth pauses so far."""
+
+    def __init__(self, frontend: str, schedule: str, args, teacher, index, batches):
+        extra = {**SCHEDULES[schedule], "student.frontend": frontend, "teacher.dtype": args.teacher_dtype,
+                 "optim.total_steps": args.steps, "optim.lr": 1e-3}
+        self.frontend, self.schedule = frontend, schedule
+        self.trainer = benchlib.make_trainer(
+            benchlib.paper_overrides(teacher, index, Path(tempfile.mkdtemp()), **extra), batches)
+        self.wall = self.pauses = 0.0
+
+    def step(self) -> None:
+        """Trainer.train()'s loop body without logging, validation and checkpoints."""
+        trainer = self.trainer
         t0 = time.perf_counter()
         depth = trainer.student.depth
         trainer.maybe_grow()
         if trainer.student.depth != depth:
-            pauses += time.perf_counter() - t0
+            self.pauses += time.perf_counter() - t0
         trainer.train_step()
         trainer.step += 1
-    wall = time.perf_counter() - start
-    result = {"frontend": frontend, "schedule": schedule, "steps": args.steps, "wall_s": wall, "growth_s": pauses,
-              "held_out_loss": held_out_loss(trainer, held_out), "final_depth": trainer.student.depth}
-    benchlib.close_trainer(trainer)
-    print(f"  {frontend:9s} {schedule:18s} {wall:7.1f} s (growth pauses {pauses:4.1f} s)  "
-          f"held-out loss {result['held_out_loss']:.4f}", flush=True)
-    return result
+        self.wall += time.perf_counter() - t0
+
+    def finish(self, args, held_out) -> dict:
+        trainer = self.trainer
+        result = {"frontend": self.frontend, "schedule": self.schedule, "steps": args.steps, "wall_s": self.wall,
+                  "growth_s": self.pauses, "held_out_loss": held_out_loss(trainer, held_out),
+                  "final_depth": trainer.student.depth}
+        benchlib.close_trainer(trainer)
+        print(f"  {self.frontend:9s} {self.schedule:18s} {self.wall:7.1f} s (growth pauses {self.pauses:4.1f} s)  "
+              f"held-out loss {result['held_out_loss']:.4f}", flush=True)
+        return result
+
+
+def run(frontend: str, args, teacher, index, batches, held_out) -> list[dict]:
+    """All schedules of one front end, stepped round-robin (one step each in turn): noise hits them alike."""
+    runs = [Timed(frontend, schedule, args, teacher, index, batches) for schedule in SCHEDULES]
+    torch.manual_seed(0)
+    for _ in range(args.steps):
+        for r in runs:
+            r.step()
+    return [r.finish(args, held_out) for r in runs]
 
 
 def main(argv=None) -> int:
@@ -74,7 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--utterances", type=int, default=2)
     p.add_argument("--seconds", type=float, default=4.0)
-    p.add_argument("--teacher-dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--teacher-dtype", default="fp32", choices=("fp32", "bf16", "int8"))
     p.add_argument("--frontends", default="shared,trainable")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -82,11 +116,10 @@ def main(argv=None) -> int:
     benchlib.init_single_process()
     teacher, index = benchlib.paper_teacher(), benchlib.bench_shards()
     batches = benchlib.fixed_batches(8, args.utterances, args.seconds, seed=0)
-    held_out = benchlib.fixed_batches(1, args.utterances, args.seconds, seed=99)[0]
+    held_out = reference_targets(teacher, benchlib.fixed_batches(1, args.utterances, args.seconds, seed=99)[0])
     print(f"{args.steps} steps, batch {args.utterances} x {args.seconds} s, student 12 x 384 (3 -> 6 -> 9 -> 12), "
           f"teacher HuBERT-Base-shaped {args.teacher_dtype}, {torch.get_num_threads()} threads")
-    results = [run(f, s, args, teacher, index, batches, held_out)
-               for f in args.frontends.split(",") for s in SCHEDULES]
+    results = [r for f in args.frontends.split(",") for r in run(f, args, teacher, index, batches, held_out)]
     wall = {(r["frontend"], r["schedule"]): r["wall_s"] for r in results}
     steady = {(r["frontend"], r["schedule"]): r["wall_s"] - r["growth_s"] for r in results}
     # Each growth pauses ~1 step (tools/bench_growth.py): a real run of 10^5 steps pays 3 of them,

@@ -3,19 +3,25 @@
     index.json -> shard list, shuffled per epoch from (seed, epoch), the same on every rank
       -> this node's shards (every num_nodes-th) -> this rank's (every local_world_size-th)
          -> this worker's (every num_workers-th)
-      -> each shard in turn: tar members -> header check (flac + json, rate, channels, length)
+      -> groups of data.interleave_shards shards in turn, each read member by member from all
+         its shards: tar members -> header check (flac + json, rate, channels, length)
          -> random crop plan (data.crop_seconds) -> shuffle buffer (data.shuffle_buffer cuts)
          -> duration buckets (bins from the index's histogram) -> batches of <= data.batch_seconds
       -> decode only the cropped frames (soundfile), resample / downmix when needed
       -> batch dict (raw samples, plus lhotse log-mel fbank when data.features == 'fbank')
 
-NOTE: a worker emits its shards one after another: at the end of a shard the shuffle
-buffer and the buckets are drained (leftovers packed together by length) before the
-next shard is read. A batch therefore says exactly how many of the worker's shards
-are fully emitted (its ``position``), and a resumed worker skips those and re-reads
-at most the one shard it was in. The batching randomness is seeded per (seed, epoch,
-shard), so a re-read shard gives the same batches as the first time. Mixing happens
-across shards through the per-epoch shard order and across ranks and workers.
+NOTE: shards are written in corpus order, so one shard holds a few consecutive
+speakers; reading several at once into one shuffle buffer is what gives a batch
+several speakers. Mixing also happens through the per-epoch shard order and across
+ranks and workers.
+
+NOTE: a worker emits its shard groups one after another: at the end of a group the
+shuffle buffer and the buckets are drained (leftovers packed together by length)
+before the next group is read. A batch therefore says exactly how many of the
+worker's shards are fully emitted (its ``position``), and a resumed worker skips
+those and re-reads at most the one group it was in. The batching randomness is
+seeded per (seed, epoch, group), so a re-read group gives the same batches as the
+first time.
 
 NOTE: ranks get unequal numbers of batches. Training uses ``epochs=None``, an endless
 stream driven by the step count, so no rank runs dry while another waits in a
@@ -32,8 +38,9 @@ Batch keys:
     worker       int, the DataLoader worker id (0 with num_workers=0): per-worker counters add up across ids
     epoch        int, that worker's current epoch over its shards
     shards_done  int, shards of that epoch the worker has fully emitted, this batch included
-    position     {"worker", "epoch", "shards_done"}: what build_loader(position=...) resumes from
-    skipped      int, members (or shards) skipped by that worker so far
+    position     {"worker", "epoch", "shards_done", "skipped_by_reason", "repaired_by_reason"}: what
+                 build_loader(position=...) resumes from, counters as of those whole shards
+    skipped      int, members (or shards) skipped by that worker so far (a resumed worker goes on counting)
     skipped_by_reason   {reason: count}, reasons from istack_ds.data.shards.SKIP_REASONS
     repaired_by_reason  {reason: count}: resampled, downmixed, too_long (cropped to data.crop_seconds)
 """
@@ -41,6 +48,7 @@ Batch keys:
 from __future__ import annotations
 
 import bisect
+import copy
 import io
 import math
 import os
@@ -113,17 +121,23 @@ def build_loader(data: DataConfig, index_path: str, *, rank: int, world_size: in
     return loader
 
 
-def resume_points(position: dict | None, workers: int) -> tuple[dict[int, tuple[int, int]], str]:
-    """{worker: (epoch, shards_done)} from a saved position, or ({}, why not) when it does not fit."""
+def resume_points(position: dict | None, workers: int) -> tuple[dict[int, WorkerCounters], str]:
+    """{worker: counters to start from} from a saved position, or ({}, why not) when it does not fit.
+
+    A position saved before the counters were part of it starts them at 0.
+    """
     if not position:
         return {}, ""
     try:
-        points = {int(w): (int(p["epoch"]), int(p["shards_done"])) for w, p in position.items()}
+        points = {int(w): WorkerCounters(worker=int(w), epoch=int(p["epoch"]), shards_done=int(p["shards_done"]),
+                                         skipped=Counter({k: int(v) for k, v in p.get("skipped_by_reason", {}).items()}),
+                                         repaired=Counter({k: int(v) for k, v in p.get("repaired_by_reason", {}).items()}))
+                  for w, p in position.items()}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         return {}, f"malformed position {position!r} ({e!r})"
     if sorted(points) != list(range(workers)):
         return {}, f"it is for workers {sorted(points)}, this loader has {workers} (data.num_workers)"
-    if any(e < 0 or k < 0 for e, k in points.values()):
+    if any(c.epoch < 0 or c.shards_done < 0 for c in points.values()):
         return {}, f"negative epoch or shards_done in {position!r}"
     return points, ""
 
@@ -149,16 +163,37 @@ class WorkerCounters:
     shards_done: int = 0
     skipped: Counter = field(default_factory=Counter)
     repaired: Counter = field(default_factory=Counter)
+    position: dict = field(default_factory=dict)
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] += 1
 
+    def reached(self, epoch: int, shards_done: int) -> None:
+        """`shards_done` whole shards of `epoch` emitted: the resume point, with the counters as of then.
+
+        NOTE: the counters are snapshotted here, not at each batch: a resumed worker re-reads
+        its partial shard and counts that shard's skips again.
+        """
+        self.epoch, self.shards_done = epoch, shards_done
+        self.position = {"worker": self.worker, "epoch": epoch, "shards_done": shards_done,
+                         "skipped_by_reason": dict(self.skipped), "repaired_by_reason": dict(self.repaired)}
+
     def stamp(self, batch: dict) -> dict:
-        batch.update(worker=self.worker, epoch=self.epoch, shards_done=self.shards_done,
-                     position={"worker": self.worker, "epoch": self.epoch, "shards_done": self.shards_done},
+        batch.update(worker=self.worker, epoch=self.epoch, shards_done=self.shards_done, position=dict(self.position),
                      skipped=sum(self.skipped.values()), skipped_by_reason=dict(self.skipped),
                      repaired_by_reason=dict(self.repaired))
         return batch
+
+
+def round_robin(iterators: list[Iterator]) -> Iterator:
+    """One item from each iterator in turn, dropping each as it ends (deterministic)."""
+    active = list(iterators)
+    while active:
+        for it in list(active):
+            try:
+                yield next(it)
+            except StopIteration:
+                active.remove(it)
 
 
 @dataclass
@@ -223,7 +258,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, *, shards: list[tuple[str, int]], data: DataConfig, rank: int, world_size: int,
                  local_world_size: int, seed: int, epochs: int | None, crop: bool, duration_bins: list[float],
-                 start: dict[int, tuple[int, int]] | None = None):
+                 start: dict[int, WorkerCounters] | None = None):
         super().__init__()
         self.shards, self.data, self.rank, self.world_size = list(shards), data, rank, world_size
         self.local_world_size = local_world_size
@@ -241,8 +276,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        counters = WorkerCounters(worker=worker)
-        epoch, skip = self.start.get(worker, (0, 0))
+        counters = copy.deepcopy(self.start.get(worker)) or WorkerCounters(worker=worker)
+        epoch, skip = counters.epoch, counters.shards_done
         fbank = None
         if self.data.features == "fbank":
             from lhotse import Fbank, FbankConfig
@@ -250,26 +285,29 @@ class ShardStream(torch.utils.data.IterableDataset):
             fbank = Fbank(FbankConfig(num_mel_bins=self.data.num_mel_bins))
         while self.epochs is None or epoch < self.epochs:
             shards = self.shards_for(epoch, worker, num_workers)
-            counters.epoch, counters.shards_done = epoch, min(skip, len(shards))
+            counters.reached(epoch, min(skip, len(shards)))
             items_in_epoch = 0
-            for k in range(counters.shards_done, len(shards)):
-                path, samples = shards[k]
-                rng = random.Random(f"batches:{self.seed}:{epoch}:{path}")
+            # Groups of `interleave_shards` from the resume point on: a group is read member by member
+            # into one shuffle buffer and is the unit of resume (its shards are done together).
+            for k in range(counters.shards_done, len(shards), self.data.interleave_shards):
+                group = shards[k:k + self.data.interleave_shards]
+                end = k + len(group)
+                rng = random.Random(f"batches:{self.seed}:{epoch}:{group[0][0]}")
                 batcher = Batcher(self.duration_bins, self.data.batch_seconds, self.data.shuffle_buffer, rng)
-                for item in self.read_shard(path, samples, rng, counters):
+                for item in round_robin([self.read_shard(path, samples, rng, counters) for path, samples in group]):
                     items_in_epoch += 1
-                    for group in batcher.add(item):
-                        batch = self.collate(group, fbank, counters)
+                    for cuts in batcher.add(item):
+                        batch = self.collate(cuts, fbank, counters)
                         if batch is not None:
                             yield counters.stamp(batch)
                 ready = batcher.drain()
-                for i, group in enumerate(ready):
+                for i, cuts in enumerate(ready):
                     if i == len(ready) - 1:
-                        counters.shards_done = k + 1  # NOTE: the last batch of a shard completes it
-                    batch = self.collate(group, fbank, counters)
+                        counters.reached(epoch, end)  # NOTE: the last batch of a group completes it
+                    batch = self.collate(cuts, fbank, counters)
                     if batch is not None:
                         yield counters.stamp(batch)
-                counters.shards_done = k + 1
+                counters.reached(epoch, end)
             if items_in_epoch == 0 and skip == 0:
                 # an endless loop over unreadable shards would hang this rank silently
                 raise DataError(f"rank {self.rank} worker {worker}: no readable cut in epoch {epoch} of shards "

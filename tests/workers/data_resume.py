@@ -22,7 +22,7 @@ def main(index_path: str, out_json: str, k: str) -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     data = DataConfig(train_index=index_path, num_workers=2, crop_seconds=1.0, batch_seconds=1.0, num_buckets=3,
-                      shuffle_buffer=4)
+                      shuffle_buffer=4, interleave_shards=1)  # the resume unit is then one shard
     first, position = [], {}
     loader = build_loader(data, index_path, rank=rank, world_size=world_size, seed=3, epochs=1)
     for i, batch in enumerate(loader):
