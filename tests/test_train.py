@@ -42,7 +42,9 @@ def test_demo_pipeline_end_to_end(tmp_path, teacher_dir, demo_shards):
             "--set", f"data.valid_index={demo_shards / 'valid/index.json'}",
             "--set", "optim.total_steps=12", "--set", "log.every=2", "--set", "eval.every=6",
             "--set", "checkpoint.every=6", "--set", "data.num_workers=1", "--set", "data.crop_seconds=2",
-            "--set", "data.batch_seconds=6"]
+            "--set", "data.batch_seconds=6",
+            # the CPU speed option end to end (the other training tests run an fp32 teacher)
+            "--set", "teacher.dtype=int8"]
     proc = torchrun(ROOT / "launchers/train.py", *args, timeout=400)
     assert "depth 2 -> 4" in proc.stderr + proc.stdout and "depth 4 -> 8" in proc.stderr + proc.stdout
 
