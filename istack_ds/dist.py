@@ -86,8 +86,33 @@ def init_distributed(timeout_s: int) -> None:
     if "RANK" not in os.environ:  # a plain `python launchers/train.py`: one process
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    bind_device()
+    deepspeed.init_distributed(dist_backend=backend(), timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def backend() -> str:
+    """The collective backend of DeepSpeed's accelerator: gloo on the CPU one, its own (nccl on CUDA) otherwise.
+
+    Chosen by the accelerator, not by whether a GPU is visible: DS_ACCELERATOR=cpu on a GPU
+    host runs CPU tensors, which nccl cannot carry.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    return "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
+
+
+def bind_device() -> None:
+    """Makes this rank's own GPU (LOCAL_RANK) the current device before anything is put on one.
+
+    NOTE: without it every rank of a node would build its teacher and batches on GPU 0
+    (DeepSpeed binds the device only inside deepspeed.initialize, after the teacher exists).
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def comm_device() -> torch.device:

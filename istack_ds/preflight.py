@@ -1,16 +1,24 @@
 """Checks that need no process group: run before any rank starts talking to another.
 
 A missing teacher dir, a missing or empty shard index, a teacher layer that does
-not exist: each stops the run with a message naming the path or key.
+not exist, an int8 teacher on a GPU: each stops the run with a message naming the
+path or key.
 """
 
 from __future__ import annotations
 
-from .config import Config
+from .config import Config, ConfigError
 from .models.teacher import check_teacher_layers, read_teacher_info
 
 
 def preflight(cfg: Config) -> None:
+    if cfg.teacher.dtype == "int8":
+        from deepspeed.accelerator import get_accelerator
+
+        device = get_accelerator().device_name()
+        if device != "cpu":
+            raise ConfigError(f"teacher.dtype=int8 runs on CPU only (quantized Linear kernels), this job runs on "
+                              f"{device}: use teacher.dtype=bf16")
     info = read_teacher_info(cfg.teacher.path)
     check_teacher_layers(info, cfg.loss.teacher_layers)
     from .data import read_index

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from . import __version__, faults
 from .checkpoint import Checkpointer, check_compatible, gradient_accumulation_for, read_meta
-from .config import Config, ConfigError
+from .config import Config
 from .data import build_loader, read_index
 from .diagnostics import LayerDiagnostics
 from .dist import all_ranks, all_reduce_sum, is_main, log0, rank, topology, world_size
@@ -48,11 +48,7 @@ class Trainer:
         if is_main():
             self.out_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out_dir / "config.yaml")
-        if cfg.teacher.dtype == "int8" and self.device.type != "cpu":
-            raise ConfigError(f"teacher.dtype=int8 runs on CPU only, this rank trains on {self.device}: use bf16")
-        self.teacher = Teacher(cfg.teacher.path, cfg.loss.teacher_layers,
-                               dtype=torch.bfloat16 if cfg.teacher.dtype == "bf16" else torch.float32,
-                               int8=cfg.teacher.dtype == "int8").to(self.device)
+        self.teacher = Teacher.from_config(cfg.teacher, cfg.loss.teacher_layers).to(self.device)
         self.schedule = Schedule.from_config(cfg.growth, cfg.optim.total_steps)
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", cfg.checkpoint.keep)
         self.metrics = Metrics(self.out_dir, cfg.optim.total_steps, cfg.log.tensorboard)
@@ -386,6 +382,7 @@ class Trainer:
              "ZeRO %d, %s, gradient accumulation %d", topo["nodes"], topo["ranks_per_node"], topo["world_size"],
              workers, shards, shards / (topo["world_size"] * workers), self.cfg.deepspeed.zero_stage,
              self.cfg.deepspeed.precision, self.accumulation)
+        log0("teacher: %s", self.teacher.describe())
         log0("schedule: %s (%s)", ", ".join(f"depth {d} from step {s}" for d, s in zip(self.schedule.depths,
                                                                                      self.schedule.starts)),
              self.cfg.growth.operator)

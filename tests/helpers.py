@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,3 +53,14 @@ def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float = 30
             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-12000:]}"
         )
     return proc
+
+
+def shard_of_cut(index_path) -> dict[str, str]:
+    """cut id -> path of the shard that holds it, read from the tars the index lists."""
+    from istack_ds.data.shards import read_index
+
+    owner = {}
+    for shard in read_index(index_path).shards:
+        with tarfile.open(shard.path) as tf:
+            owner.update({name.split(".", 1)[0]: shard.path for name in tf.getnames()})
+    return owner

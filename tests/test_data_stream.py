@@ -14,7 +14,7 @@ import soundfile as sf
 from istack_ds.config import DataConfig
 from istack_ds.data.shards import DataError, read_index
 from istack_ds.data.stream import build_loader
-from tests.helpers import torchrun
+from tests.helpers import shard_of_cut, torchrun
 
 
 def index_keys(index_path) -> list[str]:
@@ -164,23 +164,42 @@ def test_bad_members_are_skipped_and_counted(demo_shards, tmp_path):
     assert batches[-1]["repaired_by_reason"] == {}
 
 
-def test_skip_counts_survive_a_resume_without_double_counting(demo_shards, tmp_path):
-    """Resumed anywhere in 2 epochs over a shard with 2 bad members, the last batch counts 4 skips, as unresumed."""
+@pytest.mark.parametrize("interleave", [1, 4])
+def test_skip_counts_survive_a_resume_without_double_counting(demo_shards, tmp_path, interleave):
+    """Two epochs over shards with 2 bad headers and 1 bad body: resumed after ANY batch, the last batch
+    counts the same 6 skips as the unresumed run (a bad body is found while its batch is decoded,
+    possibly in the batch that completes its group)."""
     split = tmp_path / "train"
     shutil.copytree(demo_shards / "train", split)
-    shard = split / "shard-000003.tar"
-    with tarfile.open(shard) as tf:
+    with tarfile.open(split / "shard-000003.tar") as tf:
         flac = next(tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".flac"))
-    rewrite_shard(shard, {"zz-bad-0000.flac": b"\x00garbage" * 100, "zz-bad-0000.json": b"{}",
-                          "zz-nojson-0000.flac": flac})
-    data = config(split / "index.json", batch_seconds=4.0)
+    rewrite_shard(split / "shard-000003.tar", {"zz-bad-0000.flac": b"\x00garbage" * 100, "zz-bad-0000.json": b"{}",
+                                               "zz-nojson-0000.flac": flac})
+    with tarfile.open(split / "shard-000005.tar") as tf:
+        name, flac = next((m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".flac"))
+    rewrite_shard(split / "shard-000005.tar", {name: flac[:200] + bytes(len(flac) - 200)})  # header fine, body not
+    data = config(split / "index.json", batch_seconds=40.0, interleave_shards=interleave)
     full = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=1, epochs=2))
-    assert full[-1]["skipped"] == 4
-    for j in range(0, len(full) - 1, 3):
+    assert full[-1]["skipped_by_reason"] == {"undecodable_flac": 4, "missing_json": 2}
+    for j in range(len(full) - 1):
         position = json.loads(json.dumps({"0": full[j]["position"]}))
         rest = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=1, epochs=2, position=position))
-        assert rest[-1]["skipped"] == 4, f"resumed after batch {j}: {rest[-1]['skipped_by_reason']}"
-        assert rest[-1]["skipped_by_reason"] == full[-1]["skipped_by_reason"]
+        assert rest[-1]["skipped_by_reason"] == full[-1]["skipped_by_reason"], f"resumed after batch {j}"
+
+
+def test_a_position_saved_with_other_groups_loses_and_repeats_nothing(demo_shards):
+    """Saved at 3 of 8 shards with interleave_shards=1, resumed with 4: the other 5 shards' cuts, each once."""
+    index = demo_shards / "train" / "index.json"
+    shard_of = shard_of_cut(index)
+    data = config(index, interleave_shards=4)
+    loader = build_loader(data, data.train_index, rank=0, world_size=1, seed=2, epochs=1)
+    order = [p for p, _ in loader.dataset.shards_for(0, 0, 1)]
+    position = {"0": {"worker": 0, "epoch": 0, "shards_done": 3, "interleave_shards": 1}}
+    with pytest.warns(UserWarning, match=r"interleave_shards=\[1\]"):
+        loader = build_loader(data, data.train_index, rank=0, world_size=1, seed=2, epochs=1, position=position)
+    ids = [k for b in loader for k in b["cut_ids"]]
+    assert len(ids) == len(set(ids)) and {shard_of[k] for k in ids} == set(order[3:])
+    assert sorted(ids) == sorted(k for k in index_keys(index) if shard_of[k] in order[3:])
 
 
 def test_other_rate_and_stereo_members_are_resampled_and_downmixed(demo_shards, tmp_path):
@@ -209,45 +228,64 @@ def test_other_rate_and_stereo_members_are_resampled_and_downmixed(demo_shards, 
 # ---- data position: resume ----------------------------------------------------------------
 
 
-def key_to_shard(index_path) -> dict[str, str]:
-    out = {}
-    for shard in read_index(index_path).shards:
-        with tarfile.open(shard.path) as tf:
-            out.update({m.name.split(".", 1)[0]: shard.path for m in tf.getmembers()})
-    return out
+def assert_resumed(r: dict, shard_of: dict) -> set:
+    """One rank's first batches, saved position and batches after the resume: what the resume promises.
+
+    Returns every cut that rank saw."""
+    assert r["resumed"] and r["skipped"] == 0
+    repeats = set(r["first"]) & set(r["after"])
+    assert len(r["after"]) == len(set(r["after"])), "no duplicates after the resume"
+    # every repeat lies in its worker's one unfinished group: the interleave_shards shards from shards_done on
+    unfinished = {s for w, p in r["position"].items()
+                  for s in r["shard_lists"][w][p["shards_done"]:p["shards_done"] + p["interleave_shards"]]}
+    assert {shard_of[k] for k in repeats} <= unfinished
+    done = {s for w, p in r["position"].items() for s in r["shard_lists"][w][:p["shards_done"]]}
+    assert not any(shard_of[k] in done for k in r["after"]), "completed shards are not read again"
+    return set(r["first"]) | set(r["after"])
 
 
 def test_resume_two_ranks_two_workers_gloo(demo_shards, tmp_path):
     """First K batches + the batches after restoring the position = the whole epoch; repeats <= one shard a worker
-    (data.interleave_shards=1; groups are covered by test_resumed_batches_equal_the_uninterrupted_run)."""
+    (2 shards a worker here, so data.interleave_shards=1 to have a resume point inside the epoch)."""
     index = demo_shards / "train" / "index.json"
     out = tmp_path / "resume.json"
     torchrun("data_resume.py", str(index), str(out), "3", nproc=2)
     per_rank = json.loads(out.read_text())
-    shard_of = key_to_shard(index)
-    everything = set(index_keys(index))
+    shard_of = shard_of_cut(index)
     seen = set()
     assert any(set(r["first"]) & set(r["after"]) for r in per_rank), "the run stopped inside a shard (K, seed)"
     for r in per_rank:
-        assert r["resumed"] and sorted(r["position"]) == ["0", "1"] and r["skipped"] == 0
-        assert set(r["first"]).isdisjoint(seen) and set(r["after"]).isdisjoint(seen), "ranks share no cut"
-        rank_cuts = set(r["first"]) | set(r["after"])
+        assert sorted(r["position"]) == ["0", "1"]
+        rank_cuts = assert_resumed(r, shard_of)
+        assert rank_cuts.isdisjoint(seen), "ranks share no cut"
         seen |= rank_cuts
-        repeats = set(r["first"]) & set(r["after"])
-        assert len(r["after"]) == len(set(r["after"])), "no duplicates after the resume"
-        # every repeat lies in the one partially read shard of its worker: shard number shards_done of its list
-        partial = {r["shard_lists"][w][p["shards_done"]] for w, p in r["position"].items()
-                   if p["shards_done"] < len(r["shard_lists"][w])}
-        assert {shard_of[k] for k in repeats} <= partial
-        done = {s for w, p in r["position"].items() for s in r["shard_lists"][w][:p["shards_done"]]}
-        assert not any(shard_of[k] in done for k in r["after"]), "completed shards are not read again"
-    assert seen == everything, "nothing skipped: together the ranks see every cut of the epoch"
+    assert seen == set(index_keys(index)), "nothing skipped: together the ranks see every cut of the epoch"
+
+
+def test_resume_two_workers_in_groups_of_two(demo_shards):
+    """2 loader processes, 4 shards each read 2 at a time: the resume re-reads at most a worker's unfinished group."""
+    index = demo_shards / "train" / "index.json"
+    data = config(index, num_workers=2, interleave_shards=2, batch_seconds=4.0, shuffle_buffer=4)
+    first, position = [], {}
+    for i, batch in enumerate(build_loader(data, data.train_index, rank=0, world_size=1, seed=4, epochs=1)):
+        if i == 6:
+            break
+        first += batch["cut_ids"]
+        position[str(batch["worker"])] = batch["position"]
+    assert {p["shards_done"] for p in position.values()} & {2}, "a worker finished its first group (K, seed)"
+    resumed = build_loader(data, data.train_index, rank=0, world_size=1, seed=4, epochs=1,
+                           position=json.loads(json.dumps(position)))
+    after = [k for b in resumed for k in b["cut_ids"]]
+    lists = {str(w): [p for p, _ in resumed.dataset.shards_for(0, w, 2)] for w in (0, 1)}
+    seen = assert_resumed({"first": first, "after": after, "position": position, "resumed": resumed.resumed,
+                           "skipped": 0, "shard_lists": lists}, shard_of_cut(index))
+    assert seen == set(index_keys(index))
 
 
 def test_interleaved_shards_mix_in_a_batch_and_every_cut_comes_once(demo_shards):
     """interleave_shards=4: batches draw from several shards at once; =1: every batch is one shard's."""
     index = demo_shards / "train" / "index.json"
-    shard_of = key_to_shard(index)
+    shard_of = shard_of_cut(index)
     for interleave in (1, 4):
         data = config(index, batch_seconds=20.0, shuffle_buffer=16, interleave_shards=interleave)
         batches = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=5, epochs=1))
@@ -285,7 +323,8 @@ def test_resumed_batches_equal_the_uninterrupted_run(demo_shards):
     # the position counts shards within the epoch and ends the epoch at the worker's whole list
     ends = [b for b in full if b["epoch"] == 0]
     assert ends[-1]["shards_done"] == 8 and full[-1]["position"] == {
-        "worker": 0, "epoch": 1, "shards_done": 8, "skipped_by_reason": {}, "repaired_by_reason": {}}
+        "worker": 0, "epoch": 1, "shards_done": 8, "interleave_shards": 4, "skipped_by_reason": {},
+        "repaired_by_reason": {}}
 
 
 def test_a_position_for_other_workers_starts_fresh(demo_shards):

@@ -55,15 +55,20 @@ def test_teacher_frozen_and_matches_full_model(tmp_path, model_type):
     assert len(teacher.model.encoder.layers) == 4  # runs only up to the deepest layer used
 
 
-def test_int8_teacher_targets_stay_close_to_fp32(teacher_dir):
+@pytest.mark.parametrize("model_type", ["hubert", "wavlm", "wav2vec2"])
+def test_int8_teacher_targets_stay_close_to_fp32(tmp_path, model_type):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
-    fp32, int8 = Teacher(teacher_dir, [4, 8]), Teacher(teacher_dir, [4, 8], int8=True)
-    linears = [m for m in int8.modules() if isinstance(m, (torch.nn.Linear, DynamicInt8Linear))]
-    assert linears and all(isinstance(m, DynamicInt8Linear) for m in linears)
+    path = make_random_teacher(tmp_path / model_type, size="tiny", model_type=model_type)
+    fp32, int8 = Teacher(path, [4, 8]), Teacher(path, [4, 8], int8=True)
+    kinds = {name.rsplit(".", 1)[-1]: type(m) for name, m in int8.model.named_modules()
+             if isinstance(m, (torch.nn.Linear, DynamicInt8Linear))}
+    assert kinds["intermediate_dense"] is DynamicInt8Linear and kinds["output_dense"] is DynamicInt8Linear
+    # WavLM's attention reads its projections' raw weights, so they stay fp32 there
+    assert kinds["q_proj"] is (torch.nn.Linear if model_type == "wavlm" else DynamicInt8Linear)
     torch.manual_seed(0)
     audio, lens = 0.1 * torch.randn(2, 16000), torch.tensor([16000, 12000])
-    ref, out = fp32(audio, lens), int8(audio, lens)
+    ref, out = fp32(audio, lens), int8(audio, lens)  # runs: no raw-weight access hits a quantized Linear
     for i in (4, 8):
         assert out[i].dtype == torch.float32 and out[i].shape == ref[i].shape
         rel = ((out[i] - ref[i]).norm() / ref[i].norm()).item()

@@ -15,7 +15,7 @@ from collections import defaultdict
 import pytest
 
 from istack_ds.models.teacher import make_random_teacher
-from tests.helpers import ROOT, child_env, free_port, torchrun
+from tests.helpers import ROOT, child_env, free_port, shard_of_cut, torchrun
 
 TOTAL = 14  # EQL over depths 2, 4, 8: depth 4 from step 5, depth 8 from step 9 (0-based step indices)
 
@@ -75,19 +75,6 @@ def kill_at_step(args, step, env=None, timeout=300):
     assert proc.returncode != 0, "".join(seen[-50:])
 
 
-def shard_of_cut(shards):
-    """cut id -> shard file name, read from the tars the index lists."""
-    import tarfile
-
-    index = json.loads((shards / "train/index.json").read_text())
-    owner = {}
-    for shard in index["shards"]:
-        with tarfile.open(shards / "train" / shard["path"]) as tar:
-            for name in tar.getnames():
-                owner[name.rsplit(".", 1)[0]] = shard["path"]
-    return owner
-
-
 def shard_course(out, rank, owner):
     """The shards a rank read, in order, consecutive repeats merged; a resume's redone steps replace the first try's."""
     entries = [json.loads(line) for line in (out / f"data_audit/rank{rank}.jsonl").read_text().splitlines()]
@@ -106,8 +93,8 @@ def shard_course(out, rank, owner):
 
 
 def assert_no_shard_skipped(out, unbroken, shards):
-    """Per rank, the resumed run read the unbroken run's shards in the same order (one partial shard re-read)."""
-    owner = shard_of_cut(shards)
+    """Per rank, the resumed run read the unbroken run's shards in the same order (one unfinished shard group re-read)."""
+    owner = shard_of_cut(shards / "train/index.json")
     for rank in (0, 1):
         mine, ref = shard_course(out, rank, owner), shard_course(unbroken, rank, owner)
         short, long_ = sorted((mine, ref), key=len)

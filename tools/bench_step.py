@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=12, help="student depth (no growth during the benchmark)")
     p.add_argument("--frontend", default="trainable", choices=("trainable", "shared"))
-    p.add_argument("--teacher-dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--teacher-dtype", default="fp32", choices=("fp32", "bf16", "int8"))
     p.add_argument("--zero", type=int, default=2, choices=(1, 2, 3), help="ZeRO stage of the istack_ds engine")
     p.add_argument("--utterances", type=int, default=4)
     p.add_argument("--seconds", type=float, default=4.0)

@@ -29,9 +29,10 @@ import torch  # noqa: E402
 
 
 def load(path: Path, layers: list[int], dtype: str):
+    from istack_ds.config import TeacherConfig
     from istack_ds.models.teacher import Teacher
 
-    return Teacher(path, layers, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, int8=dtype == "int8")
+    return Teacher.from_config(TeacherConfig(path=str(path), dtype=dtype), layers)
 
 
 def timed(teacher, audio: torch.Tensor, lens: torch.Tensor) -> tuple[float, float, dict]:

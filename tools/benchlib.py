@@ -15,9 +15,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # a GPU host keeps DeepSpeed's CUDA accelerator (tools/gpu_check.py)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 CACHE = ROOT / "data" / "bench"
 

@@ -109,6 +109,13 @@ def build_loader(data: DataConfig, index_path: str, *, rank: int, world_size: in
     start, note = resume_points(position, workers)
     if note:
         warnings.warn(f"data position not used, starting from epoch 0: {note}", stacklevel=2)
+    regrouped = sorted({c.interleave_shards for c in start.values()} - {data.interleave_shards})
+    if regrouped:
+        # Groups are formed from each worker's resume point on, so no cut is lost or repeated
+        # beyond the unfinished group; only the batches differ from an uninterrupted run's.
+        warnings.warn(f"data position saved with data.interleave_shards={regrouped}, this run reads "
+                      f"{data.interleave_shards} shards at once: resuming at the saved shard counts, "
+                      "with batches that differ from an uninterrupted run's", stacklevel=2)
     dataset = ShardStream(
         shards=[(s.path, s.samples) for s in index.shards], data=data, rank=rank, world_size=world_size,
         local_world_size=local_world_size, seed=seed, epochs=epochs, crop=crop, start=start,
@@ -130,6 +137,8 @@ def resume_points(position: dict | None, workers: int) -> tuple[dict[int, Worker
         return {}, ""
     try:
         points = {int(w): WorkerCounters(worker=int(w), epoch=int(p["epoch"]), shards_done=int(p["shards_done"]),
+                                         # positions saved before shard groups existed read one shard at a time
+                                         interleave_shards=int(p.get("interleave_shards", 1)),
                                          skipped=Counter({k: int(v) for k, v in p.get("skipped_by_reason", {}).items()}),
                                          repaired=Counter({k: int(v) for k, v in p.get("repaired_by_reason", {}).items()}))
                   for w, p in position.items()}
@@ -164,6 +173,7 @@ class WorkerCounters:
     skipped: Counter = field(default_factory=Counter)
     repaired: Counter = field(default_factory=Counter)
     position: dict = field(default_factory=dict)
+    interleave_shards: int = 1
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] += 1
@@ -171,11 +181,12 @@ class WorkerCounters:
     def reached(self, epoch: int, shards_done: int) -> None:
         """`shards_done` whole shards of `epoch` emitted: the resume point, with the counters as of then.
 
-        NOTE: the counters are snapshotted here, not at each batch: a resumed worker re-reads
-        its partial shard and counts that shard's skips again.
+        NOTE: the counters are snapshotted here, not at each batch, so that they are not
+        counted twice: a resumed worker re-reads its unfinished group and counts its skips again.
         """
         self.epoch, self.shards_done = epoch, shards_done
         self.position = {"worker": self.worker, "epoch": epoch, "shards_done": shards_done,
+                         "interleave_shards": self.interleave_shards,
                          "skipped_by_reason": dict(self.skipped), "repaired_by_reason": dict(self.repaired)}
 
     def stamp(self, batch: dict) -> dict:
@@ -207,7 +218,7 @@ class Item:
 
 
 class Batcher:
-    """Shuffle buffer -> duration buckets -> batches of at most `batch_seconds` (one shard at a time)."""
+    """Shuffle buffer -> duration buckets -> batches of at most `batch_seconds` (one shard group at a time)."""
 
     def __init__(self, bins: list[float], batch_seconds: float, buffer_size: int, rng: random.Random):
         self.bins, self.batch_seconds, self.buffer_size, self.rng = bins, batch_seconds, max(1, buffer_size), rng
@@ -277,6 +288,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         counters = copy.deepcopy(self.start.get(worker)) or WorkerCounters(worker=worker)
+        counters.interleave_shards = self.data.interleave_shards
         epoch, skip = counters.epoch, counters.shards_done
         fbank = None
         if self.data.features == "fbank":
@@ -302,9 +314,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                             yield counters.stamp(batch)
                 ready = batcher.drain()
                 for i, cuts in enumerate(ready):
+                    batch = self.collate(cuts, fbank, counters)  # decoding may count skips: before `reached`
                     if i == len(ready) - 1:
                         counters.reached(epoch, end)  # NOTE: the last batch of a group completes it
-                    batch = self.collate(cuts, fbank, counters)
                     if batch is not None:
                         yield counters.stamp(batch)
                 counters.reached(epoch, end)

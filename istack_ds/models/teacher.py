@@ -95,12 +95,24 @@ class Teacher(nn.Module):
         if deepest < len(model.encoder.layers) and not model.config.do_stable_layer_norm:
             model.encoder.layers = model.encoder.layers[:deepest]
         self.model = model.to(dtype).eval().requires_grad_(False)
-        if int8:
-            quantize_linear_int8(self.model)
+        self.int8_linears = quantize_linear_int8(self.model) if int8 else 0
         self.layers = list(layers)
         self.dtype_ = dtype
         # HF convention: only models with layer-norm feature extractors were trained with masks.
         self.use_attention_mask = model.config.feat_extract_norm == "layer"
+
+    @classmethod
+    def from_config(cls, cfg, layers: list[int]) -> Teacher:
+        """The teacher a ``TeacherConfig`` names, in its ``dtype`` (fp32, bf16 or int8)."""
+        return cls(cfg.path, layers, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
+                   int8=cfg.dtype == "int8")
+
+    def describe(self) -> str:
+        """One line for the log: what runs, in which precision."""
+        precision = f"int8 ({self.int8_linears} Linear layers quantized)" if self.int8_linears else \
+            str(self.dtype_).removeprefix("torch.")
+        return (f"{self.info.model_type} {self.info.num_layers} x {self.info.hidden_size} from {self.info.path}, "
+                f"{precision}, run up to layer {len(self.model.encoder.layers)}, targets {self.layers}")
 
     def train(self, mode: bool = True):  # the teacher never leaves eval mode
         return super().train(False)
@@ -124,23 +136,31 @@ class Teacher(nn.Module):
         return {i: hidden[i].float().clone() for i in self.layers}
 
 
-def quantize_linear_int8(model: nn.Module) -> None:
+def quantize_linear_int8(model: nn.Module) -> int:
     """Replaces every ``nn.Linear`` of a frozen CPU model by its dynamically quantized int8 twin, in place.
 
     Weights are int8 per tensor, activations quantized per batch on the fly (fbgemm; VNNI where
     the CPU has it). On the paper-shaped HuBERT-Base the encoder runs 2x faster on CPU, with
     targets at cosine 0.999 and ~4 % relative L2 error from fp32 (tools/bench_teacher.py); the
     CNN front end stays fp32. CPU only: quantized Linear kernels do not exist on CUDA.
+    Returns how many Linear layers were quantized.
     """
     import warnings
 
     from torch.ao.quantization import quantize_dynamic
 
+    # NOTE: WavLM's attention hands its projections' raw .weight / .bias tensors to
+    # F.multi_head_attention_forward, which a quantized Linear does not have: those stay fp32
+    # (its feed-forward, two thirds of a layer's work, is quantized).
+    raw_weights = {name for name, m in model.named_modules() if type(m).__name__ == "WavLMAttention"}
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)
+               and not any(name.startswith(f"{parent}.") for parent in raw_weights)}
     with warnings.catch_warnings():
         # torch marks its eager quantization API deprecated in favour of torchao, whose int8 path
         # needs torch.compile on CPU; the eager kernels are still the fastest here (see the docstring).
         warnings.simplefilter("ignore")
-        quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        quantize_dynamic(model, linears, dtype=torch.qint8, inplace=True)
+    return len(linears)
 
 
 def make_random_teacher(out: str | Path, size: str = "tiny", model_type: str = "hubert", seed: int = 0) -> Path:
