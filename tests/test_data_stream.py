@@ -317,7 +317,7 @@ def test_resumed_batches_equal_the_uninterrupted_run(demo_shards):
         assert 0 < len(rest) <= len(full) - unfinished[0]
         assert [b["cut_ids"] for b in rest] == [b["cut_ids"] for b in full[len(full) - len(rest):]]
         assert all(np.array_equal(a["audio"], b["audio"]) for a, b in zip(rest, full[len(full) - len(rest):]))
-        # what is re-read: only batches of the shard that was partial at batch j
+        # what is re-read: only batches of the group that was unfinished at batch j
         redone = full[len(full) - len(rest):j + 1]
         assert all(b["epoch"] == full[j]["epoch"] and b["shards_done"] == full[j]["shards_done"] for b in redone[:-1])
     # the position counts shards within the epoch and ends the epoch at the worker's whole list
