@@ -387,6 +387,9 @@ class Config:
         }
         if self.deepspeed.precision == "bf16":
             ds["bf16"] = {"enabled": True}
+            # Gradients are averaged over every rank: in bf16 (DeepSpeed's default under bf16)
+            # that sum loses precision as ranks grow; the student is small, fp32 costs little.
+            ds["communication_data_type"] = "fp32"
         if load_universal:
             ds["checkpoint"] = {"load_universal": True}
         if self.deepspeed.zero_stage == 3:

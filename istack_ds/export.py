@@ -33,7 +33,8 @@ def save_student(student: Student, full_state: dict[str, torch.Tensor], out: str
     sfm.eval().save_pretrained(out)
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=False,
                              return_attention_mask=config.feat_extract_norm == "layer").save_pretrained(out)
-    heads = {k.removeprefix("heads."): v.float() for k, v in full_state.items() if k.startswith("heads.")}
+    # .cpu(): states gathered from a GPU engine live on the GPU; heads.pt must load anywhere
+    heads = {k.removeprefix("heads."): v.float().cpu() for k, v in full_state.items() if k.startswith("heads.")}
     torch.save(heads, out / "heads.pt")
     (out / "istack_student.json").write_text(json.dumps({
         "depth": student.depth, "supervised_layers": student.supervised, "teacher_layers": student.teacher_layers,

@@ -6,7 +6,48 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from .dist import is_main, log0
+
+
+class RegionTimer:
+    """Seconds spent in a region of code (``with timer:``), summed until :meth:`collect`.
+
+    On a GPU the region's kernels are timed with CUDA events, read only at collect: a wall clock
+    around asynchronous launches measures the launching, and a synchronize per step would stall
+    the queue. On the CPU, wall time.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.cuda = torch.device(device).type == "cuda"
+        self.pending: list = []
+        self.seconds = 0.0
+        self._start = None
+
+    def __enter__(self):
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.pending.append((self._start, end))
+        else:
+            self.seconds += time.perf_counter() - self._start
+
+    def collect(self) -> float:
+        """Seconds since the last collect (waits for the GPU work recorded so far)."""
+        for start, end in self.pending:
+            end.synchronize()
+            self.seconds += start.elapsed_time(end) / 1e3
+        total, self.pending, self.seconds = self.seconds, [], 0.0
+        return total
 
 
 def _fmt_duration(seconds: float) -> str:

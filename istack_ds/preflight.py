@@ -8,10 +8,12 @@ path or key.
 from __future__ import annotations
 
 from .config import Config, ConfigError
+from .dist import normalize_launcher_env, world_size
 from .models.teacher import check_teacher_layers, read_teacher_info
 
 
 def preflight(cfg: Config) -> None:
+    normalize_launcher_env()  # WORLD_SIZE under srun too
     if cfg.teacher.dtype == "int8":
         from deepspeed.accelerator import get_accelerator
 
@@ -25,4 +27,10 @@ def preflight(cfg: Config) -> None:
 
     read_index(cfg.data.train_index)
     if cfg.data.valid_index:
-        read_index(cfg.data.valid_index)
+        valid = read_index(cfg.data.valid_index)
+        ranks = world_size()
+        # NOTE: found here, not at the first validation hours into the run
+        if len(valid.shards) < ranks:
+            raise ConfigError(f"data.valid_index {cfg.data.valid_index} has {len(valid.shards)} shards for {ranks} "
+                              f"ranks: every rank validates on its own shards; re-shard the held-out split with "
+                              f"tools/shard_corpus.py --min-shards {ranks} or set data.valid_index=null")

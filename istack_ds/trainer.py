@@ -6,6 +6,7 @@ DeepSpeed surgery from :mod:`istack_ds.engine`; this file only orders them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -23,7 +24,7 @@ from .diagnostics import LayerDiagnostics
 from .dist import all_ranks, all_reduce_sum, is_main, log0, rank, topology, world_size
 from .engine import build_engine, gather_full_states
 from .growth import GrowthManager, Schedule
-from .metrics import Metrics
+from .metrics import Metrics, RegionTimer
 from .models.losses import distilhubert_loss, frame_mask, l2l_loss
 from .models.student import LAYER_PREFIX, Student
 from .models.teacher import Teacher
@@ -52,6 +53,7 @@ class Trainer:
         self.schedule = Schedule.from_config(cfg.growth, cfg.optim.total_steps)
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", cfg.checkpoint.keep)
         self.metrics = Metrics(self.out_dir, cfg.optim.total_steps, cfg.log.tensorboard)
+        self.teacher_timer = RegionTimer(self.device)  # perf/teacher_frac
         self.diagnostics = LayerDiagnostics(cfg.data, self.device) if cfg.eval.diagnostics else None
 
         # Resume builds the student at the checkpoint's depth first, then loads into it.
@@ -170,9 +172,8 @@ class Trainer:
             batch = next(self.batches)
             audio = batch["audio"].to(self.device, non_blocking=True)
             lens = batch["audio_lens"].to(self.device, non_blocking=True)
-            t_teacher = time.perf_counter()
-            features, targets = self.teacher_pass(audio, lens)
-            self.window["teacher_s"] += time.perf_counter() - t_teacher
+            with self.teacher_timer:
+                features, targets = self.teacher_pass(audio, lens)
             loss, parts = self.compute_loss(self.engine(audio, lens, features), targets, lens)
             self.note_batch(batch)
             if faults.active("nan_all", self.step + 1) or (faults.active("nan", self.step + 1) and attempts == 0):
@@ -270,7 +271,8 @@ class Trainer:
         values = {"train/loss": means["loss"], **{f"train/{k}": v for k, v in means.items() if k != "loss"},
                   "train/lr": self.engine.get_lr()[0], "model/depth": float(self.student.depth),
                   "perf/step_s": step_s, "perf/audio_s_per_s": sums["audio_s"] / max(1e-9, w["step_s"]),
-                  "perf/teacher_frac": w["teacher_s"] / max(1e-9, w["step_s"]), "data/skipped": sums["skipped"],
+                  "perf/teacher_frac": self.teacher_timer.collect() / max(1e-9, w["step_s"]),
+                  "data/skipped": sums["skipped"],
                   "data/shards_done": sums["shards_done"], "data/epoch": epoch}
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
@@ -300,7 +302,11 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Frame-weighted losses over up to eval.max_batches held-out batches per rank, all-reduced."""
         self.engine.eval()
-        loader = build_loader(self.cfg.data, self.cfg.data.valid_index, rank=rank(), world_size=world_size(),
+        # A held-out split is small: with fewer shards than ranks x workers, fewer workers read it
+        # (preflight made sure every rank has at least one shard).
+        shards = len(read_index(self.cfg.data.valid_index).shards)
+        data = dataclasses.replace(self.cfg.data, num_workers=min(self.cfg.data.num_workers, shards // world_size()))
+        loader = build_loader(data, self.cfg.data.valid_index, rank=rank(), world_size=world_size(),
                               seed=self.cfg.run.seed, epochs=1, crop=False)
         sums: dict[str, float] = {"frames": 0.0}
         batches = iter(loader)
@@ -406,4 +412,4 @@ class Trainer:
 
     @staticmethod
     def _new_window() -> dict:
-        return {"loss": 0.0, "micro": 0, "steps": 0, "step_s": 0.0, "teacher_s": 0.0, "audio_s": 0.0}
+        return {"loss": 0.0, "micro": 0, "steps": 0, "step_s": 0.0, "audio_s": 0.0}

@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     except RuntimeError as e:
         # A peer that died or hangs surfaces here as a failed collective (at the latest after
         # deepspeed.dist_timeout_s): say so plainly instead of leaving a bare backend trace.
+        # NOTE: under NCCL the watchdog may abort the process first (TORCH_NCCL_ASYNC_ERROR_HANDLING);
+        # the job still stops, with NCCL's own message instead of this one.
         if "gloo" in str(e).lower() or "nccl" in str(e).lower() or "timed out" in str(e).lower() \
                 or type(e).__name__ == "DistBackendError":
             print(f"istack_ds: rank {rank()}: a collective failed; another rank died or stopped answering "

@@ -81,8 +81,8 @@ def test_demo_pipeline_end_to_end(tmp_path, teacher_dir, demo_shards):
     assert json.loads((out / "summary.json").read_text()) == summary
 
 
-@pytest.mark.parametrize("problem", ["teacher", "index", "empty_index", "typo"])
-def test_bad_input_stops_before_any_process_group(tmp_path, teacher_dir, demo_shards, problem, capsys):
+@pytest.mark.parametrize("problem", ["teacher", "index", "empty_index", "typo", "valid_shards"])
+def test_bad_input_stops_before_any_process_group(tmp_path, teacher_dir, demo_shards, problem, capsys, monkeypatch):
     """Each problem is one clear message naming the path or key, exit code 2, and no process group."""
     import launchers.train as train
 
@@ -91,7 +91,11 @@ def test_bad_input_stops_before_any_process_group(tmp_path, teacher_dir, demo_sh
     sets = {"teacher": [f"teacher.path={tmp_path / 'no_teacher'}"],
             "index": [f"data.train_index={tmp_path / 'no_index.json'}"],
             "empty_index": [f"data.train_index={empty}"],
-            "typo": ["optim.lr_max=1"]}[problem]
+            "typo": ["optim.lr_max=1"],
+            # 64 ranks would validate on a held-out split of a few shards: found before the run, not at step 5000
+            "valid_shards": [f"data.valid_index={demo_shards / 'valid/index.json'}"]}[problem]
+    if problem == "valid_shards":
+        monkeypatch.setenv("WORLD_SIZE", "64")
     argv = ["--config", str(ROOT / "configs/demo.yaml"), "--set", f"teacher.path={teacher_dir}",
             "--set", f"data.train_index={demo_shards / 'train/index.json'}", "--set", "data.valid_index=null"]
     for s in sets:
@@ -99,6 +103,6 @@ def test_bad_input_stops_before_any_process_group(tmp_path, teacher_dir, demo_sh
     assert train.main(argv) == 2
     err = capsys.readouterr().err
     needle = {"teacher": "no_teacher", "index": "no_index.json", "empty_index": str(empty),
-              "typo": "optim.lr_max"}[problem]
+              "typo": "optim.lr_max", "valid_shards": "for 64 ranks"}[problem]
     assert needle in err, err
     assert not torch.distributed.is_initialized()

@@ -52,7 +52,7 @@ def time_depth(depth: int, frontend: str, args, teacher, index, batches) -> dict
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     trainer.train_step()  # warm-up: kernels, allocator, Adam state
     sync()
-    trainer.window["teacher_s"] = 0.0
+    trainer.teacher_timer.collect()
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -68,7 +68,7 @@ def time_depth(depth: int, frontend: str, args, teacher, index, batches) -> dict
     flops = frames * (6 * student_params + 2 * teacher_params)
     peak = peak_tflops()
     result = {"depth": depth, "frontend": frontend, "step_s": step_s,
-              "teacher_frac": trainer.window["teacher_s"] / sum(times), "audio_s_per_s": audio_s / step_s,
+              "teacher_frac": trainer.teacher_timer.collect() / sum(times), "audio_s_per_s": audio_s / step_s,
               "tflops": flops / step_s / 1e12, "mfu": (flops / step_s / 1e12 / peak) if peak else None}
     benchlib.close_trainer(trainer)
     return result
