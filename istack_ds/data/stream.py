@@ -135,12 +135,15 @@ def resume_points(position: dict | None, workers: int) -> tuple[dict[int, Worker
     """
     if not position:
         return {}, ""
+    def counts(saved: dict) -> Counter:
+        return Counter({reason: int(n) for reason, n in saved.items()})
+
     try:
         points = {int(w): WorkerCounters(worker=int(w), epoch=int(p["epoch"]), shards_done=int(p["shards_done"]),
                                          # positions saved before shard groups existed read one shard at a time
                                          interleave_shards=int(p.get("interleave_shards", 1)),
-                                         skipped=Counter({k: int(v) for k, v in p.get("skipped_by_reason", {}).items()}),
-                                         repaired=Counter({k: int(v) for k, v in p.get("repaired_by_reason", {}).items()}))
+                                         skipped=counts(p.get("skipped_by_reason", {})),
+                                         repaired=counts(p.get("repaired_by_reason", {})))
                   for w, p in position.items()}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         return {}, f"malformed position {position!r} ({e!r})"
