@@ -135,6 +135,7 @@ def resume_points(position: dict | None, workers: int) -> tuple[dict[int, Worker
     """
     if not position:
         return {}, ""
+
     def counts(saved: dict) -> Counter:
         return Counter({reason: int(n) for reason, n in saved.items()})
 
