@@ -6,12 +6,12 @@ Run by tests/test_data_stream.py under torchrun (2 ranks x 2 workers, gloo):
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch.distributed as dist
 
 from istack_ds.config import DataConfig
+from gather import write_all_ranks
 from istack_ds.data.stream import build_loader
 
 
@@ -25,13 +25,7 @@ def main(index_path: str, out_json: str) -> None:
         ids += batch["cut_ids"]
         seconds += batch["seconds"]
         workers.add(batch["worker"])
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, {"ids": ids, "seconds": seconds, "workers": sorted(workers)})
-    if rank == 0:
-        with open(out_json, "w") as f:
-            json.dump(gathered, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    write_all_ranks(out_json, {"ids": ids, "seconds": seconds, "workers": sorted(workers)})
 
 
 if __name__ == "__main__":

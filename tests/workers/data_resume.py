@@ -15,6 +15,7 @@ import sys
 import torch.distributed as dist
 
 from istack_ds.config import DataConfig
+from gather import write_all_ranks
 from istack_ds.data.stream import build_loader
 
 
@@ -38,14 +39,8 @@ def main(index_path: str, out_json: str, k: str) -> None:
         after += batch["cut_ids"]
         skipped = max(skipped, batch["skipped"])
     lists = {w: [p for p, _ in resumed.dataset.shards_for(0, w, 2)] for w in (0, 1)}
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, {"first": first, "position": saved, "after": after, "resumed": resumed.resumed,
-                                      "skipped": skipped, "shard_lists": lists})
-    if rank == 0:
-        with open(out_json, "w") as f:
-            json.dump(gathered, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    write_all_ranks(out_json, {"first": first, "position": saved, "after": after, "resumed": resumed.resumed,
+                               "skipped": skipped, "shard_lists": lists})
 
 
 if __name__ == "__main__":
