@@ -4,7 +4,7 @@ Layout of ``<out_dir>/checkpoints/``::
 
     step00000100/                  one DeepSpeed checkpoint (every rank's ZeRO partition)
         istack_meta.json           written LAST, by rank 0, after every rank finished: marks it complete
-        rank<r>.pt                 per-rank state: RNG states, data position
+        rank<r>.pt                 per-rank state: RNG states, the data loader's state ("data")
     step00000100_universal/        made by tools/convert_checkpoint.py: loads on any world size
 
 A crash in the middle of a save leaves a directory without ``istack_meta.json``;
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from . import faults
+from .dist import barrier, rank, world_size
 
 META_FILE = "istack_meta.json"
 
@@ -35,19 +35,6 @@ SHAPE_FIELDS = (("student", "hidden_size"), ("student", "intermediate_size"), ("
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, or does not fit this run; the message says which field."""
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def rng_state() -> dict:
@@ -113,19 +100,19 @@ class Checkpointer:
         path = self.dir / tag
         # A checkpoint of the same step from an abandoned timeline (a resume from an older
         # checkpoint) is incomplete from here on until this save finishes.
-        if _rank() == 0 and (path / META_FILE).exists():
+        if rank() == 0 and (path / META_FILE).exists():
             (path / META_FILE).unlink()
-        _barrier()
+        barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state={"istack": meta}, save_latest=False)
-        torch.save(rank_state | {"rng": rng_state()}, path / f"rank{_rank()}.pt")
+        torch.save(rank_state | {"rng": rng_state()}, path / f"rank{rank()}.pt")
         faults.maybe("crash_in_save", meta["step"])
-        _barrier()
-        if _rank() == 0:
+        barrier()
+        if rank() == 0:
             tmp = path / (META_FILE + ".tmp")
-            tmp.write_text(json.dumps(meta | {"world_size": _world()}, indent=1))
+            tmp.write_text(json.dumps(meta | {"world_size": world_size()}, indent=1))
             tmp.replace(path / META_FILE)  # atomic: a checkpoint is complete or it is not
             self.prune()
-        _barrier()
+        barrier()
         return path
 
     def prune(self) -> None:
@@ -145,8 +132,8 @@ class Checkpointer:
                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
-        rank_file = path / f"rank{_rank()}.pt"
-        if meta.get("world_size") != _world() or not rank_file.exists():
+        rank_file = path / f"rank{rank()}.pt"
+        if meta.get("world_size") != world_size() or not rank_file.exists():
             return None
         state = torch.load(rank_file, weights_only=False)
         set_rng_state(state.pop("rng"))

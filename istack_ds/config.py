@@ -1,10 +1,12 @@
 """The run configuration: one typed tree, YAML files set values, `--set a.b=v` overrides.
 
 Every field has a docstring (the string literal under it) and a default that is
-the paper's recipe where the paper gives one. Validation lives in each
-section's ``__post_init__`` and in :meth:`Config.validate`; every error names
-the dotted key and, for choices, the allowed values. The DeepSpeed JSON is
-derived here (:meth:`Config.deepspeed_config`), never kept beside the YAML.
+the paper's recipe where the paper gives one. A choice is a ``Literal`` type,
+declared once (the growth vocabulary in :mod:`istack_ds.growth.operators`);
+validation lives in each section's ``__post_init__`` and in
+:meth:`Config.validate`; every error names the dotted key and, for choices, the
+allowed values. The DeepSpeed JSON is derived from this tree by
+:func:`istack_ds.engine.deepspeed_config`, never kept beside the YAML.
 
 This module does not import torch: configs load and validate before any
 process group or heavy import exists.
@@ -14,21 +16,26 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+from .growth.operators import Carry, Operator, OptimizerState, check_depths
 
 
 class ConfigError(ValueError):
     """A bad key or value in a run configuration; the message names the key."""
 
 
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+def _check_choices(section, prefix: str) -> None:
+    """Every ``Literal`` field of a section holds one of its values (sections built in code, not loaded)."""
+    for name, hint in _type_hints(type(section)).items():
+        if typing.get_origin(hint) is Literal:
+            _coerce(f"{prefix}.{name}", getattr(section, name), hint)
 
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
@@ -68,13 +75,13 @@ class DataConfig:
     """Shards a worker reads at once, member by member, into one shuffle buffer. Shards hold
     consecutive speakers, so this is what mixes speakers within a batch; a resumed worker
     re-reads at most this many shards."""
-    features: str = "raw"
+    features: Literal["raw", "fbank"] = "raw"
     """`raw` waveform samples (the SFM front end consumes them) or `fbank` (80-dim log-mel, added to the batch)."""
     num_mel_bins: int = 80
     """Mel bins of the `fbank` features."""
 
     def __post_init__(self):
-        _choice("data.features", self.features, ("raw", "fbank"))
+        _check_choices(self, "data")
         _positive("data.crop_seconds", self.crop_seconds)
         _positive("data.batch_seconds", self.batch_seconds)
         _positive("data.num_buckets", self.num_buckets)
@@ -93,12 +100,12 @@ class DataConfig:
 class TeacherConfig:
     path: str = "data/demo/teacher"
     """Local directory of an HF HubertModel / WavLMModel / Wav2Vec2Model (save_pretrained). Never downloaded."""
-    dtype: str = "fp32"
+    dtype: Literal["fp32", "bf16", "int8"] = "fp32"
     """Teacher compute dtype: fp32, bf16 (weights and activations), or int8 (CPU only: Linear layers
-    dynamically quantized, targets ~4 % from fp32; see README "Performance")."""
+    dynamically quantized, so the targets move away from fp32's; see README "Performance")."""
 
     def __post_init__(self):
-        _choice("teacher.dtype", self.dtype, ("fp32", "bf16", "int8"))
+        _check_choices(self, "teacher")
 
 
 @dataclass
@@ -109,23 +116,23 @@ class StudentConfig:
     """FFN width of each student layer."""
     num_attention_heads: int = 8
     """Attention heads of each student layer."""
-    init: str = "teacher_cnn"
+    init: Literal["teacher_cnn", "random"] = "teacher_cnn"
     """`teacher_cnn`: CNN front end copied from the teacher (when shapes match); `random`: all random."""
     conv_dim: list[int] | None = None
     """CNN channels per conv layer; None takes the teacher's (needed for `teacher_cnn`)."""
     dropout: float = 0.1
     """Hidden, attention and activation dropout of the student transformer."""
-    frontend: str = "trainable"
-    """CNN front end: `trainable` (the student's own CNN, gradient scaled by cnn_grad_scale) or `shared` (the teacher's CNN output, computed once per batch, frozen, fed to teacher and student)."""
+    frontend: Literal["trainable", "shared"] = "trainable"
+    """CNN front end: `trainable` (the student's own CNN, gradient scaled by cnn_grad_scale) or `shared`
+    (the teacher's CNN output, computed once per batch, frozen, fed to teacher and student)."""
     cnn_grad_scale: float = 0.1
     """`trainable`: multiplies the gradient reaching the student's CNN (DistilHuBERT-style slower CNN learning)."""
 
     def __post_init__(self):
-        _choice("student.init", self.init, ("teacher_cnn", "random"))
+        _check_choices(self, "student")
         _positive("student.hidden_size", self.hidden_size)
         _positive("student.intermediate_size", self.intermediate_size)
         _positive("student.num_attention_heads", self.num_attention_heads)
-        _choice("student.frontend", self.frontend, ("trainable", "shared"))
         _positive("student.cnn_grad_scale", self.cnn_grad_scale, allow_zero=True)
         if self.frontend == "shared" and self.conv_dim is not None:
             raise ConfigError("student.conv_dim must be null with student.frontend=shared: the CNN is the teacher's")
@@ -140,8 +147,9 @@ class StudentConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "l2l"
-    """`l2l` (the paper: layer-to-layer MSE through projections) or `distilhubert` (heads on the top layer, L1 - log sigmoid cos)."""
+    kind: Literal["l2l", "distilhubert"] = "l2l"
+    """`l2l` (the paper: layer-to-layer MSE through projections) or `distilhubert` (heads on the top layer,
+    L1 - log sigmoid cos)."""
     teacher_layers: list[int] = field(default_factory=lambda: [4, 8, 12])
     """Teacher hidden-state indices used as targets (i = output of transformer layer i, as in HF hidden_states)."""
     inter_weight: float = 0.5
@@ -150,7 +158,7 @@ class LossConfig:
     """distilhubert: lambda of the -log sigmoid(cos) term."""
 
     def __post_init__(self):
-        _choice("loss.kind", self.kind, ("l2l", "distilhubert"))
+        _check_choices(self, "loss")
         if not self.teacher_layers:
             raise ConfigError("loss.teacher_layers must name at least one teacher layer")
         if sorted(set(self.teacher_layers)) != list(self.teacher_layers):
@@ -161,12 +169,9 @@ class LossConfig:
         _positive("loss.cos_weight", self.cos_weight, allow_zero=True)
 
 
-GROWTH_OPERATORS = ("interleaved", "gradstack", "midas", "stack", "none")
-
-
 @dataclass
 class GrowthConfig:
-    operator: str = "interleaved"
+    operator: Operator = "interleaved"
     """How depth grows: interleaved (the paper), gradstack, midas, stack, or none (full depth from step 0)."""
     depths: list[int] = field(default_factory=lambda: [3, 6, 9, 12])
     """Student depth of each stage; the last is the final depth (the only one used by `none`)."""
@@ -174,27 +179,17 @@ class GrowthConfig:
     """Stage i gets a share of optim.total_steps proportional to i**alpha (0 = EQL, 1 = PROP-1)."""
     boundaries: list[int] | None = None
     """Explicit first step of stages 2..B (overrides alpha); len = len(depths) - 1."""
-    carry: str = "last"
+    carry: Carry = "last"
     """Which copy of a supervised layer keeps its target after growth: `last` or `first`."""
-    optimizer_state: str = "copy"
+    optimizer_state: OptimizerState = "copy"
     """Adam moments of a cloned layer: `copy` from its source, or `reset` to zero."""
 
     def __post_init__(self):
-        _choice("growth.operator", self.operator, GROWTH_OPERATORS)
-        _choice("growth.carry", self.carry, ("last", "first"))
-        _choice("growth.optimizer_state", self.optimizer_state, ("copy", "reset"))
-        if not self.depths or any(d < 1 for d in self.depths):
-            raise ConfigError(f"growth.depths={self.depths} must be a non-empty list of depths >= 1")
-        if any(b <= a for a, b in zip(self.depths, self.depths[1:])):
-            raise ConfigError(f"growth.depths={self.depths} must be strictly increasing")
-        for a, b in zip(self.depths, self.depths[1:]):
-            if b > 2 * a:
-                raise ConfigError(
-                    f"growth.depths={self.depths}: {a} -> {b} more than doubles the depth; "
-                    "one growth clones each layer at most once"
-                )
-        if self.operator == "stack" and any(b != 2 * a for a, b in zip(self.depths, self.depths[1:])):
-            raise ConfigError(f"growth.depths={self.depths}: operator `stack` needs every step to double the depth")
+        _check_choices(self, "growth")
+        try:
+            check_depths(self.operator, self.depths)
+        except ValueError as e:
+            raise ConfigError(f"growth.depths={self.depths}: {e}") from None
         if self.boundaries is not None:
             if len(self.boundaries) != len(self.depths) - 1:
                 raise ConfigError(
@@ -251,9 +246,9 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 2
+    zero_stage: Literal[1, 2, 3] = 2
     """ZeRO stage 1, 2 or 3 (0 is refused: growth reads states through the ZeRO APIs)."""
-    precision: str = "bf16"
+    precision: Literal["fp32", "bf16"] = "bf16"
     """Training precision: fp32 or bf16 (fp32 master weights either way)."""
     gradient_accumulation: int = 1
     """Micro-batches per optimizer step."""
@@ -261,8 +256,7 @@ class DeepSpeedConfig:
     """Seconds a collective may wait before the process group gives up (a dead rank must not hang the others)."""
 
     def __post_init__(self):
-        _choice("deepspeed.zero_stage", self.zero_stage, (1, 2, 3))
-        _choice("deepspeed.precision", self.precision, ("fp32", "bf16"))
+        _check_choices(self, "deepspeed")
         _positive("deepspeed.gradient_accumulation", self.gradient_accumulation)
         _positive("deepspeed.dist_timeout_s", self.dist_timeout_s)
 
@@ -274,7 +268,8 @@ class LogConfig:
     tensorboard: bool = True
     """Write TensorBoard events to <out_dir>/tb (rank 0)."""
     data_audit: bool = False
-    """Append the cut ids of every consumed batch to <out_dir>/data_audit/rank<r>.jsonl (to audit what a resume re-read or skipped)."""
+    """Append the cut ids of every consumed batch to <out_dir>/data_audit/rank<r>.jsonl (to audit what a
+    resume re-read or skipped)."""
 
     def __post_init__(self):
         _positive("log.every", self.every)
@@ -342,60 +337,11 @@ class Config:
                 f"optim.total_steps={self.optim.total_steps} is fewer than the {len(self.growth.depths)} stages"
             )
 
-    # ---- derived -----------------------------------------------------------------
-
-    def deepspeed_config(self, world_size: int, gradient_accumulation: int | None = None,
-                         load_universal: bool = False) -> dict:
-        """The DeepSpeed JSON for this run on `world_size` ranks (generated, never stored).
-
-        `gradient_accumulation` overrides the configured value (a resume on another world size
-        keeps the global batch); `load_universal` loads a universal checkpoint (any world size).
-        """
-        opt = self.optim
-        accumulation = gradient_accumulation or self.deepspeed.gradient_accumulation
-        ds: dict[str, Any] = {
-            # Batches are built by duration, not count: DeepSpeed only needs a
-            # consistent (micro=1) x accumulation x world_size for its bookkeeping.
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": accumulation,
-            "train_batch_size": world_size * accumulation,
-            "gradient_clipping": opt.grad_clip,
-            "steps_per_print": 10**9,  # our own log line replaces DeepSpeed's
-            "wall_clock_breakdown": False,
-            "zero_optimization": {"stage": self.deepspeed.zero_stage},
-            "optimizer": {
-                "type": "AdamW",
-                "params": {
-                    "lr": opt.lr,
-                    "betas": list(opt.betas),
-                    "eps": opt.eps,
-                    "weight_decay": opt.weight_decay,
-                    # torch's AdamW: DeepSpeed's fused CPU Adam would compile for ~50 s
-                    "torch_adam": True,
-                },
-            },
-            "scheduler": {
-                "type": "WarmupDecayLR",
-                "params": {
-                    "warmup_min_lr": 0.0,
-                    "warmup_max_lr": opt.lr,
-                    "warmup_num_steps": max(1, opt.warmup_steps),
-                    "total_num_steps": opt.total_steps,
-                    "warmup_type": "linear",
-                },
-            },
-        }
-        if self.deepspeed.precision == "bf16":
-            ds["bf16"] = {"enabled": True}
-            # Gradients are averaged over every rank: in bf16 (DeepSpeed's default under bf16)
-            # that sum loses precision as ranks grow; the student is small, fp32 costs little.
-            ds["communication_data_type"] = "fp32"
-        if load_universal:
-            ds["checkpoint"] = {"load_universal": True}
-        if self.deepspeed.zero_stage == 3:
-            # Small models: partition every parameter so growth exercises the real path.
-            ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0})
-        return ds
+    @classmethod
+    def from_dict(cls, values: dict) -> Config:
+        """A config from nested ``{section: {key: value}}`` (a saved config.yaml, a checkpoint's meta),
+        checked like :func:`load_config`: unknown keys, types and values are errors naming the key."""
+        return _build(cls, values, "")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -417,11 +363,17 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Checks / converts one leaf value against its annotated type."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner)
+    if origin is Literal:
+        # Coerced as the choices' type first (YAML may give 2.0 for 2), then checked against them.
+        value = _coerce(key, value, type(args[0]))
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(args)}")
+        return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={value!r} must be a list")
@@ -458,7 +410,8 @@ def _build(cls, values: dict, prefix: str):
     unknown = [k for k in values if k not in names]
     if unknown:
         where = f"section `{prefix}`" if prefix else "the top level"
-        raise ConfigError(f"unknown key `{(prefix + '.') if prefix else ''}{unknown[0]}` in {where}; known keys: {names}")
+        raise ConfigError(
+            f"unknown key `{(prefix + '.') if prefix else ''}{unknown[0]}` in {where}; known keys: {names}")
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -488,7 +441,8 @@ def _merge(base: dict, top: dict) -> dict:
 
 
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
-    """Reads a config file; a top-level `base: other.yaml` (relative to this file) is loaded first and merged under it."""
+    """Reads a config file; a top-level `base: other.yaml` (relative to this file) is loaded first and merged
+    under it."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     if path.resolve() in seen:
@@ -515,7 +469,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
                 raise ConfigError(f"override `{item}`: `{k}` is not a section")
         node[keys[-1]] = value
     try:
-        return _build(Config, values, "")
+        return Config.from_dict(values)
     except ConfigError as e:
         if path is not None:
             raise ConfigError(f"{path}: {e}") from None

@@ -30,6 +30,8 @@ import logging
 
 import torch
 
+from .models.sfm import length_mask
+
 log = logging.getLogger("istack_ds")
 
 
@@ -67,9 +69,7 @@ def cka_matrix(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
 
 def valid_frames(hidden: torch.Tensor, frame_lens: torch.Tensor) -> torch.Tensor:
     """hidden [B, T, H] -> [n, H]: the frames of every utterance that are not padding."""
-    t = hidden.shape[1]
-    mask = torch.arange(t, device=hidden.device)[None, :] < frame_lens.to(hidden.device)[:, None]
-    return hidden[mask]
+    return hidden[length_mask(frame_lens.to(hidden.device), hidden.shape[1])]
 
 
 def subsample(n: int, max_frames: int) -> torch.Tensor:
@@ -153,7 +153,7 @@ class LayerDiagnostics:
             else student.hidden_states(audio, lens)
         if not matrix:
             return None
-        teacher_hidden = teacher_hidden_states(teacher, audio, lens)
+        teacher_hidden = teacher.all_hidden_states(audio, lens)
         frames = teacher.frame_lengths(lens)
         n = int(frames.sum())
         keep = subsample(n, self.max_frames).to(audio.device)
@@ -195,14 +195,3 @@ def supervised_pairs(student) -> dict[int, int]:
     if getattr(student, "loss_kind", "l2l") != "l2l":
         return {}
     return dict(zip(student.supervised, student.teacher_layers))
-
-
-@torch.inference_mode()
-def teacher_hidden_states(teacher, audio: torch.Tensor, lens: torch.Tensor) -> list[torch.Tensor]:
-    """Every hidden state of the teacher (truncated to its deepest target layer), fp32."""
-    model = teacher.model
-    mask = None
-    if teacher.use_attention_mask:
-        mask = (torch.arange(audio.shape[1], device=audio.device)[None] < lens[:, None]).long()
-    out = model(audio.to(next(model.parameters()).dtype), attention_mask=mask, output_hidden_states=True)
-    return [h.float().clone() for h in out.hidden_states]

@@ -20,12 +20,14 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
 def is_main() -> bool:
     return rank() == 0
+
+
+def barrier() -> None:
+    """Waits for every rank (a collective; nothing to wait for without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def log0(msg: str, *args) -> None:
@@ -75,11 +77,15 @@ def topology() -> dict:
     return {"nodes": world // per_node, "ranks_per_node": per_node, "world_size": world}
 
 
-def init_distributed(timeout_s: int) -> None:
-    """Starts the process group (gloo on CPU, nccl on GPU) with a timeout, so a dead rank cannot hang the rest.
+def init_distributed(timeout_s: int | None = None) -> None:
+    """Starts the process group once per process (gloo on CPU, nccl on GPU); a no-op when it exists.
 
-    Works under the deepspeed launcher, torchrun and Slurm (srun sets SLURM_* instead of RANK).
+    Works under the deepspeed launcher, torchrun and Slurm (srun sets SLURM_* instead of RANK);
+    a plain `python` run becomes rank 0 of 1. `timeout_s` bounds every collective of the default
+    group, so a dead rank cannot hang the rest (None: torch's default).
     """
+    if dist.is_available() and dist.is_initialized():
+        return
     import deepspeed
 
     normalize_launcher_env()
@@ -87,7 +93,20 @@ def init_distributed(timeout_s: int) -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
     bind_device()
-    deepspeed.init_distributed(dist_backend=backend(), timeout=datetime.timedelta(seconds=timeout_s))
+    kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(dist_backend=backend(), **kwargs)
+
+
+def skip_shm_build() -> None:
+    """Stops DeepSpeed from compiling its shared-memory comm op (~25 s of g++ on the first start).
+
+    That op serves only multi-rank inference all-reduce, which nothing here uses; tests and
+    benchmarks call this before the process group starts.
+    NOTE: the module is fetched by name: `import deepspeed.comm.torch as m` binds the real `torch`.
+    """
+    import importlib
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def backend() -> str:
@@ -139,8 +158,3 @@ def all_ranks(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
-
-
-def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    """Averages a dict of floats over ranks (a collective)."""
-    return {k: v / world_size() for k, v in all_reduce_sum(values).items()}

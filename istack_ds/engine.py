@@ -1,6 +1,8 @@
-"""DeepSpeed engines: build, gather / scatter full states, carry counters, destroy.
+"""DeepSpeed engines: the DeepSpeed JSON, build, gather / scatter full states, carry counters, destroy.
 
-This is the one module that touches DeepSpeed internals. Growth needs four
+This is the one module that knows DeepSpeed: its JSON is generated here from the run
+config (:func:`deepspeed_config`), and the optimizer is built here from the typed
+``optim`` section (:func:`build_engine`). Growth needs four
 things DeepSpeed does not offer as public API, all pinned to deepspeed==0.19.8
 and covered by tests/test_growth_engine.py:
 
@@ -16,7 +18,7 @@ and covered by tests/test_growth_engine.py:
   removes them.
 
 Every function that reads or writes full states is COLLECTIVE: every rank calls
-it, in the same order, with the same parameter names (DESIGN §4).
+it, in the same order, with the same parameter names (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .dist import all_ranks, comm_device
+from .config import Config, OptimConfig
+from .dist import all_ranks, comm_device, init_distributed, rank as this_rank
 
 # Names of the flat fp32 partitions the wrapped torch optimizer steps, per ZeRO optimizer class:
 # ZeRO 1/2 (DeepSpeedZeroOptimizer), bf16 ZeRO 1 (BF16_Optimizer), ZeRO 3 (DeepSpeedZeroOptimizer_Stage3).
@@ -56,27 +59,6 @@ class ParamState:
     """Adam second moment, full shape; None before the optimizer's first step."""
     step: int | None = None
     """Adam step count (bias correction); None before the first step."""
-
-
-# ---- distributed set-up -------------------------------------------------------------------------
-
-
-def ensure_distributed(backend: str | None = None, timeout_s: int | None = None) -> None:
-    """``deepspeed.init_distributed`` once per process (gloo on CPU) from the launcher's environment."""
-    import deepspeed
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        return
-    from datetime import timedelta
-
-    from .dist import backend as accelerator_backend, bind_device
-
-    bind_device()
-    kwargs: dict[str, Any] = {"dist_backend": backend or accelerator_backend()}
-    if timeout_s is not None:
-        kwargs["timeout"] = timedelta(seconds=timeout_s)
-    deepspeed.init_distributed(**kwargs)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -103,32 +85,66 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def _fused_adamw(ds_config: dict):
-    """The config's torch AdamW as a client optimizer with ``fused=True`` (and the config without it).
+def _fused_adamw(optim: OptimConfig):
+    """torch's AdamW from the ``optim`` section, with ``fused=True``, as a client optimizer for DeepSpeed.
 
-    DeepSpeed's ``torch_adam`` builds ``torch.optim.AdamW`` with only ``foreach`` passed on. ZeRO
-    hands the optimizer one flat fp32 partition per group, where the unfused path allocates
-    several partition-sized temporaries per step; torch's fused kernel (CPU and CUDA) needs
-    none: the optimizer's own update on two flat fp32 partitions of 11M elements each takes
-    0.015 s against 0.087 s unfused on CPU (and the whole ZeRO-2 ``engine.step`` of the
-    12 x 384 student 0.087 s against 0.156 s). The update rule and the state (``step``,
-    ``exp_avg``, ``exp_avg_sq``) are the same. Any other optimizer section, or one with keys
-    beyond lr / betas / eps / weight_decay, is left to DeepSpeed.
+    ZeRO hands the optimizer one flat fp32 partition per group: the unfused path allocates
+    several partition-sized temporaries per step, torch's fused kernel (CPU and CUDA) none
+    (README "Performance" has the measured step times). DeepSpeed's own ``torch_adam`` path
+    passes only ``foreach`` on, hence the client optimizer; its fused CPU Adam would be compiled
+    first. The update rule and the state (``step``, ``exp_avg``, ``exp_avg_sq``) are torch's.
     """
-    section = ds_config.get("optimizer") or {}
-    params = dict(section.get("params", {}))
-    known = {"lr", "betas", "eps", "weight_decay"}
-    if (section.get("type", "").lower() != "adamw" or not params.pop("torch_adam", False)
-            or not set(params) <= known):
-        return ds_config, None
-    config = {k: v for k, v in ds_config.items() if k != "optimizer"}
-    return config, functools.partial(torch.optim.AdamW, lr=params["lr"], betas=tuple(params.get("betas", (0.9, 0.999))),
-                                     eps=params.get("eps", 1e-8), weight_decay=params.get("weight_decay", 0.0),
-                                     fused=True)
+    return functools.partial(torch.optim.AdamW, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                             weight_decay=optim.weight_decay, fused=True)
 
 
-def build_engine(model: nn.Module, ds_config: dict):
-    """``deepspeed.initialize`` on the trainable parameters of ``model`` (weight decay on matrices only).
+def deepspeed_config(cfg: Config, world_size: int, gradient_accumulation: int | None = None,
+                     load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON of a run on ``world_size`` ranks (generated, never stored).
+
+    ``gradient_accumulation`` overrides the configured value (a resume on another world size
+    keeps the global batch); ``load_universal`` loads a universal checkpoint (any world size).
+    There is no optimizer section: :func:`build_engine` builds the optimizer from ``cfg.optim``.
+    """
+    opt = cfg.optim
+    accumulation = gradient_accumulation or cfg.deepspeed.gradient_accumulation
+    ds: dict[str, Any] = {
+        # Batches are built by duration, not count: DeepSpeed only needs a
+        # consistent (micro=1) x accumulation x world_size for its bookkeeping.
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": world_size * accumulation,
+        "gradient_clipping": opt.grad_clip,
+        "steps_per_print": 10**9,  # our own log line replaces DeepSpeed's
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": opt.lr,
+                "warmup_num_steps": max(1, opt.warmup_steps),
+                "total_num_steps": opt.total_steps,
+                "warmup_type": "linear",
+            },
+        },
+    }
+    if cfg.deepspeed.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+        # Gradients are averaged over every rank: in bf16 (DeepSpeed's default under bf16)
+        # that sum loses precision as ranks grow; the student is small, fp32 costs little.
+        ds["communication_data_type"] = "fp32"
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
+    if cfg.deepspeed.zero_stage == 3:
+        # Small models: partition every parameter so growth exercises the real path.
+        ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0})
+    return ds
+
+
+def build_engine(model: nn.Module, ds_config: dict, optim: OptimConfig):
+    """``deepspeed.initialize`` on the trainable parameters of ``model`` with torch's fused AdamW
+    from ``optim`` (weight decay on matrices only) and the JSON ``ds_config`` (:func:`deepspeed_config`).
 
     Returns the engine alone (it owns the optimizer and LR scheduler), so no stray
     reference to them survives in the caller: see :func:`destroy_engine`.
@@ -136,16 +152,15 @@ def build_engine(model: nn.Module, ds_config: dict):
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2, 3):
         raise ValueError(
-            f"zero_optimization.stage={stage}: growth reads and writes states through the ZeRO APIs; use stage 1, 2 or 3"
+            f"zero_optimization.stage={stage}: growth reads and writes states through the ZeRO APIs; "
+            "use stage 1, 2 or 3"
         )
     import deepspeed
 
-    ensure_distributed()
-    weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
-    ds_config, optimizer = _fused_adamw(ds_config)
+    init_distributed()
     before = {name: set(getattr(model, name)) for name in _ROOT_HOOK_DICTS}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
-                                      optimizer=optimizer, config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, optim.weight_decay),
+                                      optimizer=_fused_adamw(optim), config=ds_config)
     # NOTE: DeepSpeed registers forward (pre-)hooks on the root module that hold the engine; remember
     # which, so destroy_engine can remove exactly those.
     engine._istack_root_hooks = {name: set(getattr(model, name)) - before[name] for name in _ROOT_HOOK_DICTS}
@@ -356,7 +371,7 @@ def verify_full_states(engine, states: dict[str, ParamState]) -> None:
     """
     import torch.distributed as tdist
 
-    rank = tdist.get_rank() if tdist.is_initialized() else 0
+    rank = this_rank()
     params = trainable_parameters(engine)
     with_moments = any(s.exp_avg is not None or s.exp_avg_sq is not None for s in states.values())
     has_state = all(all(k in _adam_state(engine).get(f, {}) for k in MOMENTS) for f in _flat_fp32_partitions(engine))

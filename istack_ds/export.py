@@ -12,14 +12,17 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from .dist import is_main
+from .models.sfm import save_feature_extractor
 from .models.student import Student
 
 
 def save_student(student: Student, full_state: dict[str, torch.Tensor], out: str | Path, *,
                  teacher_path: str = "", step: int = 0) -> Path:
     """Writes ``full_state`` (full fp32 tensors by parameter name) through a fresh copy of ``student``'s shape."""
-    from transformers import HubertModel, Wav2Vec2FeatureExtractor
+    from transformers import HubertModel
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -31,8 +34,7 @@ def save_student(student: Student, full_state: dict[str, torch.Tensor], out: str
     if missing or unexpected:
         raise RuntimeError(f"export: state does not match the student (missing {missing}, unexpected {unexpected})")
     sfm.eval().save_pretrained(out)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=False,
-                             return_attention_mask=config.feat_extract_norm == "layer").save_pretrained(out)
+    save_feature_extractor(out, config.feat_extract_norm)
     # .cpu(): states gathered from a GPU engine live on the GPU; heads.pt must load anywhere
     heads = {k.removeprefix("heads."): v.float().cpu() for k, v in full_state.items() if k.startswith("heads.")}
     torch.save(heads, out / "heads.pt")
@@ -40,6 +42,26 @@ def save_student(student: Student, full_state: dict[str, torch.Tensor], out: str
         "depth": student.depth, "supervised_layers": student.supervised, "teacher_layers": student.teacher_layers,
         "loss": student.loss_kind, "teacher": teacher_path, "step": step}, indent=1))
     return out
+
+
+def with_frontend(state: dict[str, torch.Tensor], student: Student, teacher_cnn: nn.Module) -> dict[str, torch.Tensor]:
+    """`state` completed by the teacher's CNN as ``sfm.feature_extractor.*`` when the student has no CNN of its
+    own (``student.frontend: shared``: it was trained on the teacher's CNN output); else `state` as it is."""
+    if student.sfm.feature_extractor is not None:
+        return state
+    return {**state, **{f"sfm.feature_extractor.{k}": v.float() for k, v in teacher_cnn.state_dict().items()}}
+
+
+def export_engine(engine, student: Student, teacher_cnn: nn.Module, out: str | Path, *, teacher_path: str,
+                  step: int) -> Path:
+    """The student inside a live engine -> an HF directory, written by rank 0. COLLECTIVE (every rank calls it)."""
+    from .engine import gather_full_states
+
+    states = gather_full_states(engine)
+    if is_main():
+        full = with_frontend({name: s.param for name, s in states.items()}, student, teacher_cnn)
+        save_student(student, full, out, teacher_path=teacher_path, step=step)
+    return Path(out)
 
 
 # ---- any checkpoint -> HF directory ---------------------------------------------------
@@ -62,14 +84,6 @@ def checkpoint_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
-def teacher_cnn_state(teacher_path: str | Path) -> dict[str, torch.Tensor]:
-    """The teacher's CNN front end as ``sfm.feature_extractor.*`` (a ``frontend: shared`` student has none)."""
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(str(teacher_path), local_files_only=True)
-    return {f"sfm.feature_extractor.{k}": v.float() for k, v in model.feature_extractor.state_dict().items()}
-
-
 def student_from_checkpoint(checkpoint: str | Path, teacher_path: str | Path | None = None):
     """(Student at the checkpoint's depth and supervised layers holding its fp32 weights, meta, teacher path).
 
@@ -77,19 +91,19 @@ def student_from_checkpoint(checkpoint: str | Path, teacher_path: str | Path | N
     config.json (its CNN shape) is read from `teacher_path`, default the config's teacher.path.
     """
     from .checkpoint import read_meta
-    from .config import Config, _build
+    from .config import Config
     from .models.teacher import read_teacher_info
 
     meta = read_meta(checkpoint)
     if "config" in meta:
-        cfg = _build(Config, meta["config"], "")
+        cfg = Config.from_dict(meta["config"])
     else:  # checkpoints written before the meta carried the config: the run's resolved config.yaml
         import yaml
 
         run_config = Path(checkpoint).resolve().parent.parent / "config.yaml"
         if not run_config.is_file():
             raise RuntimeError(f"checkpoint {checkpoint} records no config and {run_config} does not exist")
-        cfg = _build(Config, yaml.safe_load(run_config.read_text()), "")
+        cfg = Config.from_dict(yaml.safe_load(run_config.read_text()))
     teacher_path = str(teacher_path or cfg.teacher.path)
     student = Student(cfg.student, cfg.loss, read_teacher_info(teacher_path), meta["depth"], meta["supervised"])
     state = checkpoint_state(checkpoint)
@@ -101,8 +115,11 @@ def student_from_checkpoint(checkpoint: str | Path, teacher_path: str | Path | N
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {checkpoint} does not fit a depth-{meta['depth']} student "
                            f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    if getattr(student.sfm, "feature_extractor", True) is None:
-        state.update(teacher_cnn_state(teacher_path))
+    if student.sfm.feature_extractor is None:
+        from transformers import AutoModel
+
+        teacher = AutoModel.from_pretrained(teacher_path, local_files_only=True)
+        state = with_frontend(state, student, teacher.feature_extractor)
     return student.eval(), state, meta, teacher_path
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 
-import torch.distributed as dist
+from .dist import rank as this_rank
 
 
 def _parse(spec: str) -> list[tuple[str, set[int], int | None]]:
@@ -28,7 +28,7 @@ def active(kind: str, step: int) -> bool:
     spec = os.environ.get("ISTACK_FAULTS")
     if not spec:
         return False
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = this_rank()
     return any(k == kind and step in steps and (r is None or r == rank) for k, steps, r in _parse(spec))
 
 

@@ -1,9 +1,14 @@
-"""TensorBoard scalars, the progress line and throughput counters. Only rank 0 writes."""
+"""What a run reports: TensorBoard scalars, the log line, the window of steps it sums, timers, the data audit.
+
+Only rank 0 writes TensorBoard and the log line; every rank keeps its own window and audit.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,6 +53,68 @@ class RegionTimer:
             self.seconds += start.elapsed_time(end) / 1e3
         total, self.pending, self.seconds = self.seconds, [], 0.0
         return total
+
+
+@dataclass
+class LogWindow:
+    """This rank's sums over the optimizer steps since the last log line."""
+
+    steps: int = 0
+    """Optimizer steps taken."""
+    micro: int = 0
+    """Micro-batches that reached backward (finite losses)."""
+    step_s: float = 0.0
+    """Wall seconds spent in those steps."""
+    audio_s: float = 0.0
+    """Unpadded audio seconds trained on."""
+    loss: float = 0.0
+    """Sum of the micro-batch losses."""
+    parts: dict[str, float] = field(default_factory=dict)
+    """Sum of each target's unweighted loss, by ``L<t>``."""
+
+    def add_micro_batch(self, loss: float, parts: dict[str, float], audio_s: float) -> None:
+        self.micro += 1
+        self.loss += loss
+        self.audio_s += audio_s
+        for name, value in parts.items():
+            self.parts[name] = self.parts.get(name, 0.0) + value
+
+    def add_step(self, seconds: float) -> None:
+        self.steps += 1
+        self.step_s += seconds
+
+    def mean_losses(self) -> dict[str, float]:
+        """``loss`` and ``loss_L<t>`` averaged over the window's micro-batches."""
+        micro = max(1, self.micro)
+        return {"loss": self.loss / micro, **{f"loss_{name}": v / micro for name, v in self.parts.items()}}
+
+    @property
+    def mean_step_s(self) -> float:
+        return self.step_s / max(1, self.steps)
+
+
+class DataAudit:
+    """Appends the cut ids of every consumed batch to ``<out_dir>/data_audit/rank<r>.jsonl`` (``log.data_audit``).
+
+    One line per batch, flushed as it is written: a rank killed mid-run leaves every batch it
+    trained on in the file, so an audit shows exactly what a resume re-read or skipped.
+    """
+
+    def __init__(self, out_dir: str | Path, rank: int):
+        self.path = Path(out_dir) / "data_audit" / f"rank{rank}.jsonl"
+        self.file = None
+
+    def write(self, step: int, depth: int, batch: dict) -> None:
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a", buffering=1)  # line-buffered
+        self.file.write(json.dumps({"step": step, "depth": depth, "worker": int(batch.get("worker", 0)),
+                                    "epoch": batch.get("epoch"), "cut_ids": list(batch["cut_ids"])}) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def _fmt_duration(seconds: float) -> str:

@@ -23,14 +23,9 @@ def preflight(cfg: Config) -> None:
                               f"{device}: use teacher.dtype=bf16")
     info = read_teacher_info(cfg.teacher.path)
     check_teacher_layers(info, cfg.loss.teacher_layers)
-    from .data import read_index
+    from .data import check_shard_count, read_index
 
     read_index(cfg.data.train_index)
     if cfg.data.valid_index:
-        valid = read_index(cfg.data.valid_index)
-        ranks = world_size()
         # NOTE: found here, not at the first validation hours into the run
-        if len(valid.shards) < ranks:
-            raise ConfigError(f"data.valid_index {cfg.data.valid_index} has {len(valid.shards)} shards for {ranks} "
-                              f"ranks: every rank validates on its own shards; re-shard the held-out split with "
-                              f"tools/shard_corpus.py --min-shards {ranks} or set data.valid_index=null")
+        check_shard_count(read_index(cfg.data.valid_index), world_size(), cfg.data.num_workers, held_out=True)

@@ -19,13 +19,14 @@ import torch.distributed as dist
 from . import __version__, faults
 from .checkpoint import Checkpointer, check_compatible, gradient_accumulation_for, read_meta
 from .config import Config
-from .data import build_loader, read_index
+from .data import build_loader, check_shard_count, read_index
 from .diagnostics import LayerDiagnostics
 from .dist import all_ranks, all_reduce_sum, is_main, log0, rank, topology, world_size
-from .engine import build_engine, gather_full_states
+from .engine import build_engine, deepspeed_config, gather_full_states
 from .growth import GrowthManager, Schedule
 from .metrics import Metrics, RegionTimer
-from .models.losses import distilhubert_loss, frame_mask, l2l_loss
+from .models.losses import distilhubert_loss, l2l_loss
+from .models.sfm import length_mask
 from .models.student import LAYER_PREFIX, Student
 from .models.teacher import Teacher
 
@@ -62,9 +63,9 @@ class Trainer:
         # A resume on another world size keeps the global batch through gradient accumulation.
         self.accumulation = gradient_accumulation_for(meta, world_size(), cfg.deepspeed.gradient_accumulation) \
             if meta else cfg.deepspeed.gradient_accumulation
-        self.ds_config = cfg.deepspeed_config(world_size(), self.accumulation,
-                                              load_universal=bool(meta and meta.get("universal")))
-        self.growth = GrowthManager(build_model=self.build_student, ds_config=self.ds_config,
+        self.ds_config = deepspeed_config(cfg, world_size(), self.accumulation,
+                                          load_universal=bool(meta and meta.get("universal")))
+        self.growth = GrowthManager(build_model=self.build_student, ds_config=self.ds_config, optim=cfg.optim,
                                     layer_prefix=LAYER_PREFIX, operator=cfg.growth.operator,
                                     carry=cfg.growth.carry, optimizer_state=cfg.growth.optimizer_state)
         self.student, self.engine = self._build_initial_student(meta)
@@ -72,21 +73,15 @@ class Trainer:
         self.step = 0
         self.saved_step, self.saved_path = None, None
         self.nonfinite_total = self.nonfinite_run = 0
-        self.data_position: dict[str, dict] = {}  # str(worker) -> its latest batch["position"]
-        self.data_counters: dict[int, dict] = {}  # worker -> its latest epoch / shards_done / skipped
+        # NOTE: the seed is the run's, never the step's: it fixes every epoch's shard order, which the
+        # data position refers to. A resume on the same world size and workers continues where each worker was.
+        self.loader = build_loader(cfg.data, cfg.data.train_index, rank=rank(), world_size=world_size(),
+                                   seed=cfg.run.seed)
         if resume:
             self._restore(resume, meta)
         else:
             # Dropout differs per rank from here on (a resume restores each rank's RNG instead).
             seed_everything(cfg.run.seed + 1000 * rank())
-
-        # NOTE: the seed is the run's, never the step's: it fixes every epoch's shard order, which the
-        # data position refers to. A resume on the same world size and workers continues where each worker was.
-        self.loader = build_loader(cfg.data, cfg.data.train_index, rank=rank(), world_size=world_size(),
-                                   seed=cfg.run.seed, position=self.data_position or None)
-        if resume:
-            log0("data: %s", self.loader.position_note or ("resumed at the saved position" if self.loader.resumed
-                                                           else "new world size or workers: the stream starts afresh"))
         self.batches = iter(self.loader)
         self.window = self._new_window()
         self.audio_seconds_total = 0.0
@@ -115,7 +110,7 @@ class Trainer:
             if self.cfg.student.init == "teacher_cnn":
                 copied = student.copy_frontend_from(self.teacher.model)
                 log0("student CNN front end %s", "copied from the teacher" if copied else "random (shapes differ)")
-        return student, build_engine(student, self.ds_config)
+        return student, build_engine(student, self.ds_config, self.cfg.optim)
 
     def _restore(self, path: Path, meta: dict) -> None:
         """Model, optimizer, LR position, step, this rank's RNG and (same world size and workers) data position."""
@@ -125,14 +120,16 @@ class Trainer:
         self.nonfinite_total = meta.get("nonfinite_steps", 0)
         if rank_state is None:  # another world size: fresh per-rank randomness
             seed_everything(self.cfg.run.seed + 1000 * rank() + self.step)
-        elif rank_state.get("num_workers") == self.cfg.data.num_workers:
-            self.data_position = rank_state.get("data_position", {})
+        else:  # rank files written before the loader kept its own state hold its keys at the top level
+            self.loader.load_state_dict(rank_state.get("data", rank_state))
         log0("resumed from %s: step %d, stage %d, depth %d, lr %.3e", path, self.step,
              self.schedule.stage_at(self.step), self.student.depth, self.engine.get_lr()[0])
         if self.accumulation != self.cfg.deepspeed.gradient_accumulation:
             log0("checkpoint ran on %d rank(s); on %d the global batch is kept with gradient accumulation %d "
                  "(configured %d)", meta["world_size"], world_size(), self.accumulation,
                  self.cfg.deepspeed.gradient_accumulation)
+        log0("data: %s", self.loader.position_note or ("resumed at the saved position" if self.loader.resumed
+                                                       else "new world size or workers: the stream starts afresh"))
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -196,11 +193,8 @@ class Trainer:
         self.window["step_s"] += time.perf_counter() - t0
 
     def note_batch(self, batch: dict) -> None:
-        """Keeps each data worker's latest counters and resume position (per worker: they count separately)."""
+        """Appends the batch's cut ids to this rank's data audit (log.data_audit); the loader keeps its own position."""
         worker = int(batch.get("worker", 0))
-        self.data_counters[worker] = {k: batch[k] for k in ("epoch", "shards_done", "skipped") if k in batch}
-        if "position" in batch:
-            self.data_position[str(worker)] = dict(batch["position"])
         if self.cfg.log.data_audit:
             audit = self.out_dir / "data_audit" / f"rank{rank()}.jsonl"
             audit.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +223,7 @@ class Trainer:
 
     def compute_loss(self, pred: dict, targets: dict, audio_lens: torch.Tensor):
         frames = self.teacher.frame_lengths(audio_lens)
-        mask = frame_mask(frames, max(t.shape[1] for t in targets.values()))
+        mask = length_mask(frames, max(t.shape[1] for t in targets.values()))
         if self.cfg.loss.kind == "l2l":
             return l2l_loss(pred, targets, mask, self.cfg.loss.inter_weight)
         return distilhubert_loss(pred, targets, mask, self.cfg.loss.cos_weight)
@@ -258,11 +252,10 @@ class Trainer:
             return
         w = self.window
         micro = max(1, w["micro"])
-        data = self.data_counters.values()
+        data = self.loader.counters()
         local = {k: v / micro for k, v in w.items() if k.startswith("loss")}
-        local.update(audio_s=w["audio_s"], skipped=float(sum(d.get("skipped", 0) for d in data)),
-                     shards_done=float(sum(d.get("shards_done", 0) for d in data)),
-                     epoch=float(min((d.get("epoch", 0) for d in data), default=0)))
+        local.update(audio_s=w["audio_s"], skipped=float(data.skipped), shards_done=float(data.shards_done),
+                     epoch=float(data.epoch))
         # NOTE: a collective on every rank; only the writing below is rank-0.
         sums = all_reduce_sum(local)
         means = {k: v / world_size() for k, v in sums.items() if k.startswith("loss")}
@@ -304,8 +297,9 @@ class Trainer:
         self.engine.eval()
         # A held-out split is small: with fewer shards than ranks x workers, fewer workers read it
         # (preflight made sure every rank has at least one shard).
-        shards = len(read_index(self.cfg.data.valid_index).shards)
-        data = dataclasses.replace(self.cfg.data, num_workers=min(self.cfg.data.num_workers, shards // world_size()))
+        workers = check_shard_count(read_index(self.cfg.data.valid_index), world_size(), self.cfg.data.num_workers,
+                                    held_out=True)
+        data = dataclasses.replace(self.cfg.data, num_workers=workers)
         loader = build_loader(data, self.cfg.data.valid_index, rank=rank(), world_size=world_size(),
                               seed=self.cfg.run.seed, epochs=1, crop=False)
         sums: dict[str, float] = {"frames": 0.0}
@@ -343,7 +337,7 @@ class Trainer:
                 "stage": self.schedule.stage_at(max(0, self.step - 1)), "gradient_accumulation": self.accumulation,
                 "nonfinite_steps": self.nonfinite_total, "config": self.cfg.to_dict(), "version": __version__}
         if self.saved_step != self.step:  # the final save may follow a periodic or growth save
-            rank_state = {"data_position": self.data_position, "num_workers": self.cfg.data.num_workers}
+            rank_state = {"data": self.loader.state_dict()}
             self.saved_path = self.checkpointer.save(self.engine, meta, rank_state)
             self.saved_step = self.step
         return self.saved_path

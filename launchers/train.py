@@ -1,77 +1,18 @@
-"""istack_ds training entry point: parse, build, train, close.
+"""istack_ds training entry point for launchers (deepspeed, torchrun, srun): see istack_ds/cli.py.
 
-One machine, 2 CPU ranks (the demo):
-    deepspeed --num_gpus 2 launchers/train.py --config configs/demo.yaml
-One node, 8 GPUs:
-    deepspeed --num_gpus 8 launchers/train.py --config configs/paper_interleaved_eql.yaml
-Four nodes (hostfile lists each node and its slots):
-    deepspeed --num_nodes 4 --num_gpus 8 --hostfile launchers/hostfile.example \\
-        launchers/train.py --config configs/paper_interleaved_eql.yaml
-torchrun works too (free port, good for tests):
-    torchrun --standalone --nproc_per_node 2 launchers/train.py --config configs/demo.yaml
-Any config value can be overridden:  --set optim.total_steps=1000 --set growth.alpha=1
+    deepspeed --num_gpus 2 launchers/train.py --config configs/demo.yaml [--set key=value ...]
+
+Installed, the same command is `istack-train --config ...` (one process) or `python -m istack_ds.cli`.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+# NOTE: a launcher starts this file by path on every node; the checkout's package comes first,
+# so a node runs the code of this checkout even where an older istack_ds is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# No hub access at run time, ever: teachers load from local directories.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from istack_ds.config import ConfigError, load_config  # noqa: E402
-from istack_ds.preflight import preflight  # noqa: E402
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set optim.total_steps=1000 (repeatable)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        # Bad paths stop the run here, before any process group starts.
-        preflight(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"istack_ds: {e}", file=sys.stderr)
-        return 2
-
-    from istack_ds.dist import init_distributed, rank, setup_logging
-    from istack_ds.trainer import NonFiniteLossError, Trainer
-
-    setup_logging()
-    init_distributed(cfg.deepspeed.dist_timeout_s)
-    setup_logging()  # again: the rank is known only now
-    try:
-        Trainer(cfg).train()
-    except NonFiniteLossError as e:
-        print(f"istack_ds: rank {rank()}: {e}", file=sys.stderr)
-        return 3
-    except RuntimeError as e:
-        # A peer that died or hangs surfaces here as a failed collective (at the latest after
-        # deepspeed.dist_timeout_s): say so plainly instead of leaving a bare backend trace.
-        # NOTE: under NCCL the watchdog may abort the process first (TORCH_NCCL_ASYNC_ERROR_HANDLING);
-        # the job still stops, with NCCL's own message instead of this one.
-        if "gloo" in str(e).lower() or "nccl" in str(e).lower() or "timed out" in str(e).lower() \
-                or type(e).__name__ == "DistBackendError":
-            print(f"istack_ds: rank {rank()}: a collective failed; another rank died or stopped answering "
-                  f"(deepspeed.dist_timeout_s={cfg.deepspeed.dist_timeout_s}): {e}", file=sys.stderr)
-            return 4
-        raise
-    return 0
-
+from istack_ds.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

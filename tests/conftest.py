@@ -15,7 +15,7 @@ DEMO_SHARDING = dict(max_seconds=3.0, min_seconds=0.5, min_shards=8, valid_speak
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory):
     """Path of a tiny LibriLight-layout corpus (DIR/small/<speaker>/<book>/<name>.flac + .json)."""
-    from istack_ds.data.corpus import make_corpus
+    from istack_ds.data.demo_corpus import make_corpus
 
     root = tmp_path_factory.mktemp("demo_corpus")
     make_corpus(root, log=lambda *_: None, **DEMO_CORPUS)
@@ -25,7 +25,7 @@ def demo_corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_shards(demo_corpus, tmp_path_factory):
     """Path of the shards of `demo_corpus`: train/index.json (2 speakers, 8 shards) and valid/index.json."""
-    from istack_ds.data.shards import shard_corpus
+    from istack_ds.data.writer import shard_corpus
 
     out = tmp_path_factory.mktemp("demo_shards")
     shard_corpus(demo_corpus, out, log=lambda *_: None, **DEMO_SHARDING)

@@ -57,7 +57,7 @@ def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float = 30
 
 def shard_of_cut(index_path) -> dict[str, str]:
     """cut id -> path of the shard that holds it, read from the tars the index lists."""
-    from istack_ds.data.shards import read_index
+    from istack_ds.data.index import read_index
 
     owner = {}
     for shard in read_index(index_path).shards:

@@ -6,14 +6,16 @@ import io
 import json
 import shutil
 import tarfile
+import warnings
+from itertools import islice
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from istack_ds.config import DataConfig
-from istack_ds.data.shards import DataError, read_index
-from istack_ds.data.stream import build_loader
+from istack_ds.data.index import DataError, read_index
+from istack_ds.data.stream import DataCounters, build_loader
 from tests.helpers import shard_of_cut, torchrun
 
 
@@ -123,7 +125,7 @@ def test_same_seed_same_order_endless_stream_keeps_going(demo_shards):
 def test_too_few_shards_for_ranks_x_workers(demo_shards):
     index = demo_shards / "train" / "index.json"
     data = config(index, num_workers=3)
-    with pytest.raises(DataError, match=rf"has 8 shards but 9 are needed \(1 node\(s\) x 3 ranks x 3 workers.*") as e:
+    with pytest.raises(DataError, match=r"has 8 shards but 9 are needed \(1 node\(s\) x 3 ranks x 3 workers.*") as e:
         build_loader(data, str(index), rank=0, world_size=3, seed=0)
     assert str(index) in str(e.value) and "--min-shards 9" in str(e.value)
     data = config(index, num_workers=2)
@@ -245,8 +247,8 @@ def assert_resumed(r: dict, shard_of: dict) -> set:
 
 
 def test_resume_two_ranks_two_workers_gloo(demo_shards, tmp_path):
-    """First K batches + the batches after restoring the position = the whole epoch; repeats <= one shard a worker
-    (2 shards a worker here, so data.interleave_shards=1 to have a resume point inside the epoch)."""
+    """First K batches + the batches after loading the loader's saved state = the whole epoch; repeats <= one shard
+    a worker (2 shards a worker here, so data.interleave_shards=1 to have a resume point inside the epoch)."""
     index = demo_shards / "train" / "index.json"
     out = tmp_path / "resume.json"
     torchrun("data_resume.py", str(index), str(out), "3", nproc=2)
@@ -256,6 +258,14 @@ def test_resume_two_ranks_two_workers_gloo(demo_shards, tmp_path):
     assert any(set(r["first"]) & set(r["after"]) for r in per_rank), "the run stopped inside a shard (K, seed)"
     for r in per_rank:
         assert sorted(r["position"]) == ["0", "1"]
+        assert r["state"] == {"num_workers": 2, "positions": r["position"]}, "the loader kept what its batches said"
+        assert r["note"] == ""
+        for w, full in r["full_by_worker"].items():
+            first, after = r["first_by_worker"][w], r["after_by_worker"][w]
+            # per worker: its first batches + its batches after the resume = its uninterrupted batches,
+            # the batches of its one unfinished shard coming twice
+            assert first == full[:len(first)] and after == full[len(full) - len(after):], f"worker {w}"
+            assert len(first) + len(after) >= len(full), f"worker {w}"
         rank_cuts = assert_resumed(r, shard_of)
         assert rank_cuts.isdisjoint(seen), "ranks share no cut"
         seen |= rank_cuts
@@ -267,14 +277,15 @@ def test_resume_two_workers_in_groups_of_two(demo_shards):
     index = demo_shards / "train" / "index.json"
     data = config(index, num_workers=2, interleave_shards=2, batch_seconds=4.0, shuffle_buffer=4)
     first, position = [], {}
-    for i, batch in enumerate(build_loader(data, data.train_index, rank=0, world_size=1, seed=4, epochs=1)):
-        if i == 6:
-            break
+    loader = build_loader(data, data.train_index, rank=0, world_size=1, seed=4, epochs=1)
+    for batch in islice(loader, 6):
         first += batch["cut_ids"]
         position[str(batch["worker"])] = batch["position"]
     assert {p["shards_done"] for p in position.values()} & {2}, "a worker finished its first group (K, seed)"
-    resumed = build_loader(data, data.train_index, rank=0, world_size=1, seed=4, epochs=1,
-                           position=json.loads(json.dumps(position)))
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert state == {"num_workers": 2, "positions": position}
+    resumed = build_loader(data, data.train_index, rank=0, world_size=1, seed=4, epochs=1)
+    resumed.load_state_dict(state)
     after = [k for b in resumed for k in b["cut_ids"]]
     lists = {str(w): [p for p, _ in resumed.dataset.shards_for(0, w, 2)] for w in (0, 1)}
     seen = assert_resumed({"first": first, "after": after, "position": position, "resumed": resumed.resumed,
@@ -325,6 +336,56 @@ def test_resumed_batches_equal_the_uninterrupted_run(demo_shards):
     assert ends[-1]["shards_done"] == 8 and full[-1]["position"] == {
         "worker": 0, "epoch": 1, "shards_done": 8, "interleave_shards": 4, "skipped_by_reason": {},
         "repaired_by_reason": {}}
+
+
+def test_state_dict_load_state_dict_and_the_old_rank_file(demo_shards):
+    """num_workers=0: the state after any batch resumes to exactly the rest of the run; a rank file of before
+    ({"data_position", "num_workers"}) resumes the same; another number of workers starts afresh, silently."""
+    data = config(demo_shards / "train" / "index.json", batch_seconds=4.0, shuffle_buffer=4)
+
+    def loader():
+        return build_loader(data, data.train_index, rank=0, world_size=1, seed=9, epochs=2)
+
+    full, states = [], []
+    run = loader()
+    assert run.state_dict() == {"num_workers": 0, "positions": {}}
+    for batch in run:
+        full.append(batch)
+        states.append(json.loads(json.dumps(run.state_dict())))
+    for j in (0, len(full) // 2, len(full) - 2):
+        assert states[j] == {"num_workers": 0, "positions": {"0": full[j]["position"]}}
+        for state in (states[j], {"data_position": states[j]["positions"], "num_workers": 0}):
+            resumed = loader()
+            resumed.load_state_dict(state)
+            assert resumed.resumed and resumed.position_note == ""
+            assert resumed.state_dict() == states[j], "a save before the first batch keeps the loaded position"
+            rest = list(resumed)
+            assert [b["cut_ids"] for b in rest] == [b["cut_ids"] for b in full[len(full) - len(rest):]]
+            assert resumed.state_dict() == states[-1]
+    other = loader()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other.load_state_dict({"num_workers": 2, "positions": states[3]["positions"]})
+    assert not other.resumed and other.position_note == "" and other.state_dict()["positions"] == {}
+    assert [b["cut_ids"] for b in other] == [b["cut_ids"] for b in full]
+
+
+def test_counters_sum_the_workers_latest_batches(demo_shards, tmp_path):
+    """counters(): the lowest epoch, the shards done and the skips summed over each worker's latest batch."""
+    split = tmp_path / "train"
+    shutil.copytree(demo_shards / "train", split)
+    rewrite_shard(split / "shard-000002.tar", {"zz-bad-0000.flac": b"\x00garbage" * 100, "zz-bad-0000.json": b"{}"})
+    data = config(split / "index.json", num_workers=2)
+    loader = build_loader(data, data.train_index, rank=0, world_size=1, seed=0, epochs=1)
+    assert loader.counters() == DataCounters(epoch=0, shards_done=0, skipped=0)
+    latest = {}
+    for batch in loader:
+        latest[batch["worker"]] = batch
+        counters = loader.counters()
+        assert counters.epoch == min(b["epoch"] for b in latest.values())
+        assert counters.shards_done == sum(b["shards_done"] for b in latest.values())
+        assert counters.skipped == sum(b["skipped"] for b in latest.values())
+    assert loader.counters() == DataCounters(epoch=0, shards_done=8, skipped=1)
 
 
 def test_a_position_for_other_workers_starts_fresh(demo_shards):

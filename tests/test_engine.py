@@ -1,13 +1,19 @@
-"""Engine helpers that need no process group: parameter groups, refusals, the manager's name mapping."""
+"""Engine helpers that need no process group: the DeepSpeed JSON, the optimizer, parameter groups,
+refusals, the manager's name mapping."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from istack_ds.engine import GrowthStateError, build_engine, param_groups
+from istack_ds.config import OptimConfig, load_config
+from istack_ds.engine import GrowthStateError, _fused_adamw, build_engine, deepspeed_config, param_groups
 from istack_ds.growth import GrowthManager
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
 
 class Tiny(nn.Module):
@@ -17,6 +23,37 @@ class Tiny(nn.Module):
         self.layers = nn.ModuleList(nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 4)) for _ in range(depth))
         self.frozen = nn.Linear(4, 4)
         self.frozen.requires_grad_(False)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_gives_a_deepspeed_json(path):
+    cfg = load_config(path)
+    ds = deepspeed_config(cfg, world_size=8)
+    assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
+    assert ds["train_batch_size"] == 8 * cfg.deepspeed.gradient_accumulation
+
+
+def test_override_changes_deepspeed_json():
+    base = deepspeed_config(load_config(None), 2)
+    cfg = load_config(None, ["deepspeed.zero_stage=3", "optim.lr=1e-3", "optim.total_steps=1000",
+                             "deepspeed.precision=fp32", "deepspeed.gradient_accumulation=4"])
+    ds = deepspeed_config(cfg, 2)
+    assert base["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["stage"] == 3
+    assert "optimizer" not in ds  # build_engine builds it from cfg.optim
+    assert ds["scheduler"]["params"] == {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 70,
+                                         "total_num_steps": 1000, "warmup_type": "linear"}
+    assert "bf16" in base and "bf16" not in ds
+    assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 4
+
+
+def test_optimizer_is_torch_fused_adamw_from_the_optim_section():
+    optim = load_config(None, ["optim.lr=1e-3", "optim.betas=[0.8,0.9]", "optim.eps=1e-6",
+                               "optim.weight_decay=0.05"]).optim
+    opt = _fused_adamw(optim)(param_groups(Tiny(), optim.weight_decay))
+    assert type(opt) is torch.optim.AdamW
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    for g in opt.param_groups:
+        assert (g["lr"], g["betas"], g["eps"], g["fused"]) == (1e-3, (0.8, 0.9), 1e-6, True)
 
 
 def test_param_groups_decay_matrices_only():
@@ -30,11 +67,11 @@ def test_param_groups_decay_matrices_only():
 
 def test_build_engine_refuses_zero_stage_0():
     with pytest.raises(ValueError, match="stage 1, 2 or 3"):
-        build_engine(Tiny(), {"zero_optimization": {"stage": 0}})
+        build_engine(Tiny(), {"zero_optimization": {"stage": 0}}, OptimConfig())
 
 
 def test_source_names_map_layers_through_the_lineage():
-    m = GrowthManager(lambda d, s: Tiny(d), {}, "layers.", "interleaved")
+    m = GrowthManager(lambda d, s: Tiny(d), {}, OptimConfig(), "layers.", "interleaved")
     old = {n for n, p in Tiny(2).named_parameters() if p.requires_grad}
     new = [n for n, p in Tiny(4).named_parameters() if p.requires_grad]
     mapping = m.source_names(new, m.lineage(2, 4), old)
@@ -44,14 +81,14 @@ def test_source_names_map_layers_through_the_lineage():
     with pytest.raises(GrowthStateError, match="new parameter extra.weight has no source"):
         m.source_names(new + ["extra.weight"], m.lineage(2, 4), old)
     with pytest.raises(ValueError, match="must end with '.'"):
-        GrowthManager(lambda d, s: Tiny(d), {}, "layers")
+        GrowthManager(lambda d, s: Tiny(d), {}, OptimConfig(), "layers")
     assert m.lineage(3, 3) == [0, 1, 2]
 
 
 def test_grown_states_reset_zeroes_only_clones():
     from istack_ds.engine import ParamState
 
-    m = GrowthManager(lambda d, s: Tiny(d), {}, "layers.", "interleaved", optimizer_state="reset")
+    m = GrowthManager(lambda d, s: Tiny(d), {}, OptimConfig(), "layers.", "interleaved", optimizer_state="reset")
     old = {f"layers.{i}.w": ParamState(torch.full((2,), float(i)), torch.ones(2), torch.ones(2), 5) for i in range(2)}
     src = m.lineage(2, 4)  # [0, 0, 1, 1]
     new = m.grown_states(old, m.source_names([f"layers.{i}.w" for i in range(4)], src, set(old)), src)

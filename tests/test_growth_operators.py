@@ -46,7 +46,7 @@ def test_lineage(operator, d, d_new, expected):
 
 def test_design_examples_back_to_the_first_layers():
     A, B, C = 0, 1, 2
-    # DESIGN §3: interleaved 3 -> 6 is A A' B B' C C', then 6 -> 9 is A A' A'' B B' B'' C C' C''
+    # docs/architecture.md: interleaved 3 -> 6 is A A' B B' C C', then 6 -> 9 is A A' A'' B B' B'' C C' C''
     assert lineage_through("interleaved", [3, 6]) == [A, A, B, B, C, C]
     assert lineage_through("interleaved", [3, 6, 9]) == [A, A, A, B, B, B, C, C, C]
     assert lineage_through("interleaved", [3, 6, 9, 12]) == [A] * 4 + [B] * 4 + [C] * 4

@@ -4,11 +4,12 @@ import math
 
 import torch
 
-from istack_ds.models.losses import distilhubert_loss, frame_mask, l2l_loss
+from istack_ds.models.losses import distilhubert_loss, l2l_loss
+from istack_ds.models.sfm import length_mask
 
 
-def test_frame_mask():
-    assert frame_mask(torch.tensor([2, 0, 3]), 3).tolist() == [[True, True, False], [False, False, False],
+def test_length_mask():
+    assert length_mask(torch.tensor([2, 0, 3]), 3).tolist() == [[True, True, False], [False, False, False],
                                                               [True, True, True]]
 
 
@@ -16,7 +17,7 @@ def test_l2l_by_hand_weights_last_target_one_and_others_inter_weight():
     # B=1, T=2 frames (second is padding), H=2.
     pred = {4: torch.tensor([[[1.0, 2.0], [9.0, 9.0]]]), 8: torch.tensor([[[0.0, 0.0], [5.0, 5.0]]])}
     target = {4: torch.tensor([[[0.0, 0.0], [0.0, 0.0]]]), 8: torch.tensor([[[3.0, 1.0], [0.0, 0.0]]])}
-    mask = frame_mask(torch.tensor([1]), 2)
+    mask = length_mask(torch.tensor([1]), 2)
     total, parts = l2l_loss(pred, target, mask, inter_weight=0.5)
     # L4: mean((1-0)^2, (2-0)^2) = 2.5 ; L8: mean(9, 1) = 5.0 ; padded frame ignored.
     assert parts["L4"].item() == 2.5 and parts["L8"].item() == 5.0
@@ -26,7 +27,7 @@ def test_l2l_by_hand_weights_last_target_one_and_others_inter_weight():
 def test_l2l_masked_mean_over_batch_frames():
     pred = {12: torch.tensor([[[2.0], [2.0]], [[4.0], [0.0]]])}
     target = {12: torch.zeros(2, 2, 1)}
-    total, parts = l2l_loss(pred, target, frame_mask(torch.tensor([2, 1]), 2))
+    total, parts = l2l_loss(pred, target, length_mask(torch.tensor([2, 1]), 2))
     assert math.isclose(total.item(), (4 + 4 + 16) / 3)
 
 
@@ -46,6 +47,6 @@ def test_distilhubert_by_hand():
 def test_losses_backpropagate_only_through_valid_frames():
     pred = {4: torch.zeros(1, 3, 2, requires_grad=True)}
     target = {4: torch.ones(1, 3, 2)}
-    total, _ = l2l_loss(pred, target, frame_mask(torch.tensor([2]), 3))
+    total, _ = l2l_loss(pred, target, length_mask(torch.tensor([2]), 3))
     total.backward()
     assert pred[4].grad[0, 2].abs().sum() == 0 and pred[4].grad[0, :2].abs().sum() > 0

@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def bench_corpus(out: Path) -> Path:
     """A corpus of long-ish files (12-36 s) sharded into ~24 shards of 20 s windows; made once, reused."""
-    from istack_ds.data.corpus import make_corpus
-    from istack_ds.data.shards import shard_corpus
+    from istack_ds.data.demo_corpus import make_corpus
+    from istack_ds.data.writer import shard_corpus
 
     index = out / "shards" / "train" / "index.json"
     if not index.is_file():
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     import json
     import tempfile
 
-    from istack_ds.data.shards import read_index
+    from istack_ds.data.index import read_index
 
     index_path = args.index or str(bench_corpus(Path(args.bench_dir)))
     index = read_index(index_path)

@@ -73,7 +73,7 @@ def main() -> None:
     from transformers import HubertConfig, HubertModel
 
     from istack_ds.config import Config, DeepSpeedConfig, OptimConfig
-    from istack_ds.engine import build_engine, rss_bytes
+    from istack_ds.engine import build_engine, deepspeed_config, rss_bytes
     from istack_ds.growth import GrowthManager
 
     rank = int(os.environ["RANK"])
@@ -100,7 +100,7 @@ def main() -> None:
 
     cfg = Config(optim=OptimConfig(total_steps=1000),
                  deepspeed=DeepSpeedConfig(zero_stage=args.zero, precision=args.precision))
-    ds_config = cfg.deepspeed_config(world)
+    ds_config = deepspeed_config(cfg, world)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     g = torch.Generator().manual_seed(rank)
     from deepspeed.accelerator import get_accelerator
@@ -128,12 +128,12 @@ def main() -> None:
     supervised = [0, 1, 2]
     model = build(args.from_depth, supervised)
     n_before = sum(p.numel() for p in model.parameters())
-    engine = build_engine(model, ds_config)
+    engine = build_engine(model, ds_config, cfg.optim)
     step_before = timed_steps(engine, args.steps)
     gc.collect()
     rss_before = rss_bytes() / 2**20
 
-    manager = GrowthManager(build, ds_config, "sfm.encoder.layers.", "interleaved", "last", "copy")
+    manager = GrowthManager(build, ds_config, cfg.optim, "sfm.encoder.layers.", "interleaved", "last", "copy")
     res = manager.grow(engine, model, args.from_depth, args.to_depth, supervised)
     engine, model = res.engine, res.model
     gc.collect()

@@ -53,7 +53,8 @@ class BareStep:
         self.teacher_s = 0.0
 
     def step(self, batch: dict) -> float:
-        from istack_ds.models.losses import frame_mask, l2l_loss
+        from istack_ds.models.losses import l2l_loss
+        from istack_ds.models.sfm import length_mask
 
         audio, lens = batch["audio"], batch["audio_lens"]
         t0 = time.perf_counter()
@@ -61,7 +62,7 @@ class BareStep:
         targets = self.teacher(audio, lens, features)
         self.teacher_s += time.perf_counter() - t0
         pred = self.student(audio, lens, features)
-        mask = frame_mask(self.teacher.frame_lengths(lens), next(iter(targets.values())).shape[1])
+        mask = length_mask(self.teacher.frame_lengths(lens), next(iter(targets.values())).shape[1])
         loss, _ = l2l_loss(pred, targets, mask, self.cfg.loss.inter_weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

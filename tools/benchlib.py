@@ -65,8 +65,6 @@ def fixed_batches(count: int, utterances: int, seconds: float, seed: int = 0) ->
 
 
 def init_single_process() -> None:
-    import importlib
-
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         import socket
@@ -74,10 +72,9 @@ def init_single_process() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    # The shared-memory comm op only serves multi-rank inference all-reduce: skip its ~25 s g++ build.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    from istack_ds.dist import init_distributed, setup_logging
+    from istack_ds.dist import init_distributed, setup_logging, skip_shm_build
 
+    skip_shm_build()
     setup_logging()
     init_distributed(600)
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from istack_ds.data.shards import DataError, check_shard, read_index  # noqa: E402
+from istack_ds.data.index import DataError, read_index  # noqa: E402
+from istack_ds.data.writer import check_shard  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from istack_ds.data.corpus import make_corpus  # noqa: E402
+from istack_ds.data.demo_corpus import make_corpus  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -25,8 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from istack_ds.data.librilight import (DataError, add_preparation_args, prepare_librilight,  # noqa: E402
-                                       valid_speakers_arg)
+from istack_ds.data.corpora import add_preparation_args, valid_speakers_arg  # noqa: E402
+from istack_ds.data.corpora.librilight import prepare_librilight  # noqa: E402
+from istack_ds.data.index import DataError  # noqa: E402
 
 
 def main(argv=None) -> int:

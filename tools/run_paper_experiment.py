@@ -56,15 +56,16 @@ def make_teacher(out: Path, seed: int = 0) -> Path:
         return out
     import torch
     import transformers
-    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+    from transformers import HubertConfig, HubertModel
+
+    from istack_ds.models.sfm import save_feature_extractor
 
     transformers.utils.logging.disable_progress_bar()
 
     torch.manual_seed(seed)
     config = HubertConfig(**TEACHER, mask_time_prob=0.0, layerdrop=0.0)
     HubertModel(config).eval().save_pretrained(out)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=False,
-                             return_attention_mask=False).save_pretrained(out)
+    save_feature_extractor(out, config.feat_extract_norm)
     (out / "RANDOM_WEIGHTS.txt").write_text(
         f"RANDOM HuBERT teacher of the paper's shape at reduced width ({TEACHER}), seed {seed}, made by "
         "tools/run_paper_experiment.py. It is not a trained model.\n")
@@ -73,8 +74,8 @@ def make_teacher(out: Path, seed: int = 0) -> Path:
 
 def make_data(data: Path, tiny: bool) -> Path:
     """Synthetic corpus -> shards (train + held-out speakers); both steps reuse what exists."""
-    from istack_ds.data.corpus import make_corpus
-    from istack_ds.data.shards import shard_corpus
+    from istack_ds.data.demo_corpus import make_corpus
+    from istack_ds.data.writer import shard_corpus
 
     quiet = lambda *_: None  # noqa: E731
     corpus = dict(speakers=4, books=1, files=4, seconds=6.0) if tiny else \

@@ -17,6 +17,7 @@ shows shards, hours written and the ETA. Small splits are spread over at least
 --min-shards shards so that nodes x ranks x workers can all be fed. Re-running skips
 shards that are already written and still match their index entry (an interrupted
 run keeps index.partial.json), so it is also how an interrupted run is resumed.
+--layout names the corpus module that reads --corpus (istack_ds/data/corpora/; librilight by default).
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from istack_ds.data.librilight import add_preparation_args, valid_speakers_arg  # noqa: E402
-from istack_ds.data.shards import DataError, shard_corpus  # noqa: E402
+from istack_ds.data.corpora import DEFAULT_CORPUS, add_preparation_args, available, valid_speakers_arg  # noqa: E402
+from istack_ds.data.index import DataError  # noqa: E402
+from istack_ds.data.writer import shard_corpus  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_preparation_args(p)
+    p.add_argument("--layout", choices=available(), default=DEFAULT_CORPUS,
+                   help="the corpus module that reads --corpus")
     p.add_argument("--shard-mb", type=float, default=1024.0, help="target shard size (MB, may be fractional)")
     p.add_argument("--max-per-shard", type=int, default=None, help="at most this many cuts per shard")
     p.add_argument("--min-shards", type=int, default=8, help="spread a small split over at least this many shards")
@@ -47,7 +51,7 @@ def main(argv=None) -> int:
         shard_corpus(args.corpus, args.out, max_seconds=args.max_seconds, min_seconds=args.min_seconds,
                      shard_mb=args.shard_mb, max_per_shard=args.max_per_shard, min_shards=args.min_shards,
                      valid_speakers=valid_speakers, valid_fraction=args.valid_fraction,
-                     sample_rate=args.sample_rate, jobs=args.jobs)
+                     sample_rate=args.sample_rate, jobs=args.jobs, corpus=args.layout)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

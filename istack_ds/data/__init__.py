@@ -1,17 +1,22 @@
-"""The data side: LibriLight -> VAD-window cuts -> WebDataset shards + index -> streamed batches.
+"""The data side: a corpus -> cuts -> WebDataset shards + index -> streamed batches.
 
-- :mod:`istack_ds.data.corpus`: a small synthetic corpus in LibriLight layout (the demo, tests).
-- :mod:`istack_ds.data.librilight`: LibriLight layout -> lhotse manifests -> VAD-window cuts per split (lazy).
-- :mod:`istack_ds.data.shards`: cuts -> shards + index.json (parallel writers); reading members back.
-- :mod:`istack_ds.data.stream`: shards -> split by node, rank, worker -> bucketed batches with a resumable position.
+- :mod:`istack_ds.data.corpora`: the corpus contract, and one module per corpus (``librilight``:
+  LibriLight layout -> lhotse manifests -> VAD-window cuts per split, lazily).
+- :mod:`istack_ds.data.demo_corpus`: a small synthetic corpus in LibriLight layout (the demo, tests).
+- :mod:`istack_ds.data.index`: the index.json format, :class:`DataError`, and the rule of how many shards a split needs.
+- :mod:`istack_ds.data.tario`: shard members (``<key>.flac`` + ``<key>.json``) written into and read from tars.
+- :mod:`istack_ds.data.writer`: cuts -> shards + index.json (parallel writers, resumable), and checking shards back.
+- :mod:`istack_ds.data.progress`: the progress line of a sharding run.
+- :mod:`istack_ds.data.stream`: shards -> split by node, rank, worker -> bucketed batches, from a loader that
+  keeps its own resumable state (``state_dict`` / ``load_state_dict``).
 
 This package never imports the model. ``stream`` (torch, lhotse) is imported lazily
 so that tools that only shard a corpus stay light.
 """
 
-from istack_ds.data.shards import DataError, ShardIndex, ShardInfo, read_index
+from istack_ds.data.index import DataError, ShardIndex, ShardInfo, check_shard_count, read_index
 
-__all__ = ["DataError", "ShardIndex", "ShardInfo", "read_index", "build_loader"]
+__all__ = ["DataError", "ShardIndex", "ShardInfo", "check_shard_count", "read_index", "build_loader"]
 
 
 def __getattr__(name):

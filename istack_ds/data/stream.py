@@ -1,4 +1,4 @@
-"""Shards -> batches: the streaming loader the trainer iterates, with a resumable data position.
+"""Shards -> batches: the streaming loader the trainer iterates, which keeps its own resumable state.
 
     index.json -> shard list, shuffled per epoch from (seed, epoch), the same on every rank
       -> this node's shards (every num_nodes-th) -> this rank's (every local_world_size-th)
@@ -29,6 +29,10 @@ collective. Finite ``epochs`` are for validation and tests.
 
 NOTE: the seed must be the same when resuming: it fixes every epoch's shard order.
 
+The loader (:class:`ShardLoader`) watches the batches it hands out: ``state_dict()``
+is each worker's latest position (what a checkpoint stores), ``load_state_dict()``
+resumes from one before iterating, and ``counters()`` sums the workers' counters.
+
 Batch keys:
     audio        FloatTensor [B, T], zero-padded
     audio_lens   LongTensor [B], samples
@@ -41,7 +45,7 @@ Batch keys:
     position     {"worker", "epoch", "shards_done", "skipped_by_reason", "repaired_by_reason"}: what
                  build_loader(position=...) resumes from, counters as of those whole shards
     skipped      int, members (or shards) skipped by that worker so far (a resumed worker goes on counting)
-    skipped_by_reason   {reason: count}, reasons from istack_ds.data.shards.SKIP_REASONS
+    skipped_by_reason   {reason: count}, reasons from istack_ds.data.tario.SKIP_REASONS
     repaired_by_reason  {reason: count}: resampled, downmixed, too_long (cropped to data.crop_seconds)
 """
 
@@ -62,17 +66,95 @@ import numpy as np
 import torch
 
 from istack_ds.config import DataConfig
-from istack_ds.data.shards import BadMember, DataError, ShardIndex, iter_tar_samples, member_meta, read_index, \
-    to_mono_rate
+from istack_ds.data.index import DataError, ShardIndex, check_shard_count, read_index
+from istack_ds.data.tario import BadMember, iter_tar_samples, member_meta, to_mono_rate
+
+
+@dataclass(frozen=True)
+class DataCounters:
+    """The loader's counters over the batches it handed out, all workers together (for the training log)."""
+
+    epoch: int = 0
+    """The lowest current epoch of the workers (0 before any batch)."""
+    shards_done: int = 0
+    """Shards of their current epochs the workers have fully emitted, summed."""
+    skipped: int = 0
+    """Members (or shards) skipped, summed over the workers."""
 
 
 class ShardLoader(torch.utils.data.DataLoader):
-    """A DataLoader that also says whether it resumed from a data position."""
+    """A DataLoader over a ShardStream that keeps each worker's latest position and counters.
 
+    Every batch it yields is noted (per worker: each counts separately), so that
+    :meth:`state_dict` is what a checkpoint saves and :meth:`load_state_dict`, called
+    before iterating, resumes from it.
+    """
+
+    dataset: ShardStream
     resumed: bool = False
-    """True when the workers start from the given position; False: fresh from epoch 0."""
+    """True when the workers start from a loaded position; False: fresh from epoch 0."""
     position_note: str = ""
-    """Why a given position was not used (empty when it was, or when none was given)."""
+    """Why a loaded position was not used (empty when it was, or when none was given)."""
+
+    def __init__(self, dataset: ShardStream, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self._positions: dict[str, dict] = {}  # str(worker) -> its latest batch["position"]
+        self._latest: dict[int, dict] = {}  # worker -> its latest epoch / shards_done / skipped
+
+    def __iter__(self) -> Iterator[dict]:
+        # NOTE: the DataLoader iterator is made here, not at the first batch: it draws its base seed
+        # from the global torch RNG, and a training run's RNG stream must not move.
+        return self._noted(super().__iter__())
+
+    def _noted(self, batches) -> Iterator[dict]:
+        for batch in batches:
+            worker = int(batch.get("worker", 0))
+            self._latest[worker] = {k: batch[k] for k in ("epoch", "shards_done", "skipped") if k in batch}
+            if "position" in batch:
+                self._positions[str(worker)] = dict(batch["position"])
+            yield batch
+
+    def state_dict(self) -> dict:
+        """What a checkpoint stores: each worker's latest position (JSON-safe) and the number of workers."""
+        return {"num_workers": self.num_workers, "positions": copy.deepcopy(self._positions)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resumes each worker from `state` (a :meth:`state_dict`) when it fits; call before iterating.
+
+        State saved with another number of workers is not used (the stream starts afresh,
+        without a note). A rank file written before the loader kept its own state,
+        ``{"data_position": {...}, "num_workers": n}``, is read too.
+        """
+        positions = state["positions"] if "positions" in state else state.get("data_position")
+        self.resume_from(positions if state.get("num_workers") == self.num_workers else None)
+
+    def resume_from(self, position: dict | None) -> None:
+        """Starts each worker at `position` (str(worker) -> its latest ``batch["position"]``) when it fits.
+
+        A position for other workers (or a malformed one) is not used: a warning and
+        :attr:`position_note` say why, and the stream starts from epoch 0.
+        """
+        start, note = resume_points(position, max(1, self.num_workers))
+        if note:
+            warnings.warn(f"data position not used, starting from epoch 0: {note}", stacklevel=3)
+        interleave = self.dataset.data.interleave_shards
+        regrouped = sorted({c.interleave_shards for c in start.values()} - {interleave})
+        if regrouped:
+            # Groups are formed from each worker's resume point on, so no cut is lost or repeated
+            # beyond the unfinished group; only the batches differ from an uninterrupted run's.
+            warnings.warn(f"data position saved with data.interleave_shards={regrouped}, this run reads "
+                          f"{interleave} shards at once: resuming at the saved shard counts, "
+                          "with batches that differ from an uninterrupted run's", stacklevel=3)
+        self.dataset.start = start
+        self._positions = {str(int(w)): dict(p) for w, p in position.items()} if start else {}
+        self.resumed, self.position_note = bool(start), note
+
+    def counters(self) -> DataCounters:
+        """Epoch (lowest), shards done and skips (summed) over the workers' latest batches."""
+        latest = self._latest.values()
+        return DataCounters(epoch=min((d.get("epoch", 0) for d in latest), default=0),
+                            shards_done=sum(d.get("shards_done", 0) for d in latest),
+                            skipped=sum(d.get("skipped", 0) for d in latest))
 
 
 def build_loader(data: DataConfig, index_path: str, *, rank: int, world_size: int, seed: int,
@@ -83,8 +165,8 @@ def build_loader(data: DataConfig, index_path: str, *, rank: int, world_size: in
     `epochs=None` streams forever (each epoch reshuffles the shard order from
     (seed, epoch)); an int stops after that many passes. `position` maps
     str(worker) -> the latest ``batch["position"]`` of that worker (JSON round
-    trip is fine); a position for another number of workers is ignored (see
-    ``loader.resumed`` and ``loader.position_note``). `local_world_size` (ranks per
+    trip is fine; see :meth:`ShardLoader.resume_from`); a checkpoint's state goes
+    through :meth:`ShardLoader.load_state_dict` instead. `local_world_size` (ranks per
     node; default $LOCAL_WORLD_SIZE, else all ranks on one node) splits the shards
     by node first. Raises DataError when the index is unusable, a shard is missing
     on disk, or there are fewer shards than nodes x ranks x workers.
@@ -97,34 +179,16 @@ def build_loader(data: DataConfig, index_path: str, *, rank: int, world_size: in
     if local_world_size <= 0 or world_size % local_world_size:
         raise DataError(f"local_world_size {local_world_size} does not divide world_size {world_size}")
     index = read_index(index_path)
-    workers = max(1, data.num_workers)
-    nodes = world_size // local_world_size
-    needed = world_size * workers
-    if len(index.shards) < needed:
-        raise DataError(
-            f"shard index {index_path} has {len(index.shards)} shards but {needed} are needed "
-            f"({nodes} node(s) x {local_world_size} ranks x {workers} workers each read their own shards); "
-            f"re-shard with more, smaller shards (tools/shard_corpus.py --min-shards {needed}) or use fewer workers"
-        )
-    start, note = resume_points(position, workers)
-    if note:
-        warnings.warn(f"data position not used, starting from epoch 0: {note}", stacklevel=2)
-    regrouped = sorted({c.interleave_shards for c in start.values()} - {data.interleave_shards})
-    if regrouped:
-        # Groups are formed from each worker's resume point on, so no cut is lost or repeated
-        # beyond the unfinished group; only the batches differ from an uninterrupted run's.
-        warnings.warn(f"data position saved with data.interleave_shards={regrouped}, this run reads "
-                      f"{data.interleave_shards} shards at once: resuming at the saved shard counts, "
-                      "with batches that differ from an uninterrupted run's", stacklevel=2)
+    check_shard_count(index, world_size, data.num_workers, local_world_size=local_world_size)
     dataset = ShardStream(
         shards=[(s.path, s.samples) for s in index.shards], data=data, rank=rank, world_size=world_size,
-        local_world_size=local_world_size, seed=seed, epochs=epochs, crop=crop, start=start,
+        local_world_size=local_world_size, seed=seed, epochs=epochs, crop=crop,
         duration_bins=duration_bins(index, data.num_buckets, data.crop_seconds if crop else None),
     )
     # Workers prefetch batches while the trainer computes; on a GPU, pinned batches copy asynchronously.
     loader = ShardLoader(dataset, batch_size=None, num_workers=data.num_workers, persistent_workers=False,
                          pin_memory=torch.cuda.is_available())
-    loader.resumed, loader.position_note = bool(start), note
+    loader.resume_from(position)
     return loader
 
 
@@ -272,13 +336,12 @@ class ShardStream(torch.utils.data.IterableDataset):
     """Batches of one rank; each DataLoader worker reads its own subset of that rank's shards."""
 
     def __init__(self, *, shards: list[tuple[str, int]], data: DataConfig, rank: int, world_size: int,
-                 local_world_size: int, seed: int, epochs: int | None, crop: bool, duration_bins: list[float],
-                 start: dict[int, WorkerCounters] | None = None):
+                 local_world_size: int, seed: int, epochs: int | None, crop: bool, duration_bins: list[float]):
         super().__init__()
         self.shards, self.data, self.rank, self.world_size = list(shards), data, rank, world_size
         self.local_world_size = local_world_size
         self.seed, self.epochs, self.crop, self.duration_bins = seed, epochs, crop, duration_bins
-        self.start = start or {}
+        self.start: dict[int, WorkerCounters] = {}  # worker -> where it resumes (ShardLoader.resume_from sets it)
 
     def shards_for(self, epoch: int, worker: int, num_workers: int) -> list[tuple[str, int]]:
         """This worker's shards in `epoch`: one global shuffle, then split by node, rank in node, worker."""

@@ -3,14 +3,15 @@
 The student is any ``nn.Module`` whose transformer layers' parameters are named
 ``{layer_prefix}{i}.*`` (the HF HubertModel student wrapped as ``sfm`` uses
 ``"sfm.encoder.layers."``). A growth, on every rank at once, at an optimizer-step
-boundary (DESIGN §4):
+boundary (docs/architecture.md):
 
 1. gather the full fp32 params, Adam moments and step from the old engine (collective);
 2. lineage ``src`` (``new_layer[i] = old_layer[src[i]]``), where the supervised layers go;
 3. ``build_model(new_depth, new_supervised)``; map each new parameter to its source name
    (``{prefix}{i}.`` -> ``{prefix}{src[i]}.``; every other parameter to itself);
 4. destroy the old engine and empty the old model's trainable tensors;
-5. build the new engine, scatter the states (clones' moments copied, or zeroed with
+5. build the new engine the way the first one was built (the same DeepSpeed JSON and
+   ``optim`` section), scatter the states (clones' moments copied, or zeroed with
    ``optimizer_state='reset'``), carry step counters and the LR position, read back.
 
 The caller must rebind ``engine`` and ``model`` to the result's and drop every other
@@ -27,8 +28,10 @@ import torch
 from torch import nn
 
 from istack_ds import engine as ds_engine
+from istack_ds.config import OptimConfig
 from istack_ds.engine import GrowthStateError, ParamState
 from istack_ds.growth import operators
+from istack_ds.growth.operators import Carry, Operator, OptimizerState
 
 
 @dataclass
@@ -49,36 +52,35 @@ class GrowthResult:
     """Wall-clock seconds of the whole growth."""
 
 
+def _moment(moment: torch.Tensor | None, reset: bool) -> torch.Tensor | None:
+    """A source's Adam moment as its copy's: shared (read-only), or zeros for a reset clone."""
+    if moment is None:
+        return None
+    return torch.zeros_like(moment) if reset else moment
+
+
 class GrowthManager:
-    def __init__(self, build_model: Callable[[int, list[int]], nn.Module], ds_config: dict, layer_prefix: str,
-                 operator: str = "interleaved", carry: str = "last", optimizer_state: str = "copy"):
+    def __init__(self, build_model: Callable[[int, list[int]], nn.Module], ds_config: dict, optim: OptimConfig,
+                 layer_prefix: str, operator: Operator = "interleaved", carry: Carry = "last",
+                 optimizer_state: OptimizerState = "copy"):
         """
         build_model: ``(depth, supervised) -> nn.Module``, the student at a depth; called on every
             rank, its initial values do not matter (every parameter is overwritten).
-        ds_config: the DeepSpeed JSON (``Config.deepspeed_config(world_size)``).
+        ds_config, optim: what every engine is built from (``build_engine(model, ds_config, optim)``):
+            the DeepSpeed JSON (:func:`istack_ds.engine.deepspeed_config`) and the ``optim`` section.
         layer_prefix: name prefix of the transformer layers, ending in ``.``: ``"sfm.encoder.layers."``.
-        operator / carry / optimizer_state: as in ``growth.*`` of the run config.
+        operator / carry / optimizer_state: as in ``growth.*`` of the run config, which checks them;
+            an unknown operator or carry is refused by :mod:`istack_ds.growth.operators` at the growth.
         """
-        if operator not in operators.OPERATORS:
-            raise ValueError(f"growth.operator={operator!r}; choose one of {list(operators.OPERATORS)}")
-        if carry not in ("last", "first"):
-            raise ValueError(f"growth.carry={carry!r}; choose one of ['last', 'first']")
-        if optimizer_state not in ("copy", "reset"):
-            raise ValueError(f"growth.optimizer_state={optimizer_state!r}; choose one of ['copy', 'reset']")
         if not layer_prefix.endswith("."):
             raise ValueError(f"layer_prefix={layer_prefix!r} must end with '.' (e.g. 'sfm.encoder.layers.')")
         self.build_model = build_model
         self.ds_config = ds_config
+        self.optim = optim
         self.layer_prefix = layer_prefix
         self.operator = operator
         self.carry = carry
         self.optimizer_state = optimizer_state
-
-    @classmethod
-    def from_config(cls, cfg, build_model, layer_prefix: str, world_size: int) -> "GrowthManager":
-        """From a :class:`istack_ds.config.Config`."""
-        g = cfg.growth
-        return cls(build_model, cfg.deepspeed_config(world_size), layer_prefix, g.operator, g.carry, g.optimizer_state)
 
     # ---- pure parts --------------------------------------------------------------------------
 
@@ -115,7 +117,8 @@ class GrowthManager:
             out[name] = source
         return out
 
-    def grown_states(self, old: dict[str, ParamState], mapping: dict[str, str], src: list[int]) -> dict[str, ParamState]:
+    def grown_states(self, old: dict[str, ParamState], mapping: dict[str, str],
+                     src: list[int]) -> dict[str, ParamState]:
         """States of the new student: copies of the sources; a clone's moments zeroed under ``reset``.
 
         A clone is a later copy of a source layer (the first copy in the new stack is the original).
@@ -128,8 +131,8 @@ class GrowthManager:
             reset = self.optimizer_state == "reset" and parsed is not None and parsed[0] in clones
             out[name] = ParamState(
                 param=st.param,  # shared, read-only: scatter copies into the engine
-                exp_avg=None if st.exp_avg is None else (torch.zeros_like(st.exp_avg) if reset else st.exp_avg),
-                exp_avg_sq=None if st.exp_avg_sq is None else (torch.zeros_like(st.exp_avg_sq) if reset else st.exp_avg_sq),
+                exp_avg=_moment(st.exp_avg, reset),
+                exp_avg_sq=_moment(st.exp_avg_sq, reset),
                 step=st.step,
             )
         return out
@@ -172,7 +175,7 @@ class GrowthManager:
         del engine, model
         lap("destroy_s")
 
-        new_engine = ds_engine.build_engine(new_model, self.ds_config)
+        new_engine = ds_engine.build_engine(new_model, self.ds_config, self.optim)
         lap("build_s")
         ds_engine.scatter_full_states(new_engine, new_states, verify=False)
         ds_engine.carry_counters(counters, new_engine)

@@ -21,7 +21,43 @@ none           not a growth (full depth from step 0): calling it errors
 
 from __future__ import annotations
 
-OPERATORS = ("interleaved", "gradstack", "midas", "stack", "none")
+from typing import Literal, get_args
+
+# NOTE: the growth vocabulary is declared here once; the config's Literal fields and the manager import it.
+Operator = Literal["interleaved", "gradstack", "midas", "stack", "none"]
+"""How depth grows (the table above)."""
+Carry = Literal["last", "first"]
+"""Which copy of a supervised layer keeps its target after a growth."""
+OptimizerState = Literal["copy", "reset"]
+"""Adam moments of a cloned layer: copied from its source, or reset to zero."""
+
+OPERATORS: tuple[str, ...] = get_args(Operator)
+CARRIES: tuple[str, ...] = get_args(Carry)
+
+
+def check_growth(operator: str, d: int, d_new: int) -> None:
+    """The rules of one growth ``d -> d_new``: it adds layers, clones each at most once
+    (``d < d_new <= 2d``), and ``stack`` doubles the depth. Raises ValueError naming the rule."""
+    if d < 1:
+        raise ValueError(f"cannot grow from depth {d}: a student has at least one layer")
+    if d_new <= d:
+        raise ValueError(f"growth {d} -> {d_new} does not add layers (depths must be strictly increasing)")
+    if d_new > 2 * d:
+        raise ValueError(
+            f"growth {d} -> {d_new} more than doubles the depth; one growth clones each layer "
+            f"at most once (need d_new <= {2 * d})"
+        )
+    if operator == "stack" and d_new != 2 * d:
+        raise ValueError(f"stack: growth {d} -> {d_new} must double the depth (d_new = {2 * d})")
+
+
+def check_depths(operator: str, depths: list[int]) -> None:
+    """The rules of a run's stage depths: at least one depth, each >= 1, every step a valid growth
+    (:func:`check_growth`). Also holds for ``none``, which trains the last depth only."""
+    if not depths or any(d < 1 for d in depths):
+        raise ValueError("must be a non-empty list of depths >= 1")
+    for d, d_new in zip(depths, depths[1:]):
+        check_growth(operator, d, d_new)
 
 
 def _check(operator: str, d: int, d_new: int) -> int:
@@ -29,17 +65,7 @@ def _check(operator: str, d: int, d_new: int) -> int:
         raise ValueError(f"unknown growth operator {operator!r}; choose one of {list(OPERATORS)}")
     if operator == "none":
         raise ValueError("growth operator 'none' trains at full depth from step 0 and never grows")
-    if d < 1:
-        raise ValueError(f"cannot grow from depth {d}: a student has at least one layer")
-    if d_new <= d:
-        raise ValueError(f"{operator}: growth {d} -> {d_new} does not add layers (need d_new > d)")
-    if d_new > 2 * d:
-        raise ValueError(
-            f"{operator}: growth {d} -> {d_new} more than doubles the depth; one growth clones each layer "
-            f"at most once (need d_new <= {2 * d})"
-        )
-    if operator == "stack" and d_new != 2 * d:
-        raise ValueError(f"stack: growth {d} -> {d_new} must double the depth (d_new = {2 * d})")
+    check_growth(operator, d, d_new)
     return d_new - d
 
 
@@ -48,7 +74,7 @@ def interleaved_sources(d: int, n: int) -> list[int]:
     return [((j + 1) * d) // n - 1 for j in range(n)]
 
 
-def lineage(operator: str, d: int, d_new: int) -> list[int]:
+def lineage(operator: Operator, d: int, d_new: int) -> list[int]:
     """Source (old) layer index of every new layer for a growth ``d -> d_new``.
 
     Raises ValueError for ``d_new <= d``, ``d_new > 2d``, ``stack`` with
@@ -93,14 +119,14 @@ def compose(*lineages: list[int]) -> list[int]:
     return out
 
 
-def lineage_through(operator: str, depths: list[int]) -> list[int]:
+def lineage_through(operator: Operator, depths: list[int]) -> list[int]:
     """Lineage of the final depth back to the first depth's layers, over every growth of ``depths``."""
     if len(depths) < 2:
         return identity(depths[0])
     return compose(*(lineage(operator, a, b) for a, b in zip(depths, depths[1:])))
 
 
-def carry_supervised(supervised: list[int], src: list[int], carry: str = "last") -> list[int]:
+def carry_supervised(supervised: list[int], src: list[int], carry: Carry = "last") -> list[int]:
     """Where each supervised (old, 0-based) layer index goes after a growth with lineage ``src``.
 
     Each old layer has one or two copies; ``carry='last'`` gives its target to the
@@ -108,8 +134,8 @@ def carry_supervised(supervised: list[int], src: list[int], carry: str = "last")
     student ends with layers 3, 7, 11, i.e. hidden states 4, 8, 12, supervised),
     ``carry='first'`` to the first.
     """
-    if carry not in ("last", "first"):
-        raise ValueError(f"carry={carry!r} is not allowed; choose one of ['last', 'first']")
+    if carry not in CARRIES:
+        raise ValueError(f"carry={carry!r} is not allowed; choose one of {list(CARRIES)}")
     out = []
     for s in supervised:
         copies = [i for i, source in enumerate(src) if source == s]

@@ -2,18 +2,15 @@
 
 Both take ``pred`` and ``target`` as {teacher_layer: [B, T, H]} (keys ``t`` or
 ``"L<t>"``, as the student returns them) and a frame mask [B, T] (True = real
-audio), and return ``(total, parts)`` where ``parts[f"L{t}"]`` is the
-unweighted loss of target t (logged as ``train/loss_L<t>``).
+audio: :func:`istack_ds.models.sfm.length_mask`), and return ``(total, parts)``
+where ``parts[f"L{t}"]`` is the unweighted loss of target t (logged as
+``train/loss_L<t>``).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def frame_mask(frame_lens: torch.Tensor, num_frames: int) -> torch.Tensor:
-    return torch.arange(num_frames, device=frame_lens.device)[None, :] < frame_lens[:, None]
 
 
 def _by_layer(x: dict) -> dict[int, torch.Tensor]:

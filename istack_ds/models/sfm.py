@@ -67,8 +67,25 @@ def cnn(model: nn.Module, audio: torch.Tensor) -> torch.Tensor:
     return model.feature_extractor(audio)
 
 
-def audio_mask(audio: torch.Tensor, audio_lens: torch.Tensor) -> torch.Tensor:
-    return (torch.arange(audio.shape[1], device=audio.device)[None] < audio_lens[:, None]).long()
+def length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, size] bool, True where a position is real (audio samples or frames), False on padding."""
+    return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def attention_mask(audio: torch.Tensor, audio_lens: torch.Tensor) -> torch.Tensor:
+    """The HF ``attention_mask`` of a zero-padded audio batch [B, T]: 1 on samples, 0 on padding."""
+    return length_mask(audio_lens.to(audio.device), audio.shape[1]).long()
+
+
+def save_feature_extractor(out, feat_extract_norm: str, sampling_rate: int = 16000) -> None:
+    """Writes the ``preprocessor_config.json`` of a raw-waveform SFM (what ``AutoFeatureExtractor`` loads).
+
+    HF convention: models with a layer-norm CNN were trained with attention masks.
+    """
+    from transformers import Wav2Vec2FeatureExtractor
+
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=sampling_rate, padding_value=0.0, do_normalize=False,
+                             return_attention_mask=feat_extract_norm == "layer").save_pretrained(out)
 
 
 def hidden_states(model: nn.Module, audio: torch.Tensor, attention_mask: torch.Tensor | None,

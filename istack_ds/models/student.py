@@ -110,7 +110,7 @@ class Student(nn.Module):
         dtype = self.sfm.feature_projection.projection.weight.dtype  # bf16 under a bf16 engine: inputs follow
         if self.frontend == "shared" and features is None:
             raise ValueError("student.frontend=shared: pass the teacher's CNN features (Teacher.cnn)")
-        mask = sfm.audio_mask(audio, audio_lens) if self.use_attention_mask else None
+        mask = sfm.attention_mask(audio, audio_lens) if self.use_attention_mask else None
         return sfm.hidden_states(self.sfm, audio.to(dtype), mask, None if features is None else features.to(dtype))
 
     def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor,

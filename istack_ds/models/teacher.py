@@ -129,20 +129,29 @@ class Teacher(nn.Module):
     def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor,
                 features: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Target hidden states {layer: [B, T, H]} in fp32; `features` skips the CNN (computed by :meth:`cnn`)."""
-        mask = sfm.audio_mask(audio, audio_lens) if self.use_attention_mask else None
-        feats = None if features is None else features.to(self.dtype_)
-        hidden = sfm.hidden_states(self.model, audio.to(self.dtype_), mask, feats)
+        hidden = self._hidden_states(audio, audio_lens, features)
         # Targets leave inference mode as plain fp32 tensors so the loss can use them.
         return {i: hidden[i].float().clone() for i in self.layers}
+
+    @torch.inference_mode()
+    def all_hidden_states(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> list[torch.Tensor]:
+        """Every hidden state the teacher computes (up to its deepest target layer), fp32."""
+        return [h.float().clone() for h in self._hidden_states(audio, audio_lens)]
+
+    def _hidden_states(self, audio: torch.Tensor, audio_lens: torch.Tensor,
+                       features: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        mask = sfm.attention_mask(audio, audio_lens) if self.use_attention_mask else None
+        feats = None if features is None else features.to(self.dtype_)
+        return sfm.hidden_states(self.model, audio.to(self.dtype_), mask, feats)
 
 
 def quantize_linear_int8(model: nn.Module) -> int:
     """Replaces every ``nn.Linear`` of a frozen CPU model by its dynamically quantized int8 twin, in place.
 
     Weights are int8 per tensor, activations quantized per batch on the fly (fbgemm; VNNI where
-    the CPU has it). On the paper-shaped HuBERT-Base the encoder runs 2x faster on CPU, with
-    targets at cosine 0.999 and ~4 % relative L2 error from fp32 (tools/bench_teacher.py); the
-    CNN front end stays fp32. CPU only: quantized Linear kernels do not exist on CUDA.
+    the CPU has it); the CNN front end stays fp32. Its speed and the targets' distance from fp32
+    are measured by tools/bench/bench_teacher.py (README, "Performance"). CPU only: quantized
+    Linear kernels do not exist on CUDA.
     Returns how many Linear layers were quantized.
     """
     import warnings
@@ -157,7 +166,7 @@ def quantize_linear_int8(model: nn.Module) -> int:
                and not any(name.startswith(f"{parent}.") for parent in raw_weights)}
     with warnings.catch_warnings():
         # torch marks its eager quantization API deprecated in favour of torchao, whose int8 path
-        # needs torch.compile on CPU; the eager kernels are still the fastest here (see the docstring).
+        # needs torch.compile on CPU; the eager kernels are the fastest measured here (README, "Performance").
         warnings.simplefilter("ignore")
         quantize_dynamic(model, linears, dtype=torch.qint8, inplace=True)
     return len(linears)
@@ -186,10 +195,7 @@ def make_random_teacher(out: str | Path, size: str = "tiny", model_type: str = "
     model = model_cls(config).eval()
     out = Path(out)
     model.save_pretrained(out)
-    from transformers import Wav2Vec2FeatureExtractor
-
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=False,
-                             return_attention_mask=config.feat_extract_norm == "layer").save_pretrained(out)
+    sfm.save_feature_extractor(out, config.feat_extract_norm)
     (out / "RANDOM_WEIGHTS.txt").write_text(
         f"This {model_type} teacher ({size}) has RANDOM weights made by istack_ds tools/make_teacher.py "
         f"(seed {seed}).\nIt exercises the distillation machinery; it is not a trained model.\n")

@@ -17,8 +17,9 @@ import torch.distributed as dist
 from istack_ds.checkpoint import Checkpointer, gradient_accumulation_for, read_meta
 from istack_ds.config import load_config
 from istack_ds.dist import init_distributed
-from istack_ds.engine import build_engine
-from istack_ds.models.losses import frame_mask, l2l_loss
+from istack_ds.engine import build_engine, deepspeed_config
+from istack_ds.models.losses import l2l_loss
+from istack_ds.models.sfm import length_mask
 from istack_ds.models.student import Student
 from istack_ds.models.teacher import Teacher
 
@@ -31,7 +32,7 @@ def batch(rank: int, step: int):
 def micro_loss(engine, teacher, rank, step):
     audio, lens = batch(rank, step)
     targets = teacher(audio, lens)
-    return l2l_loss(engine(audio, lens), targets, frame_mask(teacher.frame_lengths(lens), targets[4].shape[1]))[0]
+    return l2l_loss(engine(audio, lens), targets, length_mask(teacher.frame_lengths(lens), targets[4].shape[1]))[0]
 
 
 def main(phase: str, teacher_dir: str, out_dir: str) -> None:
@@ -47,7 +48,7 @@ def main(phase: str, teacher_dir: str, out_dir: str) -> None:
     student = Student(cfg.student, cfg.loss, teacher.info, depth=2)
     losses = {}
     if phase == "save":
-        engine = build_engine(student, cfg.deepspeed_config(world))
+        engine = build_engine(student, deepspeed_config(cfg, world), cfg.optim)
         for step in range(1, 6):
             if step == 4:
                 ckpt.save(engine, {"step": 3, "depth": 2, "supervised": student.supervised, "gradient_accumulation": 1,
@@ -62,7 +63,7 @@ def main(phase: str, teacher_dir: str, out_dir: str) -> None:
         meta = read_meta(Path(out_dir) / "checkpoints/step00000003_universal")
         accumulation = gradient_accumulation_for(meta, world, 1)
         assert accumulation == 2, accumulation
-        engine = build_engine(student, cfg.deepspeed_config(world, accumulation, load_universal=True))
+        engine = build_engine(student, deepspeed_config(cfg, world, accumulation, load_universal=True), cfg.optim)
         ckpt.load(engine, Path(out_dir) / "checkpoints/step00000003_universal")
         assert engine.global_steps == 3, engine.global_steps
         for step in (4, 5):

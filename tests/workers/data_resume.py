@@ -1,16 +1,19 @@
-"""Data position across a restart on every rank: K batches, a position saved as JSON, a new loader, the rest.
+"""Data position across a restart on every rank: K batches, the loader's state saved as JSON, a new loader, the rest.
 
 Run by tests/test_data_stream.py under torchrun (2 ranks x 2 workers, gloo):
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/workers/data_resume.py INDEX OUT_JSON K
 
-Rank 0 writes, per rank: the cut ids of the first K batches, the saved position, the
-cut ids after the resume, and each worker's shard list of epoch 0.
+Rank 0 writes, per rank: the cut ids of the first K batches, each worker's position as its
+batches said, the loader's saved state, the cut ids after the resume, each worker's batches
+(cut ids) before the save, after the resume and in an uninterrupted run, and each worker's
+shard list of epoch 0.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from itertools import islice
 
 import torch.distributed as dist
 
@@ -19,28 +22,39 @@ from gather import write_all_ranks
 from istack_ds.data.stream import build_loader
 
 
+def per_worker(batches: list[dict]) -> dict[str, list[list[str]]]:
+    out: dict[str, list[list[str]]] = {"0": [], "1": []}
+    for batch in batches:
+        out[str(batch["worker"])].append(batch["cut_ids"])
+    return out
+
+
 def main(index_path: str, out_json: str, k: str) -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     data = DataConfig(train_index=index_path, num_workers=2, crop_seconds=1.0, batch_seconds=1.0, num_buckets=3,
                       shuffle_buffer=4, interleave_shards=1)  # the resume unit is then one shard
-    first, position = [], {}
-    loader = build_loader(data, index_path, rank=rank, world_size=world_size, seed=3, epochs=1)
-    for i, batch in enumerate(loader):
-        if i == int(k):
-            break
-        first += batch["cut_ids"]
-        position[batch["worker"]] = batch["position"]  # what the trainer keeps
-    del loader
-    saved = json.loads(json.dumps(position))  # the checkpoint's JSON round trip: keys become strings
-    resumed = build_loader(data, index_path, rank=rank, world_size=world_size, seed=3, epochs=1, position=saved)
-    after, skipped = [], 0
-    for batch in resumed:
-        after += batch["cut_ids"]
-        skipped = max(skipped, batch["skipped"])
+
+    def loader():
+        return build_loader(data, index_path, rank=rank, world_size=world_size, seed=3, epochs=1)
+
+    full = list(loader())  # the uninterrupted run
+    interrupted = loader()
+    first_batches = list(islice(interrupted, int(k)))  # exactly K batches pass through the loader
+    first = [i for b in first_batches for i in b["cut_ids"]]
+    position = {str(b["worker"]): b["position"] for b in first_batches}  # each worker's latest, as batches said
+    state = json.loads(json.dumps(interrupted.state_dict()))  # the checkpoint's JSON round trip
+    del interrupted
+    resumed = loader()
+    resumed.load_state_dict(state)
+    after_batches = list(resumed)
+    after = [i for b in after_batches for i in b["cut_ids"]]
+    skipped = max((b["skipped"] for b in after_batches), default=0)
     lists = {w: [p for p, _ in resumed.dataset.shards_for(0, w, 2)] for w in (0, 1)}
-    write_all_ranks(out_json, {"first": first, "position": saved, "after": after, "resumed": resumed.resumed,
-                               "skipped": skipped, "shard_lists": lists})
+    write_all_ranks(out_json, {"first": first, "position": position, "state": state, "after": after,
+                               "resumed": resumed.resumed, "note": resumed.position_note, "skipped": skipped,
+                               "shard_lists": lists, "first_by_worker": per_worker(first_batches),
+                               "after_by_worker": per_worker(after_batches), "full_by_worker": per_worker(full)})
 
 
 if __name__ == "__main__":

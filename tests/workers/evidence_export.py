@@ -13,10 +13,10 @@ import torch.distributed as dist
 
 from istack_ds.checkpoint import Checkpointer
 from istack_ds.config import load_config
-from istack_ds.diagnostics import teacher_hidden_states  # noqa: F401  (import check: diagnostics loads)
 from istack_ds.dist import init_distributed
-from istack_ds.engine import build_engine
-from istack_ds.models.losses import frame_mask, l2l_loss
+from istack_ds.engine import build_engine, deepspeed_config
+from istack_ds.models.losses import l2l_loss
+from istack_ds.models.sfm import length_mask
 from istack_ds.models.student import Student
 from istack_ds.models.teacher import Teacher
 
@@ -34,13 +34,13 @@ def main(teacher_dir: str, out_dir: str, zero_stage: str, frontend: str) -> None
     supervised = [2, 3]  # not the default spread ([1, 3]): the export must take it from the checkpoint
     student = Student(cfg.student, cfg.loss, teacher.info, depth=4, supervised=supervised)
     student.copy_frontend_from(teacher.model)
-    engine = build_engine(student, cfg.deepspeed_config(dist.get_world_size()))
+    engine = build_engine(student, deepspeed_config(cfg, dist.get_world_size()), cfg.optim)
     shared = frontend == "shared"
     g = torch.Generator().manual_seed(100 + dist.get_rank())
     audio, lens = torch.randn(2, 16000, generator=g), torch.tensor([16000, 11000])
     features = teacher.cnn(audio) if shared else None
     targets = teacher(audio, lens, features) if shared else teacher(audio, lens)
-    mask = frame_mask(teacher.frame_lengths(lens), targets[4].shape[1])
+    mask = length_mask(teacher.frame_lengths(lens), targets[4].shape[1])
     for _ in range(3):
         loss, _ = l2l_loss(engine(audio, lens, features), targets, mask)
         engine.backward(loss)

@@ -1,11 +1,10 @@
-"""Shared by the growth workers: tiny students, a DeepSpeed config, batches, rank-aware checks.
+"""Shared by the growth workers: tiny students, what engines are built from, batches, rank-aware checks.
 
 Workers run under torchrun (tests/helpers.torchrun); each builds real engines on gloo.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -13,12 +12,13 @@ import sys
 import torch
 from torch import nn
 
-# The shared-memory comm op only serves inference all-reduce; skip its ~25 s g++ build.
-importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+from deepspeed.accelerator import get_accelerator
 
-from deepspeed.accelerator import get_accelerator  # noqa: E402
+from istack_ds.config import Config, DeepSpeedConfig, OptimConfig
+from istack_ds.dist import skip_shm_build
+from istack_ds.engine import deepspeed_config
 
-from istack_ds.config import Config, DeepSpeedConfig, OptimConfig  # noqa: E402
+skip_shm_build()
 
 DEVICE = torch.device(get_accelerator().current_device_name())  # cpu here; cuda:N on a GPU machine
 
@@ -35,12 +35,13 @@ def log0(*args) -> None:
         print(*args, flush=True)
 
 
-def ds_config(zero_stage: int, precision: str = "fp32", total_steps: int = 20, lr: float = 1e-2,
-              grad_clip: float = 0.0, warmup_fraction: float = 0.25) -> dict:
+def engine_config(zero_stage: int, precision: str = "fp32", total_steps: int = 20, lr: float = 1e-2,
+                  grad_clip: float = 0.0, warmup_fraction: float = 0.25) -> tuple[dict, OptimConfig]:
+    """The DeepSpeed JSON and the optim section every engine of a worker is built from."""
     cfg = Config(optim=OptimConfig(lr=lr, total_steps=total_steps, grad_clip=grad_clip, warmup_fraction=warmup_fraction,
                                    weight_decay=0.01),
                  deepspeed=DeepSpeedConfig(zero_stage=zero_stage, precision=precision))
-    return cfg.deepspeed_config(int(os.environ.get("WORLD_SIZE", 1)))
+    return deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1))), cfg.optim
 
 
 class Block(nn.Module):

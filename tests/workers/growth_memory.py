@@ -11,7 +11,7 @@ import gc
 import weakref
 from functools import partial
 
-from growth_common import TOY_PREFIX, build_toy, ds_config, emit, log0, parse_args, toy_batch
+from growth_common import TOY_PREFIX, build_toy, emit, engine_config, log0, parse_args, toy_batch
 
 from istack_ds.engine import build_engine, malloc_trim, rss_bytes
 from istack_ds.growth import GrowthManager
@@ -19,8 +19,8 @@ from istack_ds.growth import GrowthManager
 args = parse_args()
 zero, rebuilds, width, depth = int(args["zero"]), int(args.get("rebuilds", 6)), int(args.get("width", 384)), 6
 build = partial(build_toy, width=width)
-cfg = ds_config(zero, total_steps=100)
-manager = GrowthManager(lambda d, s: build(d, s), cfg, TOY_PREFIX)
+ds, optim = engine_config(zero, total_steps=100)
+manager = GrowthManager(lambda d, s: build(d, s), ds, optim, TOY_PREFIX)
 
 
 def step(engine, i):
@@ -35,7 +35,7 @@ if args.get("leak") == "1":  # sensitivity check of this test: keep ZeRO 3's lru
     import istack_ds.engine
 
     istack_ds.engine._clear_lru_cache = lambda fn: None
-engine = build_engine(model, cfg)
+engine = build_engine(model, ds, optim)
 step(engine, 0)
 rss = []
 for r in range(rebuilds):
@@ -53,5 +53,6 @@ for r in range(rebuilds):
     rss.append(rss_bytes() / 2**20)
     log0(f"ZeRO {zero} rebuild {r + 1}: RSS {rss[-1]:.0f} MiB")
 limit = 1.10 * rss[0]
-assert max(rss) <= limit, f"ZeRO {zero}: RSS grew over {rebuilds} rebuilds: {[round(v) for v in rss]} MiB (limit {limit:.0f})"
+assert max(rss) <= limit, (f"ZeRO {zero}: RSS grew over {rebuilds} rebuilds: {[round(v) for v in rss]} MiB "
+                          f"(limit {limit:.0f})")
 emit({"zero": zero, "params": n_params, "rss_mib": [round(v, 1) for v in rss]})

@@ -10,7 +10,7 @@ and a setter that silently skips a parameter is caught by the read-back, by name
 
 import deepspeed.utils
 import torch
-from growth_common import TOY_PREFIX, build_toy, ds_config, emit, log0, parse_args, toy_batch, train_step
+from growth_common import TOY_PREFIX, build_toy, emit, engine_config, log0, parse_args, toy_batch, train_step
 
 from istack_ds.engine import GrowthStateError, build_engine, destroy_engine, gather_full_states, scatter_full_states
 from istack_ds.growth import GrowthManager
@@ -20,20 +20,20 @@ stages = [int(s) for s in args.get("zero", "1,2,3").split(",")]
 N, AT = 8, 4
 report = {}
 for zero in stages:
-    cfg = ds_config(zero, total_steps=20)
+    ds, optim = engine_config(zero, total_steps=20)
     sup = [0, 1, 2]
 
     model = build_toy(3, sup)
-    engine = build_engine(model, cfg)
+    engine = build_engine(model, ds, optim)
     losses_a = [train_step(engine, toy_batch(s)) for s in range(N)]
     final_a = gather_full_states(engine)
     destroy_engine(engine)
     del engine, model
 
     model = build_toy(3, sup)
-    engine = build_engine(model, cfg)
+    engine = build_engine(model, ds, optim)
     losses_b = [train_step(engine, toy_batch(s)) for s in range(AT)]
-    res = GrowthManager(build_toy, cfg, TOY_PREFIX).grow(engine, model, 3, 3, sup)
+    res = GrowthManager(build_toy, ds, optim, TOY_PREFIX).grow(engine, model, 3, 3, sup)
     engine, model = res.engine, res.model
     assert res.lineage == [0, 1, 2] and res.supervised == sup
     losses_b += [train_step(engine, toy_batch(s)) for s in range(AT, N)]

@@ -11,8 +11,8 @@ states. At every step: the LR equals the unbroken WarmupDecayLR schedule's.
 """
 
 import torch
-from growth_common import (DEVICE, HUBERT_PREFIX, TOY_PREFIX, build_hubert, build_toy, current_lr, ds_config, emit, hubert_batch,
-                           log0, parse_args, toy_batch, train_step)
+from growth_common import (DEVICE, HUBERT_PREFIX, TOY_PREFIX, build_hubert, build_toy, current_lr, emit, engine_config,
+                           hubert_batch, log0, parse_args, toy_batch, train_step)
 
 from istack_ds.engine import build_engine, gather_full_states, param_groups
 from istack_ds.growth import GrowthManager, carry_supervised, lineage
@@ -24,13 +24,13 @@ hubert = args.get("model", "toy") == "hubert"
 build, batch_fn, prefix = (build_hubert, hubert_batch, HUBERT_PREFIX) if hubert else (build_toy, toy_batch, TOY_PREFIX)
 dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 TOTAL, STEPS_PER_STAGE = 20, 3
-cfg = ds_config(zero, precision, total_steps=TOTAL)
+ds, optim = engine_config(zero, precision, total_steps=TOTAL)
 
 # The unbroken schedule, on a throwaway optimizer.
 from deepspeed.runtime.lr_schedules import WarmupDecayLR  # noqa: E402
 
-_dummy = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg["optimizer"]["params"]["lr"])
-_sched = WarmupDecayLR(_dummy, **cfg["scheduler"]["params"])
+_dummy = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr)
+_sched = WarmupDecayLR(_dummy, **ds["scheduler"]["params"])
 unbroken = []
 for _ in range(STEPS_PER_STAGE * len(depths)):
     unbroken.append(_dummy.param_groups[0]["lr"])
@@ -38,7 +38,7 @@ for _ in range(STEPS_PER_STAGE * len(depths)):
 
 supervised = list(range(min(3, depths[0])))
 model = build(depths[0], supervised)
-engine = build_engine(model, cfg)
+engine = build_engine(model, ds, optim)
 lrs, losses, step = [], [], 0
 
 
@@ -73,8 +73,7 @@ def reference_step(states, depth, sup, lr, batch):
     named = dict(ref.named_parameters())
     for name, p in named.items():
         p.data.copy_(states[name].param)
-    hp = cfg["optimizer"]["params"]
-    opt = torch.optim.AdamW(param_groups(ref, hp["weight_decay"]), lr=lr, betas=hp["betas"], eps=hp["eps"])
+    opt = torch.optim.AdamW(param_groups(ref, optim.weight_decay), lr=lr, betas=optim.betas, eps=optim.eps)
     for name, p in named.items():
         st = states[name]
         opt.state[p] = {"step": torch.tensor(float(st.step)), "exp_avg": st.exp_avg.clone(),
@@ -89,7 +88,7 @@ run(STEPS_PER_STAGE)
 report = {"pauses": [], "ref_max_diff": None}
 for g, (d, d_new) in enumerate(zip(depths, depths[1:])):
     reset = g == 1
-    manager = GrowthManager(build, cfg, prefix, "interleaved", "last", "reset" if reset else "copy")
+    manager = GrowthManager(build, ds, optim, prefix, "interleaved", "last", "reset" if reset else "copy")
     old = gather_full_states(engine)
     res = manager.grow(engine, model, d, d_new, supervised)
     engine, model = res.engine, res.model  # drop the old ones

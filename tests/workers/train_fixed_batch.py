@@ -11,8 +11,9 @@ import torch.distributed as dist
 
 from istack_ds.config import load_config
 from istack_ds.dist import init_distributed
-from istack_ds.engine import build_engine
-from istack_ds.models.losses import frame_mask, l2l_loss
+from istack_ds.engine import build_engine, deepspeed_config
+from istack_ds.models.losses import l2l_loss
+from istack_ds.models.sfm import length_mask
 from istack_ds.models.student import Student
 from istack_ds.models.teacher import Teacher
 
@@ -29,12 +30,12 @@ def main(teacher_dir: str, out_json: str, zero_stage: str, precision: str) -> No
     torch.manual_seed(0)
     student = Student(cfg.student, cfg.loss, teacher.info, depth=2)
     student.copy_frontend_from(teacher.model)
-    engine = build_engine(student, cfg.deepspeed_config(dist.get_world_size()))
+    engine = build_engine(student, deepspeed_config(cfg, dist.get_world_size()), cfg.optim)
     g = torch.Generator().manual_seed(100 + dist.get_rank())  # each rank its own fixed batch
     audio = torch.randn(2, 16000, generator=g)
     lens = torch.tensor([16000, 12000])
     targets = teacher(audio, lens)
-    mask = frame_mask(teacher.frame_lengths(lens), targets[4].shape[1])
+    mask = length_mask(teacher.frame_lengths(lens), targets[4].shape[1])
     losses = []
     for _ in range(20):
         loss, _ = l2l_loss(engine(audio, lens), targets, mask)

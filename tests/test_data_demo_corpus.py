@@ -7,7 +7,7 @@ import json
 import numpy as np
 import soundfile as sf
 
-from istack_ds.data.corpus import SAMPLE_RATE, make_corpus
+from istack_ds.data.demo_corpus import SAMPLE_RATE, make_corpus
 
 TINY = dict(speakers=2, books=1, files=2, seconds=3.0, engine="synth", log=lambda *_: None)
 

@@ -1,18 +1,16 @@
-"""Preparation and sharding at scale: any subset of parts, window limits, speaker split, parallel writers, progress."""
+"""LibriLight preparation: any subset of parts, window limits, VAD windows, the speaker split, clear errors."""
 
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import shutil
 
 import pytest
 
-from istack_ds.data.corpus import make_corpus
-from istack_ds.data.librilight import DataError, manifest_paths, pick_valid_speakers, prepare_librilight
-from istack_ds.data.shards import Progress, read_index, shard_corpus
-from tests.conftest import DEMO_SHARDING
+from istack_ds.data.corpora.librilight import manifest_paths, pick_valid_speakers, prepare_librilight, vad_windows
+from istack_ds.data.demo_corpus import make_corpus
+from istack_ds.data.index import DataError
 
 QUIET = dict(log=lambda *_: None)
 
@@ -48,7 +46,8 @@ def test_only_small_then_medium_added(two_parts, tmp_path):
     assert second["parts"] == ["small", "medium"] and second["valid_speakers"] == ["102"]
     assert manifest_paths(out / "manifests", "small")[0].stat().st_mtime_ns == mtime, "a prepared part is kept"
     assert len(ids_in(manifest_paths(out / "manifests", "medium")[0])) == 2
-    assert second["splits"]["valid"]["cuts"] > 0 and second["splits"]["train"]["cuts"] == first["splits"]["train"]["cuts"]
+    assert second["splits"]["valid"]["cuts"] > 0
+    assert second["splits"]["train"]["cuts"] == first["splits"]["train"]["cuts"]
 
 
 def test_windows_never_exceed_the_maximum(two_parts, tmp_path):
@@ -91,43 +90,9 @@ def test_missing_corpus_is_named(tmp_path):
         prepare_librilight(tmp_path / "empty", tmp_path / "out", **QUIET)
 
 
-def test_parallel_writers_write_the_same_bytes_and_totals_match(demo_corpus, demo_shards, tmp_path):
-    out = tmp_path / "jobs2"
-    progress = io.StringIO()
-    reports = shard_corpus(demo_corpus, out, jobs=2, progress_stream=progress, **QUIET, **DEMO_SHARDING)
-    for split, report in reports.items():
-        assert report.written == report.shards
-        assert (out / split / "index.json").read_text() == (demo_shards / split / "index.json").read_text()
-        for a, b in zip(sorted((out / split).glob("shard-*.tar")), sorted((demo_shards / split).glob("shard-*.tar"))):
-            assert a.read_bytes() == b.read_bytes()
-        index = read_index(out / split / "index.json")
-        assert index.samples == report.samples and index.seconds == pytest.approx(report.seconds, abs=1e-3)
-    lines = progress.getvalue().splitlines()
-    assert lines[-1].startswith("valid: ") and " h, " in lines[-1] and "ETA 0:00:00" in lines[-1]
-    assert any(line.startswith("train: 8/8 shards (0 already there)") for line in lines)
-    assert not list(out.glob("*/*.tmp")) and not list(out.glob("*/index.partial.json"))
+def test_vad_windows_merge_split_and_drop():
+    vad = [(0.0, 1.0), (1.5, 2.5), (2.8, 3.5), (10.0, 10.2), (12.0, 19.0)]
+    assert vad_windows(vad, max_seconds=4.0, min_seconds=0.5) == [(0.0, 3.5), (12.0, 16.0), (16.0, 19.0)]
+    windows = vad_windows(vad, max_seconds=2.0, min_seconds=0.0)
+    assert all(b - a <= 2.0 for a, b in windows) and windows[0] == (0.0, 1.0)
 
-
-def test_interrupted_run_resumes_from_the_partial_index(demo_corpus, demo_shards, tmp_path):
-    out = tmp_path / "shards"
-    shutil.copytree(demo_shards, out)
-    index = json.loads((out / "train" / "index.json").read_text())
-    # as if the run died after shard 2: a partial index naming shards 0-2, no index.json, the rest absent
-    index["shards"] = index["shards"][:3]
-    (out / "train" / "index.partial.json").write_text(json.dumps(index))
-    (out / "train" / "index.json").unlink()
-    for p in sorted((out / "train").glob("shard-*.tar"))[3:]:
-        p.unlink()
-    reports = shard_corpus(demo_corpus, out, progress_stream=io.StringIO(), **QUIET, **DEMO_SHARDING)
-    assert (reports["train"].written, reports["train"].skipped) == (5, 3)
-    assert (out / "train" / "index.json").read_text() == (demo_shards / "train" / "index.json").read_text()
-
-
-def test_progress_line_has_hours_rate_and_eta():
-    stream = io.StringIO()
-    p = Progress("train", shards=4, total_seconds=4 * 3600.0, stream=stream, every=0.0)
-    p.update(3600.0, written=False)
-    p.update(3600.0, written=True)
-    line = stream.getvalue().splitlines()[-1]
-    assert line.startswith("train: 2/4 shards (1 already there), 2.00/4.00 h, ")
-    assert "audio s/s, ETA " in line and "ETA ?" not in line

@@ -13,6 +13,10 @@ replacing "flac" anywhere in the path. Headers are read by ``jobs`` threads
 (shared storage is latency-bound). A part counts as prepared once both its
 manifests exist (they are written under a temporary name and renamed when
 complete), so re-running is cheap and adding ``medium`` later prepares only it.
+
+Each cut keeps in ``cut.custom`` what its shard member's json records: speaker,
+book and source (the FLAC path relative to the corpus); :func:`prepare` is this
+module's side of the corpus contract (:mod:`istack_ds.data.corpora`).
 """
 
 from __future__ import annotations
@@ -26,11 +30,10 @@ from itertools import groupby
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from istack_ds.data.corpora import PreparedCorpus
+from istack_ds.data.index import DataError
+
 LIBRILIGHT_PARTS = ("small", "medium", "large")
-
-
-class DataError(ValueError):
-    """Unusable data (index, shards, corpus); the message names the path."""
 
 
 # ---- LibriLight -> manifests -----------------------------------------------------------
@@ -292,17 +295,13 @@ def prepare_librilight(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike
     return summary
 
 
-def add_preparation_args(parser) -> None:
-    """The command-line options of the preparation step, shared by tools/prepare_librilight.py and shard_corpus.py."""
-    parser.add_argument("--corpus", required=True, help="directory holding small/ (and optionally medium/, large/)")
-    parser.add_argument("--out", required=True, help="output directory: manifests/, train/, valid/")
-    parser.add_argument("--max-seconds", type=float, default=20.0, help="longest VAD window")
-    parser.add_argument("--min-seconds", type=float, default=1.0, help="shorter windows are dropped")
-    held = parser.add_mutually_exclusive_group()
-    held.add_argument("--valid-speakers", type=int, default=None, help="speakers held out for validation (default 1)")
-    held.add_argument("--valid-fraction", type=float, default=None, help="fraction of the speakers held out")
+def prepare(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_seconds: float, min_seconds: float,
+            valid_speakers: int | None, valid_fraction: float | None, jobs: int, log: Callable) -> PreparedCorpus:
+    """The corpus contract (:mod:`istack_ds.data.corpora`): :func:`prepare_librilight`'s cuts per split.
 
-
-def valid_speakers_arg(args) -> int | None:
-    """--valid-speakers, defaulting to 1 when neither it nor --valid-fraction is given."""
-    return 1 if args.valid_speakers is None and args.valid_fraction is None else args.valid_speakers
+    The index settings record the held-out speakers and the parts that were present.
+    """
+    summary = prepare_librilight(corpus_dir, out_dir, max_seconds=max_seconds, min_seconds=min_seconds,
+                                 valid_speakers=valid_speakers, valid_fraction=valid_fraction, jobs=jobs, log=log)
+    return PreparedCorpus(splits={split: Path(s["path"]) for split, s in summary["splits"].items()},
+                          settings={"valid_speakers": summary["valid_speakers"], "parts": summary["parts"]})

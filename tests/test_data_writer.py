@@ -1,4 +1,5 @@
-"""Sharding: index <-> files, totals <-> manifests, window lengths, speaker split, idempotence, clear errors."""
+"""Sharding: index <-> files, totals <-> manifests, member contents, idempotence, parallel writers, progress,
+and checking shards back (tools/check_shards.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,14 @@ import tarfile
 
 import pytest
 
-from istack_ds.data.shards import DataError, plan_shards, read_index, shard_corpus, vad_windows
+from istack_ds.data.index import read_index
+from istack_ds.data.progress import Progress
+from istack_ds.data.writer import plan_shards, shard_corpus
 from tests.conftest import DEMO_SHARDING
 from tests.helpers import ROOT
+
+QUIET = dict(log=lambda *_: None)
+
 
 
 def members(tar_path) -> dict[str, dict[str, bytes]]:
@@ -101,13 +107,6 @@ def test_rerun_skips_verified_shards_and_rewrites_a_damaged_one(demo_corpus, dem
     assert (out / "train" / "index.json").read_text() == (demo_shards / "train" / "index.json").read_text()
 
 
-def test_vad_windows_merge_split_and_drop():
-    vad = [(0.0, 1.0), (1.5, 2.5), (2.8, 3.5), (10.0, 10.2), (12.0, 19.0)]
-    assert vad_windows(vad, max_seconds=4.0, min_seconds=0.5) == [(0.0, 3.5), (12.0, 16.0), (16.0, 19.0)]
-    windows = vad_windows(vad, max_seconds=2.0, min_seconds=0.0)
-    assert all(b - a <= 2.0 for a, b in windows) and windows[0] == (0.0, 1.0)
-
-
 def test_plan_shards_limits_and_spreads_small_splits():
     assert plan_shards([1.0] * 10, sample_rate=16000, shard_mb=1e3, max_per_shard=4, min_shards=1) == [4, 4, 2]
     assert plan_shards([1.0] * 10, sample_rate=16000, shard_mb=1e3, max_per_shard=None, min_shards=4) == [3, 3, 2, 2]
@@ -116,29 +115,47 @@ def test_plan_shards_limits_and_spreads_small_splits():
     assert plan_shards([10.0] * 5, sample_rate=16000, shard_mb=0.7, max_per_shard=None, min_shards=1) == [2, 2, 1]
 
 
-# ---- read_index errors ---------------------------------------------------------------
+
+def test_parallel_writers_write_the_same_bytes_and_totals_match(demo_corpus, demo_shards, tmp_path):
+    out = tmp_path / "jobs2"
+    progress = io.StringIO()
+    reports = shard_corpus(demo_corpus, out, jobs=2, progress_stream=progress, **QUIET, **DEMO_SHARDING)
+    for split, report in reports.items():
+        assert report.written == report.shards
+        assert (out / split / "index.json").read_text() == (demo_shards / split / "index.json").read_text()
+        for a, b in zip(sorted((out / split).glob("shard-*.tar")), sorted((demo_shards / split).glob("shard-*.tar"))):
+            assert a.read_bytes() == b.read_bytes()
+        index = read_index(out / split / "index.json")
+        assert index.samples == report.samples and index.seconds == pytest.approx(report.seconds, abs=1e-3)
+    lines = progress.getvalue().splitlines()
+    assert lines[-1].startswith("valid: ") and " h, " in lines[-1] and "ETA 0:00:00" in lines[-1]
+    assert any(line.startswith("train: 8/8 shards (0 already there)") for line in lines)
+    assert not list(out.glob("*/*.tmp")) and not list(out.glob("*/index.partial.json"))
 
 
-def test_read_index_missing_file(tmp_path):
-    with pytest.raises(DataError, match=f"{tmp_path / 'nope.json'} does not exist"):
-        read_index(tmp_path / "nope.json")
+def test_interrupted_run_resumes_from_the_partial_index(demo_corpus, demo_shards, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(demo_shards, out)
+    index = json.loads((out / "train" / "index.json").read_text())
+    # as if the run died after shard 2: a partial index naming shards 0-2, no index.json, the rest absent
+    index["shards"] = index["shards"][:3]
+    (out / "train" / "index.partial.json").write_text(json.dumps(index))
+    (out / "train" / "index.json").unlink()
+    for p in sorted((out / "train").glob("shard-*.tar"))[3:]:
+        p.unlink()
+    reports = shard_corpus(demo_corpus, out, progress_stream=io.StringIO(), **QUIET, **DEMO_SHARDING)
+    assert (reports["train"].written, reports["train"].skipped) == (5, 3)
+    assert (out / "train" / "index.json").read_text() == (demo_shards / "train" / "index.json").read_text()
 
 
-def test_read_index_empty(tmp_path):
-    path = tmp_path / "index.json"
-    path.write_text(json.dumps({"split": "train", "shards": []}))
-    with pytest.raises(DataError, match=f"{path} lists no shards"):
-        read_index(path)
-    path.write_text("{not json")
-    with pytest.raises(DataError, match="not readable JSON"):
-        read_index(path)
-
-
-def test_read_index_names_the_missing_shard(demo_shards, tmp_path):
-    shutil.copytree(demo_shards / "train", tmp_path / "train")
-    (tmp_path / "train" / "shard-000005.tar").unlink()
-    with pytest.raises(DataError, match=r"shard .*shard-000005\.tar \(entry 5\) is missing on disk"):
-        read_index(tmp_path / "train" / "index.json")
+def test_progress_line_has_hours_rate_and_eta():
+    stream = io.StringIO()
+    p = Progress("train", shards=4, total_seconds=4 * 3600.0, stream=stream, every=0.0)
+    p.update(3600.0, written=False)
+    p.update(3600.0, written=True)
+    line = stream.getvalue().splitlines()[-1]
+    assert line.startswith("train: 2/4 shards (1 already there), 2.00/4.00 h, ")
+    assert "audio s/s, ETA " in line and "ETA ?" not in line
 
 
 # ---- tools/check_shards.py -----------------------------------------------------------
