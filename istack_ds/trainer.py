@@ -10,11 +10,11 @@ import dataclasses
 import json
 import random
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from . import __version__, faults
 from .checkpoint import Checkpointer, check_compatible, gradient_accumulation_for, read_meta
@@ -22,14 +22,14 @@ from .config import Config
 from .data import build_loader, check_shard_count, read_index
 from .diagnostics import LayerDiagnostics
 from .dist import all_ranks, all_reduce_sum, is_main, log0, rank, topology, world_size
-from .engine import build_engine, deepspeed_config, gather_full_states
+from .engine import build_engine, deepspeed_config
+from .export import export_engine
 from .growth import GrowthManager, Schedule
-from .metrics import Metrics, RegionTimer
+from .metrics import DataAudit, LogWindow, Metrics, RegionTimer
 from .models.losses import distilhubert_loss, l2l_loss
 from .models.sfm import length_mask
 from .models.student import LAYER_PREFIX, Student
 from .models.teacher import Teacher
-
 
 
 class NonFiniteLossError(RuntimeError):
@@ -43,7 +43,12 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, batches: Iterable[dict] | None = None):
+        """Builds teacher, student and engine, resuming per ``checkpoint.resume``.
+
+        `batches`: a batch stream to train on instead of the configured shards (benchmarks feed
+        fixed batches); the loader is built anyway, so its checks and log lines stay the same.
+        """
         self.cfg = cfg
         self.out_dir = Path(cfg.run.out_dir)
         self.device = self._device()
@@ -56,6 +61,7 @@ class Trainer:
         self.metrics = Metrics(self.out_dir, cfg.optim.total_steps, cfg.log.tensorboard)
         self.teacher_timer = RegionTimer(self.device)  # perf/teacher_frac
         self.diagnostics = LayerDiagnostics(cfg.data, self.device) if cfg.eval.diagnostics else None
+        self.audit = DataAudit(self.out_dir, rank()) if cfg.log.data_audit else None
 
         # Resume builds the student at the checkpoint's depth first, then loads into it.
         resume = self.checkpointer.resolve(cfg.checkpoint.resume)
@@ -82,8 +88,8 @@ class Trainer:
         else:
             # Dropout differs per rank from here on (a resume restores each rank's RNG instead).
             seed_everything(cfg.run.seed + 1000 * rank())
-        self.batches = iter(self.loader)
-        self.window = self._new_window()
+        self.batches = iter(self.loader if batches is None else batches)
+        self.window = LogWindow()
         self.audio_seconds_total = 0.0
         self.first_loss: float | None = None
         self.last_loss: float | None = None
@@ -139,23 +145,27 @@ class Trainer:
         summary_file = self.out_dir / "summary.json"
         if self.step >= cfg.optim.total_steps and summary_file.exists():
             log0("run already complete at step %d of %d: see %s", self.step, cfg.optim.total_steps, summary_file)
-            self.metrics.close()
+            self.close()
             return json.loads(summary_file.read_text())
         self.log_topology()
         self.log_model()
         while self.step < cfg.optim.total_steps:
-            faults.maybe("die", self.step + 1)
-            self.maybe_grow()
-            self.train_step()
-            self.step += 1
+            self.advance()
             self.maybe_log()
             self.maybe_validate()
             self.maybe_save()
         self.save()
         self.export()
         summary = self.summary(time.time() - start)
-        self.metrics.close()
+        self.close()
         return summary
+
+    def advance(self) -> None:
+        """One step of the run: grow when a stage starts, then one optimizer step."""
+        faults.maybe("die", self.step + 1)
+        self.maybe_grow()
+        self.train_step()
+        self.step += 1
 
     def train_step(self) -> None:
         """One optimizer step over `accumulation` finite micro-batches through teacher, student, loss.
@@ -172,7 +182,8 @@ class Trainer:
             with self.teacher_timer:
                 features, targets = self.teacher_pass(audio, lens)
             loss, parts = self.compute_loss(self.engine(audio, lens, features), targets, lens)
-            self.note_batch(batch)
+            if self.audit is not None:
+                self.audit.write(self.step + 1, self.student.depth, batch)
             if faults.active("nan_all", self.step + 1) or (faults.active("nan", self.step + 1) and attempts == 0):
                 loss = loss * float("nan")
             attempts += 1
@@ -184,24 +195,8 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             done += 1
-            self.window["loss"] += loss.item()
-            for name, value in parts.items():
-                self.window[f"loss_{name}"] = self.window.get(f"loss_{name}", 0.0) + value.item()
-            self.window["micro"] += 1
-            self.window["audio_s"] += float(batch["seconds"])
-        self.window["steps"] += 1
-        self.window["step_s"] += time.perf_counter() - t0
-
-    def note_batch(self, batch: dict) -> None:
-        """Appends the batch's cut ids to this rank's data audit (log.data_audit); the loader keeps its own position."""
-        worker = int(batch.get("worker", 0))
-        if self.cfg.log.data_audit:
-            audit = self.out_dir / "data_audit" / f"rank{rank()}.jsonl"
-            audit.parent.mkdir(parents=True, exist_ok=True)
-            with open(audit, "a") as f:
-                f.write(json.dumps({"step": self.step + 1, "depth": self.student.depth, "worker": worker,
-                                    "epoch": batch.get("epoch"),
-                                    "cut_ids": list(batch["cut_ids"])}) + "\n")
+            self.window.add_micro_batch(loss.item(), {k: v.item() for k, v in parts.items()}, float(batch["seconds"]))
+        self.window.add_step(time.perf_counter() - t0)
 
     def skip_nonfinite(self) -> None:
         self.nonfinite_total += 1
@@ -228,6 +223,21 @@ class Trainer:
             return l2l_loss(pred, targets, mask, self.cfg.loss.inter_weight)
         return distilhubert_loss(pred, targets, mask, self.cfg.loss.cos_weight)
 
+    @torch.no_grad()
+    def held_out_loss(self, audio: torch.Tensor, lens: torch.Tensor, targets: dict,
+                      features: torch.Tensor | None = None) -> float:
+        """The student's loss (eval mode, no dropout) against given targets: benchmarks judge quality with it.
+
+        `features`: the teacher's CNN output, used with ``student.frontend: shared`` only.
+        """
+        self.engine.eval()
+        try:
+            shared = features if self.cfg.student.frontend == "shared" else None
+            loss, _ = self.compute_loss(self.engine(audio, lens, shared), targets, lens)
+        finally:
+            self.engine.train()
+        return loss.item()
+
     def maybe_grow(self) -> None:
         new_depth = self.schedule.growth_at(self.step)
         if new_depth is None or new_depth == self.student.depth:
@@ -251,20 +261,18 @@ class Trainer:
             self.metrics.progress(self.step)
             return
         w = self.window
-        micro = max(1, w["micro"])
         data = self.loader.counters()
-        local = {k: v / micro for k, v in w.items() if k.startswith("loss")}
-        local.update(audio_s=w["audio_s"], skipped=float(data.skipped), shards_done=float(data.shards_done),
-                     epoch=float(data.epoch))
+        local = {**w.mean_losses(), "audio_s": w.audio_s, "skipped": float(data.skipped),
+                 "shards_done": float(data.shards_done), "epoch": float(data.epoch)}
         # NOTE: a collective on every rank; only the writing below is rank-0.
         sums = all_reduce_sum(local)
         means = {k: v / world_size() for k, v in sums.items() if k.startswith("loss")}
         epoch = sums["epoch"] / world_size()
-        step_s = w["step_s"] / max(1, w["steps"])
+        step_s = w.mean_step_s
         values = {"train/loss": means["loss"], **{f"train/{k}": v for k, v in means.items() if k != "loss"},
                   "train/lr": self.engine.get_lr()[0], "model/depth": float(self.student.depth),
-                  "perf/step_s": step_s, "perf/audio_s_per_s": sums["audio_s"] / max(1e-9, w["step_s"]),
-                  "perf/teacher_frac": self.teacher_timer.collect() / max(1e-9, w["step_s"]),
+                  "perf/step_s": step_s, "perf/audio_s_per_s": sums["audio_s"] / max(1e-9, w.step_s),
+                  "perf/teacher_frac": self.teacher_timer.collect() / max(1e-9, w.step_s),
                   "data/skipped": sums["skipped"],
                   "data/shards_done": sums["shards_done"], "data/epoch": epoch}
         grad_norm = self.engine.get_global_grad_norm()
@@ -277,7 +285,7 @@ class Trainer:
         if self.first_loss is None:
             self.first_loss = means["loss"]
         self.last_loss = means["loss"]
-        self.window = self._new_window()
+        self.window = LogWindow()
 
     def maybe_validate(self) -> None:
         every = self.cfg.eval.every
@@ -345,18 +353,10 @@ class Trainer:
     # ---- export and reporting ---------------------------------------------------------
 
     def export(self) -> Path:
-        """Writes the student as an HF save_pretrained dir (AutoModel loads it) + heads, on rank 0."""
-        from .export import save_student
-
-        states = gather_full_states(self.engine)  # NOTE: a collective, on every rank
-        out = self.out_dir / "student"
-        if is_main():
-            full = {name: s.param for name, s in states.items()}
-            if self.student.sfm.feature_extractor is None:  # shared front end: the teacher's CNN completes the model
-                full.update({f"sfm.feature_extractor.{k}": v.float()
-                             for k, v in self.teacher.model.feature_extractor.state_dict().items()})
-            save_student(self.student, full, out, teacher_path=self.cfg.teacher.path, step=self.step)
-            log0("exported student (depth %d) to %s", self.student.depth, out)
+        """Writes the student as an HF save_pretrained dir (AutoModel loads it) + heads. A collective."""
+        out = export_engine(self.engine, self.student, self.teacher.model.feature_extractor, self.out_dir / "student",
+                            teacher_path=self.cfg.teacher.path, step=self.step)
+        log0("exported student (depth %d) to %s", self.student.depth, out)
         return out
 
     def summary(self, wall_s: float) -> dict:
@@ -404,6 +404,8 @@ class Trainer:
 
         return torch.device(get_accelerator().current_device_name())
 
-    @staticmethod
-    def _new_window() -> dict:
-        return {"loss": 0.0, "micro": 0, "steps": 0, "step_s": 0.0, "audio_s": 0.0}
+    def close(self) -> None:
+        """Flushes and closes what the run writes (TensorBoard, the data audit)."""
+        self.metrics.close()
+        if self.audit is not None:
+            self.audit.close()

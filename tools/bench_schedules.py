@@ -50,13 +50,7 @@ def reference_targets(teacher_path: Path, batch: dict) -> dict:
 
 
 def held_out_loss(trainer, held_out: dict) -> float:
-    trainer.engine.eval()
-    with torch.no_grad():
-        audio, lens = held_out["audio"], held_out["audio_lens"]
-        features = held_out["features"] if trainer.cfg.student.frontend == "shared" else None
-        loss, _ = trainer.compute_loss(trainer.engine(audio, lens, features), held_out["targets"], lens)
-    trainer.engine.train()
-    return loss.item()
+    return trainer.held_out_loss(held_out["audio"], held_out["audio_lens"], held_out["targets"], held_out["features"])
 
 
 class Timed:

@@ -97,8 +97,7 @@ def main(argv=None) -> int:
 
     def time_istack() -> float:
         t0 = time.perf_counter()
-        trainer.train_step()
-        trainer.step += 1
+        trainer.advance()
         return time.perf_counter() - t0
 
     def time_bare(i: int) -> float:

@@ -94,9 +94,7 @@ def make_trainer(overrides: list[str], batches: list[dict]):
     from istack_ds.config import load_config
     from istack_ds.trainer import Trainer
 
-    trainer = Trainer(load_config(None, overrides))
-    trainer.batches = itertools.cycle(batches)
-    return trainer
+    return Trainer(load_config(None, overrides), batches=itertools.cycle(batches))
 
 
 def close_trainer(trainer) -> None:
@@ -104,4 +102,4 @@ def close_trainer(trainer) -> None:
 
     destroy_engine(trainer.engine)
     trainer.engine = None
-    trainer.metrics.close()
+    trainer.close()
