@@ -94,7 +94,7 @@ def _fused_adamw(optim: OptimConfig):
     passes only ``foreach`` on, hence the client optimizer; its fused CPU Adam would be compiled
     first. The update rule and the state (``step``, ``exp_avg``, ``exp_avg_sq``) are torch's.
     """
-    return functools.partial(torch.optim.AdamW, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+    return functools.partial(torch.optim.AdamW, lr=optim.lr, betas=(optim.betas[0], optim.betas[1]), eps=optim.eps,
                              weight_decay=optim.weight_decay, fused=True)
 
 
@@ -316,7 +316,7 @@ def scatter_full_states(engine, states: dict[str, ParamState], verify: bool = Tr
         _ensure_adam_state(engine, step)
     for name, p in params:
         st = states[name]
-        values = {None: st.param.float()}
+        values: dict[str | None, torch.Tensor] = {None: st.param.float()}
         if with_moments:
             values.update({k: torch.zeros_like(st.param) if getattr(st, k) is None else getattr(st, k).float()
                            for k in MOMENTS})

@@ -126,4 +126,4 @@ def student_from_checkpoint(checkpoint: str | Path, teacher_path: str | Path | N
 def export_checkpoint(checkpoint: str | Path, out: str | Path, teacher_path: str | Path | None = None) -> Path:
     """Any istack_ds checkpoint (any stage, any ZeRO stage, universal too) -> an HF save_pretrained dir."""
     student, state, meta, teacher_path = student_from_checkpoint(checkpoint, teacher_path)
-    return save_student(student, state, out, teacher_path=teacher_path, step=int(meta["step"]))
+    return save_student(student, state, out, teacher_path=str(teacher_path), step=int(meta["step"]))

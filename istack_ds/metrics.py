@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TextIO
 
 import torch
 
@@ -28,7 +29,7 @@ class RegionTimer:
         self.cuda = torch.device(device).type == "cuda"
         self.pending: list = []
         self.seconds = 0.0
-        self._start = None
+        self._start: Any = None  # a CUDA event or a perf_counter() reading
 
     def __enter__(self):
         if self.cuda:
@@ -102,7 +103,7 @@ class DataAudit:
 
     def __init__(self, out_dir: str | Path, rank: int):
         self.path = Path(out_dir) / "data_audit" / f"rank{rank}.jsonl"
-        self.file = None
+        self.file: TextIO | None = None
 
     def write(self, step: int, depth: int, batch: dict) -> None:
         if self.file is None:

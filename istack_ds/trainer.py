@@ -77,13 +77,14 @@ class Trainer:
         self.student, self.engine = self._build_initial_student(meta)
 
         self.step = 0
-        self.saved_step, self.saved_path = None, None
+        self.saved_step: int | None = None
+        self.saved_path: Path | None = None
         self.nonfinite_total = self.nonfinite_run = 0
         # NOTE: the seed is the run's, never the step's: it fixes every epoch's shard order, which the
         # data position refers to. A resume on the same world size and workers continues where each worker was.
         self.loader = build_loader(cfg.data, cfg.data.train_index, rank=rank(), world_size=world_size(),
                                    seed=cfg.run.seed)
-        if resume:
+        if resume and meta:
             self._restore(resume, meta)
         else:
             # Dropout differs per rank from here on (a resume restores each rank's RNG instead).
@@ -305,17 +306,17 @@ class Trainer:
         self.engine.eval()
         # A held-out split is small: with fewer shards than ranks x workers, fewer workers read it
         # (preflight made sure every rank has at least one shard).
-        workers = check_shard_count(read_index(self.cfg.data.valid_index), world_size(), self.cfg.data.num_workers,
-                                    held_out=True)
+        valid_index = str(self.cfg.data.valid_index)
+        workers = check_shard_count(read_index(valid_index), world_size(), self.cfg.data.num_workers, held_out=True)
         data = dataclasses.replace(self.cfg.data, num_workers=workers)
-        loader = build_loader(data, self.cfg.data.valid_index, rank=rank(), world_size=world_size(),
+        loader = build_loader(data, valid_index, rank=rank(), world_size=world_size(),
                               seed=self.cfg.run.seed, epochs=1, crop=False)
         sums: dict[str, float] = {"frames": 0.0}
         batches = iter(loader)
         for _ in range(self.cfg.eval.max_batches):
             batch = next(batches, None)
             # NOTE: under ZeRO-3 every forward is a collective, so all ranks stop at the shortest stream.
-            if not all_ranks(batch is not None):
+            if not all_ranks(batch is not None) or batch is None:
                 break
             audio, lens = batch["audio"].to(self.device), batch["audio_lens"].to(self.device)
             features, targets = self.teacher_pass(audio, lens)
@@ -348,6 +349,7 @@ class Trainer:
             rank_state = {"data": self.loader.state_dict()}
             self.saved_path = self.checkpointer.save(self.engine, meta, rank_state)
             self.saved_step = self.step
+        assert self.saved_path is not None  # saved now or at this step before
         return self.saved_path
 
     # ---- export and reporting ---------------------------------------------------------

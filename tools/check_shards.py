@@ -17,12 +17,9 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from istack_ds.data.index import DataError, read_index  # noqa: E402
-from istack_ds.data.writer import check_shard  # noqa: E402
+from istack_ds.data.index import DataError, read_index
+from istack_ds.data.writer import check_shard
 
 
 def main(argv=None) -> int:

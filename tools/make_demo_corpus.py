@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from istack_ds.data.demo_corpus import make_corpus  # noqa: E402
+from istack_ds.data.demo_corpus import make_corpus
 
 
 def main(argv=None) -> int:

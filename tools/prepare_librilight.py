@@ -2,7 +2,8 @@
 
 Usage:
     python tools/prepare_librilight.py --corpus /data/librilight --out /data/ll-shards --jobs 16
-    python tools/prepare_librilight.py --corpus data/demo/corpus --out data/demo/shards --max-seconds 3 --valid-speakers 1
+    python tools/prepare_librilight.py --corpus data/demo/corpus --out data/demo/shards \\
+        --max-seconds 3 --valid-speakers 1
 
 Reads CORPUS/{small,medium,large}/<speaker>/<book>/<name>.flac + <name>.json (any
 subset of the parts) and writes, lazily (file by file, never a whole part in memory):
@@ -21,13 +22,10 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from istack_ds.data.corpora import add_preparation_args, valid_speakers_arg  # noqa: E402
-from istack_ds.data.corpora.librilight import prepare_librilight  # noqa: E402
-from istack_ds.data.index import DataError  # noqa: E402
+from istack_ds.data.corpora import add_preparation_args, valid_speakers_arg
+from istack_ds.data.corpora.librilight import prepare_librilight
+from istack_ds.data.index import DataError
 
 
 def main(argv=None) -> int:

@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 #: schedule name -> recipe (configs/). `none` (full depth) is the baseline of the speed-ups.
 SCHEDULES = {
@@ -119,8 +118,7 @@ def finished(run_dir: Path, settings: dict) -> bool:
 
 def run_one(name: str, recipe: str, run_dir: Path, args_list: list, nproc: int, log_file: Path) -> float:
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+               TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "launchers/train.py"), "--config", str(ROOT / "configs" / recipe), *args_list]
     start = time.time()
@@ -173,13 +171,9 @@ def main(argv=None) -> int:
         print(f"{name}: {args.steps} steps in {seconds:.0f} s (process), final depth {summary['depth']}, "
               f"train loss {summary['loss_last']:.4f}; log {run_dir / 'train.log'}", flush=True)
 
-    import importlib.util
+    import compare_runs  # a sibling: this file's folder is on sys.path when it runs as a script
 
-    spec = importlib.util.spec_from_file_location("compare_runs", ROOT / "tools" / "compare_runs.py")
-    compare = importlib.util.module_from_spec(spec)
-    sys.modules["compare_runs"] = compare
-    spec.loader.exec_module(compare)
-    compare.main([*map(str, run_dirs), "--out", str(args.docs)])
+    compare_runs.main([*map(str, run_dirs), "--out", str(args.docs)])
     print(f"experiment done in {time.time() - t0:.0f} s: runs in {args.out}, comparison in {args.docs}")
     return 0
 

@@ -25,13 +25,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from istack_ds.data.corpora import DEFAULT_CORPUS, add_preparation_args, available, valid_speakers_arg  # noqa: E402
-from istack_ds.data.index import DataError  # noqa: E402
-from istack_ds.data.writer import shard_corpus  # noqa: E402
+from istack_ds.data.corpora import DEFAULT_CORPUS, add_preparation_args, available, valid_speakers_arg
+from istack_ds.data.index import DataError
+from istack_ds.data.writer import shard_corpus
 
 
 def main(argv=None) -> int:

@@ -101,7 +101,7 @@ class ShardLoader(torch.utils.data.DataLoader):
         self._positions: dict[str, dict] = {}  # str(worker) -> its latest batch["position"]
         self._latest: dict[int, dict] = {}  # worker -> its latest epoch / shards_done / skipped
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[dict]:  # type: ignore[override]  # batches, noted on the way
         # NOTE: the DataLoader iterator is made here, not at the first batch: it draws its base seed
         # from the global torch RNG, and a training run's RNG stream must not move.
         return self._noted(super().__iter__())
@@ -146,7 +146,7 @@ class ShardLoader(torch.utils.data.DataLoader):
                           f"{interleave} shards at once: resuming at the saved shard counts, "
                           "with batches that differ from an uninterrupted run's", stacklevel=3)
         self.dataset.start = start
-        self._positions = {str(int(w)): dict(p) for w, p in position.items()} if start else {}
+        self._positions = {str(int(w)): dict(p) for w, p in (position or {}).items()} if start else {}
         self.resumed, self.position_note = bool(start), note
 
     def counters(self) -> DataCounters:
@@ -320,7 +320,8 @@ class Batcher:
         rest = sorted((it for bucket in self.buckets for it in bucket), key=lambda it: it.seconds)
         self.buckets = [[] for _ in self.buckets]
         self.filled = [0.0] * len(self.buckets)
-        batch, filled = [], 0.0
+        batch: list[Item] = []
+        filled = 0.0
         for it in rest:
             if batch and filled + it.seconds > self.batch_seconds:
                 out.append(batch)

@@ -80,9 +80,8 @@ class MemberWriter:
     def __enter__(self) -> MemberWriter:
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> None:
         self.close()
-        return False
 
 
 # ---- reading -------------------------------------------------------------------------
@@ -122,7 +121,8 @@ def iter_tar_samples(path: str, on_error: Callable[[str, str], None]) -> Iterato
                 if current is not None and current["__key__"] != key:
                     yield current  # complete: the next key started
                     current = None
-                data = tf.extractfile(m).read()
+                member = tf.extractfile(m)
+                data = member.read() if member is not None else b""
                 if len(data) != m.size:
                     raise tarfile.ReadError("unexpected end of data")
                 if current is None:

@@ -27,13 +27,16 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from istack_ds.data.corpora import DEFAULT_CORPUS, Corpus, get_corpus
 from istack_ds.data.index import HISTOGRAM_BIN_SECONDS, DataError, ShardInfo, file_sha256, index_dict, \
     write_json_atomic
 from istack_ds.data.progress import Progress
 from istack_ds.data.tario import BadMember, MemberWriter, decode_member, iter_tar_samples, to_mono_rate
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SHARD_PATTERN = "shard-%06d.tar"
 #: Keys of a member's json that the writer sets; a cut's custom metadata cannot use them.
@@ -89,7 +92,7 @@ def cut_spec(cut) -> dict:
             "custom": custom}
 
 
-def read_windows(cuts: list[dict], sample_rate: int) -> Iterator[tuple[dict, object]]:
+def read_windows(cuts: list[dict], sample_rate: int) -> Iterator[tuple[dict, np.ndarray]]:
     """(cut, float32 mono audio at `sample_rate`) per cut; each source file opened once, windows read by seeking."""
     import numpy as np
     import soundfile as sf

@@ -36,7 +36,8 @@ def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
 def scale_frontend_grad(model: nn.Module, scale: float) -> None:
     """Makes the CNN front end of `model` learn with its gradient multiplied by `scale`."""
     if scale != 1.0:
-        model.feature_extractor.register_forward_hook(lambda module, args, out: scale_grad(out, scale))
+        model.get_submodule("feature_extractor").register_forward_hook(
+            lambda module, args, out: scale_grad(out, scale))
 
 
 class _Precomputed(nn.Module):
@@ -64,7 +65,7 @@ def precomputed_frontend(model: nn.Module, features: torch.Tensor | None):
 
 def cnn(model: nn.Module, audio: torch.Tensor) -> torch.Tensor:
     """The CNN front end's output [B, C, T]."""
-    return model.feature_extractor(audio)
+    return model.get_submodule("feature_extractor")(audio)
 
 
 def length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:

@@ -86,7 +86,7 @@ class Student(nn.Module):
         self.use_attention_mask = teacher.feat_extract_norm == "layer"
         self.frontend = student.frontend
         if self.frontend == "shared":
-            self.sfm.feature_extractor = None  # no parameters, no optimizer state, no memory
+            self.sfm.feature_extractor = None  # type: ignore[assignment]  # no parameters, no state, no memory
         else:
             sfm.scale_frontend_grad(self.sfm, student.cnn_grad_scale)
 
@@ -94,7 +94,7 @@ class Student(nn.Module):
         """Copies the teacher's CNN feature extractor when every shape matches; returns whether it did."""
         if self.sfm.feature_extractor is None:
             return True  # shared: the teacher's CNN is used as it is
-        src = teacher_model.feature_extractor.state_dict()
+        src = teacher_model.get_submodule("feature_extractor").state_dict()
         dst = self.sfm.feature_extractor.state_dict()
         if src.keys() != dst.keys() or any(src[k].shape != dst[k].shape for k in src):
             log.warning("student CNN shapes differ from the teacher's: the front end stays random")
@@ -103,7 +103,7 @@ class Student(nn.Module):
         return True
 
     def frame_lengths(self, audio_lens: torch.Tensor) -> torch.Tensor:
-        return self.sfm._get_feat_extract_output_lengths(audio_lens).long()
+        return self.sfm._get_feat_extract_output_lengths(audio_lens).long()  # type: ignore[arg-type]
 
     def _encode(self, audio: torch.Tensor, audio_lens: torch.Tensor,
                 features: torch.Tensor | None) -> tuple[torch.Tensor, ...]:

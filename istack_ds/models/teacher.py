@@ -180,7 +180,7 @@ def make_random_teacher(out: str | Path, size: str = "tiny", model_type: str = "
                "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model)}
     if model_type not in classes:
         raise ValueError(f"model_type={model_type!r}: choose one of {list(classes)}")
-    shapes = {
+    shapes: dict[str, dict] = {
         # Small enough for CPU tests and the demo; 8 layers so 4 -> 8 targets look like the paper's 4/8/12.
         "tiny": dict(hidden_size=96, num_hidden_layers=8, num_attention_heads=4, intermediate_size=192,
                      conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4),

@@ -208,8 +208,8 @@ def window_cuts(manifest_dir: Path, parts: list[str], max_seconds: float, min_se
         if recordings is None or supervisions is None:
             continue
         rec_iter = iter(recordings)
-        for rec_id, group in groupby(supervisions, key=lambda s: s.recording_id):
-            group = list(group)
+        for rec_id, segments in groupby(supervisions, key=lambda s: s.recording_id):
+            group = list(segments)
             rec = next((r for r in rec_iter if r.id == rec_id), None)
             if rec is None:
                 raise DataError(f"{sup_path}: recording {rec_id} is not in {rec_path} (or not in the same order); "
@@ -284,13 +284,14 @@ def prepare_librilight(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike
     valid = pick_valid_speakers(speakers, valid_speakers, valid_fraction)
     paths = write_split_cuts(manifest_dir, report.parts, out_dir, max_seconds=max_seconds, min_seconds=min_seconds,
                              valid=valid)
-    summary = {"parts": report.parts, "speakers": len(speakers), "valid_speakers": valid, "splits": {}}
+    splits: dict[str, dict] = {}
+    summary = {"parts": report.parts, "speakers": len(speakers), "valid_speakers": valid, "splits": splits}
     for split, path in paths.items():
         n, seconds = 0, 0.0
         for c in CutSet.from_jsonl_lazy(path):
             n += 1
             seconds += c.duration
-        summary["splits"][split] = {"cuts": n, "seconds": round(seconds, 3), "path": str(path)}
+        splits[split] = {"cuts": n, "seconds": round(seconds, 3), "path": str(path)}
         log(f"{split}: {n} VAD windows ({seconds / 3600:.3f} h, <= {max_seconds} s each) -> {path}")
     return summary
 

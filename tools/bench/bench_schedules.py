@@ -1,8 +1,8 @@
 """Wall time of the same number of steps under full depth, interleaved EQL and PROP-1, per front end.
 
 Usage:
-    python tools/bench_schedules.py                     # 16 steps each, paper-shaped models, 2 x 4 s batches
-    python tools/bench_schedules.py --steps 40 --teacher-dtype int8 --json schedules.json
+    python tools/bench/bench_schedules.py               # 16 steps each, paper-shaped models, 2 x 4 s batches
+    python tools/bench/bench_schedules.py --steps 40 --teacher-dtype int8 --json schedules.json
 
 Each run is the real Trainer (one CPU rank, a DeepSpeed ZeRO-2 engine, real
 growths 3 -> 6 -> 9 -> 12 through the GrowthManager) fed the same fixed batches;
@@ -28,10 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402
-
-import torch  # noqa: E402
+import benchlib
+import torch
 
 SCHEDULES = {"none": {"growth.operator": "none"},
              "interleaved EQL": {"growth.operator": "interleaved", "growth.alpha": 0},
@@ -116,7 +114,7 @@ def main(argv=None) -> int:
     results = [r for f in args.frontends.split(",") for r in run(f, args, teacher, index, batches, held_out)]
     wall = {(r["frontend"], r["schedule"]): r["wall_s"] for r in results}
     steady = {(r["frontend"], r["schedule"]): r["wall_s"] - r["growth_s"] for r in results}
-    # Each growth pauses ~1 step (tools/bench_growth.py): a real run of 10^5 steps pays 3 of them,
+    # Each growth pauses ~1 step (tools/bench/bench_growth.py): a real run of 10^5 steps pays 3 of them,
     # a short benchmark pays them in full, so both figures are printed.
     print("\nspeed-up over full depth (same front end): with growth pauses | without (a long run's ratio)")
     for f in args.frontends.split(","):

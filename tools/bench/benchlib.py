@@ -1,6 +1,6 @@
-"""Shared pieces of the step and schedule benchmarks (tools/bench_step.py, tools/bench_schedules.py).
+"""Shared pieces of the benchmarks in tools/bench/ (bench_step, bench_schedules, bench_teacher) and the GPU check.
 
-Both run the REAL trainer (istack_ds.trainer.Trainer, one rank, a real DeepSpeed
+They run the REAL trainer (istack_ds.trainer.Trainer, one rank, a real DeepSpeed
 engine) on fixed in-memory batches, so the numbers are the framework's own code
 path minus data loading, beside references measured in the same process.
 """
@@ -10,17 +10,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import sys
 import tarfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import torch  # noqa: E402
-
-if not torch.cuda.is_available():  # a GPU host keeps DeepSpeed's CUDA accelerator (tools/gpu_check.py)
+if not torch.cuda.is_available():  # a GPU host keeps DeepSpeed's CUDA accelerator (tools/bench/gpu_check.py)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 CACHE = ROOT / "data" / "bench"

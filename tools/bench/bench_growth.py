@@ -1,9 +1,9 @@
 """Benchmark one depth growth of the paper-shaped student against its training step.
 
 Usage:
-    python tools/bench_growth.py --nproc 2                       # launches itself with torchrun
-    torchrun --standalone --nproc_per_node 2 tools/bench_growth.py [--zero 2] [--precision bf16]
-    python tools/bench_growth.py --nproc 2 --from-depth 6 --to-depth 12 --steps 5 --json out.json
+    python tools/bench/bench_growth.py --nproc 2                 # launches itself with torchrun
+    torchrun --standalone --nproc_per_node 2 tools/bench/bench_growth.py [--zero 2] [--precision bf16]
+    python tools/bench/bench_growth.py --nproc 2 --from-depth 6 --to-depth 12 --steps 5 --json out.json
 
 The student is an HF HubertModel 12 x 384 (FFN 1536, 8 heads, 512-channel CNN front end)
 built at --from-depth, trained --steps steps on random 2 x 2 s audio (MSE on the last
@@ -25,11 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=None, help="launch this many ranks with torchrun (outside torchrun)")
     p.add_argument("--zero", type=int, default=2, choices=(1, 2, 3))
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
@@ -46,7 +45,6 @@ def relaunch(args) -> int:
     """Re-runs this script under torchrun with --nproc ranks (one OMP thread per core share)."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     argv, skip = [], False
     for a in sys.argv[1:]:  # everything but --nproc N / --nproc=N
         if skip or a.startswith("--nproc="):

@@ -1,9 +1,9 @@
 """Data throughput: audio seconds delivered per second by one loader worker, raw and fbank, against a bare decode.
 
 Usage:
-    python tools/bench_data.py                                   # builds a bench corpus under data/bench-data (once)
-    python tools/bench_data.py --index /data/ll-shards/train/index.json --shards 4
-    python tools/bench_data.py --trainer-rate 100 --workers 2    # the goal: >= 5x what a rank's trainer consumes
+    python tools/bench/bench_data.py                                   # builds a bench corpus in data/bench-data (once)
+    python tools/bench/bench_data.py --index /data/ll-shards/train/index.json --shards 4
+    python tools/bench/bench_data.py --trainer-rate 100 --workers 2    # the goal: >= 5x what a rank's trainer consumes
 
 Three loops over the same shards, each in this one process (= one DataLoader worker):
   bare     read the tars with tarfile and decode every FLAC with soundfile, nothing else
@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # a DataLoader worker runs torch with one thread
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def bench_corpus(out: Path) -> Path:
@@ -81,7 +80,8 @@ def timed(fn, repeats: int) -> tuple[float, float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--index", default=None, help="index.json to read (default: a bench corpus under --bench-dir)")
-    p.add_argument("--bench-dir", default=str(ROOT / "data" / "bench-data"))  # its own: tools/benchlib.py uses data/bench
+    # not data/bench: that is benchlib.py's cache
+    p.add_argument("--bench-dir", default=str(ROOT / "data" / "bench-data"))
     p.add_argument("--shards", type=int, default=0, help="use only the first N shards (0: all)")
     p.add_argument("--crop-seconds", type=float, default=15.6)
     p.add_argument("--batch-seconds", type=float, default=200.0)

@@ -1,8 +1,8 @@
 """The teacher's forward pass per dtype: time side by side, and how far each dtype's targets move.
 
 Usage:
-    python tools/bench_teacher.py                        # HuBERT-Base-shaped random teacher, 2 x 4 s, layers 4/8/12
-    python tools/bench_teacher.py --utterances 4 --dtypes fp32,int8 --json teacher.json
+    python tools/bench/bench_teacher.py                  # HuBERT-Base-shaped random teacher, 2 x 4 s, layers 4/8/12
+    python tools/bench/bench_teacher.py --utterances 4 --dtypes fp32,int8 --json teacher.json
 
 The teacher is the real istack_ds Teacher (truncated to its deepest target
 layer, under inference_mode) in each `teacher.dtype`; the CNN front end is timed
@@ -22,10 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402
-
-import torch  # noqa: E402
+import benchlib
+import torch
 
 
 def load(path: Path, layers: list[int], dtype: str):

@@ -1,8 +1,8 @@
 """Step time per depth on one accelerator, both front ends: the numbers behind the stacking speed-up.
 
-Usage (tools/gpu_check.sh runs it on a GPU machine):
-    python tools/gpu_check.py --out gpu_check.md                 # paper shape, bf16, ZeRO 2
-    python tools/gpu_check.py --tiny --steps 2 --out /tmp/x.md   # a seconds-long smoke run (also on CPU)
+Usage (tools/bench/gpu_check.sh runs it on a GPU machine):
+    python tools/bench/gpu_check.py --out gpu_check.md                 # paper shape, bf16, ZeRO 2
+    python tools/bench/gpu_check.py --tiny --steps 2 --out /tmp/x.md   # a seconds-long smoke run (also on CPU)
 
 For each front end (trainable, shared) and each depth of the paper's schedule
 (3, 6, 9, 12) it builds the real Trainer (a DeepSpeed ZeRO-2 engine, bf16 on a
@@ -11,7 +11,7 @@ steps on fixed batches (--utterances x --seconds of audio). It prints and writes
 step time, teacher fraction, audio seconds per second and an MFU estimate per
 depth, and the EQL / PROP-1 speed-ups over full depth that those step times
 project for a 3 -> 6 -> 9 -> 12 run (growth pauses excluded; they are measured
-by tools/bench_growth.py).
+by tools/bench/bench_growth.py).
 """
 
 from __future__ import annotations
@@ -24,10 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402
-
-import torch  # noqa: E402
+import benchlib
+import torch
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 
@@ -108,10 +106,12 @@ def main(argv=None) -> int:
     rows = [time_depth(d, f, args, teacher, index, batches) for f in ("trainable", "shared") for d in depths]
 
     lines = [f"# istack_ds GPU check: {device}", "",
-             f"Random {'tiny' if args.tiny else 'HuBERT-Base-shaped'} teacher, student {'tiny' if args.tiny else '12 x 384'}, "
+             f"Random {'tiny' if args.tiny else 'HuBERT-Base-shaped'} teacher, "
+             f"student {'tiny' if args.tiny else '12 x 384'}, "
              f"{'bf16' if args.bf16 else 'fp32'}, ZeRO 2, 1 rank, batch {args.utterances} x {args.seconds} s, "
              f"median of {args.steps} steps.", "",
-             "| front end | depth | step (s) | teacher share | audio s/s | TFLOP/s | MFU |", "|---|---|---|---|---|---|---|"]
+             "| front end | depth | step (s) | teacher share | audio s/s | TFLOP/s | MFU |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a"
         lines.append(f"| {r['frontend']} | {r['depth']} | {r['step_s']:.4f} | {100 * r['teacher_frac']:.0f} % | "

@@ -1,9 +1,9 @@
 """One training step of istack_ds beside a bare PyTorch loop doing the same math.
 
 Usage:
-    python tools/bench_step.py                          # paper shape: 12 x 384 student, HuBERT-Base-shaped teacher
-    python tools/bench_step.py --depth 3 --frontend shared --steps 6
-    python tools/bench_step.py --json bench_step.json
+    python tools/bench/bench_step.py                    # paper shape: 12 x 384 student, HuBERT-Base-shaped teacher
+    python tools/bench/bench_step.py --depth 3 --frontend shared --steps 6
+    python tools/bench/bench_step.py --json bench_step.json
 
 Both sides use the same random HuBERT-Base-shaped teacher (made once under
 data/bench/), the same student weights and the same fixed batches (--utterances
@@ -26,10 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402
-
-import torch  # noqa: E402
+import benchlib
+import torch
 
 
 class BareStep:
