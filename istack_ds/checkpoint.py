@@ -29,8 +29,14 @@ META_FILE = "istack_meta.json"
 
 #: Config fields that fix the shapes of the student's parameters: a checkpoint made with other values
 #: cannot be loaded into the model this config builds.
-SHAPE_FIELDS = (("student", "hidden_size"), ("student", "intermediate_size"), ("student", "num_attention_heads"),
-                ("student", "conv_dim"), ("loss", "kind"), ("loss", "teacher_layers"))
+SHAPE_FIELDS = (
+    ("student", "hidden_size"),
+    ("student", "intermediate_size"),
+    ("student", "num_attention_heads"),
+    ("student", "conv_dim"),
+    ("loss", "kind"),
+    ("loss", "teacher_layers"),
+)
 
 
 class CheckpointError(ValueError):
@@ -68,7 +74,8 @@ def check_compatible(meta: dict, config: dict, path: str | Path) -> None:
         if old != new:
             raise CheckpointError(
                 f"checkpoint {path} was made with {section}.{key}={old!r} but this run has {section}.{key}={new!r}: "
-                "the student's shapes differ; resume with the checkpoint's value or set checkpoint.resume=none")
+                "the student's shapes differ; resume with the checkpoint's value or set checkpoint.resume=none"
+            )
 
 
 class Checkpointer:
@@ -128,8 +135,9 @@ class Checkpointer:
     def load(self, engine, path: Path) -> dict | None:
         """Loads model, optimizer, LR scheduler and counters; returns this rank's state (None on a new world size)."""
         meta = read_meta(path)
-        load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        load_path, client = engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
         rank_file = path / f"rank{rank()}.pt"
@@ -150,5 +158,6 @@ def gradient_accumulation_for(meta: dict, world_size: int, configured: int) -> i
     if global_micro % world_size:
         raise CheckpointError(
             f"the checkpoint ran {old_world} rank(s) x {old_accum} accumulation = {global_micro} micro-batches a step; "
-            f"{world_size} rank(s) cannot keep that global batch (not a divisor)")
+            f"{world_size} rank(s) cannot keep that global batch (not a divisor)"
+        )
     return global_micro // world_size

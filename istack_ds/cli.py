@@ -26,11 +26,18 @@ from .preflight import preflight
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="istack-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="istack-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set optim.total_steps=1000 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.total_steps=1000 (repeatable)",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     return parser.parse_args(argv)
 
@@ -70,8 +77,11 @@ def main(argv=None) -> int:
         # NOTE: under NCCL the watchdog may abort the process first (TORCH_NCCL_ASYNC_ERROR_HANDLING);
         # the job still stops, with NCCL's own message instead of this one.
         if _collective_failed(e):
-            print(f"istack_ds: rank {rank()}: a collective failed; another rank died or stopped answering "
-                  f"(deepspeed.dist_timeout_s={cfg.deepspeed.dist_timeout_s}): {e}", file=sys.stderr)
+            print(
+                f"istack_ds: rank {rank()}: a collective failed; another rank died or stopped answering "
+                f"(deepspeed.dist_timeout_s={cfg.deepspeed.dist_timeout_s}): {e}",
+                file=sys.stderr,
+            )
             return 4
         raise
     return 0

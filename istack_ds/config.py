@@ -411,7 +411,8 @@ def _build(cls, values: dict, prefix: str):
     if unknown:
         where = f"section `{prefix}`" if prefix else "the top level"
         raise ConfigError(
-            f"unknown key `{(prefix + '.') if prefix else ''}{unknown[0]}` in {where}; known keys: {names}")
+            f"unknown key `{(prefix + '.') if prefix else ''}{unknown[0]}` in {where}; known keys: {names}"
+        )
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -486,7 +487,12 @@ def field_docs(cls) -> dict[str, str]:
     body = class_def.body
     docs = {}
     for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
             docs[node.target.id] = nxt.value.value
     return docs

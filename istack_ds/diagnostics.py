@@ -60,6 +60,7 @@ def cka_matrix(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
     Each centred Gram matrix is computed once and normalised, so the whole map is one matmul.
     A constant representation (zero Gram matrix) gets CKA 0.
     """
+
     def normalised(feats):
         grams = torch.stack([_centered_gram(f).flatten() for f in feats])
         return grams / grams.norm(dim=1, keepdim=True).clamp(min=1e-30)
@@ -118,8 +119,7 @@ class LayerDiagnostics:
     evaluation. At most `max_frames` valid frames (evenly spaced) enter the CKA.
     """
 
-    def __init__(self, data, device: torch.device | str = "cpu", max_frames: int = 1024,
-                 batch: dict | None = None):
+    def __init__(self, data, device: torch.device | str = "cpu", max_frames: int = 1024, batch: dict | None = None):
         self.data = data
         self.device = torch.device(device)
         self.max_frames = max_frames
@@ -133,8 +133,9 @@ class LayerDiagnostics:
 
             # One process view of the held-out shards: every rank reads the same first batch.
             data = dataclasses.replace(self.data, num_workers=0)
-            loader = build_loader(data, data.valid_index, rank=0, world_size=1, seed=0, epochs=1, crop=False,
-                                  local_world_size=1)
+            loader = build_loader(
+                data, data.valid_index, rank=0, world_size=1, seed=0, epochs=1, crop=False, local_world_size=1
+            )
             self._batch = next(iter(loader), None)
         return self._batch
 
@@ -149,8 +150,9 @@ class LayerDiagnostics:
         features = None
         if getattr(student, "frontend", "trainable") == "shared":
             features = teacher.cnn(audio)
-        student_hidden = student.hidden_states(audio, lens, features) if features is not None \
-            else student.hidden_states(audio, lens)
+        student_hidden = (
+            student.hidden_states(audio, lens, features) if features is not None else student.hidden_states(audio, lens)
+        )
         if not matrix:
             return None
         teacher_hidden = teacher.all_hidden_states(audio, lens)
@@ -183,8 +185,11 @@ class LayerDiagnostics:
         if writer is not None:
             import matplotlib.pyplot as plt
 
-            fig = cka_figure(cka, {s + 1: t for s, t in pairs.items()},
-                             f"step {step}, depth {student.depth}: linear CKA, student x teacher")
+            fig = cka_figure(
+                cka,
+                {s + 1: t for s, t in pairs.items()},
+                f"step {step}, depth {student.depth}: linear CKA, student x teacher",
+            )
             writer.add_figure("diag/cka", fig, step)
             plt.close(fig)
         return cka

@@ -98,16 +98,17 @@ def init_distributed(timeout_s: int | None = None) -> None:
 
 
 def skip_shm_build() -> None:
-    """Stops DeepSpeed from compiling its shared-memory comm op (~25 s of g++ on the first start).
+    """Stops DeepSpeed from compiling its shared-memory comm op (a g++ build at the first start).
 
     That op serves only multi-rank inference all-reduce, which nothing here uses; tests and
     benchmarks call this before the process group starts.
     NOTE: the module is fetched by name: `import deepspeed.comm.torch as m` binds the real `torch`.
     """
     import importlib
+    from typing import Any
 
-    comm = importlib.import_module("deepspeed.comm.torch")
-    setattr(comm, "build_shm_op", lambda: None)
+    comm: Any = importlib.import_module("deepspeed.comm.torch")
+    comm.build_shm_op = lambda: None
 
 
 def backend() -> str:

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from .config import Config, OptimConfig
-from .dist import all_ranks, comm_device, init_distributed, rank as this_rank
+from .dist import all_ranks, comm_device, init_distributed
+from .dist import rank as this_rank
 
 # Names of the flat fp32 partitions the wrapped torch optimizer steps, per ZeRO optimizer class:
 # ZeRO 1/2 (DeepSpeedZeroOptimizer), bf16 ZeRO 1 (BF16_Optimizer), ZeRO 3 (DeepSpeedZeroOptimizer_Stage3).
@@ -94,12 +95,19 @@ def _fused_adamw(optim: OptimConfig):
     passes only ``foreach`` on, hence the client optimizer; its fused CPU Adam would be compiled
     first. The update rule and the state (``step``, ``exp_avg``, ``exp_avg_sq``) are torch's.
     """
-    return functools.partial(torch.optim.AdamW, lr=optim.lr, betas=(optim.betas[0], optim.betas[1]), eps=optim.eps,
-                             weight_decay=optim.weight_decay, fused=True)
+    return functools.partial(
+        torch.optim.AdamW,
+        lr=optim.lr,
+        betas=(optim.betas[0], optim.betas[1]),
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        fused=True,
+    )
 
 
-def deepspeed_config(cfg: Config, world_size: int, gradient_accumulation: int | None = None,
-                     load_universal: bool = False) -> dict:
+def deepspeed_config(
+    cfg: Config, world_size: int, gradient_accumulation: int | None = None, load_universal: bool = False
+) -> dict:
     """The DeepSpeed JSON of a run on ``world_size`` ranks (generated, never stored).
 
     ``gradient_accumulation`` overrides the configured value (a resume on another world size
@@ -159,8 +167,12 @@ def build_engine(model: nn.Module, ds_config: dict, optim: OptimConfig):
 
     init_distributed()
     before = {name: set(getattr(model, name)) for name in _ROOT_HOOK_DICTS}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, optim.weight_decay),
-                                      optimizer=_fused_adamw(optim), config=ds_config)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, optim.weight_decay),
+        optimizer=_fused_adamw(optim),
+        config=ds_config,
+    )
     # NOTE: DeepSpeed registers forward (pre-)hooks on the root module that hold the engine; remember
     # which, so destroy_engine can remove exactly those.
     engine._istack_root_hooks = {name: set(getattr(model, name)) - before[name] for name in _ROOT_HOOK_DICTS}
@@ -191,7 +203,9 @@ def _flat_fp32_partitions(engine) -> list[torch.Tensor]:
         flats = getattr(opt, attr, None)
         if flats is not None:
             return list(flats)
-    raise GrowthStateError(f"unsupported ZeRO optimizer {type(opt).__name__}: no flat fp32 partitions {_FLAT_FP32_ATTRS}")
+    raise GrowthStateError(
+        f"unsupported ZeRO optimizer {type(opt).__name__}: no flat fp32 partitions {_FLAT_FP32_ATTRS}"
+    )
 
 
 def _adam_state(engine) -> dict:
@@ -248,7 +262,9 @@ def gather_full_states(engine) -> dict[str, ParamState]:
 def _common_step(states: dict[str, ParamState]) -> int | None:
     steps = {s.step for s in states.values() if s.step is not None}
     if len(steps) > 1:
-        raise GrowthStateError(f"states disagree on the Adam step ({sorted(steps)}): one engine steps all groups together")
+        raise GrowthStateError(
+            f"states disagree on the Adam step ({sorted(steps)}): one engine steps all groups together"
+        )
     return steps.pop() if steps else None
 
 
@@ -263,8 +279,7 @@ def _ensure_adam_state(engine, step: int) -> None:
             if key not in st:
                 st[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
         # torch's rule: a fused AdamW keeps `step` on the parameter's device, the others on the CPU.
-        st["step"] = torch.tensor(float(step), dtype=torch.float32,
-                                  device=flat.device if fused else "cpu")
+        st["step"] = torch.tensor(float(step), dtype=torch.float32, device=flat.device if fused else "cpu")
     _link_hp_views(engine)
 
 
@@ -306,8 +321,9 @@ def scatter_full_states(engine, states: dict[str, ParamState], verify: bool = Tr
         )
     for name, p in params:
         if tuple(states[name].param.shape) != tuple(_full_shape(p)):
-            raise GrowthStateError(f"{name}: state shape {tuple(states[name].param.shape)} != parameter shape "
-                                   f"{tuple(_full_shape(p))}")
+            raise GrowthStateError(
+                f"{name}: state shape {tuple(states[name].param.shape)} != parameter shape {tuple(_full_shape(p))}"
+            )
     with_moments = any(s.exp_avg is not None or s.exp_avg_sq is not None for s in states.values())
     step = _common_step(states)
     if with_moments:
@@ -318,14 +334,15 @@ def scatter_full_states(engine, states: dict[str, ParamState], verify: bool = Tr
         st = states[name]
         values: dict[str | None, torch.Tensor] = {None: st.param.float()}
         if with_moments:
-            values.update({k: torch.zeros_like(st.param) if getattr(st, k) is None else getattr(st, k).float()
-                           for k in MOMENTS})
+            values.update(
+                {k: torch.zeros_like(st.param) if getattr(st, k) is None else getattr(st, k).float() for k in MOMENTS}
+            )
         for key, value in values.items():
             if _z3_padded(engine, p):
                 # NOTE: DeepSpeed 0.19.8's ZeRO 3 setter slices past the end of a parameter whose size
                 # is not a multiple of the partition count; write the local partition ourselves.
                 for view, start, n in _local_fragments(engine, p, key):
-                    view.copy_(value.flatten()[start:start + n])
+                    view.copy_(value.flatten()[start : start + n])
             elif key is None:
                 safe_set_full_fp32_param(p, value)
             else:
@@ -391,17 +408,19 @@ def verify_full_states(engine, states: dict[str, ParamState]) -> None:
             for view, start, n in _local_fragments(engine, p, key):
                 if key is None:
                     covered[idx] += n
-                if not torch.equal(view.flatten(), full[start:start + n]):
-                    diff = (view.flatten() - full[start:start + n]).abs().max()
-                    problems.append(f"{name}: {'fp32 master' if key is None else key} differs on rank {rank} "
-                                    f"(max |diff| {diff:.3g})")
+                if not torch.equal(view.flatten(), full[start : start + n]):
+                    diff = (view.flatten() - full[start : start + n]).abs().max()
+                    problems.append(
+                        f"{name}: {'fp32 master' if key is None else key} differs on rank {rank} "
+                        f"(max |diff| {diff:.3g})"
+                    )
         # The model weights (low precision and/or partitioned) must hold the master too.
         full = want.param.float().flatten()
         if hasattr(p, "ds_tensor"):  # ZeRO 3: this rank's partition of the flat parameter
             part = p.ds_tensor.flatten()
             start = rank * part.numel()
             n = max(0, min(part.numel(), full.numel() - start))
-            local, ref = part[:n], full[start:start + n]
+            local, ref = part[:n], full[start : start + n]
         else:
             local, ref = p.data.flatten(), full
         if not torch.equal(local, ref.to(local.dtype)):
@@ -411,8 +430,10 @@ def verify_full_states(engine, states: dict[str, ParamState]) -> None:
     for idx, (name, p) in enumerate(params):
         numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
         if covered[idx] != numel:
-            problems.append(f"{name}: the ZeRO optimizer holds {int(covered[idx])} of its {numel} elements "
-                            "(a parameter it does not manage)")
+            problems.append(
+                f"{name}: the ZeRO optimizer holds {int(covered[idx])} of its {numel} elements "
+                "(a parameter it does not manage)"
+            )
     if not all_ranks(not problems):
         shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
         raise GrowthStateError(f"read-back after scatter failed: {shown or 'on another rank'}")
@@ -451,8 +472,13 @@ def carry_counters(old, new) -> None:
 
 # ---- destruction -------------------------------------------------------------------------------
 
-_ROOT_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
-                    "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+_ROOT_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
 
 
 def malloc_trim() -> None:
@@ -477,8 +503,10 @@ def _clear_lru_cache(fn) -> None:
             return
         todo.extend(x for x in [getattr(f, "__wrapped__", None)] if x is not None)
         todo.extend(c.cell_contents for c in (getattr(f, "__closure__", None) or ()) if callable(c.cell_contents))
-    raise GrowthStateError(f"{getattr(fn, '__qualname__', fn)} has no lru_cache: the pinned DeepSpeed changed; "
-                           "ZeRO 3 would leak one engine per growth")
+    raise GrowthStateError(
+        f"{getattr(fn, '__qualname__', fn)} has no lru_cache: the pinned DeepSpeed changed; "
+        "ZeRO 3 would leak one engine per growth"
+    )
 
 
 def destroy_engine(engine) -> None:
@@ -512,8 +540,13 @@ def destroy_engine(engine) -> None:
         base.state.clear()
     if opt is not None:
         for attr, value in list(vars(opt).items()):
-            if torch.is_tensor(value) or (isinstance(value, list) and value and all(
-                    torch.is_tensor(v) or (isinstance(v, list) and all(torch.is_tensor(x) for x in v)) for v in value)):
+            if torch.is_tensor(value) or (
+                isinstance(value, list)
+                and value
+                and all(
+                    torch.is_tensor(v) or (isinstance(v, list) and all(torch.is_tensor(x) for x in v)) for v in value
+                )
+            ):
                 setattr(opt, attr, None)
     del opt, base, module
     gc.collect()

@@ -19,8 +19,9 @@ from .models.sfm import save_feature_extractor
 from .models.student import Student
 
 
-def save_student(student: Student, full_state: dict[str, torch.Tensor], out: str | Path, *,
-                 teacher_path: str = "", step: int = 0) -> Path:
+def save_student(
+    student: Student, full_state: dict[str, torch.Tensor], out: str | Path, *, teacher_path: str = "", step: int = 0
+) -> Path:
     """Writes ``full_state`` (full fp32 tensors by parameter name) through a fresh copy of ``student``'s shape."""
     from transformers import HubertModel
 
@@ -38,9 +39,19 @@ def save_student(student: Student, full_state: dict[str, torch.Tensor], out: str
     # .cpu(): states gathered from a GPU engine live on the GPU; heads.pt must load anywhere
     heads = {k.removeprefix("heads."): v.float().cpu() for k, v in full_state.items() if k.startswith("heads.")}
     torch.save(heads, out / "heads.pt")
-    (out / "istack_student.json").write_text(json.dumps({
-        "depth": student.depth, "supervised_layers": student.supervised, "teacher_layers": student.teacher_layers,
-        "loss": student.loss_kind, "teacher": teacher_path, "step": step}, indent=1))
+    (out / "istack_student.json").write_text(
+        json.dumps(
+            {
+                "depth": student.depth,
+                "supervised_layers": student.supervised,
+                "teacher_layers": student.teacher_layers,
+                "loss": student.loss_kind,
+                "teacher": teacher_path,
+                "step": step,
+            },
+            indent=1,
+        )
+    )
     return out
 
 
@@ -52,8 +63,9 @@ def with_frontend(state: dict[str, torch.Tensor], student: Student, teacher_cnn:
     return {**state, **{f"sfm.feature_extractor.{k}": v.float() for k, v in teacher_cnn.state_dict().items()}}
 
 
-def export_engine(engine, student: Student, teacher_cnn: nn.Module, out: str | Path, *, teacher_path: str,
-                  step: int) -> Path:
+def export_engine(
+    engine, student: Student, teacher_cnn: nn.Module, out: str | Path, *, teacher_path: str, step: int
+) -> Path:
     """The student inside a live engine -> an HF directory, written by rank 0. COLLECTIVE (every rank calls it)."""
     from .engine import gather_full_states
 
@@ -76,8 +88,11 @@ def checkpoint_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     checkpoint = Path(checkpoint)
     universal = checkpoint / "zero"
     if universal.is_dir():
-        return {p.name: torch.load(p / "fp32.pt", weights_only=False)["param"].float()
-                for p in sorted(universal.iterdir()) if (p / "fp32.pt").is_file()}
+        return {
+            p.name: torch.load(p / "fp32.pt", weights_only=False)["param"].float()
+            for p in sorted(universal.iterdir())
+            if (p / "fp32.pt").is_file()
+        }
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
@@ -113,8 +128,10 @@ def student_from_checkpoint(checkpoint: str | Path, teacher_path: str | Path | N
             state[name] = value.view_as(own[name])
     missing, unexpected = student.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {checkpoint} does not fit a depth-{meta['depth']} student "
-                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise RuntimeError(
+            f"checkpoint {checkpoint} does not fit a depth-{meta['depth']} student "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     if student.sfm.feature_extractor is None:
         from transformers import AutoModel
 

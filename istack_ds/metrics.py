@@ -109,8 +109,18 @@ class DataAudit:
         if self.file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(self.path, "a", buffering=1)  # line-buffered
-        self.file.write(json.dumps({"step": step, "depth": depth, "worker": int(batch.get("worker", 0)),
-                                    "epoch": batch.get("epoch"), "cut_ids": list(batch["cut_ids"])}) + "\n")
+        self.file.write(
+            json.dumps(
+                {
+                    "step": step,
+                    "depth": depth,
+                    "worker": int(batch.get("worker", 0)),
+                    "epoch": batch.get("epoch"),
+                    "cut_ids": list(batch["cut_ids"]),
+                }
+            )
+            + "\n"
+        )
 
     def close(self) -> None:
         if self.file is not None:
@@ -159,11 +169,12 @@ class Metrics:
     def line(self, step: int, values: dict[str, float], depth: int, step_s: float, audio_s_per_s: float) -> None:
         elapsed = time.time() - self.start
         eta = step_s * (self.total_steps - step)
-        parts = " ".join(f"{k.removeprefix('train/')}={v:.4f}" for k, v in values.items()
-                         if k.startswith("train/loss"))
-        msg = (f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.1f}%) | {parts} | "
-               f"lr {values.get('train/lr', 0):.2e} | depth {depth} | {step_s:.3f} s/step | "
-               f"{audio_s_per_s:.1f} audio s/s | elapsed {_fmt_duration(elapsed)} | eta {_fmt_duration(eta)}")
+        parts = " ".join(f"{k.removeprefix('train/')}={v:.4f}" for k, v in values.items() if k.startswith("train/loss"))
+        msg = (
+            f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.1f}%) | {parts} | "
+            f"lr {values.get('train/lr', 0):.2e} | depth {depth} | {step_s:.3f} s/step | "
+            f"{audio_s_per_s:.1f} audio s/s | elapsed {_fmt_duration(elapsed)} | eta {_fmt_duration(eta)}"
+        )
         if self.bar is not None:
             self.bar.write(msg)
         else:

@@ -19,8 +19,10 @@ def preflight(cfg: Config) -> None:
 
         device = get_accelerator().device_name()
         if device != "cpu":
-            raise ConfigError(f"teacher.dtype=int8 runs on CPU only (quantized Linear kernels), this job runs on "
-                              f"{device}: use teacher.dtype=bf16")
+            raise ConfigError(
+                f"teacher.dtype=int8 runs on CPU only (quantized Linear kernels), this job runs on "
+                f"{device}: use teacher.dtype=bf16"
+            )
     info = read_teacher_info(cfg.teacher.path)
     check_teacher_layers(info, cfg.loss.teacher_layers)
     from .data import check_shard_count, read_index

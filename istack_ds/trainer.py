@@ -67,13 +67,23 @@ class Trainer:
         resume = self.checkpointer.resolve(cfg.checkpoint.resume)
         meta = self._checked_meta(resume)
         # A resume on another world size keeps the global batch through gradient accumulation.
-        self.accumulation = gradient_accumulation_for(meta, world_size(), cfg.deepspeed.gradient_accumulation) \
-            if meta else cfg.deepspeed.gradient_accumulation
-        self.ds_config = deepspeed_config(cfg, world_size(), self.accumulation,
-                                          load_universal=bool(meta and meta.get("universal")))
-        self.growth = GrowthManager(build_model=self.build_student, ds_config=self.ds_config, optim=cfg.optim,
-                                    layer_prefix=LAYER_PREFIX, operator=cfg.growth.operator,
-                                    carry=cfg.growth.carry, optimizer_state=cfg.growth.optimizer_state)
+        self.accumulation = (
+            gradient_accumulation_for(meta, world_size(), cfg.deepspeed.gradient_accumulation)
+            if meta
+            else cfg.deepspeed.gradient_accumulation
+        )
+        self.ds_config = deepspeed_config(
+            cfg, world_size(), self.accumulation, load_universal=bool(meta and meta.get("universal"))
+        )
+        self.growth = GrowthManager(
+            build_model=self.build_student,
+            ds_config=self.ds_config,
+            optim=cfg.optim,
+            layer_prefix=LAYER_PREFIX,
+            operator=cfg.growth.operator,
+            carry=cfg.growth.carry,
+            optimizer_state=cfg.growth.optimizer_state,
+        )
         self.student, self.engine = self._build_initial_student(meta)
 
         self.step = 0
@@ -82,8 +92,9 @@ class Trainer:
         self.nonfinite_total = self.nonfinite_run = 0
         # NOTE: the seed is the run's, never the step's: it fixes every epoch's shard order, which the
         # data position refers to. A resume on the same world size and workers continues where each worker was.
-        self.loader = build_loader(cfg.data, cfg.data.train_index, rank=rank(), world_size=world_size(),
-                                   seed=cfg.run.seed)
+        self.loader = build_loader(
+            cfg.data, cfg.data.train_index, rank=rank(), world_size=world_size(), seed=cfg.run.seed
+        )
         if resume and meta:
             self._restore(resume, meta)
         else:
@@ -104,7 +115,8 @@ class Trainer:
             raise ValueError(
                 f"checkpoint {resume} was saved by {meta['world_size']} rank(s) and this run has {world_size()}: "
                 f"convert it first with `python tools/convert_checkpoint.py {resume}` and resume from the "
-                "universal checkpoint it writes")
+                "universal checkpoint it writes"
+            )
         return meta
 
     def _build_initial_student(self, meta: dict | None):
@@ -129,14 +141,32 @@ class Trainer:
             seed_everything(self.cfg.run.seed + 1000 * rank() + self.step)
         else:  # rank files written before the loader kept its own state hold its keys at the top level
             self.loader.load_state_dict(rank_state.get("data", rank_state))
-        log0("resumed from %s: step %d, stage %d, depth %d, lr %.3e", path, self.step,
-             self.schedule.stage_at(self.step), self.student.depth, self.engine.get_lr()[0])
+        log0(
+            "resumed from %s: step %d, stage %d, depth %d, lr %.3e",
+            path,
+            self.step,
+            self.schedule.stage_at(self.step),
+            self.student.depth,
+            self.engine.get_lr()[0],
+        )
         if self.accumulation != self.cfg.deepspeed.gradient_accumulation:
-            log0("checkpoint ran on %d rank(s); on %d the global batch is kept with gradient accumulation %d "
-                 "(configured %d)", meta["world_size"], world_size(), self.accumulation,
-                 self.cfg.deepspeed.gradient_accumulation)
-        log0("data: %s", self.loader.position_note or ("resumed at the saved position" if self.loader.resumed
-                                                       else "new world size or workers: the stream starts afresh"))
+            log0(
+                "checkpoint ran on %d rank(s); on %d the global batch is kept with gradient accumulation %d "
+                "(configured %d)",
+                meta["world_size"],
+                world_size(),
+                self.accumulation,
+                self.cfg.deepspeed.gradient_accumulation,
+            )
+        log0(
+            "data: %s",
+            self.loader.position_note
+            or (
+                "resumed at the saved position"
+                if self.loader.resumed
+                else "new world size or workers: the stream starts afresh"
+            ),
+        )
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -202,15 +232,20 @@ class Trainer:
     def skip_nonfinite(self) -> None:
         self.nonfinite_total += 1
         self.nonfinite_run += 1
-        log0("non-finite loss at step %d: micro-batch skipped (%d in a row, %d in all)", self.step + 1,
-             self.nonfinite_run, self.nonfinite_total)
+        log0(
+            "non-finite loss at step %d: micro-batch skipped (%d in a row, %d in all)",
+            self.step + 1,
+            self.nonfinite_run,
+            self.nonfinite_total,
+        )
         self.metrics.scalars(self.step + 1, {"train/nonfinite_steps": float(self.nonfinite_total)})
         if self.nonfinite_run >= self.cfg.optim.max_nonfinite:
             path = self.save()
             raise NonFiniteLossError(
                 f"{self.nonfinite_run} non-finite losses in a row at step {self.step + 1} "
-                f"(optim.max_nonfinite={self.cfg.optim.max_nonfinite}); saved {path}. Lower optim.lr or check the data, "
-                "then resume from that checkpoint")
+                f"(optim.max_nonfinite={self.cfg.optim.max_nonfinite}); saved {path}. "
+                "Lower optim.lr or check the data, then resume from that checkpoint"
+            )
 
     def teacher_pass(self, audio: torch.Tensor, lens: torch.Tensor):
         """The teacher's targets and, with a shared front end, the CNN features the student consumes too."""
@@ -225,8 +260,9 @@ class Trainer:
         return distilhubert_loss(pred, targets, mask, self.cfg.loss.cos_weight)
 
     @torch.no_grad()
-    def held_out_loss(self, audio: torch.Tensor, lens: torch.Tensor, targets: dict,
-                      features: torch.Tensor | None = None) -> float:
+    def held_out_loss(
+        self, audio: torch.Tensor, lens: torch.Tensor, targets: dict, features: torch.Tensor | None = None
+    ) -> float:
         """The student's loss (eval mode, no dropout) against given targets: benchmarks judge quality with it.
 
         `features`: the teacher's CNN output, used with ``student.frontend: shared`` only.
@@ -247,9 +283,11 @@ class Trainer:
         # NOTE: every rank reaches this at the same optimizer step; the manager's gathers are collectives.
         result = self.growth.grow(self.engine, self.student, old_depth, new_depth, self.student.supervised)
         self.engine, self.student = result.engine, result.model
-        event = (f"step {self.step}: depth {old_depth} -> {new_depth} ({self.cfg.growth.operator}), "
-                 f"lineage {result.lineage}, supervised layers {result.supervised}, pause {result.pause_s:.2f} s "
-                 f"(" + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()) + ")")
+        event = (
+            f"step {self.step}: depth {old_depth} -> {new_depth} ({self.cfg.growth.operator}), "
+            f"lineage {result.lineage}, supervised layers {result.supervised}, pause {result.pause_s:.2f} s "
+            f"(" + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()) + ")"
+        )
         log0("growth: %s", event)
         self.metrics.text("growth/event", event, self.step)
         self.metrics.scalars(self.step, {"growth/pause_s": result.pause_s})
@@ -263,19 +301,30 @@ class Trainer:
             return
         w = self.window
         data = self.loader.counters()
-        local = {**w.mean_losses(), "audio_s": w.audio_s, "skipped": float(data.skipped),
-                 "shards_done": float(data.shards_done), "epoch": float(data.epoch)}
+        local = {
+            **w.mean_losses(),
+            "audio_s": w.audio_s,
+            "skipped": float(data.skipped),
+            "shards_done": float(data.shards_done),
+            "epoch": float(data.epoch),
+        }
         # NOTE: a collective on every rank; only the writing below is rank-0.
         sums = all_reduce_sum(local)
         means = {k: v / world_size() for k, v in sums.items() if k.startswith("loss")}
         epoch = sums["epoch"] / world_size()
         step_s = w.mean_step_s
-        values = {"train/loss": means["loss"], **{f"train/{k}": v for k, v in means.items() if k != "loss"},
-                  "train/lr": self.engine.get_lr()[0], "model/depth": float(self.student.depth),
-                  "perf/step_s": step_s, "perf/audio_s_per_s": sums["audio_s"] / max(1e-9, w.step_s),
-                  "perf/teacher_frac": self.teacher_timer.collect() / max(1e-9, w.step_s),
-                  "data/skipped": sums["skipped"],
-                  "data/shards_done": sums["shards_done"], "data/epoch": epoch}
+        values = {
+            "train/loss": means["loss"],
+            **{f"train/{k}": v for k, v in means.items() if k != "loss"},
+            "train/lr": self.engine.get_lr()[0],
+            "model/depth": float(self.student.depth),
+            "perf/step_s": step_s,
+            "perf/audio_s_per_s": sums["audio_s"] / max(1e-9, w.step_s),
+            "perf/teacher_frac": self.teacher_timer.collect() / max(1e-9, w.step_s),
+            "data/skipped": sums["skipped"],
+            "data/shards_done": sums["shards_done"],
+            "data/epoch": epoch,
+        }
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)
@@ -309,8 +358,9 @@ class Trainer:
         valid_index = str(self.cfg.data.valid_index)
         workers = check_shard_count(read_index(valid_index), world_size(), self.cfg.data.num_workers, held_out=True)
         data = dataclasses.replace(self.cfg.data, num_workers=workers)
-        loader = build_loader(data, valid_index, rank=rank(), world_size=world_size(),
-                              seed=self.cfg.run.seed, epochs=1, crop=False)
+        loader = build_loader(
+            data, valid_index, rank=rank(), world_size=world_size(), seed=self.cfg.run.seed, epochs=1, crop=False
+        )
         sums: dict[str, float] = {"frames": 0.0}
         batches = iter(loader)
         for _ in range(self.cfg.eval.max_batches):
@@ -337,14 +387,20 @@ class Trainer:
         log0("valid at step %d: %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result
 
-
     # ---- checkpoints ----------------------------------------------------------------
 
     def save(self) -> Path:
         """A checkpoint of every rank's partition + per-rank RNG and data position (a collective)."""
-        meta = {"step": self.step, "depth": self.student.depth, "supervised": self.student.supervised,
-                "stage": self.schedule.stage_at(max(0, self.step - 1)), "gradient_accumulation": self.accumulation,
-                "nonfinite_steps": self.nonfinite_total, "config": self.cfg.to_dict(), "version": __version__}
+        meta = {
+            "step": self.step,
+            "depth": self.student.depth,
+            "supervised": self.student.supervised,
+            "stage": self.schedule.stage_at(max(0, self.step - 1)),
+            "gradient_accumulation": self.accumulation,
+            "nonfinite_steps": self.nonfinite_total,
+            "config": self.cfg.to_dict(),
+            "version": __version__,
+        }
         if self.saved_step != self.step:  # the final save may follow a periodic or growth save
             rank_state = {"data": self.loader.state_dict()}
             self.saved_path = self.checkpointer.save(self.engine, meta, rank_state)
@@ -356,45 +412,86 @@ class Trainer:
 
     def export(self) -> Path:
         """Writes the student as an HF save_pretrained dir (AutoModel loads it) + heads. A collective."""
-        out = export_engine(self.engine, self.student, self.teacher.model.feature_extractor, self.out_dir / "student",
-                            teacher_path=self.cfg.teacher.path, step=self.step)
+        out = export_engine(
+            self.engine,
+            self.student,
+            self.teacher.model.feature_extractor,
+            self.out_dir / "student",
+            teacher_path=self.cfg.teacher.path,
+            step=self.step,
+        )
         log0("exported student (depth %d) to %s", self.student.depth, out)
         return out
 
     def summary(self, wall_s: float) -> dict:
-        summary = {"steps": self.step, "depth": self.student.depth, "wall_s": round(wall_s, 1),
-                   "audio_hours": round(self.audio_seconds_total / 3600, 4),
-                   "loss_first": self.first_loss, "loss_last": self.last_loss,
-                   "tensorboard": str(self.out_dir / "tb"), "student": str(self.out_dir / "student"),
-                   "checkpoints": str(self.checkpointer.dir)}
+        summary = {
+            "steps": self.step,
+            "depth": self.student.depth,
+            "wall_s": round(wall_s, 1),
+            "audio_hours": round(self.audio_seconds_total / 3600, 4),
+            "loss_first": self.first_loss,
+            "loss_last": self.last_loss,
+            "tensorboard": str(self.out_dir / "tb"),
+            "student": str(self.out_dir / "student"),
+            "checkpoints": str(self.checkpointer.dir),
+        }
         if is_main():
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-            log0("done: %d steps in %.1f s, %.3f h of audio, loss %.4f -> %.4f, final depth %d",
-                 self.step, wall_s, summary["audio_hours"], self.first_loss or float("nan"),
-                 self.last_loss or float("nan"), self.student.depth)
-            log0("TensorBoard: tensorboard --logdir %s | student: %s | checkpoints: %s",
-                 summary["tensorboard"], summary["student"], summary["checkpoints"])
+            log0(
+                "done: %d steps in %.1f s, %.3f h of audio, loss %.4f -> %.4f, final depth %d",
+                self.step,
+                wall_s,
+                summary["audio_hours"],
+                self.first_loss or float("nan"),
+                self.last_loss or float("nan"),
+                self.student.depth,
+            )
+            log0(
+                "TensorBoard: tensorboard --logdir %s | student: %s | checkpoints: %s",
+                summary["tensorboard"],
+                summary["student"],
+                summary["checkpoints"],
+            )
         return summary
 
     def log_topology(self) -> None:
         topo = topology()
         workers = max(1, self.cfg.data.num_workers)
         shards = len(read_index(self.cfg.data.train_index).shards)
-        log0("topology: %d node(s) x %d rank(s) = %d ranks, %d data worker(s) per rank, %d shards (%.1f per worker); "
-             "ZeRO %d, %s, gradient accumulation %d", topo["nodes"], topo["ranks_per_node"], topo["world_size"],
-             workers, shards, shards / (topo["world_size"] * workers), self.cfg.deepspeed.zero_stage,
-             self.cfg.deepspeed.precision, self.accumulation)
+        log0(
+            "topology: %d node(s) x %d rank(s) = %d ranks, %d data worker(s) per rank, %d shards (%.1f per worker); "
+            "ZeRO %d, %s, gradient accumulation %d",
+            topo["nodes"],
+            topo["ranks_per_node"],
+            topo["world_size"],
+            workers,
+            shards,
+            shards / (topo["world_size"] * workers),
+            self.cfg.deepspeed.zero_stage,
+            self.cfg.deepspeed.precision,
+            self.accumulation,
+        )
         log0("teacher: %s", self.teacher.describe())
-        log0("schedule: %s (%s)", ", ".join(f"depth {d} from step {s}" for d, s in zip(self.schedule.depths,
-                                                                                     self.schedule.starts)),
-             self.cfg.growth.operator)
+        log0(
+            "schedule: %s (%s)",
+            ", ".join(f"depth {d} from step {s}" for d, s in zip(self.schedule.depths, self.schedule.starts)),
+            self.cfg.growth.operator,
+        )
 
     def log_model(self) -> None:
-        params = self.student.num_parameters() if self.cfg.deepspeed.zero_stage < 3 else \
-            sum(getattr(p, "ds_numel", p.numel()) for p in self.student.parameters())
+        params = (
+            self.student.num_parameters()
+            if self.cfg.deepspeed.zero_stage < 3
+            else sum(getattr(p, "ds_numel", p.numel()) for p in self.student.parameters())
+        )
         self.metrics.scalars(self.step, {"model/depth": float(self.student.depth), "model/params": float(params)})
-        log0("student: depth %d, %.2fM parameters, supervised layers %s -> teacher %s",
-             self.student.depth, params / 1e6, self.student.supervised, self.cfg.loss.teacher_layers)
+        log0(
+            "student: depth %d, %.2fM parameters, supervised layers %s -> teacher %s",
+            self.student.depth,
+            params / 1e6,
+            self.student.supervised,
+            self.cfg.loss.teacher_layers,
+        )
 
     # ---- building ---------------------------------------------------------------------
 

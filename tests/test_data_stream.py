@@ -16,7 +16,7 @@ import soundfile as sf
 from istack_ds.config import DataConfig
 from istack_ds.data.index import DataError, read_index
 from istack_ds.data.stream import DataCounters, build_loader
-from tests.helpers import shard_of_cut, torchrun
+from tests.helpers import run_worker, shard_of_cut
 
 
 def index_keys(index_path) -> list[str]:
@@ -48,12 +48,10 @@ def rewrite_shard(shard, extra: dict[str, bytes] | None = None, keep=lambda name
     return files
 
 
-def test_partition_two_ranks_two_workers_gloo(demo_shards, tmp_path):
+def test_partition_two_ranks_two_workers_gloo(demo_shards):
     """THE partition test: 2 gloo ranks x 2 workers, one epoch: every cut exactly once."""
     index = demo_shards / "train" / "index.json"
-    out = tmp_path / "ids.json"
-    torchrun("data_partition.py", str(index), str(out), nproc=2)
-    per_rank = json.loads(out.read_text())
+    per_rank = run_worker("data_partition.py", "--index", index, nproc=2)
     ids = [set(r["ids"]) for r in per_rank]
     everything = index_keys(index)
     assert len(everything) == len(set(everything))
@@ -246,13 +244,11 @@ def assert_resumed(r: dict, shard_of: dict) -> set:
     return set(r["first"]) | set(r["after"])
 
 
-def test_resume_two_ranks_two_workers_gloo(demo_shards, tmp_path):
+def test_resume_two_ranks_two_workers_gloo(demo_shards):
     """First K batches + the batches after loading the loader's saved state = the whole epoch; repeats <= one shard
     a worker (2 shards a worker here, so data.interleave_shards=1 to have a resume point inside the epoch)."""
     index = demo_shards / "train" / "index.json"
-    out = tmp_path / "resume.json"
-    torchrun("data_resume.py", str(index), str(out), "3", nproc=2)
-    per_rank = json.loads(out.read_text())
+    per_rank = run_worker("data_resume.py", "--index", index, "--batches", 3, nproc=2)
     shard_of = shard_of_cut(index)
     seen = set()
     assert any(set(r["first"]) & set(r["after"]) for r in per_rank), "the run stopped inside a shard (K, seed)"

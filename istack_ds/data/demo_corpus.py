@@ -150,8 +150,11 @@ def espeak_available() -> bool:
 
 def _espeak(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
     with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
-        subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", tmp.name, text],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", tmp.name, text],
+            check=True,
+            capture_output=True,
+        )
         audio, sr = sf.read(tmp.name, dtype="float64", always_2d=True)
     audio = audio.mean(axis=1)
     if sr != SAMPLE_RATE:
@@ -196,7 +199,7 @@ def espeak_utterance(rng, seconds: float, speaker_idx: int) -> tuple[np.ndarray,
         pieces.append(_espeak(" ".join(words), voice, speed, pitch))
         pieces.append(np.zeros(int(rng.uniform(0.3, 0.9) * SAMPLE_RATE)))
     audio = np.concatenate(pieces)[:n]
-    audio[-int(0.1 * SAMPLE_RATE):] = 0.0  # never cut a word into the last frame
+    audio[-int(0.1 * SAMPLE_RATE) :] = 0.0  # never cut a word into the last frame
     audio = audio + 1e-3 * rng.standard_normal(n)
     audio = 0.5 * audio / (np.max(np.abs(audio)) + 1e-9)
     return audio.astype(np.float32), _energy_vad(audio)
@@ -205,8 +208,17 @@ def espeak_utterance(rng, seconds: float, speaker_idx: int) -> tuple[np.ndarray,
 # ---- the corpus --------------------------------------------------------------------
 
 
-def make_corpus(out: str | Path, *, speakers: int = 6, books: int = 2, files: int = 6, seconds: float = 12.0,
-                seed: int = 0, engine: str = "auto", log=print) -> CorpusStats:
+def make_corpus(
+    out: str | Path,
+    *,
+    speakers: int = 6,
+    books: int = 2,
+    files: int = 6,
+    seconds: float = 12.0,
+    seed: int = 0,
+    engine: str = "auto",
+    log=print,
+) -> CorpusStats:
     """Writes (or reuses) the corpus under `out`; file lengths are uniform in [seconds/3, seconds]."""
     if engine == "auto":
         engine = "espeak" if espeak_available() else "synth"
@@ -234,8 +246,13 @@ def make_corpus(out: str | Path, *, speakers: int = 6, books: int = 2, files: in
         sf.write(str(flac), audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
         info = {
             "speaker": speaker,
-            "book_meta": {"id": book, "title": f"Demo book {book}", "language": "English",
-                          "totaltime": round(length, 3), "genre": ["demo"]},
+            "book_meta": {
+                "id": book,
+                "title": f"Demo book {book}",
+                "language": "English",
+                "totaltime": round(length, 3),
+                "genre": ["demo"],
+            },
             "snr": 60.0,
             "voice_activity": vad,
             "generator": engine,
@@ -244,7 +261,9 @@ def make_corpus(out: str | Path, *, speakers: int = 6, books: int = 2, files: in
         stats.files_written += 1
         stats.seconds += len(audio) / SAMPLE_RATE
         stats.speech_seconds += sum(b - a for a, b in vad)
-    log(f"corpus {out}/{PART}: {stats.files_written} files written, {stats.files_reused} reused, "
+    log(
+        f"corpus {out}/{PART}: {stats.files_written} files written, {stats.files_reused} reused, "
         f"{stats.seconds / 60:.1f} min audio ({stats.speech_seconds / 60:.1f} min speech), "
-        f"{speakers} speakers x {books} books x {files} files, engine={engine}")
+        f"{speakers} speakers x {books} books x {files} files, engine={engine}"
+    )
     return stats

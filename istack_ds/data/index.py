@@ -80,23 +80,34 @@ def read_index(path: str | os.PathLike, check_files: bool = True) -> ShardIndex:
     shards = []
     for i, s in enumerate(raw["shards"]):
         try:
-            info = ShardInfo(path=str((path.parent / s["path"]).resolve()), samples=int(s["samples"]),
-                             seconds=float(s["seconds"]), bytes=int(s["bytes"]), sha256=str(s["sha256"]),
-                             keys_sha256=str(s.get("keys_sha256", "")))
+            info = ShardInfo(
+                path=str((path.parent / s["path"]).resolve()),
+                samples=int(s["samples"]),
+                seconds=float(s["seconds"]),
+                bytes=int(s["bytes"]),
+                sha256=str(s["sha256"]),
+                keys_sha256=str(s.get("keys_sha256", "")),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"shard index {path}: entry {i} is malformed ({e!r})") from None
         if check_files and not Path(info.path).is_file():
             raise DataError(f"shard index {path}: shard {info.path} (entry {i}) is missing on disk")
         shards.append(info)
     hist = raw.get("duration_histogram") or {}
-    return ShardIndex(path=str(path), split=str(raw.get("split", "")), sample_rate=int(raw.get("sample_rate", 16000)),
-                      shards=shards, duration_histogram=list(hist.get("counts", [])),
-                      bin_seconds=float(hist.get("bin_seconds", HISTOGRAM_BIN_SECONDS)),
-                      settings=dict(raw.get("settings", {})))
+    return ShardIndex(
+        path=str(path),
+        split=str(raw.get("split", "")),
+        sample_rate=int(raw.get("sample_rate", 16000)),
+        shards=shards,
+        duration_histogram=list(hist.get("counts", [])),
+        bin_seconds=float(hist.get("bin_seconds", HISTOGRAM_BIN_SECONDS)),
+        settings=dict(raw.get("settings", {})),
+    )
 
 
-def check_shard_count(index: ShardIndex, world_size: int, workers: int, *, local_world_size: int | None = None,
-                      held_out: bool = False) -> int:
+def check_shard_count(
+    index: ShardIndex, world_size: int, workers: int, *, local_world_size: int | None = None, held_out: bool = False
+) -> int:
     """The DataLoader workers per rank that `index` can feed; raises DataError naming the index when too few.
 
     NOTE: the one rule of the split: every worker of every rank (on every node) reads its own
@@ -107,9 +118,11 @@ def check_shard_count(index: ShardIndex, world_size: int, workers: int, *, local
     shards = len(index.shards)
     fed = shards // world_size
     if held_out and fed < 1:
-        raise DataError(f"data.valid_index {index.path} has {shards} shards for {world_size} ranks: every rank "
-                        f"validates on its own shards; re-shard the held-out split with tools/shard_corpus.py "
-                        f"--min-shards {world_size} or set data.valid_index=null")
+        raise DataError(
+            f"data.valid_index {index.path} has {shards} shards for {world_size} ranks: every rank "
+            f"validates on its own shards; re-shard the held-out split with tools/shard_corpus.py "
+            f"--min-shards {world_size} or set data.valid_index=null"
+        )
     readers = max(1, workers)
     if not held_out and fed < readers:
         local_world_size = local_world_size or world_size

@@ -36,5 +36,7 @@ class Progress:
         rate = self.written_s / elapsed  # audio seconds written per wall second
         left = self.total - self.done_s
         eta = "0:00:00" if left <= 0 else (time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate > 0 else "?")
-        return (f"{self.label}: {self.done}/{self.shards} shards ({self.done - self.written_shards} already there), "
-                f"{self.done_s / 3600:.2f}/{self.total / 3600:.2f} h, {rate:.0f} audio s/s, ETA {eta}")
+        return (
+            f"{self.label}: {self.done}/{self.shards} shards ({self.done - self.written_shards} already there), "
+            f"{self.done_s / 3600:.2f}/{self.total / 3600:.2f} h, {rate:.0f} audio s/s, ETA {eta}"
+        )

@@ -59,8 +59,8 @@ import os
 import random
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -142,9 +142,12 @@ class ShardLoader(torch.utils.data.DataLoader):
         if regrouped:
             # Groups are formed from each worker's resume point on, so no cut is lost or repeated
             # beyond the unfinished group; only the batches differ from an uninterrupted run's.
-            warnings.warn(f"data position saved with data.interleave_shards={regrouped}, this run reads "
-                          f"{interleave} shards at once: resuming at the saved shard counts, "
-                          "with batches that differ from an uninterrupted run's", stacklevel=3)
+            warnings.warn(
+                f"data position saved with data.interleave_shards={regrouped}, this run reads "
+                f"{interleave} shards at once: resuming at the saved shard counts, "
+                "with batches that differ from an uninterrupted run's",
+                stacklevel=3,
+            )
         self.dataset.start = start
         self._positions = {str(int(w)): dict(p) for w, p in (position or {}).items()} if start else {}
         self.resumed, self.position_note = bool(start), note
@@ -152,14 +155,25 @@ class ShardLoader(torch.utils.data.DataLoader):
     def counters(self) -> DataCounters:
         """Epoch (lowest), shards done and skips (summed) over the workers' latest batches."""
         latest = self._latest.values()
-        return DataCounters(epoch=min((d.get("epoch", 0) for d in latest), default=0),
-                            shards_done=sum(d.get("shards_done", 0) for d in latest),
-                            skipped=sum(d.get("skipped", 0) for d in latest))
+        return DataCounters(
+            epoch=min((d.get("epoch", 0) for d in latest), default=0),
+            shards_done=sum(d.get("shards_done", 0) for d in latest),
+            skipped=sum(d.get("skipped", 0) for d in latest),
+        )
 
 
-def build_loader(data: DataConfig, index_path: str, *, rank: int, world_size: int, seed: int,
-                 epochs: int | None = None, crop: bool = True, position: dict | None = None,
-                 local_world_size: int | None = None) -> ShardLoader:
+def build_loader(
+    data: DataConfig,
+    index_path: str,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epochs: int | None = None,
+    crop: bool = True,
+    position: dict | None = None,
+    local_world_size: int | None = None,
+) -> ShardLoader:
     """The DataLoader of this rank over the shards of `index_path`.
 
     `epochs=None` streams forever (each epoch reshuffles the shard order from
@@ -181,13 +195,24 @@ def build_loader(data: DataConfig, index_path: str, *, rank: int, world_size: in
     index = read_index(index_path)
     check_shard_count(index, world_size, data.num_workers, local_world_size=local_world_size)
     dataset = ShardStream(
-        shards=[(s.path, s.samples) for s in index.shards], data=data, rank=rank, world_size=world_size,
-        local_world_size=local_world_size, seed=seed, epochs=epochs, crop=crop,
+        shards=[(s.path, s.samples) for s in index.shards],
+        data=data,
+        rank=rank,
+        world_size=world_size,
+        local_world_size=local_world_size,
+        seed=seed,
+        epochs=epochs,
+        crop=crop,
         duration_bins=duration_bins(index, data.num_buckets, data.crop_seconds if crop else None),
     )
     # Workers prefetch batches while the trainer computes; on a GPU, pinned batches copy asynchronously.
-    loader = ShardLoader(dataset, batch_size=None, num_workers=data.num_workers, persistent_workers=False,
-                         pin_memory=torch.cuda.is_available())
+    loader = ShardLoader(
+        dataset,
+        batch_size=None,
+        num_workers=data.num_workers,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
     loader.resume_from(position)
     return loader
 
@@ -204,12 +229,18 @@ def resume_points(position: dict | None, workers: int) -> tuple[dict[int, Worker
         return Counter({reason: int(n) for reason, n in saved.items()})
 
     try:
-        points = {int(w): WorkerCounters(worker=int(w), epoch=int(p["epoch"]), shards_done=int(p["shards_done"]),
-                                         # positions saved before shard groups existed read one shard at a time
-                                         interleave_shards=int(p.get("interleave_shards", 1)),
-                                         skipped=counts(p.get("skipped_by_reason", {})),
-                                         repaired=counts(p.get("repaired_by_reason", {})))
-                  for w, p in position.items()}
+        points = {
+            int(w): WorkerCounters(
+                worker=int(w),
+                epoch=int(p["epoch"]),
+                shards_done=int(p["shards_done"]),
+                # positions saved before shard groups existed read one shard at a time
+                interleave_shards=int(p.get("interleave_shards", 1)),
+                skipped=counts(p.get("skipped_by_reason", {})),
+                repaired=counts(p.get("repaired_by_reason", {})),
+            )
+            for w, p in position.items()
+        }
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         return {}, f"malformed position {position!r} ({e!r})"
     if sorted(points) != list(range(workers)):
@@ -253,14 +284,25 @@ class WorkerCounters:
         counted twice: a resumed worker re-reads its unfinished group and counts its skips again.
         """
         self.epoch, self.shards_done = epoch, shards_done
-        self.position = {"worker": self.worker, "epoch": epoch, "shards_done": shards_done,
-                         "interleave_shards": self.interleave_shards,
-                         "skipped_by_reason": dict(self.skipped), "repaired_by_reason": dict(self.repaired)}
+        self.position = {
+            "worker": self.worker,
+            "epoch": epoch,
+            "shards_done": shards_done,
+            "interleave_shards": self.interleave_shards,
+            "skipped_by_reason": dict(self.skipped),
+            "repaired_by_reason": dict(self.repaired),
+        }
 
     def stamp(self, batch: dict) -> dict:
-        batch.update(worker=self.worker, epoch=self.epoch, shards_done=self.shards_done, position=dict(self.position),
-                     skipped=sum(self.skipped.values()), skipped_by_reason=dict(self.skipped),
-                     repaired_by_reason=dict(self.repaired))
+        batch.update(
+            worker=self.worker,
+            epoch=self.epoch,
+            shards_done=self.shards_done,
+            position=dict(self.position),
+            skipped=sum(self.skipped.values()),
+            skipped_by_reason=dict(self.skipped),
+            repaired_by_reason=dict(self.repaired),
+        )
         return batch
 
 
@@ -278,6 +320,7 @@ def round_robin(iterators: list[Iterator]) -> Iterator:
 @dataclass
 class Item:
     """A planned cut: the member's FLAC bytes and which source frames to decode."""
+
     key: str
     flac: bytes
     start: int
@@ -336,8 +379,19 @@ class Batcher:
 class ShardStream(torch.utils.data.IterableDataset):
     """Batches of one rank; each DataLoader worker reads its own subset of that rank's shards."""
 
-    def __init__(self, *, shards: list[tuple[str, int]], data: DataConfig, rank: int, world_size: int,
-                 local_world_size: int, seed: int, epochs: int | None, crop: bool, duration_bins: list[float]):
+    def __init__(
+        self,
+        *,
+        shards: list[tuple[str, int]],
+        data: DataConfig,
+        rank: int,
+        world_size: int,
+        local_world_size: int,
+        seed: int,
+        epochs: int | None,
+        crop: bool,
+        duration_bins: list[float],
+    ):
         super().__init__()
         self.shards, self.data, self.rank, self.world_size = list(shards), data, rank, world_size
         self.local_world_size = local_world_size
@@ -350,7 +404,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         random.Random(f"shards:{self.seed}:{epoch}").shuffle(order)
         nodes = self.world_size // self.local_world_size
         node, local_rank = divmod(self.rank, self.local_world_size)
-        return order[node::nodes][local_rank::self.local_world_size][worker::num_workers]
+        return order[node::nodes][local_rank :: self.local_world_size][worker::num_workers]
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -370,7 +424,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             # Groups of `interleave_shards` from the resume point on: a group is read member by member
             # into one shuffle buffer and is the unit of resume (its shards are done together).
             for k in range(counters.shards_done, len(shards), self.data.interleave_shards):
-                group = shards[k:k + self.data.interleave_shards]
+                group = shards[k : k + self.data.interleave_shards]
                 end = k + len(group)
                 rng = random.Random(f"batches:{self.seed}:{epoch}:{group[0][0]}")
                 batcher = Batcher(self.duration_bins, self.data.batch_seconds, self.data.shuffle_buffer, rng)
@@ -390,9 +444,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 counters.reached(epoch, end)
             if items_in_epoch == 0 and skip == 0:
                 # an endless loop over unreadable shards would hang this rank silently
-                raise DataError(f"rank {self.rank} worker {worker}: no readable cut in epoch {epoch} of shards "
-                                f"{[p for p, _ in shards]} (skipped: {dict(counters.skipped)}); "
-                                "run tools/check_shards.py")
+                raise DataError(
+                    f"rank {self.rank} worker {worker}: no readable cut in epoch {epoch} of shards "
+                    f"{[p for p, _ in shards]} (skipped: {dict(counters.skipped)}); "
+                    "run tools/check_shards.py"
+                )
             epoch, skip = epoch + 1, 0
 
     def read_shard(self, path: str, samples: int, rng: random.Random, counters: WorkerCounters) -> Iterator[Item]:
@@ -464,15 +520,19 @@ class ShardStream(torch.utils.data.IterableDataset):
         lens = [len(a) for _, a in decoded]
         audio = torch.zeros(len(decoded), max(lens), dtype=torch.float32)
         for row, (_, a) in zip(audio, decoded):
-            row[:len(a)] = torch.from_numpy(a)
-        batch = {"audio": audio, "audio_lens": torch.tensor(lens, dtype=torch.long),
-                 "cut_ids": [k for k, _ in decoded], "seconds": sum(lens) / self.data.sample_rate}
+            row[: len(a)] = torch.from_numpy(a)
+        batch = {
+            "audio": audio,
+            "audio_lens": torch.tensor(lens, dtype=torch.long),
+            "cut_ids": [k for k, _ in decoded],
+            "seconds": sum(lens) / self.data.sample_rate,
+        }
         if fbank is not None:
-            # One cut at a time: lhotse's extract_batch pads and loops and is ~2.5x slower on CPU.
+            # One cut at a time: lhotse's extract_batch pads and loops, slower on CPU (README, "Performance").
             feats = [torch.as_tensor(np.asarray(fbank.extract(a, self.data.sample_rate))) for _, a in decoded]
             feat_lens = [f.shape[0] for f in feats]
             out = torch.zeros(len(feats), max(feat_lens), feats[0].shape[1], dtype=torch.float32)
             for row, f in zip(out, feats):
-                row[:f.shape[0]] = f
+                row[: f.shape[0]] = f
             batch["fbank"], batch["fbank_lens"] = out, torch.tensor(feat_lens, dtype=torch.long)
         return batch

@@ -14,11 +14,21 @@ import json
 import math
 import os
 import tarfile
-from typing import BinaryIO, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 #: Why a member (or a whole shard) was skipped: the keys of data/skipped_by_reason.
-SKIP_REASONS = ("missing_shard", "unreadable_tar", "truncated_tar", "missing_json", "missing_flac", "bad_json",
-                "undecodable_flac", "empty_audio", "non_finite")
+SKIP_REASONS = (
+    "missing_shard",
+    "unreadable_tar",
+    "truncated_tar",
+    "missing_json",
+    "missing_flac",
+    "bad_json",
+    "undecodable_flac",
+    "empty_audio",
+    "non_finite",
+)
 #: What was repaired on the way: the keys of data/repaired_by_reason.
 REPAIR_REASONS = ("resampled", "downmixed", "too_long")
 
@@ -71,8 +81,9 @@ class MemberWriter:
 
     def write(self, key: str, audio, meta: dict) -> None:
         """One member: `audio` (float mono at the writer's rate) as FLAC, `meta` as JSON (keys in its order)."""
-        self.tar.write({"__key__": key, "flac": encode_flac(audio, self.sample_rate),
-                        "json": json.dumps(meta).encode()})
+        self.tar.write(
+            {"__key__": key, "flac": encode_flac(audio, self.sample_rate), "json": json.dumps(meta).encode()}
+        )
 
     def close(self) -> None:
         self.tar.close()

@@ -23,15 +23,15 @@ import hashlib
 import json
 import os
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from istack_ds.data.corpora import DEFAULT_CORPUS, Corpus, get_corpus
-from istack_ds.data.index import HISTOGRAM_BIN_SECONDS, DataError, ShardInfo, file_sha256, index_dict, \
-    write_json_atomic
+from istack_ds.data.index import HISTOGRAM_BIN_SECONDS, DataError, ShardInfo, file_sha256, index_dict, write_json_atomic
 from istack_ds.data.progress import Progress
 from istack_ds.data.tario import BadMember, MemberWriter, decode_member, iter_tar_samples, to_mono_rate
 
@@ -46,8 +46,9 @@ MEMBER_KEYS = ("id", "offset", "duration", "sample_rate")
 # ---- cuts -> shards ----------------------------------------------------------------
 
 
-def plan_shards(durations: Iterable[float], *, sample_rate: int, shard_mb: float, max_per_shard: int | None,
-                min_shards: int) -> list[int]:
+def plan_shards(
+    durations: Iterable[float], *, sample_rate: int, shard_mb: float, max_per_shard: int | None, min_shards: int
+) -> list[int]:
     """Sizes (cut counts) of consecutive shards, in one pass over the durations.
 
     Greedy: a shard closes before it would exceed `shard_mb` (estimated as 16-bit
@@ -86,10 +87,17 @@ def cut_spec(cut) -> dict:
     custom = dict(cut.custom or {})
     clash = [k for k in MEMBER_KEYS if k in custom]
     if clash:
-        raise DataError(f"cut {cut.id}: custom metadata {clash} would overwrite the keys the writer sets "
-                        f"{list(MEMBER_KEYS)}; rename them in the corpus module")
-    return {"id": cut.id, "path": sources[0].source, "start": float(cut.start), "duration": float(cut.duration),
-            "custom": custom}
+        raise DataError(
+            f"cut {cut.id}: custom metadata {clash} would overwrite the keys the writer sets "
+            f"{list(MEMBER_KEYS)}; rename them in the corpus module"
+        )
+    return {
+        "id": cut.id,
+        "path": sources[0].source,
+        "start": float(cut.start),
+        "duration": float(cut.duration),
+        "custom": custom,
+    }
 
 
 def read_windows(cuts: list[dict], sample_rate: int) -> Iterator[tuple[dict, np.ndarray]]:
@@ -112,21 +120,36 @@ def write_shard(path: Path, cuts: list[dict], sample_rate: int) -> dict:
     with open(tmp, "wb") as f, MemberWriter(f, sample_rate) as members:
         for cut, audio in read_windows(cuts, sample_rate):
             # NOTE: the key order is part of the shard's bytes (and of its sha256 in the index)
-            meta = {"id": cut["id"], **cut["custom"], "offset": cut["start"],
-                    "duration": round(len(audio) / sample_rate, 4), "sample_rate": sample_rate}
+            meta = {
+                "id": cut["id"],
+                **cut["custom"],
+                "offset": cut["start"],
+                "duration": round(len(audio) / sample_rate, 4),
+                "sample_rate": sample_rate,
+            }
             members.write(cut["id"], audio, meta)
             samples += 1
             seconds += len(audio) / sample_rate
     os.replace(tmp, path)
-    return {"path": path.name, "samples": samples, "seconds": round(seconds, 4),
-            "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return {
+        "path": path.name,
+        "samples": samples,
+        "seconds": round(seconds, 4),
+        "bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+    }
 
 
 def ensure_shard(path: str, cuts: list[dict], digest: str, old: dict | None, sample_rate: int) -> tuple[dict, bool]:
     """(index entry, written?): keeps a shard that matches its old entry byte for byte, else (re)writes it."""
     p = Path(path)
-    if (old and old.get("keys_sha256") == digest and p.is_file() and p.stat().st_size == old.get("bytes")
-            and file_sha256(p) == old.get("sha256")):
+    if (
+        old
+        and old.get("keys_sha256") == digest
+        and p.is_file()
+        and p.stat().st_size == old.get("bytes")
+        and file_sha256(p) == old.get("sha256")
+    ):
         return old, False
     entry = write_shard(p, cuts, sample_rate)
     entry["keys_sha256"] = digest
@@ -172,9 +195,20 @@ class _Inline:
         return False
 
 
-def shard_split(split: str, cuts_path: Path, split_dir: Path, *, sample_rate: int, shard_mb: float,
-                max_per_shard: int | None, min_shards: int, settings: dict, jobs: int = 1, log=print,
-                progress_stream=None) -> SplitReport:
+def shard_split(
+    split: str,
+    cuts_path: Path,
+    split_dir: Path,
+    *,
+    sample_rate: int,
+    shard_mb: float,
+    max_per_shard: int | None,
+    min_shards: int,
+    settings: dict,
+    jobs: int = 1,
+    log=print,
+    progress_stream=None,
+) -> SplitReport:
     """Writes the shards of one split from its cuts manifest with `jobs` writer processes; keeps matching shards."""
     import multiprocessing
 
@@ -192,14 +226,15 @@ def shard_split(split: str, cuts_path: Path, split_dir: Path, *, sample_rate: in
             total[0] += c.duration
             yield c.duration
 
-    sizes = plan_shards(durations(), sample_rate=sample_rate, shard_mb=shard_mb, max_per_shard=max_per_shard,
-                        min_shards=min_shards)
+    sizes = plan_shards(
+        durations(), sample_rate=sample_rate, shard_mb=shard_mb, max_per_shard=max_per_shard, min_shards=min_shards
+    )
     if not sizes:
         raise DataError(f"split {split!r} has no cuts ({cuts_path}); lower --min-seconds or check the corpus")
     previous = _previous_entries(split_dir)
     entries: dict[int, dict] = {}
     progress = Progress(split, len(sizes), total[0], stream=progress_stream)
-    pool = (ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) if jobs > 1 else _Inline())
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) if jobs > 1 else _Inline()
     pending: deque[tuple[int, Future]] = deque()
 
     def collect(limit: int) -> None:
@@ -211,16 +246,24 @@ def shard_split(split: str, cuts_path: Path, split_dir: Path, *, sample_rate: in
             report.skipped += not written
             progress.update(entry["seconds"], written)
             if written:  # progress survives an interrupted run: the next run skips what is here
-                write_json_atomic(split_dir / "index.partial.json", index_dict(
-                    split, sample_rate, [entries[k] for k in sorted(entries)], histogram, settings))
+                write_json_atomic(
+                    split_dir / "index.partial.json",
+                    index_dict(split, sample_rate, [entries[k] for k in sorted(entries)], histogram, settings),
+                )
 
     with pool:
         cut_iter = iter(CutSet.from_jsonl_lazy(cuts_path))
         for number, size in enumerate(sizes):
             group = [cut_spec(next(cut_iter)) for _ in range(size)]
             path = split_dir / (SHARD_PATTERN % number)
-            pending.append((number, pool.submit(ensure_shard, str(path), group, _keys_digest(group),
-                                                previous.get(path.name), sample_rate)))
+            pending.append(
+                (
+                    number,
+                    pool.submit(
+                        ensure_shard, str(path), group, _keys_digest(group), previous.get(path.name), sample_rate
+                    ),
+                )
+            )
             collect(2 * jobs)
         collect(0)
     ordered = [entries[k] for k in range(len(sizes))]
@@ -234,32 +277,70 @@ def shard_split(split: str, cuts_path: Path, split_dir: Path, *, sample_rate: in
     report.samples = sum(e["samples"] for e in ordered)
     report.seconds = sum(e["seconds"] for e in ordered)
     report.bytes = sum(e["bytes"] for e in ordered)
-    log(f"{split}: {report.shards} shards ({report.written} written, {report.skipped} already there), "
-        f"{report.samples} cuts, {report.seconds / 3600:.3f} h, {report.bytes / 1e6:.1f} MB -> {report.index}")
+    log(
+        f"{split}: {report.shards} shards ({report.written} written, {report.skipped} already there), "
+        f"{report.samples} cuts, {report.seconds / 3600:.3f} h, {report.bytes / 1e6:.1f} MB -> {report.index}"
+    )
     return report
 
 
-def shard_corpus(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, *, corpus: str | Corpus = DEFAULT_CORPUS,
-                 max_seconds: float = 20.0, min_seconds: float = 1.0, shard_mb: float = 1024.0,
-                 max_per_shard: int | None = None, min_shards: int = 8, valid_speakers: int | None = 1,
-                 valid_fraction: float | None = None, sample_rate: int = 16000, jobs: int = 1, log: Callable = print,
-                 progress_stream=None) -> dict[str, SplitReport]:
+def shard_corpus(
+    corpus_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    corpus: str | Corpus = DEFAULT_CORPUS,
+    max_seconds: float = 20.0,
+    min_seconds: float = 1.0,
+    shard_mb: float = 1024.0,
+    max_per_shard: int | None = None,
+    min_shards: int = 8,
+    valid_speakers: int | None = 1,
+    valid_fraction: float | None = None,
+    sample_rate: int = 16000,
+    jobs: int = 1,
+    log: Callable = print,
+    progress_stream=None,
+) -> dict[str, SplitReport]:
     """The whole pipeline for `corpus` (a name under istack_ds/data/corpora/, or a corpus object) in `corpus_dir`.
 
     Returns a report per split (`train`, and `valid` when speakers are held out).
     """
     out_dir = Path(out_dir)
-    prepared = get_corpus(corpus).prepare(corpus_dir, out_dir, max_seconds=max_seconds, min_seconds=min_seconds,
-                                          valid_speakers=valid_speakers, valid_fraction=valid_fraction,
-                                          jobs=max(4, jobs), log=log)
-    settings = {"max_seconds": max_seconds, "min_seconds": min_seconds, "shard_mb": shard_mb,
-                "max_per_shard": max_per_shard, "min_shards": min_shards, **prepared.settings,
-                "corpus": str(Path(corpus_dir).resolve())}
-    return {split: shard_split(split, Path(path), out_dir / split, sample_rate=sample_rate, shard_mb=shard_mb,
-                               max_per_shard=max_per_shard, min_shards=min_shards,
-                               settings={**settings, "split": split}, jobs=jobs, log=log,
-                               progress_stream=progress_stream)
-            for split, path in prepared.splits.items()}
+    prepared = get_corpus(corpus).prepare(
+        corpus_dir,
+        out_dir,
+        max_seconds=max_seconds,
+        min_seconds=min_seconds,
+        valid_speakers=valid_speakers,
+        valid_fraction=valid_fraction,
+        jobs=max(4, jobs),
+        log=log,
+    )
+    settings = {
+        "max_seconds": max_seconds,
+        "min_seconds": min_seconds,
+        "shard_mb": shard_mb,
+        "max_per_shard": max_per_shard,
+        "min_shards": min_shards,
+        **prepared.settings,
+        "corpus": str(Path(corpus_dir).resolve()),
+    }
+    return {
+        split: shard_split(
+            split,
+            Path(path),
+            out_dir / split,
+            sample_rate=sample_rate,
+            shard_mb=shard_mb,
+            max_per_shard=max_per_shard,
+            min_shards=min_shards,
+            settings={**settings, "split": split},
+            jobs=jobs,
+            log=log,
+            progress_stream=progress_stream,
+        )
+        for split, path in prepared.splits.items()
+    }
 
 
 # ---- checking shards back ------------------------------------------------------------

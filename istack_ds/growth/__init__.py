@@ -7,8 +7,17 @@ is imported lazily from :mod:`istack_ds.growth.manager`.
 from istack_ds.growth.operators import OPERATORS, carry_supervised, compose, identity, lineage, lineage_through
 from istack_ds.growth.schedule import Schedule
 
-__all__ = ["OPERATORS", "Schedule", "carry_supervised", "compose", "identity", "lineage", "lineage_through",
-           "GrowthManager", "GrowthResult"]
+__all__ = [
+    "OPERATORS",
+    "Schedule",
+    "carry_supervised",
+    "compose",
+    "identity",
+    "lineage",
+    "lineage_through",
+    "GrowthManager",
+    "GrowthResult",
+]
 
 
 def __getattr__(name):

@@ -21,8 +21,8 @@ reference to the old ones; the old engine and model are unusable afterwards.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -60,9 +60,16 @@ def _moment(moment: torch.Tensor | None, reset: bool) -> torch.Tensor | None:
 
 
 class GrowthManager:
-    def __init__(self, build_model: Callable[[int, list[int]], nn.Module], ds_config: dict, optim: OptimConfig,
-                 layer_prefix: str, operator: Operator = "interleaved", carry: Carry = "last",
-                 optimizer_state: OptimizerState = "copy"):
+    def __init__(
+        self,
+        build_model: Callable[[int, list[int]], nn.Module],
+        ds_config: dict,
+        optim: OptimConfig,
+        layer_prefix: str,
+        operator: Operator = "interleaved",
+        carry: Carry = "last",
+        optimizer_state: OptimizerState = "copy",
+    ):
         """
         build_model: ``(depth, supervised) -> nn.Module``, the student at a depth; called on every
             rank, its initial values do not matter (every parameter is overwritten).
@@ -94,10 +101,11 @@ class GrowthManager:
         """(layer index, rest of the name) for a layer parameter, None for any other parameter."""
         if not name.startswith(self.layer_prefix):
             return None
-        index, _, rest = name[len(self.layer_prefix):].partition(".")
+        index, _, rest = name[len(self.layer_prefix) :].partition(".")
         if not index.isdigit() or not rest:
-            raise GrowthStateError(f"{name}: starts with layer_prefix {self.layer_prefix!r} but is not "
-                                   f"'{self.layer_prefix}<i>.<param>'")
+            raise GrowthStateError(
+                f"{name}: starts with layer_prefix {self.layer_prefix!r} but is not '{self.layer_prefix}<i>.<param>'"
+            )
         return int(index), rest
 
     def source_names(self, new_names: list[str], src: list[int], old_names: set[str]) -> dict[str, str]:
@@ -117,8 +125,9 @@ class GrowthManager:
             out[name] = source
         return out
 
-    def grown_states(self, old: dict[str, ParamState], mapping: dict[str, str],
-                     src: list[int]) -> dict[str, ParamState]:
+    def grown_states(
+        self, old: dict[str, ParamState], mapping: dict[str, str], src: list[int]
+    ) -> dict[str, ParamState]:
         """States of the new student: copies of the sources; a clone's moments zeroed under ``reset``.
 
         A clone is a later copy of a source layer (the first copy in the new stack is the original).
@@ -182,5 +191,6 @@ class GrowthManager:
         lap("set_s")
         ds_engine.verify_full_states(new_engine, new_states)
         lap("verify_s")
-        return GrowthResult(new_engine, new_model, new_depth, new_supervised, src, timings,
-                            time.perf_counter() - t_start)
+        return GrowthResult(
+            new_engine, new_model, new_depth, new_supervised, src, timings, time.perf_counter() - t_start
+        )

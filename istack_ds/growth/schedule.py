@@ -36,7 +36,7 @@ class Schedule:
             )
 
     @classmethod
-    def from_config(cls, growth, total_steps: int) -> "Schedule":
+    def from_config(cls, growth, total_steps: int) -> Schedule:
         """From a :class:`istack_ds.config.GrowthConfig` (operator `none`: one stage at the final depth)."""
         depths = list(growth.stage_depths)
         if len(depths) == 1:
@@ -46,7 +46,7 @@ class Schedule:
         return cls.proportional(depths, growth.alpha, total_steps)
 
     @classmethod
-    def proportional(cls, depths: list[int], alpha: float, total_steps: int) -> "Schedule":
+    def proportional(cls, depths: list[int], alpha: float, total_steps: int) -> Schedule:
         """Stage k (1-based) gets ``round``-ed share ``k**alpha / sum_j j**alpha`` of the steps."""
         weights = [(k + 1) ** alpha for k in range(len(depths))]
         total_w = sum(weights)

@@ -28,8 +28,9 @@ def _align(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
     return pred[:, :n], target[:, :n], mask[:, :n]
 
 
-def l2l_loss(pred: dict[int, torch.Tensor], target: dict[int, torch.Tensor], mask: torch.Tensor,
-             inter_weight: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def l2l_loss(
+    pred: dict[int, torch.Tensor], target: dict[int, torch.Tensor], mask: torch.Tensor, inter_weight: float = 0.5
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The paper's layer-to-layer loss: MSE on the last target (weight 1) + inter_weight x MSE on the others."""
     pred, target = _by_layer(pred), _by_layer(target)
     last = max(pred)
@@ -43,8 +44,9 @@ def l2l_loss(pred: dict[int, torch.Tensor], target: dict[int, torch.Tensor], mas
     return total, parts
 
 
-def distilhubert_loss(pred: dict[int, torch.Tensor], target: dict[int, torch.Tensor], mask: torch.Tensor,
-                      cos_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def distilhubert_loss(
+    pred: dict[int, torch.Tensor], target: dict[int, torch.Tensor], mask: torch.Tensor, cos_weight: float = 1.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DistilHuBERT: per head, L1 + cos_weight x -log sigmoid(cos), summed over heads."""
     pred, target = _by_layer(pred), _by_layer(target)
     total = next(iter(pred.values())).new_zeros(())

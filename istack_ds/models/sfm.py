@@ -36,8 +36,7 @@ def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
 def scale_frontend_grad(model: nn.Module, scale: float) -> None:
     """Makes the CNN front end of `model` learn with its gradient multiplied by `scale`."""
     if scale != 1.0:
-        model.get_submodule("feature_extractor").register_forward_hook(
-            lambda module, args, out: scale_grad(out, scale))
+        model.get_submodule("feature_extractor").register_forward_hook(lambda module, args, out: scale_grad(out, scale))
 
 
 class _Precomputed(nn.Module):
@@ -85,12 +84,18 @@ def save_feature_extractor(out, feat_extract_norm: str, sampling_rate: int = 160
     """
     from transformers import Wav2Vec2FeatureExtractor
 
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=sampling_rate, padding_value=0.0, do_normalize=False,
-                             return_attention_mask=feat_extract_norm == "layer").save_pretrained(out)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1,
+        sampling_rate=sampling_rate,
+        padding_value=0.0,
+        do_normalize=False,
+        return_attention_mask=feat_extract_norm == "layer",
+    ).save_pretrained(out)
 
 
-def hidden_states(model: nn.Module, audio: torch.Tensor, attention_mask: torch.Tensor | None,
-                  features: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def hidden_states(
+    model: nn.Module, audio: torch.Tensor, attention_mask: torch.Tensor | None, features: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
     """Every hidden state (layers + 1) of `model`; `features` replaces the CNN front end's output."""
     with precomputed_frontend(model, features):
         return model(audio, attention_mask=attention_mask, output_hidden_states=True).hidden_states

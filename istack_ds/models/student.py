@@ -66,8 +66,14 @@ class Student(nn.Module):
     it consumes the teacher's CNN output, and the export puts the teacher's CNN back in.
     """
 
-    def __init__(self, student: StudentConfig, loss: LossConfig, teacher: TeacherInfo, depth: int,
-                 supervised: list[int] | None = None):
+    def __init__(
+        self,
+        student: StudentConfig,
+        loss: LossConfig,
+        teacher: TeacherInfo,
+        depth: int,
+        supervised: list[int] | None = None,
+    ):
         super().__init__()
         from transformers import HubertModel
 
@@ -75,14 +81,20 @@ class Student(nn.Module):
         self.loss_kind = loss.kind
         self.teacher_layers = list(loss.teacher_layers)
         if supervised is None:
-            supervised = initial_supervised_layers(depth, len(self.teacher_layers)) if loss.kind == "l2l" \
+            supervised = (
+                initial_supervised_layers(depth, len(self.teacher_layers))
+                if loss.kind == "l2l"
                 else [depth - 1] * len(self.teacher_layers)
+            )
         if len(supervised) != len(self.teacher_layers) or any(not 0 <= s < depth for s in supervised):
-            raise ValueError(f"supervised layers {supervised} do not fit depth {depth} and targets {self.teacher_layers}")
+            raise ValueError(
+                f"supervised layers {supervised} do not fit depth {depth} and targets {self.teacher_layers}"
+            )
         self.supervised = list(supervised)
         self.sfm = HubertModel(hubert_config(student, teacher, depth))
-        self.heads = nn.ModuleDict({f"L{t}": nn.Linear(student.hidden_size, teacher.hidden_size)
-                                    for t in self.teacher_layers})
+        self.heads = nn.ModuleDict(
+            {f"L{t}": nn.Linear(student.hidden_size, teacher.hidden_size) for t in self.teacher_layers}
+        )
         self.use_attention_mask = teacher.feat_extract_norm == "layer"
         self.frontend = student.frontend
         if self.frontend == "shared":
@@ -105,27 +117,31 @@ class Student(nn.Module):
     def frame_lengths(self, audio_lens: torch.Tensor) -> torch.Tensor:
         return self.sfm._get_feat_extract_output_lengths(audio_lens).long()  # type: ignore[arg-type]
 
-    def _encode(self, audio: torch.Tensor, audio_lens: torch.Tensor,
-                features: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    def _encode(
+        self, audio: torch.Tensor, audio_lens: torch.Tensor, features: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ...]:
         dtype = self.sfm.feature_projection.projection.weight.dtype  # bf16 under a bf16 engine: inputs follow
         if self.frontend == "shared" and features is None:
             raise ValueError("student.frontend=shared: pass the teacher's CNN features (Teacher.cnn)")
         mask = sfm.attention_mask(audio, audio_lens) if self.use_attention_mask else None
         return sfm.hidden_states(self.sfm, audio.to(dtype), mask, None if features is None else features.to(dtype))
 
-    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor,
-                features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, audio: torch.Tensor, audio_lens: torch.Tensor, features: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Returns the prediction for each teacher target, in fp32: {"L<t>": [B, frames, teacher_hidden]}.
 
         `features`: the teacher's CNN output [B, T, C], required with ``frontend: shared``.
         """
         hidden = self._encode(audio, audio_lens, features)
         # NOTE: string keys: DeepSpeed's ZeRO-3 post-forward hook walks dict outputs with str methods.
-        return {f"L{t}": self.heads[f"L{t}"](hidden[s + 1]).float()
-                for t, s in zip(self.teacher_layers, self.supervised)}
+        return {
+            f"L{t}": self.heads[f"L{t}"](hidden[s + 1]).float() for t, s in zip(self.teacher_layers, self.supervised)
+        }
 
-    def hidden_states(self, audio: torch.Tensor, audio_lens: torch.Tensor,
-                      features: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def hidden_states(
+        self, audio: torch.Tensor, audio_lens: torch.Tensor, features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """All depth + 1 hidden states of the student transformer (index i = output of layer i), fp32."""
         return tuple(h.float() for h in self._encode(audio, audio_lens, features))
 

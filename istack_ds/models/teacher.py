@@ -42,8 +42,10 @@ def read_teacher_info(path: str | Path) -> TeacherInfo:
     """Reads and checks ``<path>/config.json`` without importing a model (cheap, pre-launch check)."""
     path = Path(path)
     if not path.is_dir():
-        raise TeacherError(f"teacher directory {path} does not exist (teacher.path); make one with "
-                           f"`python tools/make_teacher.py --out {path}` or point to a local save_pretrained dir")
+        raise TeacherError(
+            f"teacher directory {path} does not exist (teacher.path); make one with "
+            f"`python tools/make_teacher.py --out {path}` or point to a local save_pretrained dir"
+        )
     cfg_file = path / "config.json"
     try:
         raw = json.loads(cfg_file.read_text())
@@ -53,10 +55,12 @@ def read_teacher_info(path: str | Path) -> TeacherInfo:
         raise TeacherError(f"teacher config {cfg_file} is unreadable: {e}") from None
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_TEACHERS:
-        raise TeacherError(f"teacher {cfg_file}: model_type={model_type!r} is not supported; "
-                           f"use one of {list(SUPPORTED_TEACHERS)}")
-    if not any((path / name).exists() for name in ("model.safetensors", "pytorch_model.bin",
-                                                   "model.safetensors.index.json")):
+        raise TeacherError(
+            f"teacher {cfg_file}: model_type={model_type!r} is not supported; use one of {list(SUPPORTED_TEACHERS)}"
+        )
+    if not any(
+        (path / name).exists() for name in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+    ):
         raise TeacherError(f"teacher directory {path} has no weights (model.safetensors or pytorch_model.bin)")
     return TeacherInfo(
         path=str(path),
@@ -74,8 +78,9 @@ def read_teacher_info(path: str | Path) -> TeacherInfo:
 def check_teacher_layers(info: TeacherInfo, layers: list[int]) -> None:
     bad = [i for i in layers if not 1 <= i <= info.num_layers]
     if bad:
-        raise TeacherError(f"loss.teacher_layers={layers}: teacher {info.path} has {info.num_layers} layers, "
-                           f"so {bad} do not exist")
+        raise TeacherError(
+            f"loss.teacher_layers={layers}: teacher {info.path} has {info.num_layers} layers, so {bad} do not exist"
+        )
 
 
 class Teacher(nn.Module):
@@ -87,8 +92,9 @@ class Teacher(nn.Module):
 
         self.info = read_teacher_info(path)
         check_teacher_layers(self.info, layers)
-        model = AutoModel.from_pretrained(str(path), local_files_only=True, mask_time_prob=0.0,
-                                          mask_feature_prob=0.0, layerdrop=0.0)
+        model = AutoModel.from_pretrained(
+            str(path), local_files_only=True, mask_time_prob=0.0, mask_feature_prob=0.0, layerdrop=0.0
+        )
         # Run only up to the deepest layer a loss uses. With do_stable_layer_norm the last
         # hidden state carries the encoder's final norm, so truncating would change it there.
         deepest = max(layers)
@@ -104,15 +110,21 @@ class Teacher(nn.Module):
     @classmethod
     def from_config(cls, cfg, layers: list[int]) -> Teacher:
         """The teacher a ``TeacherConfig`` names, in its ``dtype`` (fp32, bf16 or int8)."""
-        return cls(cfg.path, layers, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
-                   int8=cfg.dtype == "int8")
+        return cls(
+            cfg.path, layers, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32, int8=cfg.dtype == "int8"
+        )
 
     def describe(self) -> str:
         """One line for the log: what runs, in which precision."""
-        precision = f"int8 ({self.int8_linears} Linear layers quantized)" if self.int8_linears else \
-            str(self.dtype_).removeprefix("torch.")
-        return (f"{self.info.model_type} {self.info.num_layers} x {self.info.hidden_size} from {self.info.path}, "
-                f"{precision}, run up to layer {len(self.model.encoder.layers)}, targets {self.layers}")
+        precision = (
+            f"int8 ({self.int8_linears} Linear layers quantized)"
+            if self.int8_linears
+            else str(self.dtype_).removeprefix("torch.")
+        )
+        return (
+            f"{self.info.model_type} {self.info.num_layers} x {self.info.hidden_size} from {self.info.path}, "
+            f"{precision}, run up to layer {len(self.model.encoder.layers)}, targets {self.layers}"
+        )
 
     def train(self, mode: bool = True):  # the teacher never leaves eval mode
         return super().train(False)
@@ -126,8 +138,9 @@ class Teacher(nn.Module):
         return sfm.cnn(self.model, audio.to(self.dtype_))
 
     @torch.inference_mode()
-    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor,
-                features: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    def forward(
+        self, audio: torch.Tensor, audio_lens: torch.Tensor, features: torch.Tensor | None = None
+    ) -> dict[int, torch.Tensor]:
         """Target hidden states {layer: [B, T, H]} in fp32; `features` skips the CNN (computed by :meth:`cnn`)."""
         hidden = self._hidden_states(audio, audio_lens, features)
         # Targets leave inference mode as plain fp32 tensors so the loss can use them.
@@ -138,8 +151,9 @@ class Teacher(nn.Module):
         """Every hidden state the teacher computes (up to its deepest target layer), fp32."""
         return [h.float().clone() for h in self._hidden_states(audio, audio_lens)]
 
-    def _hidden_states(self, audio: torch.Tensor, audio_lens: torch.Tensor,
-                       features: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def _hidden_states(
+        self, audio: torch.Tensor, audio_lens: torch.Tensor, features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         mask = sfm.attention_mask(audio, audio_lens) if self.use_attention_mask else None
         feats = None if features is None else features.to(self.dtype_)
         return sfm.hidden_states(self.model, audio.to(self.dtype_), mask, feats)
@@ -162,8 +176,11 @@ def quantize_linear_int8(model: nn.Module) -> int:
     # F.multi_head_attention_forward, which a quantized Linear does not have: those stay fp32
     # (its feed-forward, two thirds of a layer's work, is quantized).
     raw_weights = {name for name, m in model.named_modules() if type(m).__name__ == "WavLMAttention"}
-    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)
-               and not any(name.startswith(f"{parent}.") for parent in raw_weights)}
+    linears = {
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not any(name.startswith(f"{parent}.") for parent in raw_weights)
+    }
     with warnings.catch_warnings():
         # torch marks its eager quantization API deprecated in favour of torchao, whose int8 path
         # needs torch.compile on CPU; the eager kernels are the fastest measured here (README, "Performance").
@@ -176,14 +193,24 @@ def make_random_teacher(out: str | Path, size: str = "tiny", model_type: str = "
     """Saves a RANDOMLY INITIALISED teacher of the real HF class (it exercises the machinery; it knows nothing)."""
     from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2Model, WavLMConfig, WavLMModel
 
-    classes = {"hubert": (HubertConfig, HubertModel), "wavlm": (WavLMConfig, WavLMModel),
-               "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model)}
+    classes = {
+        "hubert": (HubertConfig, HubertModel),
+        "wavlm": (WavLMConfig, WavLMModel),
+        "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
+    }
     if model_type not in classes:
         raise ValueError(f"model_type={model_type!r}: choose one of {list(classes)}")
     shapes: dict[str, dict] = {
         # Small enough for CPU tests and the demo; 8 layers so 4 -> 8 targets look like the paper's 4/8/12.
-        "tiny": dict(hidden_size=96, num_hidden_layers=8, num_attention_heads=4, intermediate_size=192,
-                     conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4),
+        "tiny": dict(
+            hidden_size=96,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            intermediate_size=192,
+            conv_dim=(32,) * 7,
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=4,
+        ),
         # HuBERT Base shape (95M parameters).
         "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     }
@@ -198,5 +225,6 @@ def make_random_teacher(out: str | Path, size: str = "tiny", model_type: str = "
     sfm.save_feature_extractor(out, config.feat_extract_norm)
     (out / "RANDOM_WEIGHTS.txt").write_text(
         f"This {model_type} teacher ({size}) has RANDOM weights made by istack_ds tools/make_teacher.py "
-        f"(seed {seed}).\nIt exercises the distillation machinery; it is not a trained model.\n")
+        f"(seed {seed}).\nIt exercises the distillation machinery; it is not a trained model.\n"
+    )
     return out

@@ -1,18 +1,16 @@
 """One epoch of the training loader on every rank; rank 0 writes each rank's cut ids.
 
-Run by tests/test_data_stream.py under torchrun (2 ranks x 2 workers, gloo):
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/workers/data_partition.py INDEX OUT_JSON
+Run by tests/test_data_stream.py (2 ranks x 2 workers, gloo); by hand, from the repo root:
+    PYTHONPATH=. torchrun --standalone --nproc_per_node 2 tests/workers/data_partition.py --index INDEX --out OUT_JSON
 """
 
 from __future__ import annotations
 
-import sys
-
 import torch.distributed as dist
 
 from istack_ds.config import DataConfig
-from gather import write_all_ranks
 from istack_ds.data.stream import build_loader
+from tests.workers.protocol import worker_parser, write_all_ranks
 
 
 def main(index_path: str, out_json: str) -> None:
@@ -29,4 +27,7 @@ def main(index_path: str, out_json: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    parser = worker_parser(__doc__.split("\n")[0])
+    parser.add_argument("--index", required=True, help="index.json of the shards")
+    args = parser.parse_args()
+    main(args.index, args.out)

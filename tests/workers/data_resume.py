@@ -1,9 +1,10 @@
 """Data position across a restart on every rank: K batches, the loader's state saved as JSON, a new loader, the rest.
 
-Run by tests/test_data_stream.py under torchrun (2 ranks x 2 workers, gloo):
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/workers/data_resume.py INDEX OUT_JSON K
+Run by tests/test_data_stream.py (2 ranks x 2 workers, gloo); by hand, from the repo root:
+    PYTHONPATH=. torchrun --standalone --nproc_per_node 2 tests/workers/data_resume.py \\
+        --index INDEX --batches K --out OUT_JSON
 
-Rank 0 writes, per rank: the cut ids of the first K batches, each worker's position as its
+Each rank's result: the cut ids of the first K batches, each worker's position as its
 batches said, the loader's saved state, the cut ids after the resume, each worker's batches
 (cut ids) before the save, after the resume and in an uninterrupted run, and each worker's
 shard list of epoch 0.
@@ -12,14 +13,13 @@ shard list of epoch 0.
 from __future__ import annotations
 
 import json
-import sys
 from itertools import islice
 
 import torch.distributed as dist
 
 from istack_ds.config import DataConfig
-from gather import write_all_ranks
 from istack_ds.data.stream import build_loader
+from tests.workers.protocol import worker_parser, write_all_ranks
 
 
 def per_worker(batches: list[dict]) -> dict[str, list[list[str]]]:
@@ -29,7 +29,7 @@ def per_worker(batches: list[dict]) -> dict[str, list[list[str]]]:
     return out
 
 
-def main(index_path: str, out_json: str, k: str) -> None:
+def main(index_path: str, out_json: str, k: int) -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     data = DataConfig(train_index=index_path, num_workers=2, crop_seconds=1.0, batch_seconds=1.0, num_buckets=3,
@@ -40,7 +40,7 @@ def main(index_path: str, out_json: str, k: str) -> None:
 
     full = list(loader())  # the uninterrupted run
     interrupted = loader()
-    first_batches = list(islice(interrupted, int(k)))  # exactly K batches pass through the loader
+    first_batches = list(islice(interrupted, k))  # exactly K batches pass through the loader
     first = [i for b in first_batches for i in b["cut_ids"]]
     position = {str(b["worker"]): b["position"] for b in first_batches}  # each worker's latest, as batches said
     state = json.loads(json.dumps(interrupted.state_dict()))  # the checkpoint's JSON round trip
@@ -58,4 +58,8 @@ def main(index_path: str, out_json: str, k: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    parser = worker_parser(__doc__.split("\n")[0])
+    parser.add_argument("--index", required=True, help="index.json of the shards")
+    parser.add_argument("--batches", type=int, required=True, help="K: batches read before the state is saved")
+    args = parser.parse_args()
+    main(args.index, args.out, args.batches)

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from istack_ds.data.index import DataError
 
@@ -45,8 +46,18 @@ class PreparedCorpus:
 
 
 class Corpus(Protocol):
-    def prepare(self, corpus_dir, out_dir, *, max_seconds: float, min_seconds: float, valid_speakers: int | None,
-                valid_fraction: float | None, jobs: int, log: Callable) -> PreparedCorpus: ...
+    def prepare(
+        self,
+        corpus_dir,
+        out_dir,
+        *,
+        max_seconds: float,
+        min_seconds: float,
+        valid_speakers: int | None,
+        valid_fraction: float | None,
+        jobs: int,
+        log: Callable,
+    ) -> PreparedCorpus: ...
 
 
 def available() -> list[str]:

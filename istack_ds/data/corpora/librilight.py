@@ -24,11 +24,11 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from istack_ds.data.corpora import PreparedCorpus
 from istack_ds.data.index import DataError
@@ -40,8 +40,10 @@ LIBRILIGHT_PARTS = ("small", "medium", "large")
 
 
 def manifest_paths(manifest_dir: Path, part: str) -> tuple[Path, Path]:
-    return (manifest_dir / f"librilight_recordings_{part}.jsonl.gz",
-            manifest_dir / f"librilight_supervisions_{part}.jsonl.gz")
+    return (
+        manifest_dir / f"librilight_recordings_{part}.jsonl.gz",
+        manifest_dir / f"librilight_supervisions_{part}.jsonl.gz",
+    )
 
 
 def _sorted_dirs(path: Path) -> list[Path]:
@@ -79,10 +81,18 @@ def parse_file(corpus_dir: Path, flac: Path):
         recording = Recording.from_file(flac, recording_id=rec_id)
     except Exception as e:  # noqa: BLE001 -- soundfile raises several types on junk
         raise DataError(f"{flac}: unreadable audio ({e})") from None
-    sups = [SupervisionSegment(id=f"{rec_id}_{i}", recording_id=rec_id, start=float(s),
-                               duration=add_durations(float(e), -float(s), sampling_rate=16000), channel=0,
-                               language="English", speaker=speaker)
-            for i, (s, e) in enumerate(vad)]
+    sups = [
+        SupervisionSegment(
+            id=f"{rec_id}_{i}",
+            recording_id=rec_id,
+            start=float(s),
+            duration=add_durations(float(e), -float(s), sampling_rate=16000),
+            channel=0,
+            language="English",
+            speaker=speaker,
+        )
+        for i, (s, e) in enumerate(vad)
+    ]
     return recording, sups
 
 
@@ -96,13 +106,13 @@ class PrepareReport:
     failed: int = 0
 
 
-def prepare_manifests(corpus_dir: str | os.PathLike, manifest_dir: str | os.PathLike, *, jobs: int = 4,
-                      log: Callable = print) -> PrepareReport:
+def prepare_manifests(
+    corpus_dir: str | os.PathLike, manifest_dir: str | os.PathLike, *, jobs: int = 4, log: Callable = print
+) -> PrepareReport:
     """Writes the recordings + supervisions manifests of every part present; skips prepared parts.
 
     Files whose json or audio is unreadable are logged and left out (counted in `failed`).
     """
-    from lhotse import RecordingSet, SupervisionSet
 
     corpus_dir, manifest_dir = Path(corpus_dir).resolve(), Path(manifest_dir)
     if not corpus_dir.is_dir():
@@ -117,29 +127,7 @@ def prepare_manifests(corpus_dir: str | os.PathLike, manifest_dir: str | os.Path
         if rec_path.is_file() and sup_path.is_file() and rec_path.stat().st_size > 20:
             continue
         tmp_rec, tmp_sup = (p.with_name(p.name.replace(".jsonl.gz", ".tmp.jsonl.gz")) for p in (rec_path, sup_path))
-        n = failed = 0
-        with RecordingSet.open_writer(tmp_rec) as recs, SupervisionSet.open_writer(tmp_sup) as sups, \
-                ThreadPoolExecutor(max(1, jobs)) as pool:
-            pending: deque = deque()
-
-            def drain(limit: int) -> None:
-                nonlocal n, failed
-                while len(pending) > limit:
-                    try:
-                        recording, segments = pending.popleft().result()
-                    except DataError as e:
-                        log(f"skipped: {e}")
-                        failed += 1
-                        continue
-                    recs.write(recording)
-                    for s in segments:
-                        sups.write(s)
-                    n += 1
-
-            for flac in iter_flacs(corpus_dir / part):  # bounded window of in-flight files, in order
-                pending.append(pool.submit(parse_file, corpus_dir, flac))
-                drain(4 * max(1, jobs))
-            drain(0)
+        n, failed = _write_part_manifests(corpus_dir, part, tmp_rec, tmp_sup, jobs=jobs, log=log)
         os.replace(tmp_sup, sup_path)
         os.replace(tmp_rec, rec_path)  # last: the recordings manifest marks the part as complete
         report.prepared.append(part)
@@ -147,6 +135,41 @@ def prepare_manifests(corpus_dir: str | os.PathLike, manifest_dir: str | os.Path
         report.failed += failed
         log(f"manifests {part}: {n} recordings ({failed} unreadable, skipped) -> {rec_path.parent}")
     return report
+
+
+def _write_part_manifests(
+    corpus_dir: Path, part: str, rec_path: Path, sup_path: Path, *, jobs: int, log: Callable
+) -> tuple[int, int]:
+    """Writes one part's two manifests, headers read by `jobs` threads; returns (files written, files skipped)."""
+    from lhotse import RecordingSet, SupervisionSet
+
+    n = failed = 0
+    with (
+        RecordingSet.open_writer(rec_path) as recs,
+        SupervisionSet.open_writer(sup_path) as sups,
+        ThreadPoolExecutor(max(1, jobs)) as pool,
+    ):
+        pending: deque = deque()
+
+        def drain(limit: int) -> None:
+            nonlocal n, failed
+            while len(pending) > limit:
+                try:
+                    recording, segments = pending.popleft().result()
+                except DataError as e:
+                    log(f"skipped: {e}")
+                    failed += 1
+                    continue
+                recs.write(recording)
+                for s in segments:
+                    sups.write(s)
+                n += 1
+
+        for flac in iter_flacs(corpus_dir / part):  # bounded window of in-flight files, in order
+            pending.append(pool.submit(parse_file, corpus_dir, flac))
+            drain(4 * max(1, jobs))
+        drain(0)
+    return n, failed
 
 
 def _lazy(path: Path):
@@ -158,8 +181,11 @@ def _lazy(path: Path):
 # ---- VAD windows -----------------------------------------------------------------------
 
 
-def vad_windows(intervals: Iterable[tuple[float, float]], max_seconds: float, min_seconds: float,
-                ) -> list[tuple[float, float]]:
+def vad_windows(
+    intervals: Iterable[tuple[float, float]],
+    max_seconds: float,
+    min_seconds: float,
+) -> list[tuple[float, float]]:
     """Merges adjacent voice-activity intervals into windows of at most `max_seconds`.
 
     A window spans from its first interval's start to its last interval's end
@@ -212,15 +238,22 @@ def window_cuts(manifest_dir: Path, parts: list[str], max_seconds: float, min_se
             group = list(segments)
             rec = next((r for r in rec_iter if r.id == rec_id), None)
             if rec is None:
-                raise DataError(f"{sup_path}: recording {rec_id} is not in {rec_path} (or not in the same order); "
-                                "re-prepare the manifests (tools/prepare_librilight.py)")
+                raise DataError(
+                    f"{sup_path}: recording {rec_id} is not in {rec_path} (or not in the same order); "
+                    "re-prepare the manifests (tools/prepare_librilight.py)"
+                )
             speaker = group[0].speaker
             book = rec.id.split("/")[-2] if rec.id.count("/") >= 2 else ""
             intervals = [(max(0.0, s.start), min(rec.duration, s.end)) for s in group]
             for i, (start, end) in enumerate(vad_windows(intervals, max_seconds, min_seconds)):
-                yield MonoCut(id=cut_key(rec.id, i), start=start, duration=min(round(end - start, 4), max_seconds),
-                              channel=0, recording=rec,
-                              custom={"speaker": speaker, "book": book, "source": rec.id + ".flac"})
+                yield MonoCut(
+                    id=cut_key(rec.id, i),
+                    start=start,
+                    duration=min(round(end - start, 4), max_seconds),
+                    channel=0,
+                    recording=rec,
+                    custom={"speaker": speaker, "book": book, "source": rec.id + ".flac"},
+                )
 
 
 # ---- cuts per split ----------------------------------------------------------------------
@@ -243,11 +276,12 @@ def pick_valid_speakers(speakers: list[str], valid_speakers: int | None, valid_f
         n = valid_speakers or 0
     if n >= len(speakers):
         raise DataError(f"{n} validation speakers leave no training speaker (corpus has {len(speakers)})")
-    return speakers[len(speakers) - n:] if n > 0 else []
+    return speakers[len(speakers) - n :] if n > 0 else []
 
 
-def write_split_cuts(manifest_dir: Path, parts: list[str], out_dir: Path, *, max_seconds: float, min_seconds: float,
-                     valid: list[str]) -> dict[str, Path]:
+def write_split_cuts(
+    manifest_dir: Path, parts: list[str], out_dir: Path, *, max_seconds: float, min_seconds: float, valid: list[str]
+) -> dict[str, Path]:
     """OUT/<split>/cuts.jsonl.gz (train, and valid when `valid` names speakers); returns the paths."""
     from lhotse import CutSet
 
@@ -269,9 +303,17 @@ def write_split_cuts(manifest_dir: Path, parts: list[str], out_dir: Path, *, max
     return paths
 
 
-def prepare_librilight(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_seconds: float = 20.0,
-                       min_seconds: float = 1.0, valid_speakers: int | None = 1, valid_fraction: float | None = None,
-                       jobs: int = 4, log: Callable = print) -> dict:
+def prepare_librilight(
+    corpus_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    max_seconds: float = 20.0,
+    min_seconds: float = 1.0,
+    valid_speakers: int | None = 1,
+    valid_fraction: float | None = None,
+    jobs: int = 4,
+    log: Callable = print,
+) -> dict:
     """Manifests under OUT/manifests, cuts under OUT/<split>/cuts.jsonl.gz; returns a summary dict."""
     from lhotse import CutSet
 
@@ -282,8 +324,9 @@ def prepare_librilight(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike
     if not speakers:
         raise DataError(f"corpus {corpus_dir}: no voice-activity interval in any file of {report.parts}")
     valid = pick_valid_speakers(speakers, valid_speakers, valid_fraction)
-    paths = write_split_cuts(manifest_dir, report.parts, out_dir, max_seconds=max_seconds, min_seconds=min_seconds,
-                             valid=valid)
+    paths = write_split_cuts(
+        manifest_dir, report.parts, out_dir, max_seconds=max_seconds, min_seconds=min_seconds, valid=valid
+    )
     splits: dict[str, dict] = {}
     summary = {"parts": report.parts, "speakers": len(speakers), "valid_speakers": valid, "splits": splits}
     for split, path in paths.items():
@@ -296,13 +339,32 @@ def prepare_librilight(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike
     return summary
 
 
-def prepare(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_seconds: float, min_seconds: float,
-            valid_speakers: int | None, valid_fraction: float | None, jobs: int, log: Callable) -> PreparedCorpus:
+def prepare(
+    corpus_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    max_seconds: float,
+    min_seconds: float,
+    valid_speakers: int | None,
+    valid_fraction: float | None,
+    jobs: int,
+    log: Callable,
+) -> PreparedCorpus:
     """The corpus contract (:mod:`istack_ds.data.corpora`): :func:`prepare_librilight`'s cuts per split.
 
     The index settings record the held-out speakers and the parts that were present.
     """
-    summary = prepare_librilight(corpus_dir, out_dir, max_seconds=max_seconds, min_seconds=min_seconds,
-                                 valid_speakers=valid_speakers, valid_fraction=valid_fraction, jobs=jobs, log=log)
-    return PreparedCorpus(splits={split: Path(s["path"]) for split, s in summary["splits"].items()},
-                          settings={"valid_speakers": summary["valid_speakers"], "parts": summary["parts"]})
+    summary = prepare_librilight(
+        corpus_dir,
+        out_dir,
+        max_seconds=max_seconds,
+        min_seconds=min_seconds,
+        valid_speakers=valid_speakers,
+        valid_fraction=valid_fraction,
+        jobs=jobs,
+        log=log,
+    )
+    return PreparedCorpus(
+        splits={split: Path(s["path"]) for split, s in summary["splits"].items()},
+        settings={"valid_speakers": summary["valid_speakers"], "parts": summary["parts"]},
+    )

@@ -1,0 +1,30 @@
+"""The worker protocol: flags in (argparse, always ``--out FILE``), every rank's result out as one JSON list.
+
+A worker parses its flags with :func:`worker_parser` and ends with :func:`write_all_ranks`;
+the reading side is tests.helpers.run_worker, which passes ``--out`` and returns the list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch.distributed as dist
+
+
+def worker_parser(description: str) -> argparse.ArgumentParser:
+    """The parser every worker adds its own flags to: it has ``--out``, where rank 0 writes the results."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", required=True, help="JSON file: the list of every rank's result, rank 0 first")
+    return parser
+
+
+def write_all_ranks(out_json: str, result: dict) -> None:
+    """Gathers `result` from every rank; rank 0 writes them to `out_json` in rank order; the group is closed."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, result)
+    if dist.get_rank() == 0:
+        with open(out_json, "w") as f:
+            json.dump(gathered, f)
+    dist.barrier()
+    dist.destroy_process_group()
