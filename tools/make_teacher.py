@@ -22,10 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv=None) -> int:
+    from istack_ds.models.teacher import SUPPORTED_TEACHERS, make_random_teacher, read_teacher_info
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory to write (save_pretrained layout)")
     parser.add_argument("--size", default="tiny", choices=["tiny", "base"])
-    parser.add_argument("--model-type", default="hubert", choices=["hubert", "wavlm", "wav2vec2"])
+    parser.add_argument("--model-type", default="hubert", choices=SUPPORTED_TEACHERS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="overwrite an existing teacher")
     args = parser.parse_args(argv)
@@ -34,8 +36,6 @@ def main(argv=None) -> int:
     if (out / "config.json").exists() and not args.force:
         print(f"teacher already at {out} (use --force to rebuild)")
         return 0
-    from istack_ds.models.teacher import make_random_teacher, read_teacher_info
-
     make_random_teacher(out, size=args.size, model_type=args.model_type, seed=args.seed)
     info = read_teacher_info(out)
     print(f"wrote a RANDOM {info.model_type} teacher ({info.num_layers} layers x {info.hidden_size}) to {out}")

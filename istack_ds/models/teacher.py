@@ -16,7 +16,14 @@ from torch import nn
 
 from . import sfm
 
-SUPPORTED_TEACHERS = ("hubert", "wavlm", "wav2vec2")
+#: The teacher families: HF ``model_type`` -> (config class, model class) in ``transformers``.
+#: A family built like HuBERT (CNN front end, ``encoder.layers``) needs only its line here.
+TEACHER_CLASSES = {
+    "hubert": ("HubertConfig", "HubertModel"),
+    "wavlm": ("WavLMConfig", "WavLMModel"),
+    "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2Model"),
+}
+SUPPORTED_TEACHERS = tuple(TEACHER_CLASSES)
 
 
 class TeacherError(ValueError):
@@ -191,15 +198,10 @@ def quantize_linear_int8(model: nn.Module) -> int:
 
 def make_random_teacher(out: str | Path, size: str = "tiny", model_type: str = "hubert", seed: int = 0) -> Path:
     """Saves a RANDOMLY INITIALISED teacher of the real HF class (it exercises the machinery; it knows nothing)."""
-    from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2Model, WavLMConfig, WavLMModel
+    import transformers
 
-    classes = {
-        "hubert": (HubertConfig, HubertModel),
-        "wavlm": (WavLMConfig, WavLMModel),
-        "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
-    }
-    if model_type not in classes:
-        raise ValueError(f"model_type={model_type!r}: choose one of {list(classes)}")
+    if model_type not in TEACHER_CLASSES:
+        raise ValueError(f"model_type={model_type!r}: choose one of {list(SUPPORTED_TEACHERS)}")
     shapes: dict[str, dict] = {
         # Small enough for CPU tests and the demo; 8 layers so 4 -> 8 targets look like the paper's 4/8/12.
         "tiny": dict(
@@ -216,7 +218,7 @@ def make_random_teacher(out: str | Path, size: str = "tiny", model_type: str = "
     }
     if size not in shapes:
         raise ValueError(f"size={size!r}: choose one of {list(shapes)}")
-    config_cls, model_cls = classes[model_type]
+    config_cls, model_cls = (getattr(transformers, name) for name in TEACHER_CLASSES[model_type])
     torch.manual_seed(seed)
     config = config_cls(**shapes[size], mask_time_prob=0.0, layerdrop=0.0)
     model = model_cls(config).eval()
