@@ -4,7 +4,7 @@ This is the one module that knows DeepSpeed: its JSON is generated here from the
 config (:func:`deepspeed_config`), and the optimizer is built here from the typed
 ``optim`` section (:func:`build_engine`). Growth needs four
 things DeepSpeed does not offer as public API, all pinned to deepspeed==0.19.8
-and covered by tests/test_growth_engine.py:
+and covered by tests/test_growth_manager.py:
 
 - a freshly built engine has no Adam state (torch AdamW creates it at the first
   step), so :func:`scatter_full_states` creates it on the engine's flat fp32

@@ -1,13 +1,18 @@
-"""Shared test utilities: run a worker script on N real gloo ranks in fresh processes."""
+"""Shared test utilities: workers on N real gloo ranks in fresh processes, tool scripts as modules, run logs."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
+from collections import defaultdict
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = Path(__file__).resolve().parent / "workers"
@@ -53,6 +58,65 @@ def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float = 30
             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-12000:]}"
         )
     return proc
+
+
+def run_worker(script: str, *args, nproc: int = 2, timeout: float = 300, env: dict | None = None) -> list:
+    """Runs a worker of tests/workers/ on `nproc` ranks and returns every rank's result, rank 0's first.
+
+    The worker protocol (tests/workers/protocol.py): the worker gets `args` and ``--out FILE``,
+    and ends with write_all_ranks(FILE, result), which rank 0 writes as one JSON list.
+    """
+    with tempfile.TemporaryDirectory(prefix="worker_") as tmp:
+        out = Path(tmp) / "result.json"
+        torchrun(script, *args, "--out", out, nproc=nproc, timeout=timeout, env=env)
+        return json.loads(out.read_text())
+
+
+def load_tool(relpath: str) -> ModuleType:
+    """Imports a tool script (e.g. "tools/compare_runs.py") as `python relpath` runs it: its folder on sys.path."""
+    path = ROOT / relpath
+    folder = str(path.parent)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up there
+    sys.path.insert(0, folder)  # so it finds its siblings (tools/bench/benchlib.py)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module
+
+
+# ---- a short run of the demo config (tests/test_checkpoint.py, tests/test_faults.py) ------------------
+
+TOTAL = 14  # EQL over depths 2, 4, 8: depth 4 from step 5, depth 8 from step 9 (0-based step indices)
+
+
+def run_args(out, teacher_dir, shards, *extra) -> list[str]:
+    """launchers/train.py's arguments: TOTAL steps, a checkpoint every 3, the data audit on; `extra` as --set."""
+    args = ["--config", ROOT / "configs/demo.yaml", "--set", f"run.out_dir={out}",
+            "--set", f"teacher.path={teacher_dir}", "--set", f"data.train_index={shards / 'train/index.json'}",
+            "--set", "data.valid_index=null", "--set", f"optim.total_steps={TOTAL}", "--set", "log.every=1",
+            "--set", "checkpoint.every=3", "--set", "checkpoint.keep=10", "--set", "data.num_workers=1",
+            "--set", "data.crop_seconds=2", "--set", "data.batch_seconds=6", "--set", "deepspeed.dist_timeout_s=60",
+            "--set", "log.data_audit=true"]
+    for e in extra:
+        args += ["--set", e]
+    return [str(a) for a in args]
+
+
+def scalars(tb_dir, tag) -> dict[int, list[float]]:
+    """Every (step, value) of `tag` over all event files of a run directory (a resumed run appends a file)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = defaultdict(list)
+    for f in sorted(Path(tb_dir).glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            for e in acc.Scalars(tag):
+                out[e.step].append(e.value)
+    return out
 
 
 def shard_of_cut(index_path) -> dict[str, str]:

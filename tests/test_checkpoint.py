@@ -1,4 +1,5 @@
-"""Checkpoints that survive kills, crashes in the middle of a save, non-finite losses, dead ranks and a new world size.
+"""Checkpoints: complete-or-not saves, resume after a kill or a crash in the middle of a save on the unbroken
+run's course, a new world size through the converter, a checkpoint of another shape refused.
 
 Every run is real: launchers/train.py (or a worker script) on 2 gloo ranks under torchrun.
 """
@@ -10,44 +11,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections import defaultdict
 
 import pytest
 
 from istack_ds.models.teacher import make_random_teacher
-from tests.helpers import ROOT, child_env, free_port, shard_of_cut, torchrun
-
-TOTAL = 14  # EQL over depths 2, 4, 8: depth 4 from step 5, depth 8 from step 9 (0-based step indices)
+from tests.helpers import ROOT, TOTAL, child_env, run_args, run_worker, scalars, shard_of_cut, torchrun
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     return make_random_teacher(tmp_path_factory.mktemp("teacher") / "hubert", size="tiny")
-
-
-def run_args(out, teacher_dir, shards, *extra):
-    args = ["--config", ROOT / "configs/demo.yaml", "--set", f"run.out_dir={out}", "--set", f"teacher.path={teacher_dir}",
-            "--set", f"data.train_index={shards / 'train/index.json'}", "--set", "data.valid_index=null",
-            "--set", f"optim.total_steps={TOTAL}", "--set", "log.every=1", "--set", "checkpoint.every=3",
-            "--set", "checkpoint.keep=10", "--set", "data.num_workers=1", "--set", "data.crop_seconds=2",
-            "--set", "data.batch_seconds=6", "--set", "deepspeed.dist_timeout_s=60", "--set", "log.data_audit=true"]
-    for e in extra:
-        args += ["--set", e]
-    return [str(a) for a in args]
-
-
-def scalars(tb_dir, tag):
-    """Every (step, value) of `tag` over all event files of a run directory (a resumed run appends a file)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out = defaultdict(list)
-    for f in sorted(tb_dir.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            for e in acc.Scalars(tag):
-                out[e.step].append(e.value)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +66,8 @@ def shard_course(out, rank, owner):
 
 
 def assert_no_shard_skipped(out, unbroken, shards):
-    """Per rank, the resumed run read the unbroken run's shards in the same order (one unfinished shard group re-read)."""
+    """Per rank, the resumed run read the unbroken run's shards in the same order
+    (one unfinished shard group re-read)."""
     owner = shard_of_cut(shards / "train/index.json")
     for rank in (0, 1):
         mine, ref = shard_course(out, rank, owner), shard_course(unbroken, rank, owner)
@@ -142,63 +116,22 @@ def test_crash_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(tmp_
     assert_same_course(out, unbroken)
 
 
-def test_nonfinite_losses_are_skipped_and_counted(tmp_path, teacher_dir, demo_shards):
-    out = tmp_path / "run"
-    torchrun(ROOT / "launchers/train.py", *run_args(out, teacher_dir, demo_shards),
-             env=child_env(ISTACK_FAULTS="nan@3,7"), timeout=400)
-    counted = scalars(out / "tb", "train/nonfinite_steps")
-    assert max(v for vals in counted.values() for v in vals) == 2.0
-    assert sorted(scalars(out / "tb", "train/loss")) == list(range(1, TOTAL + 1))  # every step still happened
-    assert json.loads((out / "summary.json").read_text())["steps"] == TOTAL
-
-
-def test_nonfinite_losses_in_a_row_save_and_stop(tmp_path, teacher_dir, demo_shards):
-    out = tmp_path / "run"
-    proc = torchrun(ROOT / "launchers/train.py", *run_args(out, teacher_dir, demo_shards, "optim.max_nonfinite=3"),
-                    env=child_env(ISTACK_FAULTS="nan_all@5"), check=False, timeout=400)
-    assert proc.returncode != 0
-    assert "3 non-finite losses in a row at step 5" in proc.stderr
-    assert (out / "checkpoints/step00000004/istack_meta.json").exists()
-
-
-def test_a_dead_rank_makes_the_other_exit_in_time_naming_the_failure(tmp_path, teacher_dir, demo_shards):
-    """No launcher to clean up: rank 1 is SIGKILLed at step 4 and rank 0 must leave on its own."""
-    out = tmp_path / "run"
-    port = free_port()
-    procs = []
-    for r in (0, 1):
-        env = child_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=str(port), ISTACK_FAULTS="die@4:1")
-        procs.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "launchers/train.py"),
-             *run_args(out, teacher_dir, demo_shards, "deepspeed.dist_timeout_s=30")],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    start = time.time()
-    _, err0 = procs[0].communicate(timeout=240)
-    procs[1].wait(timeout=60)
-    assert procs[1].returncode == -signal.SIGKILL
-    assert procs[0].returncode != 0
-    assert time.time() - start < 200
-    assert "rank 0: a collective failed; another rank died or stopped answering" in err0, err0[-3000:]
-
-
 def test_two_ranks_to_one_through_the_converter_keeps_the_loss(tmp_path, teacher_dir):
-    torchrun("ckpt_world_size.py", "save", teacher_dir, tmp_path, nproc=2, timeout=300)
+    two = run_worker("checkpoint_world_size.py", "--phase", "save", "--teacher", teacher_dir, "--run-dir", tmp_path,
+                     nproc=2, timeout=300)[0]
     converted = subprocess.run([sys.executable, str(ROOT / "tools/convert_checkpoint.py"),
                                 str(tmp_path / "checkpoints/step00000003")], cwd=ROOT, env=child_env(),
                                capture_output=True, text=True, timeout=300)
     assert converted.returncode == 0, converted.stderr[-3000:]
     assert "wrote universal checkpoint" in converted.stdout
-    torchrun("ckpt_world_size.py", "resume", teacher_dir, tmp_path, nproc=1, timeout=300)
-    two = json.loads((tmp_path / "save.json").read_text())
-    one = json.loads((tmp_path / "resume.json").read_text())
+    one = run_worker("checkpoint_world_size.py", "--phase", "resume", "--teacher", teacher_dir, "--run-dir", tmp_path,
+                     nproc=1, timeout=300)[0]
     for step in ("4", "5"):
         assert abs(one["losses"][step] - two["losses"][step]) <= 1e-5, (step, one, two)
     assert one["lr"] == pytest.approx(two["lr"], rel=1e-9)
 
 
 def test_checkpoint_of_another_shape_is_refused_naming_the_field(tmp_path, teacher_dir, demo_shards, unbroken):
-    import launchers.train as train  # noqa: F401  (module import only: the check runs inside the trainer)
     from istack_ds.checkpoint import CheckpointError, check_compatible, read_meta
     from istack_ds.config import load_config
 

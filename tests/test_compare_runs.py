@@ -1,21 +1,15 @@
 """tools/compare_runs.py on two tiny runs with known wall times: the table's speed-up arithmetic."""
 
-import importlib.util
 import json
-import sys
 
 import pytest
 import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("compare_runs", ROOT / "tools" / "compare_runs.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compare_runs"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("tools/compare_runs.py")
 
 
 def _write_run(path, operator, seconds_per_step, valid, depths, resumed_duplicate=False):

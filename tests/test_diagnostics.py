@@ -1,4 +1,5 @@
-"""Linear CKA: the properties the layer diagnostics rely on."""
+"""The layer diagnostics (istack_ds/diagnostics.py): the properties of linear CKA they rely on, valid frames,
+subsampling and the heatmap."""
 
 import pytest
 import torch

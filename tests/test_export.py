@@ -1,4 +1,5 @@
-"""Export round trip: a checkpoint of a real 2-rank engine -> tools/export_student.py -> AutoModel.
+"""The export (istack_ds/export.py through tools/export_student.py): a checkpoint of a real 2-rank engine ->
+a Hugging Face directory -> AutoModel.
 
 The exported HF model must reproduce the hidden states the framework's student computed
 inside the engine (max abs diff <= 1e-5), for ZeRO 2 and 3, a shared CNN front end, and a
@@ -6,26 +7,20 @@ universal checkpoint.
 """
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from istack_ds.models.teacher import make_random_teacher
-from tests.helpers import ROOT, child_env, torchrun
+from tests.helpers import ROOT, child_env, load_tool, run_worker
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     return make_random_teacher(tmp_path_factory.mktemp("teacher") / "hubert", size="tiny")
-
-
-def _tool(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _hidden_states(model_dir, audio):
@@ -42,15 +37,13 @@ def _hidden_states(model_dir, audio):
 @pytest.mark.parametrize("zero_stage, frontend, universal", [(2, "trainable", True), (3, "trainable", False),
                                                               (2, "shared", False)])
 def test_export_reproduces_the_framework_hidden_states(tmp_path, teacher_dir, zero_stage, frontend, universal):
-    import subprocess
-    import sys
-
-    export_main = _tool("export_student").main
+    export_main = load_tool("tools/export_student.py").main
 
     run = tmp_path / "run"
-    torchrun("evidence_export.py", teacher_dir, run, zero_stage, frontend, timeout=300)
-    reference = torch.load(run / "reference.pt")
-    ckpt = run / "checkpoints" / "step00000003"
+    result = run_worker("export_student.py", "--teacher", teacher_dir, "--run-dir", run, "--zero-stage", zero_stage,
+                        "--frontend", frontend, timeout=300)[0]
+    reference = torch.load(result["reference"])
+    ckpt = Path(result["checkpoint"])
     assert export_main(["--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0  # a run dir: latest checkpoint
 
     hidden = _hidden_states(tmp_path / "hf", reference["audio"])
@@ -72,7 +65,7 @@ def test_export_reproduces_the_framework_hidden_states(tmp_path, teacher_dir, ze
 
 
 def test_export_names_a_missing_checkpoint(tmp_path):
-    export_main = _tool("export_student").main
+    export_main = load_tool("tools/export_student.py").main
 
     with pytest.raises(SystemExit, match="neither a complete istack_ds checkpoint"):
         export_main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "hf")])

@@ -1,4 +1,6 @@
-"""Training with real DeepSpeed engines on 2 gloo ranks, end to end through launchers/train.py."""
+"""Training with real DeepSpeed engines on 2 gloo ranks: the student learns a fixed batch with the teacher frozen,
+the Trainer runs the demo end to end through launchers/train.py, and the CLI stops bad input before any
+process group."""
 
 import json
 
@@ -6,7 +8,7 @@ import pytest
 import torch
 
 from istack_ds.models.teacher import make_random_teacher
-from tests.helpers import ROOT, child_env, torchrun
+from tests.helpers import ROOT, run_worker, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -15,10 +17,9 @@ def teacher_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("zero_stage, precision", [(2, "fp32"), (2, "bf16"), (3, "fp32")])
-def test_fixed_batch_loss_falls_and_teacher_is_frozen(tmp_path, teacher_dir, zero_stage, precision):
-    out = tmp_path / "result.json"
-    torchrun("train_fixed_batch.py", teacher_dir, out, zero_stage, precision, timeout=300)
-    result = json.loads(out.read_text())
+def test_fixed_batch_loss_falls_and_teacher_is_frozen(teacher_dir, zero_stage, precision):
+    result = run_worker("train_fixed_batch.py", "--teacher", teacher_dir, "--zero-stage", zero_stage,
+                        "--precision", precision, timeout=300)[0]
     losses = result["losses"]
     assert result["teacher_moved"] == 0.0
     assert result["dtype"] == ("torch.bfloat16" if precision == "bf16" else "torch.float32")
@@ -84,7 +85,7 @@ def test_demo_pipeline_end_to_end(tmp_path, teacher_dir, demo_shards):
 @pytest.mark.parametrize("problem", ["teacher", "index", "empty_index", "typo", "valid_shards"])
 def test_bad_input_stops_before_any_process_group(tmp_path, teacher_dir, demo_shards, problem, capsys, monkeypatch):
     """Each problem is one clear message naming the path or key, exit code 2, and no process group."""
-    import launchers.train as train
+    from istack_ds import cli
 
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"shards": []}))
@@ -100,7 +101,7 @@ def test_bad_input_stops_before_any_process_group(tmp_path, teacher_dir, demo_sh
             "--set", f"data.train_index={demo_shards / 'train/index.json'}", "--set", "data.valid_index=null"]
     for s in sets:
         argv += ["--set", s]
-    assert train.main(argv) == 2
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err
     needle = {"teacher": "no_teacher", "index": "no_index.json", "empty_index": str(empty),
               "typo": "optim.lr_max", "valid_shards": "for 64 ranks"}[problem]

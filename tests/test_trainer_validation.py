@@ -1,11 +1,10 @@
-"""Validation and layer diagnostics on 2 real gloo ranks, checked against one-process computations."""
-
-import json
+"""Trainer.validate() and the layer diagnostics (istack_ds/diagnostics.py) on 2 real gloo ranks, checked against
+one-process computations, and what they log to TensorBoard."""
 
 import pytest
 
 from istack_ds.models.teacher import make_random_teacher
-from tests.helpers import torchrun
+from tests.helpers import run_worker
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +14,8 @@ def teacher_dir(tmp_path_factory):
 
 def test_validation_equals_single_process_computation_and_cka_is_logged(tmp_path, teacher_dir, demo_shards):
     out = tmp_path / "run"
-    torchrun("evidence_validate.py", teacher_dir, demo_shards, out, timeout=300)
-    result = json.loads((out / "result.json").read_text())
+    result = run_worker("trainer_validate.py", "--teacher", teacher_dir, "--shards", demo_shards, "--run-dir", out,
+                        timeout=300)[0]
     got, want = result["validate"], result["reference"]
     assert want["batches_per_rank"] >= 1
     assert set(got) == {"valid/loss", "valid/loss_L4", "valid/loss_L8"}

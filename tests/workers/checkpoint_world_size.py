@@ -1,14 +1,16 @@
 """2 ranks -> universal checkpoint -> 1 rank: the loss after resume equals the 2-rank continuation.
 
-Usage (under torchrun):
-    ckpt_world_size.py save    TEACHER OUT_DIR   # 2 ranks: 3 steps, checkpoint, then 2 more steps (reference)
-    ckpt_world_size.py resume  TEACHER OUT_DIR   # 1 rank, accumulation 2: load the universal checkpoint, 2 steps
+Usage (under torchrun; see tests/workers/__init__.py):
+    checkpoint_world_size.py --phase save --teacher DIR --run-dir DIR --out JSON
+        2 ranks: 3 steps, checkpoint, then 2 more steps (the reference)
+    checkpoint_world_size.py --phase resume --teacher DIR --run-dir DIR --out JSON
+        1 rank, accumulation 2: load the universal checkpoint, 2 steps
+
+Each rank's result: the loss of every step it ran (the mean over ranks) and the LR at the end.
 Rank r's batch at step s is a fixed function of (r, s); on 1 rank the micro-batches of
 step s are rank 0's then rank 1's, so both runs see the same global batch.
 """
 
-import json
-import sys
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from istack_ds.models.losses import l2l_loss
 from istack_ds.models.sfm import length_mask
 from istack_ds.models.student import Student
 from istack_ds.models.teacher import Teacher
+from tests.workers.protocol import worker_parser, write_all_ranks
 
 
 def batch(rank: int, step: int):
@@ -35,7 +38,7 @@ def micro_loss(engine, teacher, rank, step):
     return l2l_loss(engine(audio, lens), targets, length_mask(teacher.frame_lengths(lens), targets[4].shape[1]))[0]
 
 
-def main(phase: str, teacher_dir: str, out_dir: str) -> None:
+def main(phase: str, teacher_dir: str, out_dir: str, out_json: str) -> None:
     cfg = load_config(None, [f"teacher.path={teacher_dir}", "deepspeed.precision=fp32", "optim.total_steps=50",
                              "optim.lr=2e-3", "loss.teacher_layers=[4,8]", "growth.depths=[2]",
                              "student.hidden_size=64", "student.intermediate_size=128",
@@ -74,10 +77,15 @@ def main(phase: str, teacher_dir: str, out_dir: str) -> None:
                 engine.step()
                 total += loss.item()
             losses[step] = total / 2
-    if rank == 0:
-        (Path(out_dir) / f"{phase}.json").write_text(json.dumps({"losses": losses, "lr": engine.get_lr()[0]}))
+    lr = engine.get_lr()[0]
     engine.destroy()
+    write_all_ranks(out_json, {"losses": losses, "lr": lr})
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    parser = worker_parser(__doc__.split("\n")[0])
+    parser.add_argument("--phase", required=True, choices=("save", "resume"))
+    parser.add_argument("--teacher", required=True, help="the teacher's directory")
+    parser.add_argument("--run-dir", required=True, help="where the checkpoints go (save) or are (resume)")
+    args = parser.parse_args()
+    main(args.phase, args.teacher, args.run_dir, args.out)

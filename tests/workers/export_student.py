@@ -1,12 +1,15 @@
-"""2 ranks: train a student a few steps in a real engine, checkpoint it, record its hidden states.
+"""2 ranks: train a student a few steps in a real engine, checkpoint it, record its hidden states (what an export
+must reproduce).
 
-Usage (under torchrun): evidence_export.py TEACHER_DIR OUT_DIR ZERO_STAGE FRONTEND
+Usage (under torchrun; see tests/workers/__init__.py):
+    export_student.py --teacher DIR --run-dir DIR --zero-stage {2,3} --frontend {trainable,shared} --out JSON
 
-Writes OUT_DIR/checkpoints/step00000003/ (as the trainer does) and, on rank 0,
-OUT_DIR/reference.pt: the fixed audio and the engine's student hidden states on it.
+Writes RUN_DIR/checkpoints/step00000003/ (as the trainer does) and, on rank 0,
+RUN_DIR/reference.pt: the fixed audio and the engine's student hidden states on it.
+Each rank's result: the paths of the two.
 """
 
-import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,9 +22,10 @@ from istack_ds.models.losses import l2l_loss
 from istack_ds.models.sfm import length_mask
 from istack_ds.models.student import Student
 from istack_ds.models.teacher import Teacher
+from tests.workers.protocol import worker_parser, write_all_ranks
 
 
-def main(teacher_dir: str, out_dir: str, zero_stage: str, frontend: str) -> None:
+def main(teacher_dir: str, out_dir: str, zero_stage: int, frontend: str, out_json: str) -> None:
     cfg = load_config(None, [f"teacher.path={teacher_dir}", f"run.out_dir={out_dir}",
                              f"deepspeed.zero_stage={zero_stage}", "deepspeed.precision=fp32",
                              f"student.frontend={frontend}", "optim.total_steps=10", "optim.lr=3e-3",
@@ -53,11 +57,19 @@ def main(teacher_dir: str, out_dir: str, zero_stage: str, frontend: str) -> None
         hidden = engine.module.hidden_states(*args)
     meta = {"step": 3, "depth": 4, "supervised": supervised, "stage": 0, "gradient_accumulation": 1,
             "config": cfg.to_dict()}
-    Checkpointer(f"{out_dir}/checkpoints", keep=2).save(engine, meta, {})
+    checkpoint = Checkpointer(f"{out_dir}/checkpoints", keep=2).save(engine, meta, {})
+    reference = Path(out_dir) / "reference.pt"
     if dist.get_rank() == 0:
-        torch.save({"audio": fixed, "hidden": [h.clone() for h in hidden]}, f"{out_dir}/reference.pt")
+        torch.save({"audio": fixed, "hidden": [h.clone() for h in hidden]}, reference)
     engine.destroy()
+    write_all_ranks(out_json, {"checkpoint": str(checkpoint), "reference": str(reference)})
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    parser = worker_parser(__doc__.split("\n")[0])
+    parser.add_argument("--teacher", required=True, help="the teacher's directory")
+    parser.add_argument("--run-dir", required=True, help="where the checkpoint and reference.pt go")
+    parser.add_argument("--zero-stage", type=int, required=True, choices=(1, 2, 3))
+    parser.add_argument("--frontend", required=True, choices=("trainable", "shared"))
+    args = parser.parse_args()
+    main(args.teacher, args.run_dir, args.zero_stage, args.frontend, args.out)

@@ -1,18 +1,15 @@
 """Shared by the growth workers: tiny students, what engines are built from, batches, rank-aware checks.
 
-Workers run under torchrun (tests/helpers.torchrun); each builds real engines on gloo.
+Workers run under torchrun (tests.helpers.run_worker); each builds real engines on gloo.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 
 import torch
-from torch import nn
-
 from deepspeed.accelerator import get_accelerator
+from torch import nn
 
 from istack_ds.config import Config, DeepSpeedConfig, OptimConfig
 from istack_ds.dist import skip_shm_build
@@ -127,18 +124,3 @@ def train_step(engine, batch) -> float:
 
 def current_lr(engine) -> float:
     return float(engine.optimizer.param_groups[0]["lr"])
-
-
-def emit(result: dict) -> None:
-    """Rank 0 prints one JSON line the test can parse."""
-    if rank() == 0:
-        print("RESULT " + json.dumps(result), flush=True)
-
-
-def parse_args(argv=None) -> dict:
-    """--key value pairs (torchrun forwards them) into a dict of strings."""
-    argv = sys.argv[1:] if argv is None else argv
-    out = {}
-    for k, v in zip(argv[::2], argv[1::2]):
-        out[k.lstrip("-").replace("-", "_")] = v
-    return out

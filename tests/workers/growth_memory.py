@@ -1,23 +1,31 @@
 """Resident memory stays flat over consecutive rebuilds of a live engine.
 
-    torchrun --standalone --nproc_per_node 2 tests/workers/growth_memory.py --zero 2 --rebuilds 6
+Usage (under torchrun; see tests/workers/__init__.py):
+    growth_memory.py --zero 2 --rebuilds 6 --out JSON [--leak]
 
 A ~6M-parameter toy student (one engine's states ~100 MB a rank) is rebuilt at the same
 depth `rebuilds` times with three training steps between; RSS after every rebuild must stay
 within 10 % of RSS after the first one, and no old engine or model may survive (weakrefs).
+--leak keeps a reference alive on purpose: the check must then fail. Each rank's result:
+the stage, the parameter count, RSS after every rebuild.
 """
 
 import gc
 import weakref
 from functools import partial
 
-from growth_common import TOY_PREFIX, build_toy, emit, engine_config, log0, parse_args, toy_batch
-
 from istack_ds.engine import build_engine, malloc_trim, rss_bytes
 from istack_ds.growth import GrowthManager
+from tests.workers.growth_common import TOY_PREFIX, build_toy, engine_config, log0, toy_batch
+from tests.workers.protocol import worker_parser, write_all_ranks
 
-args = parse_args()
-zero, rebuilds, width, depth = int(args["zero"]), int(args.get("rebuilds", 6)), int(args.get("width", 384)), 6
+parser = worker_parser(__doc__.split("\n")[0])
+parser.add_argument("--zero", type=int, required=True, choices=(1, 2, 3))
+parser.add_argument("--rebuilds", type=int, default=6)
+parser.add_argument("--width", type=int, default=384)
+parser.add_argument("--leak", action="store_true", help="keep ZeRO 3's lru_cache reference alive")
+args = parser.parse_args()
+zero, rebuilds, width, depth = args.zero, args.rebuilds, args.width, 6
 build = partial(build_toy, width=width)
 ds, optim = engine_config(zero, total_steps=100)
 manager = GrowthManager(lambda d, s: build(d, s), ds, optim, TOY_PREFIX)
@@ -31,7 +39,7 @@ def step(engine, i):
 
 model = build(depth, [0])
 n_params = sum(p.numel() for p in model.parameters())
-if args.get("leak") == "1":  # sensitivity check of this test: keep ZeRO 3's lru_cache reference alive
+if args.leak:  # sensitivity check of this test: keep ZeRO 3's lru_cache reference alive
     import istack_ds.engine
 
     istack_ds.engine._clear_lru_cache = lambda fn: None
@@ -55,4 +63,4 @@ for r in range(rebuilds):
 limit = 1.10 * rss[0]
 assert max(rss) <= limit, (f"ZeRO {zero}: RSS grew over {rebuilds} rebuilds: {[round(v) for v in rss]} MiB "
                           f"(limit {limit:.0f})")
-emit({"zero": zero, "params": n_params, "rss_mib": [round(v, 1) for v in rss]})
+write_all_ranks(args.out, {"zero": zero, "params": n_params, "rss_mib": [round(v, 1) for v in rss]})

@@ -1,22 +1,27 @@
 """A rebuild at the same depth (identity lineage) continues training exactly, on ZeRO 1, 2 and 3.
 
-    torchrun --standalone --nproc_per_node 2 tests/workers/growth_rebuild.py --zero 1,2,3
+Usage (under torchrun; see tests/workers/__init__.py):
+    growth_rebuild.py --zero 1,2,3 --out JSON
 
 For each stage: run A trains 8 steps uninterrupted; run B trains 4, rebuilds the engine
 through GrowthManager (3 -> 3), trains 4 more. Losses and final states must be identical.
 Then (ZeRO 2 engine) the error paths: a state dict missing a parameter is refused by name,
 and a setter that silently skips a parameter is caught by the read-back, by name.
+Each rank's result: the loss curve per stage (`zero1`, ...) and the read-back's error message.
 """
 
 import deepspeed.utils
 import torch
-from growth_common import TOY_PREFIX, build_toy, emit, engine_config, log0, parse_args, toy_batch, train_step
 
 from istack_ds.engine import GrowthStateError, build_engine, destroy_engine, gather_full_states, scatter_full_states
 from istack_ds.growth import GrowthManager
+from tests.workers.growth_common import TOY_PREFIX, build_toy, engine_config, log0, toy_batch, train_step
+from tests.workers.protocol import worker_parser, write_all_ranks
 
-args = parse_args()
-stages = [int(s) for s in args.get("zero", "1,2,3").split(",")]
+parser = worker_parser(__doc__.split("\n")[0])
+parser.add_argument("--zero", default="1,2,3", help="ZeRO stages, comma-separated")
+args = parser.parse_args()
+stages = [int(s) for s in args.zero.split(",")]
 N, AT = 8, 4
 report = {}
 for zero in stages:
@@ -74,4 +79,4 @@ for zero in stages:
             deepspeed.utils.safe_set_full_fp32_param = real_set
     destroy_engine(engine)
     del engine, model, res
-emit(report)
+write_all_ranks(args.out, report)

@@ -1,34 +1,51 @@
 """Two growths inside one process on real ZeRO engines; checks states, the first step, the LR.
 
-    torchrun --standalone --nproc_per_node 2 tests/workers/growth_states.py \
-        --zero 2 --model toy --precision fp32 --depths 3,6,9
+Usage (under torchrun; see tests/workers/__init__.py):
+    growth_states.py --zero 2 --model toy --precision fp32 --depths 3,6,9 --out JSON
 
 Growth 1 copies the optimizer state, growth 2 resets the clones'. After each: every new
 parameter (fp32 master, exp_avg, exp_avg_sq, step) equals its source's (a clone's moments are
 zero under reset), the weights hold the master, the supervised layers followed the lineage.
 After growth 1 (fp32): the engine's first step equals a plain torch AdamW step from the same
-states. At every step: the LR equals the unbroken WarmupDecayLR schedule's.
+states. At every step: the LR equals the unbroken WarmupDecayLR schedule's. Each rank's result:
+the growth pauses, the largest difference to torch AdamW, the LRs, the losses, the final depth.
 """
 
 import torch
-from growth_common import (DEVICE, HUBERT_PREFIX, TOY_PREFIX, build_hubert, build_toy, current_lr, emit, engine_config,
-                           hubert_batch, log0, parse_args, toy_batch, train_step)
+from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
 from istack_ds.engine import build_engine, gather_full_states, param_groups
 from istack_ds.growth import GrowthManager, carry_supervised, lineage
+from tests.workers.growth_common import (
+    DEVICE,
+    HUBERT_PREFIX,
+    TOY_PREFIX,
+    build_hubert,
+    build_toy,
+    current_lr,
+    engine_config,
+    hubert_batch,
+    log0,
+    toy_batch,
+    train_step,
+)
+from tests.workers.protocol import worker_parser, write_all_ranks
 
-args = parse_args()
-zero, precision = int(args["zero"]), args.get("precision", "fp32")
-depths = [int(d) for d in args.get("depths", "3,6,9").split(",")]
-hubert = args.get("model", "toy") == "hubert"
+parser = worker_parser(__doc__.split("\n")[0])
+parser.add_argument("--zero", type=int, required=True, choices=(1, 2, 3))
+parser.add_argument("--model", default="toy", choices=("toy", "hubert"))
+parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+parser.add_argument("--depths", default="3,6,9", help="the depths, comma-separated")
+args = parser.parse_args()
+zero, precision = args.zero, args.precision
+depths = [int(d) for d in args.depths.split(",")]
+hubert = args.model == "hubert"
 build, batch_fn, prefix = (build_hubert, hubert_batch, HUBERT_PREFIX) if hubert else (build_toy, toy_batch, TOY_PREFIX)
 dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 TOTAL, STEPS_PER_STAGE = 20, 3
 ds, optim = engine_config(zero, precision, total_steps=TOTAL)
 
 # The unbroken schedule, on a throwaway optimizer.
-from deepspeed.runtime.lr_schedules import WarmupDecayLR  # noqa: E402
-
 _dummy = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr)
 _sched = WarmupDecayLR(_dummy, **ds["scheduler"]["params"])
 unbroken = []
@@ -120,4 +137,4 @@ lr_diff = max(abs(a - b) for a, b in zip(lrs, unbroken))
 assert lr_diff == 0.0, f"LR differs from the unbroken schedule: {list(zip(lrs, unbroken))}"
 assert all(torch.isfinite(torch.tensor(losses))), losses
 report.update(lrs=lrs, losses=losses, depth=depths[-1])
-emit(report)
+write_all_ranks(args.out, report)

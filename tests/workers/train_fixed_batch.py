@@ -1,10 +1,11 @@
-"""2 ranks: a real DeepSpeed engine trains the student on one fixed batch; the loss must fall, the teacher must not move.
+"""2 ranks: a real DeepSpeed engine trains the student on one fixed batch each; the loss must fall, the teacher must
+not move.
 
-Usage (under torchrun): train_fixed_batch.py TEACHER_DIR OUT_JSON ZERO_STAGE PRECISION
+Usage (under torchrun; see tests/workers/__init__.py):
+    train_fixed_batch.py --teacher DIR --zero-stage {2,3} --precision {fp32,bf16} --out JSON
+
+Each rank's result: its losses, how far the teacher's weights moved, the engine's parameter dtype.
 """
-
-import json
-import sys
 
 import torch
 import torch.distributed as dist
@@ -16,9 +17,10 @@ from istack_ds.models.losses import l2l_loss
 from istack_ds.models.sfm import length_mask
 from istack_ds.models.student import Student
 from istack_ds.models.teacher import Teacher
+from tests.workers.protocol import worker_parser, write_all_ranks
 
 
-def main(teacher_dir: str, out_json: str, zero_stage: str, precision: str) -> None:
+def main(teacher_dir: str, out_json: str, zero_stage: int, precision: str) -> None:
     cfg = load_config(None, [f"teacher.path={teacher_dir}", f"deepspeed.zero_stage={zero_stage}",
                              f"deepspeed.precision={precision}", "optim.total_steps=20", "optim.lr=3e-3",
                              "optim.warmup_fraction=0.1", "loss.teacher_layers=[4,8]", "growth.depths=[2]",
@@ -43,12 +45,15 @@ def main(teacher_dir: str, out_json: str, zero_stage: str, precision: str) -> No
         engine.step()
         losses.append(loss.item())
     teacher_moved = max((p - before[n]).abs().max().item() for n, p in teacher.named_parameters())
-    if dist.get_rank() == 0:
-        with open(out_json, "w") as f:
-            json.dump({"losses": losses, "teacher_moved": teacher_moved,
-                       "dtype": str(next(engine.module.parameters()).dtype)}, f)
+    dtype = str(next(engine.module.parameters()).dtype)
     engine.destroy()
+    write_all_ranks(out_json, {"losses": losses, "teacher_moved": teacher_moved, "dtype": dtype})
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    parser = worker_parser(__doc__.split("\n")[0])
+    parser.add_argument("--teacher", required=True, help="the teacher's directory")
+    parser.add_argument("--zero-stage", type=int, required=True, choices=(1, 2, 3))
+    parser.add_argument("--precision", required=True, choices=("fp32", "bf16"))
+    args = parser.parse_args()
+    main(args.teacher, args.out, args.zero_stage, args.precision)

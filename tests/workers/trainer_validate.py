@@ -1,15 +1,15 @@
 """2 ranks: Trainer.validate() and the layer diagnostics against a single-process computation.
 
-Usage (under torchrun): evidence_validate.py TEACHER_DIR SHARDS_DIR OUT_DIR
+Usage (under torchrun; see tests/workers/__init__.py):
+    trainer_validate.py --teacher DIR --shards DIR --run-dir DIR --out JSON
 
-Trains 2 steps, runs validate() and LayerDiagnostics.run() on every rank, gathers the
-full weights, and on rank 0 recomputes both in one process with a plain (non-DeepSpeed)
-student over the same batches: every rank's validation batches, read by this one process.
-Writes OUT_DIR/result.json.
+Trains 2 steps (TensorBoard in RUN_DIR/tb), runs validate() and LayerDiagnostics.run() on
+every rank, gathers the full weights, and on rank 0 recomputes both in one process with a
+plain (non-DeepSpeed) student over the same batches: every rank's validation batches, read
+by this one process. Each rank's result: its validate(), the student's depth and supervised
+layers; rank 0's also the CKA map and the one-process `reference` and `cka_plain`.
 """
 
-import json
-import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from istack_ds.diagnostics import LayerDiagnostics
 from istack_ds.dist import init_distributed
 from istack_ds.engine import gather_full_states
 from istack_ds.trainer import Trainer
+from tests.workers.protocol import worker_parser, write_all_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,7 +64,7 @@ def reference_validation(trainer, student) -> dict[str, float]:
     return {"valid/loss": total, **{f"valid/loss_L{t}": v for t, v in means.items()}, "batches_per_rank": n}
 
 
-def main(teacher_dir: str, shards: str, out_dir: str) -> None:
+def main(teacher_dir: str, shards: str, out_dir: str, out_json: str) -> None:
     cfg = load_config(ROOT / "configs/demo.yaml", [
         f"run.out_dir={out_dir}", f"teacher.path={teacher_dir}", f"data.train_index={shards}/train/index.json",
         f"data.valid_index={shards}/valid/index.json", "data.num_workers=1", "data.crop_seconds=2",
@@ -79,18 +80,23 @@ def main(teacher_dir: str, shards: str, out_dir: str) -> None:
     cka = diagnostics.run(trainer.engine.module, trainer.teacher, trainer.metrics, trainer.step)
     trainer.engine.train()
     states = gather_full_states(trainer.engine)  # a collective, on every rank
-    if dist.get_rank() == 0:
+    mine = {"validate": result, "supervised": trainer.student.supervised, "depth": trainer.student.depth}
+    if dist.get_rank() == 0:  # the CKA map is computed on rank 0
+        mine["cka"] = cka.tolist()
         student = trainer.build_student(trainer.student.depth, trainer.student.supervised)
         student.load_state_dict({k: s.param for k, s in states.items()}, strict=False)
         student.eval()
-        reference = reference_validation(trainer, student)
-        cka_plain = diagnostics.compute(student, trainer.teacher, diagnostics.batch())
-        (Path(out_dir) / "result.json").write_text(json.dumps({
-            "validate": result, "reference": reference, "cka": cka.tolist(), "cka_plain": cka_plain.tolist(),
-            "supervised": trainer.student.supervised, "depth": trainer.student.depth}, indent=1))
+        mine["reference"] = reference_validation(trainer, student)
+        mine["cka_plain"] = diagnostics.compute(student, trainer.teacher, diagnostics.batch()).tolist()
     trainer.metrics.close()
     trainer.engine.destroy()
+    write_all_ranks(out_json, mine)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    parser = worker_parser(__doc__.split("\n")[0])
+    parser.add_argument("--teacher", required=True, help="the teacher's directory")
+    parser.add_argument("--shards", required=True, help="holds train/index.json and valid/index.json")
+    parser.add_argument("--run-dir", required=True, help="the run's out_dir (TensorBoard in RUN_DIR/tb)")
+    args = parser.parse_args()
+    main(args.teacher, args.shards, args.run_dir, args.out)
