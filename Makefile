@@ -1,6 +1,7 @@
 # istack_ds: `make demo` runs the CPU demo end to end, `make test` runs the test suite.
 # Both bootstrap .venv on a fresh machine: torch is installed FIRST and pinned
 # (constraints.txt); without the pin a dependency can pull a multi-GB CUDA build.
+# `make lint` runs ruff (lint + format check) and mypy, as CI does.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test clean-demo
+.PHONY: venv demo test lint format clean-demo
 
 venv: $(STAMP)
 
@@ -29,6 +30,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
+
+# ruff (lint + format check) on the whole repo, mypy on istack_ds/; configured in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 clean-demo:
 	rm -rf runs/demo data/demo

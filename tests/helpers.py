@@ -39,8 +39,9 @@ def child_env(**extra: str) -> dict:
     return env
 
 
-def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float = 300, env: dict | None = None,
-             check: bool = True) -> subprocess.CompletedProcess:
+def torchrun(
+    script: str | Path, *args: str, nproc: int = 2, timeout: float = 300, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """Runs `script` (a path, or a name under tests/workers/) on `nproc` ranks with torchrun.
 
     Each call is its own process group on a free port, so engine tests never
@@ -49,8 +50,15 @@ def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float = 30
     script = Path(script)
     if not script.is_absolute():
         script = WORKERS / script
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(script), *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(script),
+        *map(str, args),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -94,12 +102,36 @@ TOTAL = 14  # EQL over depths 2, 4, 8: depth 4 from step 5, depth 8 from step 9 
 
 def run_args(out, teacher_dir, shards, *extra) -> list[str]:
     """launchers/train.py's arguments: TOTAL steps, a checkpoint every 3, the data audit on; `extra` as --set."""
-    args = ["--config", ROOT / "configs/demo.yaml", "--set", f"run.out_dir={out}",
-            "--set", f"teacher.path={teacher_dir}", "--set", f"data.train_index={shards / 'train/index.json'}",
-            "--set", "data.valid_index=null", "--set", f"optim.total_steps={TOTAL}", "--set", "log.every=1",
-            "--set", "checkpoint.every=3", "--set", "checkpoint.keep=10", "--set", "data.num_workers=1",
-            "--set", "data.crop_seconds=2", "--set", "data.batch_seconds=6", "--set", "deepspeed.dist_timeout_s=60",
-            "--set", "log.data_audit=true"]
+    args = [
+        "--config",
+        ROOT / "configs/demo.yaml",
+        "--set",
+        f"run.out_dir={out}",
+        "--set",
+        f"teacher.path={teacher_dir}",
+        "--set",
+        f"data.train_index={shards / 'train/index.json'}",
+        "--set",
+        "data.valid_index=null",
+        "--set",
+        f"optim.total_steps={TOTAL}",
+        "--set",
+        "log.every=1",
+        "--set",
+        "checkpoint.every=3",
+        "--set",
+        "checkpoint.keep=10",
+        "--set",
+        "data.num_workers=1",
+        "--set",
+        "data.crop_seconds=2",
+        "--set",
+        "data.batch_seconds=6",
+        "--set",
+        "deepspeed.dist_timeout_s=60",
+        "--set",
+        "log.data_audit=true",
+    ]
     for e in extra:
         args += ["--set", e]
     return [str(a) for a in args]

@@ -32,10 +32,24 @@ def unbroken(tmp_path_factory, teacher_dir, demo_shards):
 
 def kill_at_step(args, step, env=None, timeout=300):
     """Starts a 2-rank run and SIGKILLs its whole process group once rank 0 has logged `step`."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "launchers/train.py"), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "launchers/train.py"),
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env or child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + timeout
     seen = []
     for line in proc.stdout:
@@ -72,7 +86,7 @@ def assert_no_shard_skipped(out, unbroken, shards):
     for rank in (0, 1):
         mine, ref = shard_course(out, rank, owner), shard_course(unbroken, rank, owner)
         short, long_ = sorted((mine, ref), key=len)
-        assert long_[:len(short)] == short and len(short) >= len(long_) - 1, (rank, mine, ref)
+        assert long_[: len(short)] == short and len(short) >= len(long_) - 1, (rank, mine, ref)
 
 
 def assert_same_course(out, unbroken):
@@ -102,12 +116,14 @@ def test_kill9_then_resume_follows_the_unbroken_run(tmp_path, teacher_dir, demo_
     assert_no_shard_skipped(out, unbroken, demo_shards)
 
 
-def test_crash_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(tmp_path, teacher_dir, demo_shards,
-                                                                             unbroken):
+def test_crash_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(
+    tmp_path, teacher_dir, demo_shards, unbroken
+):
     out = tmp_path / "run"
     args = run_args(out, teacher_dir, demo_shards)
-    crashed = torchrun(ROOT / "launchers/train.py", *args, env=child_env(ISTACK_FAULTS="crash_in_save@6"),
-                       check=False, timeout=400)
+    crashed = torchrun(
+        ROOT / "launchers/train.py", *args, env=child_env(ISTACK_FAULTS="crash_in_save@6"), check=False, timeout=400
+    )
     assert crashed.returncode != 0
     assert (out / "checkpoints/step00000006").is_dir()  # written in part ...
     assert not (out / "checkpoints/step00000006/istack_meta.json").exists()  # ... never marked complete
@@ -117,15 +133,38 @@ def test_crash_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(tmp_
 
 
 def test_two_ranks_to_one_through_the_converter_keeps_the_loss(tmp_path, teacher_dir):
-    two = run_worker("checkpoint_world_size.py", "--phase", "save", "--teacher", teacher_dir, "--run-dir", tmp_path,
-                     nproc=2, timeout=300)[0]
-    converted = subprocess.run([sys.executable, str(ROOT / "tools/convert_checkpoint.py"),
-                                str(tmp_path / "checkpoints/step00000003")], cwd=ROOT, env=child_env(),
-                               capture_output=True, text=True, timeout=300)
+    two = run_worker(
+        "checkpoint_world_size.py",
+        "--phase",
+        "save",
+        "--teacher",
+        teacher_dir,
+        "--run-dir",
+        tmp_path,
+        nproc=2,
+        timeout=300,
+    )[0]
+    converted = subprocess.run(
+        [sys.executable, str(ROOT / "tools/convert_checkpoint.py"), str(tmp_path / "checkpoints/step00000003")],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert converted.returncode == 0, converted.stderr[-3000:]
     assert "wrote universal checkpoint" in converted.stdout
-    one = run_worker("checkpoint_world_size.py", "--phase", "resume", "--teacher", teacher_dir, "--run-dir", tmp_path,
-                     nproc=1, timeout=300)[0]
+    one = run_worker(
+        "checkpoint_world_size.py",
+        "--phase",
+        "resume",
+        "--teacher",
+        teacher_dir,
+        "--run-dir",
+        tmp_path,
+        nproc=1,
+        timeout=300,
+    )[0]
     for step in ("4", "5"):
         assert abs(one["losses"][step] - two["losses"][step]) <= 1e-5, (step, one, two)
     assert one["lr"] == pytest.approx(two["lr"], rel=1e-9)

@@ -22,8 +22,9 @@ def _write_run(path, operator, seconds_per_step, valid, depths, resumed_duplicat
     w.add_scalar("model/depth", depths[0], 0, walltime=1000.0)
     for step in range(10, 101, 10):
         w.add_scalar("train/loss", 3.0 - step / 100, step, walltime=1000.0 + step * seconds_per_step)
-        w.add_scalar("model/depth", depths[0] if step <= 50 else depths[1], step,
-                     walltime=1000.0 + step * seconds_per_step)
+        w.add_scalar(
+            "model/depth", depths[0] if step <= 50 else depths[1], step, walltime=1000.0 + step * seconds_per_step
+        )
     for step, value in valid:
         w.add_scalar("valid/loss", value, step, walltime=1000.0 + step * seconds_per_step + 0.5)
     if resumed_duplicate:  # a resumed run re-logs step 100 later: the latest value counts

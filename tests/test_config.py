@@ -14,8 +14,15 @@ CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.ya
 
 def test_configs_exist():
     names = {p.stem for p in CONFIGS}
-    assert {"demo", "paper_interleaved_eql", "paper_interleaved_prop1", "paper_gradstack_eql", "paper_midas_eql",
-            "paper_full_depth", "distilhubert"} <= names
+    assert {
+        "demo",
+        "paper_interleaved_eql",
+        "paper_interleaved_prop1",
+        "paper_gradstack_eql",
+        "paper_midas_eql",
+        "paper_full_depth",
+        "distilhubert",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -49,15 +56,18 @@ def test_unknown_section_and_override_key_are_named():
         load_config(None, ["growth.opertor=midas"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("growth.operator=zigzag", r"growth\.operator='zigzag'.*interleaved"),
-    ("deepspeed.zero_stage=0", r"deepspeed\.zero_stage=0.*\[1, 2, 3\]"),
-    ("growth.depths=[3,6,5]", "strictly increasing"),
-    ("growth.depths=[3,7]", "more than doubles"),
-    ("optim.lr=fast", r"optim\.lr='fast' must be a number"),
-    ("loss.teacher_layers=[8,4]", "strictly increasing"),
-    ("data.features=mfcc", r"data\.features"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("growth.operator=zigzag", r"growth\.operator='zigzag'.*interleaved"),
+        ("deepspeed.zero_stage=0", r"deepspeed\.zero_stage=0.*\[1, 2, 3\]"),
+        ("growth.depths=[3,6,5]", "strictly increasing"),
+        ("growth.depths=[3,7]", "more than doubles"),
+        ("optim.lr=fast", r"optim\.lr='fast' must be a number"),
+        ("loss.teacher_layers=[8,4]", "strictly increasing"),
+        ("data.features=mfcc", r"data\.features"),
+    ],
+)
 def test_bad_values_are_named_with_allowed_values(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])

@@ -30,8 +30,9 @@ class ToyCorpus:
             path = corpus_dir / f"toy{i}.flac"
             sf.write(path, 0.1 * np.sin(np.arange(16000 * (2 + i)) / (5.0 + i)).astype(np.float32), 16000)
             rec = Recording.from_file(path, recording_id=f"toy{i}")
-            cuts.append(MonoCut(id=f"toy{i}-0000", start=0.5, duration=1.0 + i, channel=0, recording=rec,
-                                custom=self.custom(i)))
+            cuts.append(
+                MonoCut(id=f"toy{i}-0000", start=0.5, duration=1.0 + i, channel=0, recording=rec, custom=self.custom(i))
+            )
         (out_dir / "train").mkdir(parents=True, exist_ok=True)
         path = out_dir / "train" / "cuts.jsonl.gz"
         CutSet.from_cuts(cuts).to_file(path)
@@ -52,8 +53,14 @@ def test_a_corpus_object_keeps_its_custom_metadata_in_each_member(tmp_path):
     assert list(reports) == ["train"] and reports["train"].samples == 2
     metas = sorted(member_jsons(tmp_path / "out" / "train" / "index.json"), key=lambda m: m["id"])
     assert [list(m) for m in metas] == [["id", "language", "text", "offset", "duration", "sample_rate"]] * 2
-    assert metas[1] == {"id": "toy1-0000", "language": "xx", "text": "utterance 1", "offset": 0.5, "duration": 2.0,
-                        "sample_rate": 16000}
+    assert metas[1] == {
+        "id": "toy1-0000",
+        "language": "xx",
+        "text": "utterance 1",
+        "offset": 0.5,
+        "duration": 2.0,
+        "sample_rate": 16000,
+    }
     settings = read_index(tmp_path / "out" / "train" / "index.json").settings
     assert settings["toy"] is True and settings["split"] == "train"
 
@@ -77,6 +84,7 @@ def test_corpora_by_name():
 def test_librilight_members_keep_their_json_keys_in_order(demo_shards):
     """The member json of a LibriLight cut, key for key: its order is part of the shard's bytes (and sha256)."""
     metas = member_jsons(demo_shards / "train" / "index.json")
-    assert metas and all(list(m) == ["id", "speaker", "book", "source", "offset", "duration", "sample_rate"]
-                         for m in metas)
+    assert metas and all(
+        list(m) == ["id", "speaker", "book", "source", "offset", "duration", "sample_rate"] for m in metas
+    )
     assert all(m["source"].startswith("small/") and m["source"].endswith(".flac") for m in metas)

@@ -42,7 +42,7 @@ def test_layout_fields_and_vad_marks_speech(demo_corpus):
         assert all(e1 <= s2 for (_, e1), (s2, _) in zip(vad, vad[1:])), "intervals sorted and disjoint"
         inside = np.zeros(len(audio), bool)
         for s, e in vad:
-            inside[int(s * sr):int(e * sr)] = True
+            inside[int(s * sr) : int(e * sr)] = True
         # speech energy lives inside the marked regions; outside is the noise floor
         assert np.sqrt(np.mean(audio[inside] ** 2)) > 30 * np.sqrt(np.mean(audio[~inside] ** 2))
 

@@ -10,7 +10,6 @@ import pytest
 from istack_ds.data.index import DataError, check_shard_count, read_index
 
 
-
 def test_read_index_missing_file(tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path / 'nope.json'} does not exist"):
         read_index(tmp_path / "nope.json")
@@ -40,7 +39,10 @@ def test_a_held_out_split_is_read_by_fewer_workers(demo_shards):
     assert check_shard_count(index, 1, 2, held_out=True) == min(2, n)
     assert check_shard_count(index, n, 4, held_out=True) == 1
     assert check_shard_count(index, n, 0, held_out=True) == 0
-    with pytest.raises(DataError, match=rf"has {n} shards for {n + 1} ranks: every rank validates on its own shards"
-                                        rf".*--min-shards {n + 1} or set data.valid_index=null") as e:
+    with pytest.raises(
+        DataError,
+        match=rf"has {n} shards for {n + 1} ranks: every rank validates on its own shards"
+        rf".*--min-shards {n + 1} or set data.valid_index=null",
+    ) as e:
         check_shard_count(index, n + 1, 1, held_out=True)
     assert index.path in str(e.value)

@@ -63,11 +63,14 @@ def test_windows_never_exceed_the_maximum(two_parts, tmp_path):
         vad = {}
         for part in ("small", "medium"):
             for f in (two_parts / part).rglob("*.json"):
-                vad[f"{part}/{f.relative_to(two_parts / part).with_suffix('').as_posix()}"] = json.loads(
-                    f.read_text())["voice_activity"]
+                vad[f"{part}/{f.relative_to(two_parts / part).with_suffix('').as_posix()}"] = json.loads(f.read_text())[
+                    "voice_activity"
+                ]
         for c in cuts:
-            assert any(s - 1e-3 <= c.start < e and abs((c.start - s) / max_s - round((c.start - s) / max_s)) < 1e-3
-                       for s, e in vad[c.recording.id]), c
+            assert any(
+                s - 1e-3 <= c.start < e and abs((c.start - s) / max_s - round((c.start - s) / max_s)) < 1e-3
+                for s, e in vad[c.recording.id]
+            ), c
 
 
 def test_valid_fraction_and_errors():
@@ -95,4 +98,3 @@ def test_vad_windows_merge_split_and_drop():
     assert vad_windows(vad, max_seconds=4.0, min_seconds=0.5) == [(0.0, 3.5), (12.0, 16.0), (16.0, 19.0)]
     windows = vad_windows(vad, max_seconds=2.0, min_seconds=0.0)
     assert all(b - a <= 2.0 for a, b in windows) and windows[0] == (0.0, 1.0)
-

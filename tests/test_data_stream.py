@@ -28,8 +28,9 @@ def index_keys(index_path) -> list[str]:
 
 
 def config(index, **kw) -> DataConfig:
-    base = dict(train_index=str(index), num_workers=0, crop_seconds=2.0, batch_seconds=8.0, num_buckets=3,
-                shuffle_buffer=16)
+    base = dict(
+        train_index=str(index), num_workers=0, crop_seconds=2.0, batch_seconds=8.0, num_buckets=3, shuffle_buffer=16
+    )
     return DataConfig(**{**base, **kw})
 
 
@@ -82,8 +83,11 @@ def test_raw_batches_padding_lengths_and_crop(demo_shards):
 
 def test_crop_false_keeps_whole_windows(demo_shards):
     data = config(demo_shards / "train" / "index.json", crop_seconds=1.0)
-    lens = [n for b in build_loader(data, data.train_index, rank=0, world_size=1, seed=0, epochs=1, crop=False)
-            for n in b["audio_lens"].tolist()]
+    lens = [
+        n
+        for b in build_loader(data, data.train_index, rank=0, world_size=1, seed=0, epochs=1, crop=False)
+        for n in b["audio_lens"].tolist()
+    ]
     assert max(lens) > 2 * data.sample_rate and len(lens) == len(index_keys(data.train_index))
 
 
@@ -150,11 +154,16 @@ def test_bad_members_are_skipped_and_counted(demo_shards, tmp_path):
     key = sorted(good)[0].split(".")[0]
     empty = io.BytesIO()
     sf.write(empty, np.zeros(0, np.float32), 16000, format="FLAC")
-    rewrite_shard(shard, {
-        "zz-bad-0000.flac": b"\x00garbage" * 100, "zz-bad-0000.json": good[f"{key}.json"],
-        "zz-empty-0000.flac": empty.getvalue(), "zz-empty-0000.json": good[f"{key}.json"],
-        "zz-nojson-0000.flac": good[f"{key}.flac"],
-    })
+    rewrite_shard(
+        shard,
+        {
+            "zz-bad-0000.flac": b"\x00garbage" * 100,
+            "zz-bad-0000.json": good[f"{key}.json"],
+            "zz-empty-0000.flac": empty.getvalue(),
+            "zz-empty-0000.json": good[f"{key}.json"],
+            "zz-nojson-0000.flac": good[f"{key}.flac"],
+        },
+    )
     data = config(split / "index.json")
     batches = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=0, epochs=1))
     ids = [i for b in batches for i in b["cut_ids"]]
@@ -173,8 +182,10 @@ def test_skip_counts_survive_a_resume_without_double_counting(demo_shards, tmp_p
     shutil.copytree(demo_shards / "train", split)
     with tarfile.open(split / "shard-000003.tar") as tf:
         flac = next(tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".flac"))
-    rewrite_shard(split / "shard-000003.tar", {"zz-bad-0000.flac": b"\x00garbage" * 100, "zz-bad-0000.json": b"{}",
-                                               "zz-nojson-0000.flac": flac})
+    rewrite_shard(
+        split / "shard-000003.tar",
+        {"zz-bad-0000.flac": b"\x00garbage" * 100, "zz-bad-0000.json": b"{}", "zz-nojson-0000.flac": flac},
+    )
     with tarfile.open(split / "shard-000005.tar") as tf:
         name, flac = next((m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".flac"))
     rewrite_shard(split / "shard-000005.tar", {name: flac[:200] + bytes(len(flac) - 200)})  # header fine, body not
@@ -236,10 +247,13 @@ def assert_resumed(r: dict, shard_of: dict) -> set:
     repeats = set(r["first"]) & set(r["after"])
     assert len(r["after"]) == len(set(r["after"])), "no duplicates after the resume"
     # every repeat lies in its worker's one unfinished group: the interleave_shards shards from shards_done on
-    unfinished = {s for w, p in r["position"].items()
-                  for s in r["shard_lists"][w][p["shards_done"]:p["shards_done"] + p["interleave_shards"]]}
+    unfinished = {
+        s
+        for w, p in r["position"].items()
+        for s in r["shard_lists"][w][p["shards_done"] : p["shards_done"] + p["interleave_shards"]]
+    }
     assert {shard_of[k] for k in repeats} <= unfinished
-    done = {s for w, p in r["position"].items() for s in r["shard_lists"][w][:p["shards_done"]]}
+    done = {s for w, p in r["position"].items() for s in r["shard_lists"][w][: p["shards_done"]]}
     assert not any(shard_of[k] in done for k in r["after"]), "completed shards are not read again"
     return set(r["first"]) | set(r["after"])
 
@@ -260,7 +274,7 @@ def test_resume_two_ranks_two_workers_gloo(demo_shards):
             first, after = r["first_by_worker"][w], r["after_by_worker"][w]
             # per worker: its first batches + its batches after the resume = its uninterrupted batches,
             # the batches of its one unfinished shard coming twice
-            assert first == full[:len(first)] and after == full[len(full) - len(after):], f"worker {w}"
+            assert first == full[: len(first)] and after == full[len(full) - len(after) :], f"worker {w}"
             assert len(first) + len(after) >= len(full), f"worker {w}"
         rank_cuts = assert_resumed(r, shard_of)
         assert rank_cuts.isdisjoint(seen), "ranks share no cut"
@@ -284,8 +298,17 @@ def test_resume_two_workers_in_groups_of_two(demo_shards):
     resumed.load_state_dict(state)
     after = [k for b in resumed for k in b["cut_ids"]]
     lists = {str(w): [p for p, _ in resumed.dataset.shards_for(0, w, 2)] for w in (0, 1)}
-    seen = assert_resumed({"first": first, "after": after, "position": position, "resumed": resumed.resumed,
-                           "skipped": 0, "shard_lists": lists}, shard_of_cut(index))
+    seen = assert_resumed(
+        {
+            "first": first,
+            "after": after,
+            "position": position,
+            "resumed": resumed.resumed,
+            "skipped": 0,
+            "shard_lists": lists,
+        },
+        shard_of_cut(index),
+    )
     assert seen == set(index_keys(index))
 
 
@@ -315,23 +338,29 @@ def test_resumed_batches_equal_the_uninterrupted_run(demo_shards):
     assert {b["epoch"] for b in full} == {0, 1}
     for j in (0, 4, len(full) // 2, len(full) - 2):
         position = {"0": full[j]["position"]}
-        loader = build_loader(data, data.train_index, rank=0, world_size=1, seed=9, epochs=2,
-                              position=json.loads(json.dumps(position)))
+        loader = build_loader(
+            data, data.train_index, rank=0, world_size=1, seed=9, epochs=2, position=json.loads(json.dumps(position))
+        )
         rest = list(loader)
         assert loader.resumed and loader.position_note == ""
         # it restarts no earlier than the first batch of the group unfinished at batch j
         unfinished = [i for i, b in enumerate(full) if b["position"] == full[j]["position"]]
         assert 0 < len(rest) <= len(full) - unfinished[0]
-        assert [b["cut_ids"] for b in rest] == [b["cut_ids"] for b in full[len(full) - len(rest):]]
-        assert all(np.array_equal(a["audio"], b["audio"]) for a, b in zip(rest, full[len(full) - len(rest):]))
+        assert [b["cut_ids"] for b in rest] == [b["cut_ids"] for b in full[len(full) - len(rest) :]]
+        assert all(np.array_equal(a["audio"], b["audio"]) for a, b in zip(rest, full[len(full) - len(rest) :]))
         # what is re-read: only batches of the group that was unfinished at batch j
-        redone = full[len(full) - len(rest):j + 1]
+        redone = full[len(full) - len(rest) : j + 1]
         assert all(b["epoch"] == full[j]["epoch"] and b["shards_done"] == full[j]["shards_done"] for b in redone[:-1])
     # the position counts shards within the epoch and ends the epoch at the worker's whole list
     ends = [b for b in full if b["epoch"] == 0]
     assert ends[-1]["shards_done"] == 8 and full[-1]["position"] == {
-        "worker": 0, "epoch": 1, "shards_done": 8, "interleave_shards": 4, "skipped_by_reason": {},
-        "repaired_by_reason": {}}
+        "worker": 0,
+        "epoch": 1,
+        "shards_done": 8,
+        "interleave_shards": 4,
+        "skipped_by_reason": {},
+        "repaired_by_reason": {},
+    }
 
 
 def test_state_dict_load_state_dict_and_the_old_rank_file(demo_shards):
@@ -356,7 +385,7 @@ def test_state_dict_load_state_dict_and_the_old_rank_file(demo_shards):
             assert resumed.resumed and resumed.position_note == ""
             assert resumed.state_dict() == states[j], "a save before the first batch keeps the loaded position"
             rest = list(resumed)
-            assert [b["cut_ids"] for b in rest] == [b["cut_ids"] for b in full[len(full) - len(rest):]]
+            assert [b["cut_ids"] for b in rest] == [b["cut_ids"] for b in full[len(full) - len(rest) :]]
             assert resumed.state_dict() == states[-1]
     other = loader()
     with warnings.catch_warnings():
@@ -411,6 +440,7 @@ def test_shards_split_by_node_then_rank_then_worker(demo_shards):
         node0 = set(got[:4])
         order = list(everything)
         import random
+
         random.Random(f"shards:1:{epoch}").shuffle(order)
         assert node0 == set(order[0::2]), "node 0 reads every other shard of the epoch's order"
 
@@ -424,7 +454,7 @@ def test_truncated_tar_keeps_what_precedes_the_cut(demo_shards, tmp_path):
     first_key = members[0].name.split(".")[0]
     # cut inside the second key's flac: the first key survives, the second is lost with the tar's end
     second_flac = next(m for m in members if m.name.endswith(".flac") and not m.name.startswith(first_key))
-    shard.write_bytes(shard.read_bytes()[:second_flac.offset_data + 100])
+    shard.write_bytes(shard.read_bytes()[: second_flac.offset_data + 100])
     data = config(split / "index.json", num_workers=2)
     batches = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=0, epochs=1))
     ids = {i for b in batches for i in b["cut_ids"]}
@@ -440,7 +470,7 @@ def test_tar_cut_at_a_header_boundary_is_counted_too(demo_shards, tmp_path):
     shard = split / "shard-000001.tar"
     with tarfile.open(shard) as tf:
         members = tf.getmembers()
-    shard.write_bytes(shard.read_bytes()[:members[2].offset])  # ends cleanly after the first key
+    shard.write_bytes(shard.read_bytes()[: members[2].offset])  # ends cleanly after the first key
     data = config(split / "index.json")
     batches = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=0, epochs=1))
     assert batches[-1]["skipped_by_reason"] == {"truncated_tar": 1}
@@ -487,5 +517,6 @@ def test_all_bad_members_in_a_worker_do_not_kill_it(demo_shards, tmp_path):
     batches = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=0, epochs=1))
     lost = {n.split(".")[0] for n, _ in files}
     assert {i for b in batches for i in b["cut_ids"]} == set(index_keys(demo_shards / "train" / "index.json")) - lost
-    assert sum(b["skipped_by_reason"].get("missing_flac", 0) for b in
-               {b["worker"]: b for b in batches}.values()) == len(lost)
+    assert sum(
+        b["skipped_by_reason"].get("missing_flac", 0) for b in {b["worker"]: b for b in batches}.values()
+    ) == len(lost)

@@ -23,7 +23,6 @@ from tests.helpers import ROOT
 QUIET = dict(log=lambda *_: None)
 
 
-
 def members(tar_path) -> dict[str, dict[str, bytes]]:
     """{key: {ext: bytes}} of a shard."""
     out: dict[str, dict[str, bytes]] = {}
@@ -97,10 +96,13 @@ def test_rerun_skips_verified_shards_and_rewrites_a_damaged_one(demo_corpus, dem
     damaged = out / "train" / "shard-000003.tar"
     damaged.write_bytes(damaged.read_bytes()[:1000])
     # the command-line tool, as a user runs it
-    args = ["--corpus", demo_corpus, "--out", out] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in DEMO_SHARDING.items()]
-    proc = subprocess.run([sys.executable, ROOT / "tools" / "shard_corpus.py", *map(str, args)],
-                          capture_output=True, text=True, check=True)
+    args = ["--corpus", demo_corpus, "--out", out] + [f"--{k.replace('_', '-')}={v}" for k, v in DEMO_SHARDING.items()]
+    proc = subprocess.run(
+        [sys.executable, ROOT / "tools" / "shard_corpus.py", *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "train: 8 shards (1 written, 7 already there)" in proc.stdout
     valid_shards = len(read_index(out / "valid" / "index.json").shards)
     assert f"valid: {valid_shards} shards (0 written, {valid_shards} already there)" in proc.stdout
@@ -113,7 +115,6 @@ def test_plan_shards_limits_and_spreads_small_splits():
     assert plan_shards([1.0] * 3, sample_rate=16000, shard_mb=1e3, max_per_shard=None, min_shards=8) == [1, 1, 1]
     # 16-bit PCM estimate: 10 s = 320 kB, so 0.7 MB holds two cuts
     assert plan_shards([10.0] * 5, sample_rate=16000, shard_mb=0.7, max_per_shard=None, min_shards=1) == [2, 2, 1]
-
 
 
 def test_parallel_writers_write_the_same_bytes_and_totals_match(demo_corpus, demo_shards, tmp_path):

@@ -35,20 +35,34 @@ def test_every_shipped_config_gives_a_deepspeed_json(path):
 
 def test_override_changes_deepspeed_json():
     base = deepspeed_config(load_config(None), 2)
-    cfg = load_config(None, ["deepspeed.zero_stage=3", "optim.lr=1e-3", "optim.total_steps=1000",
-                             "deepspeed.precision=fp32", "deepspeed.gradient_accumulation=4"])
+    cfg = load_config(
+        None,
+        [
+            "deepspeed.zero_stage=3",
+            "optim.lr=1e-3",
+            "optim.total_steps=1000",
+            "deepspeed.precision=fp32",
+            "deepspeed.gradient_accumulation=4",
+        ],
+    )
     ds = deepspeed_config(cfg, 2)
     assert base["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["stage"] == 3
     assert "optimizer" not in ds  # build_engine builds it from cfg.optim
-    assert ds["scheduler"]["params"] == {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 70,
-                                         "total_num_steps": 1000, "warmup_type": "linear"}
+    assert ds["scheduler"]["params"] == {
+        "warmup_min_lr": 0.0,
+        "warmup_max_lr": 1e-3,
+        "warmup_num_steps": 70,
+        "total_num_steps": 1000,
+        "warmup_type": "linear",
+    }
     assert "bf16" in base and "bf16" not in ds
     assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 4
 
 
 def test_optimizer_is_torch_fused_adamw_from_the_optim_section():
-    optim = load_config(None, ["optim.lr=1e-3", "optim.betas=[0.8,0.9]", "optim.eps=1e-6",
-                               "optim.weight_decay=0.05"]).optim
+    optim = load_config(
+        None, ["optim.lr=1e-3", "optim.betas=[0.8,0.9]", "optim.eps=1e-6", "optim.weight_decay=0.05"]
+    ).optim
     opt = _fused_adamw(optim)(param_groups(Tiny(), optim.weight_decay))
     assert type(opt) is torch.optim.AdamW
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]

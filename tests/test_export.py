@@ -34,14 +34,25 @@ def _hidden_states(model_dir, audio):
         return model(inputs["input_values"], output_hidden_states=True).hidden_states
 
 
-@pytest.mark.parametrize("zero_stage, frontend, universal", [(2, "trainable", True), (3, "trainable", False),
-                                                              (2, "shared", False)])
+@pytest.mark.parametrize(
+    "zero_stage, frontend, universal", [(2, "trainable", True), (3, "trainable", False), (2, "shared", False)]
+)
 def test_export_reproduces_the_framework_hidden_states(tmp_path, teacher_dir, zero_stage, frontend, universal):
     export_main = load_tool("tools/export_student.py").main
 
     run = tmp_path / "run"
-    result = run_worker("export_student.py", "--teacher", teacher_dir, "--run-dir", run, "--zero-stage", zero_stage,
-                        "--frontend", frontend, timeout=300)[0]
+    result = run_worker(
+        "export_student.py",
+        "--teacher",
+        teacher_dir,
+        "--run-dir",
+        run,
+        "--zero-stage",
+        zero_stage,
+        "--frontend",
+        frontend,
+        timeout=300,
+    )[0]
     reference = torch.load(result["reference"])
     ckpt = Path(result["checkpoint"])
     assert export_main(["--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0  # a run dir: latest checkpoint
@@ -55,11 +66,21 @@ def test_export_reproduces_the_framework_hidden_states(tmp_path, teacher_dir, ze
     assert set(torch.load(tmp_path / "hf/heads.pt")) == {"L4.weight", "L4.bias", "L8.weight", "L8.bias"}
 
     if universal:
-        proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", str(ckpt)], cwd=ROOT, env=child_env(),
-                              capture_output=True, text=True, timeout=200)
+        proc = subprocess.run(
+            [sys.executable, "tools/convert_checkpoint.py", str(ckpt)],
+            cwd=ROOT,
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=200,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert export_main(["--checkpoint", str(ckpt.with_name(ckpt.name + "_universal")),
-                            "--out", str(tmp_path / "hf_universal")]) == 0
+        assert (
+            export_main(
+                ["--checkpoint", str(ckpt.with_name(ckpt.name + "_universal")), "--out", str(tmp_path / "hf_universal")]
+            )
+            == 0
+        )
         hidden_u = _hidden_states(tmp_path / "hf_universal", reference["audio"])
         assert max((a - b).abs().max().item() for a, b in zip(hidden_u, reference["hidden"])) <= 1e-5
 

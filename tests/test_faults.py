@@ -23,8 +23,12 @@ def teacher_dir(tmp_path_factory):
 
 def test_nonfinite_losses_are_skipped_and_counted(tmp_path, teacher_dir, demo_shards):
     out = tmp_path / "run"
-    torchrun(ROOT / "launchers/train.py", *run_args(out, teacher_dir, demo_shards),
-             env=child_env(ISTACK_FAULTS="nan@3,7"), timeout=400)
+    torchrun(
+        ROOT / "launchers/train.py",
+        *run_args(out, teacher_dir, demo_shards),
+        env=child_env(ISTACK_FAULTS="nan@3,7"),
+        timeout=400,
+    )
     counted = scalars(out / "tb", "train/nonfinite_steps")
     assert max(v for vals in counted.values() for v in vals) == 2.0
     assert sorted(scalars(out / "tb", "train/loss")) == list(range(1, TOTAL + 1))  # every step still happened
@@ -33,8 +37,13 @@ def test_nonfinite_losses_are_skipped_and_counted(tmp_path, teacher_dir, demo_sh
 
 def test_nonfinite_losses_in_a_row_save_and_stop(tmp_path, teacher_dir, demo_shards):
     out = tmp_path / "run"
-    proc = torchrun(ROOT / "launchers/train.py", *run_args(out, teacher_dir, demo_shards, "optim.max_nonfinite=3"),
-                    env=child_env(ISTACK_FAULTS="nan_all@5"), check=False, timeout=400)
+    proc = torchrun(
+        ROOT / "launchers/train.py",
+        *run_args(out, teacher_dir, demo_shards, "optim.max_nonfinite=3"),
+        env=child_env(ISTACK_FAULTS="nan_all@5"),
+        check=False,
+        timeout=400,
+    )
     assert proc.returncode != 0
     assert "3 non-finite losses in a row at step 5" in proc.stderr
     assert (out / "checkpoints/step00000004/istack_meta.json").exists()
@@ -46,12 +55,28 @@ def test_a_dead_rank_makes_the_other_exit_in_time_naming_the_failure(tmp_path, t
     port = free_port()
     procs = []
     for r in (0, 1):
-        env = child_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=str(port), ISTACK_FAULTS="die@4:1")
-        procs.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "launchers/train.py"),
-             *run_args(out, teacher_dir, demo_shards, "deepspeed.dist_timeout_s=30")],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = child_env(
+            RANK=str(r),
+            LOCAL_RANK=str(r),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            ISTACK_FAULTS="die@4:1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(ROOT / "launchers/train.py"),
+                    *run_args(out, teacher_dir, demo_shards, "deepspeed.dist_timeout_s=30"),
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     start = time.time()
     _, err0 = procs[0].communicate(timeout=240)
     procs[1].wait(timeout=60)

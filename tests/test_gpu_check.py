@@ -17,8 +17,14 @@ gpu_check = load_tool("tools/bench/gpu_check.py")
 def test_gpu_check_smoke_run_on_cpu(tmp_path):
     """--tiny on the CPU: every front end x depth timed through the real Trainer, the report written."""
     out = tmp_path / "gpu_check.md"
-    proc = subprocess.run([sys.executable, "tools/bench/gpu_check.py", "--tiny", "--fp32", "--steps", "1",
-                           "--out", str(out)], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "tools/bench/gpu_check.py", "--tiny", "--fp32", "--steps", "1", "--out", str(out)],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())
     assert [(r["frontend"], r["depth"]) for r in rows] == [(f, d) for f in ("trainable", "shared") for d in (2, 4, 8)]

@@ -9,8 +9,11 @@ from istack_ds.models.sfm import length_mask
 
 
 def test_length_mask():
-    assert length_mask(torch.tensor([2, 0, 3]), 3).tolist() == [[True, True, False], [False, False, False],
-                                                              [True, True, True]]
+    assert length_mask(torch.tensor([2, 0, 3]), 3).tolist() == [
+        [True, True, False],
+        [False, False, False],
+        [True, True, True],
+    ]
 
 
 def test_l2l_by_hand_weights_last_target_one_and_others_inter_weight():

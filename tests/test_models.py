@@ -61,8 +61,11 @@ def test_int8_teacher_targets_stay_close_to_fp32(tmp_path, model_type):
 
     path = make_random_teacher(tmp_path / model_type, size="tiny", model_type=model_type)
     fp32, int8 = Teacher(path, [4, 8]), Teacher(path, [4, 8], int8=True)
-    kinds = {name.rsplit(".", 1)[-1]: type(m) for name, m in int8.model.named_modules()
-             if isinstance(m, (torch.nn.Linear, DynamicInt8Linear))}
+    kinds = {
+        name.rsplit(".", 1)[-1]: type(m)
+        for name, m in int8.model.named_modules()
+        if isinstance(m, (torch.nn.Linear, DynamicInt8Linear))
+    }
     assert kinds["intermediate_dense"] is DynamicInt8Linear and kinds["output_dense"] is DynamicInt8Linear
     # WavLM's attention reads its projections' raw weights, so they stay fp32 there
     assert kinds["q_proj"] is (torch.nn.Linear if model_type == "wavlm" else DynamicInt8Linear)
@@ -92,8 +95,9 @@ def test_student_shapes_names_and_cnn_copy(teacher_dir):
     assert not any(n.startswith(LAYER_PREFIX + "2.") for n in names)
     teacher = Teacher(teacher_dir, [4, 8])
     assert student.copy_frontend_from(teacher.model)
-    for (n, a), (_, b) in zip(student.sfm.feature_extractor.state_dict().items(),
-                              teacher.model.feature_extractor.state_dict().items()):
+    for (n, a), (_, b) in zip(
+        student.sfm.feature_extractor.state_dict().items(), teacher.model.feature_extractor.state_dict().items()
+    ):
         assert torch.equal(a, b), n
     audio, lens = torch.randn(2, 8000), torch.tensor([8000, 4000])
     pred = student(audio, lens)
@@ -150,7 +154,9 @@ def test_trainable_frontend_gradient_is_scaled(teacher_dir):
         torch.manual_seed(0)
         student = _tiny_student(info, cnn_grad_scale=scale)
         sum(p.sum() for p in student(audio, lens).values()).backward()
-        grads[scale] = (student.sfm.feature_extractor.conv_layers[0].conv.weight.grad.clone(),
-                        student.sfm.encoder.layers[0].attention.q_proj.weight.grad.clone())
+        grads[scale] = (
+            student.sfm.feature_extractor.conv_layers[0].conv.weight.grad.clone(),
+            student.sfm.encoder.layers[0].attention.q_proj.weight.grad.clone(),
+        )
     assert torch.allclose(grads[0.1][0], 0.1 * grads[1.0][0], rtol=1e-3, atol=1e-6)
     assert torch.equal(grads[0.1][1], grads[1.0][1])  # only the CNN is slowed

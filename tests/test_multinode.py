@@ -41,8 +41,14 @@ def test_readme_command_is_the_documented_one():
 
 def rehearsal_command(node_rank: int, port: int, overrides: list[str]) -> list[str]:
     """The README command scaled to 2 nodes x 1 rank on this machine."""
-    swap = {"--num_nodes": "2", "--num_gpus": "1", "--node_rank": str(node_rank), "--master_addr": "127.0.0.1",
-            "--master_port": str(port), "--config": str(ROOT / "configs/demo.yaml")}
+    swap = {
+        "--num_nodes": "2",
+        "--num_gpus": "1",
+        "--node_rank": str(node_rank),
+        "--master_addr": "127.0.0.1",
+        "--master_port": str(port),
+        "--config": str(ROOT / "configs/demo.yaml"),
+    }
     cmd = readme_command()
     for flag, value in swap.items():
         cmd[cmd.index(flag) + 1] = value
@@ -54,8 +60,17 @@ def rehearsal_command(node_rank: int, port: int, overrides: list[str]) -> list[s
 
 def run_two_nodes(overrides: list[str], timeout: float = 400) -> list[subprocess.CompletedProcess]:
     port = free_port()
-    procs = [subprocess.Popen(rehearsal_command(r, port, overrides), cwd=ROOT, env=child_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            rehearsal_command(r, port, overrides),
+            cwd=ROOT,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-8000:]
@@ -68,10 +83,20 @@ def audit(out_dir, rank):
 
 def test_two_node_rehearsal_disjoint_data_same_growth_step_and_resume(tmp_path, teacher_dir, demo_shards):
     out = tmp_path / "run"
-    overrides = [f"run.out_dir={out}", f"teacher.path={teacher_dir}",
-                 f"data.train_index={demo_shards / 'train/index.json'}", "data.valid_index=null",
-                 f"optim.total_steps={STEPS}", "log.every=2", "checkpoint.every=4", "checkpoint.keep=5",
-                 "data.num_workers=2", "data.crop_seconds=2", "data.batch_seconds=6", "log.data_audit=true"]
+    overrides = [
+        f"run.out_dir={out}",
+        f"teacher.path={teacher_dir}",
+        f"data.train_index={demo_shards / 'train/index.json'}",
+        "data.valid_index=null",
+        f"optim.total_steps={STEPS}",
+        "log.every=2",
+        "checkpoint.every=4",
+        "checkpoint.keep=5",
+        "data.num_workers=2",
+        "data.crop_seconds=2",
+        "data.batch_seconds=6",
+        "log.data_audit=true",
+    ]
     node0, _ = run_two_nodes(overrides)
     assert "topology: 2 node(s) x 1 rank(s) = 2 ranks, 2 data worker(s) per rank" in node0
 
@@ -102,7 +127,9 @@ def test_two_node_rehearsal_disjoint_data_same_growth_step_and_resume(tmp_path, 
     # The checkpoint holds both ranks' partitions, and the job resumes from it on both nodes.
     ckpt = out / "checkpoints/step00000008"
     assert sorted(p.name for p in ckpt.glob("zero_pp_rank_*_optim_states.pt")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
     assert json.loads((ckpt / "istack_meta.json").read_text())["world_size"] == 2
     node0, _ = run_two_nodes(overrides + [f"checkpoint.resume={ckpt}"])
     resumed = [line for line in node0.splitlines() if "resumed from" in line]
@@ -116,19 +143,47 @@ def test_slurm_variables_alone_start_a_job(tmp_path, teacher_dir, demo_shards):
     """srun gives each task only SLURM_* (and the batch script MASTER_*): the trainer maps them itself."""
     out = tmp_path / "run"
     port = free_port()
-    args = [sys.executable, str(ROOT / "launchers/train.py"), "--config", str(ROOT / "configs/demo.yaml"),
-            "--set", f"run.out_dir={out}", "--set", f"teacher.path={teacher_dir}",
-            "--set", f"data.train_index={demo_shards / 'train/index.json'}", "--set", "data.valid_index=null",
-            "--set", "optim.total_steps=6", "--set", "log.every=3", "--set", "checkpoint.every=0",
-            "--set", "data.num_workers=1", "--set", "data.crop_seconds=2", "--set", "data.batch_seconds=6"]
+    args = [
+        sys.executable,
+        str(ROOT / "launchers/train.py"),
+        "--config",
+        str(ROOT / "configs/demo.yaml"),
+        "--set",
+        f"run.out_dir={out}",
+        "--set",
+        f"teacher.path={teacher_dir}",
+        "--set",
+        f"data.train_index={demo_shards / 'train/index.json'}",
+        "--set",
+        "data.valid_index=null",
+        "--set",
+        "optim.total_steps=6",
+        "--set",
+        "log.every=3",
+        "--set",
+        "checkpoint.every=0",
+        "--set",
+        "data.num_workers=1",
+        "--set",
+        "data.crop_seconds=2",
+        "--set",
+        "data.batch_seconds=6",
+    ]
     procs = []
     for task in (0, 1):
-        env = child_env(SLURM_PROCID=str(task), SLURM_NTASKS="2", SLURM_LOCALID=str(task),
-                        SLURM_NTASKS_PER_NODE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env = child_env(
+            SLURM_PROCID=str(task),
+            SLURM_NTASKS="2",
+            SLURM_LOCALID=str(task),
+            SLURM_NTASKS_PER_NODE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
             env.pop(var, None)
-        procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        procs.append(
+            subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     start = time.time()
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-4000:] + outs[1][-4000:]

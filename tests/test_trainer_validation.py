@@ -14,8 +14,9 @@ def teacher_dir(tmp_path_factory):
 
 def test_validation_equals_single_process_computation_and_cka_is_logged(tmp_path, teacher_dir, demo_shards):
     out = tmp_path / "run"
-    result = run_worker("trainer_validate.py", "--teacher", teacher_dir, "--shards", demo_shards, "--run-dir", out,
-                        timeout=300)[0]
+    result = run_worker(
+        "trainer_validate.py", "--teacher", teacher_dir, "--shards", demo_shards, "--run-dir", out, timeout=300
+    )[0]
     got, want = result["validate"], result["reference"]
     assert want["batches_per_rank"] >= 1
     assert set(got) == {"valid/loss", "valid/loss_L4", "valid/loss_L8"}
@@ -34,8 +35,15 @@ def test_validation_equals_single_process_computation_and_cka_is_logged(tmp_path
     acc.Reload()
     tags = acc.Tags()
     s4, s8 = (s + 1 for s in result["supervised"])  # 1-indexed student layers carrying targets 4 and 8
-    expected = {"valid/loss", "valid/loss_L4", "valid/loss_L8", f"diag/cka_{s4}_4", f"diag/cka_{s8}_8",
-                "diag/cka_L4", "diag/cka_L8"}
+    expected = {
+        "valid/loss",
+        "valid/loss_L4",
+        "valid/loss_L8",
+        f"diag/cka_{s4}_4",
+        f"diag/cka_{s8}_8",
+        "diag/cka_L4",
+        "diag/cka_L8",
+    }
     assert expected <= set(tags["scalars"]), expected - set(tags["scalars"])
     assert "diag/cka" in tags["images"]
     logged = acc.Scalars(f"diag/cka_{s8}_8")[-1]

@@ -26,8 +26,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("index", help="index.json written by tools/shard_corpus.py")
     p.add_argument("--no-decode", action="store_true", help="check sha256 and sizes only")
-    p.add_argument("--jobs", type=int, default=max(1, min(8, multiprocessing.cpu_count())),
-                   help="shards checked in parallel (processes)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=max(1, min(8, multiprocessing.cpu_count())),
+        help="shards checked in parallel (processes)",
+    )
     args = p.parse_args(argv)
     t0 = time.time()
     try:
@@ -51,8 +55,10 @@ def main(argv=None) -> int:
     finally:
         if pool is not None:
             pool.shutdown()
-    print(f"{args.index}: {len(index.shards)} shards, {members} members checked, {bad} bad "
-          f"({time.time() - t0:.1f} s, {args.jobs} jobs)")
+    print(
+        f"{args.index}: {len(index.shards)} shards, {members} members checked, {bad} bad "
+        f"({time.time() - t0:.1f} s, {args.jobs} jobs)"
+    )
     return 1 if bad else 0
 
 

@@ -112,11 +112,17 @@ def summarize(runs: list[Run], baseline: Run | None) -> list[dict]:
     for run in runs:
         train, valid = run.get("train/loss"), run.get("valid/loss")
         depth = run.get("model/depth")
-        row = {"run": run.name, "path": str(run.path), "operator": run.operator,
-               "steps": train[-1][0] if train else None, "wall_s": train[-1][1] if train else None,
-               "final_depth": int(depth[-1][2]) if depth else None,
-               "final_train_loss": train[-1][2] if train else None,
-               "final_valid_loss": valid[-1][2] if valid else None, "baseline": run is baseline}
+        row = {
+            "run": run.name,
+            "path": str(run.path),
+            "operator": run.operator,
+            "steps": train[-1][0] if train else None,
+            "wall_s": train[-1][1] if train else None,
+            "final_depth": int(depth[-1][2]) if depth else None,
+            "final_train_loss": train[-1][2] if train else None,
+            "final_valid_loss": valid[-1][2] if valid else None,
+            "baseline": run is baseline,
+        }
         cka = [v[-1][2] for tag, v in run.series.items() if tag.startswith("diag/cka_L") and v]
         row["final_cka_supervised"] = sum(cka) / len(cka) if cka else None
         if baseline is not None and train and base_train:
@@ -140,22 +146,30 @@ def _fmt(value, spec: str, missing: str = "—") -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["baseline"]), None)
-    head = ("| run | operator | steps | final depth | wall time (s) | final train loss | final valid loss | "
-            "speed-up, equal steps | speed-up, equal valid loss | steps to baseline loss | CKA supervised |")
+    head = (
+        "| run | operator | steps | final depth | wall time (s) | final train loss | final valid loss | "
+        "speed-up, equal steps | speed-up, equal valid loss | steps to baseline loss | CKA supervised |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        speed_loss = _fmt(r.get("speedup_equal_loss"), ".2f") + "x" if r.get("speedup_equal_loss") else \
-            ("not reached" if "target_valid_loss" in r else "—")
+        speed_loss = (
+            _fmt(r.get("speedup_equal_loss"), ".2f") + "x"
+            if r.get("speedup_equal_loss")
+            else ("not reached" if "target_valid_loss" in r else "—")
+        )
         speed_steps = _fmt(r.get("speedup_equal_steps"), ".2f") + "x" if r.get("speedup_equal_steps") else "—"
         lines.append(
             f"| {r['run']}{' (baseline)' if r['baseline'] else ''} | {r['operator']} | {_fmt(r['steps'], 'd')} | "
             f"{_fmt(r['final_depth'], 'd')} | {_fmt(r['wall_s'], '.1f')} | {_fmt(r['final_train_loss'], '.4f')} | "
             f"{_fmt(r['final_valid_loss'], '.4f')} | {speed_steps} | {speed_loss} | "
-            f"{_fmt(r.get('steps_to_target'), '.0f')} | {_fmt(r['final_cka_supervised'], '.3f')} |")
+            f"{_fmt(r.get('steps_to_target'), '.0f')} | {_fmt(r['final_cka_supervised'], '.3f')} |"
+        )
     if base is not None and "target_valid_loss" in base:
         lines.append("")
-        lines.append(f"Baseline: `{base['run']}`. Equal valid loss: the time to reach the baseline's final valid "
-                     f"loss {base['target_valid_loss']:.4f}; equal steps: the time to step {base.get('equal_steps')}.")
+        lines.append(
+            f"Baseline: `{base['run']}`. Equal valid loss: the time to reach the baseline's final valid "
+            f"loss {base['target_valid_loss']:.4f}; equal steps: the time to step {base.get('equal_steps')}."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -168,9 +182,14 @@ def plot(runs: list[Run], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("train/loss", "wall", "train loss vs wall time"), ("train/loss", "step", "train loss vs step"),
-              ("model/depth", "step", "depth vs step"), ("valid/loss", "wall", "valid loss vs wall time"),
-              ("valid/loss", "step", "valid loss vs step"), ("diag/cka_L", "step", "CKA, last target's layer")]
+    panels = [
+        ("train/loss", "wall", "train loss vs wall time"),
+        ("train/loss", "step", "train loss vs step"),
+        ("model/depth", "step", "depth vs step"),
+        ("valid/loss", "wall", "valid loss vs wall time"),
+        ("valid/loss", "step", "valid loss vs step"),
+        ("diag/cka_L", "step", "CKA, last target's layer"),
+    ]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8), dpi=90)
     for ax, (tag, x, title) in zip(axes.flat, panels):
         for run in runs:
@@ -198,8 +217,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with tb/ and config.yaml)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--baseline", type=Path, default=None,
-                        help="run directory of the baseline (default: the run with growth.operator none)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="run directory of the baseline (default: the run with growth.operator none)",
+    )
     args = parser.parse_args(argv)
 
     runs = [read_run(p) for p in args.runs]

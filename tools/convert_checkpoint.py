@@ -38,8 +38,16 @@ def convert(checkpoint: Path, out: Path) -> Path:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     # --inject_missing_state: 0.19.8 asserts on checkpoints saved without the universal info otherwise.
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
-           "--output_folder", str(tmp), "--inject_missing_state"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(checkpoint),
+        "--output_folder",
+        str(tmp),
+        "--inject_missing_state",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"ds_to_universal failed on {checkpoint}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -48,8 +56,10 @@ def convert(checkpoint: Path, out: Path) -> Path:
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1))  # written last: marks the conversion complete
     tmp.rename(out)
     params = len(list((out / "zero").iterdir()))
-    print(f"wrote universal checkpoint {out}: step {meta['step']}, depth {meta['depth']}, {params} parameters, "
-          f"saved by {meta.get('world_size')} rank(s) x accumulation {meta.get('gradient_accumulation')}")
+    print(
+        f"wrote universal checkpoint {out}: step {meta['step']}, depth {meta['depth']}, {params} parameters, "
+        f"saved by {meta.get('world_size')} rank(s) x accumulation {meta.get('gradient_accumulation')}"
+    )
     return out
 
 

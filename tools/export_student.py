@@ -40,14 +40,20 @@ def resolve_checkpoint(path: Path) -> Path:
         latest = Checkpointer(ckpt_dir, keep=0).latest() if ckpt_dir.is_dir() else None
         if latest is not None:
             return latest
-    raise SystemExit(f"{path} is neither a complete istack_ds checkpoint ({META_FILE}) nor a run or "
-                     "checkpoints directory holding one")
+    raise SystemExit(
+        f"{path} is neither a complete istack_ds checkpoint ({META_FILE}) nor a run or "
+        "checkpoints directory holding one"
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="checkpoint dir (.../checkpoints/stepNNNNNNNN[_universal]), or a run dir (latest)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="checkpoint dir (.../checkpoints/stepNNNNNNNN[_universal]), or a run dir (latest)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output directory (save_pretrained layout)")
     parser.add_argument("--teacher", default=None, help="teacher dir (default: the checkpoint config's teacher.path)")
     args = parser.parse_args(argv)
@@ -69,9 +75,11 @@ def main(argv=None) -> int:
     except TeacherError as e:
         raise SystemExit(f"export_student: {e} (pass --teacher DIR)") from None
     meta = read_meta(checkpoint)
-    print(f"exported {checkpoint} (step {meta['step']}, depth {meta['depth']}, supervised layers "
-          f"{meta['supervised']}) to {out}: config.json, model.safetensors, preprocessor_config.json, heads.pt, "
-          f"istack_student.json")
+    print(
+        f"exported {checkpoint} (step {meta['step']}, depth {meta['depth']}, supervised layers "
+        f"{meta['supervised']}) to {out}: config.json, model.safetensors, preprocessor_config.json, heads.pt, "
+        f"istack_student.json"
+    )
     print(f"load it with: transformers.AutoModel.from_pretrained({str(out)!r})")
     return 0
 

@@ -30,8 +30,15 @@ def main(argv=None) -> int:
     p.add_argument("--engine", choices=("auto", "espeak", "synth"), default="auto")
     args = p.parse_args(argv)
     t0 = time.time()
-    make_corpus(args.out, speakers=args.speakers, books=args.books, files=args.files, seconds=args.seconds,
-                seed=args.seed, engine=args.engine)
+    make_corpus(
+        args.out,
+        speakers=args.speakers,
+        books=args.books,
+        files=args.files,
+        seconds=args.seconds,
+        seed=args.seed,
+        engine=args.engine,
+    )
     print(f"done in {time.time() - t0:.1f} s")
     return 0
 

@@ -36,9 +36,15 @@ def main(argv=None) -> int:
     t0 = time.time()
     valid_speakers = valid_speakers_arg(args)
     try:
-        summary = prepare_librilight(args.corpus, args.out, max_seconds=args.max_seconds,
-                                     min_seconds=args.min_seconds, valid_speakers=valid_speakers,
-                                     valid_fraction=args.valid_fraction, jobs=args.jobs)
+        summary = prepare_librilight(
+            args.corpus,
+            args.out,
+            max_seconds=args.max_seconds,
+            min_seconds=args.min_seconds,
+            valid_speakers=valid_speakers,
+            valid_fraction=args.valid_fraction,
+            jobs=args.jobs,
+        )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -44,8 +44,15 @@ SCHEDULES = {
     "full_depth": "paper_full_depth.yaml",
 }
 
-TEACHER = dict(hidden_size=96, num_hidden_layers=12, num_attention_heads=4, intermediate_size=384,
-               conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+TEACHER = dict(
+    hidden_size=96,
+    num_hidden_layers=12,
+    num_attention_heads=4,
+    intermediate_size=384,
+    conv_dim=(32,) * 7,
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=4,
+)
 STUDENT = dict(hidden_size=48, intermediate_size=192, num_attention_heads=4)
 
 
@@ -67,7 +74,8 @@ def make_teacher(out: Path, seed: int = 0) -> Path:
     save_feature_extractor(out, config.feat_extract_norm)
     (out / "RANDOM_WEIGHTS.txt").write_text(
         f"RANDOM HuBERT teacher of the paper's shape at reduced width ({TEACHER}), seed {seed}, made by "
-        "tools/run_paper_experiment.py. It is not a trained model.\n")
+        "tools/run_paper_experiment.py. It is not a trained model.\n"
+    )
     return out
 
 
@@ -77,32 +85,57 @@ def make_data(data: Path, tiny: bool) -> Path:
     from istack_ds.data.writer import shard_corpus
 
     quiet = lambda *_: None  # noqa: E731
-    corpus = dict(speakers=4, books=1, files=4, seconds=6.0) if tiny else \
-        dict(speakers=12, books=2, files=8, seconds=12.0)
+    corpus = (
+        dict(speakers=4, books=1, files=4, seconds=6.0) if tiny else dict(speakers=12, books=2, files=8, seconds=12.0)
+    )
     make_corpus(data / "corpus", seed=11, engine="auto", log=quiet, **corpus)
     shards = data / "shards"
     if not (shards / "valid" / "index.json").is_file():
         import io
 
-        shard_corpus(data / "corpus", shards, max_seconds=4.0, min_seconds=1.0, shard_mb=0.5, min_shards=8,
-                     valid_speakers=1 if tiny else 2, log=quiet, progress_stream=io.StringIO())
+        shard_corpus(
+            data / "corpus",
+            shards,
+            max_seconds=4.0,
+            min_seconds=1.0,
+            shard_mb=0.5,
+            min_shards=8,
+            valid_speakers=1 if tiny else 2,
+            log=quiet,
+            progress_stream=io.StringIO(),
+        )
     return shards
 
 
 def overrides(name: str, run_dir: Path, teacher: Path, shards: Path, steps: int, lr: float, eval_every: int) -> list:
     sets = {
-        "run.name": name, "run.out_dir": str(run_dir), "run.seed": 1234,
-        "teacher.path": str(teacher), "teacher.dtype": "fp32",
-        "data.train_index": str(shards / "train/index.json"), "data.valid_index": str(shards / "valid/index.json"),
-        "data.crop_seconds": 4.0, "data.batch_seconds": 16.0, "data.num_buckets": 4, "data.num_workers": 1,
+        "run.name": name,
+        "run.out_dir": str(run_dir),
+        "run.seed": 1234,
+        "teacher.path": str(teacher),
+        "teacher.dtype": "fp32",
+        "data.train_index": str(shards / "train/index.json"),
+        "data.valid_index": str(shards / "valid/index.json"),
+        "data.crop_seconds": 4.0,
+        "data.batch_seconds": 16.0,
+        "data.num_buckets": 4,
+        "data.num_workers": 1,
         "data.shuffle_buffer": 200,
-        "student.hidden_size": STUDENT["hidden_size"], "student.intermediate_size": STUDENT["intermediate_size"],
-        "student.num_attention_heads": STUDENT["num_attention_heads"], "student.dropout": 0.0,
-        "optim.total_steps": steps, "optim.lr": lr,
-        "deepspeed.precision": "fp32", "deepspeed.zero_stage": 2,
-        "log.every": max(1, eval_every // 2), "eval.every": eval_every, "eval.max_batches": 4,
+        "student.hidden_size": STUDENT["hidden_size"],
+        "student.intermediate_size": STUDENT["intermediate_size"],
+        "student.num_attention_heads": STUDENT["num_attention_heads"],
+        "student.dropout": 0.0,
+        "optim.total_steps": steps,
+        "optim.lr": lr,
+        "deepspeed.precision": "fp32",
+        "deepspeed.zero_stage": 2,
+        "log.every": max(1, eval_every // 2),
+        "eval.every": eval_every,
+        "eval.max_batches": 4,
         # Growth saves a checkpoint anyway; no periodic ones (they would add the same cost to every run).
-        "checkpoint.every": 0, "checkpoint.keep": 1, "checkpoint.resume": "none",
+        "checkpoint.every": 0,
+        "checkpoint.keep": 1,
+        "checkpoint.resume": "none",
     }
     out = []
     for key, value in sets.items():
@@ -112,15 +145,35 @@ def overrides(name: str, run_dir: Path, teacher: Path, shards: Path, steps: int,
 
 def finished(run_dir: Path, settings: dict) -> bool:
     summary, stamp = run_dir / "summary.json", run_dir / "experiment.json"
-    return summary.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == settings and \
-        json.loads(summary.read_text()).get("steps") == settings["steps"]
+    return (
+        summary.is_file()
+        and stamp.is_file()
+        and json.loads(stamp.read_text()) == settings
+        and json.loads(summary.read_text()).get("steps") == settings["steps"]
+    )
 
 
 def run_one(name: str, recipe: str, run_dir: Path, args_list: list, nproc: int, log_file: Path) -> float:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "launchers/train.py"), "--config", str(ROOT / "configs" / recipe), *args_list]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / "launchers/train.py"),
+        "--config",
+        str(ROOT / "configs" / recipe),
+        *args_list,
+    ]
     start = time.time()
     with open(log_file, "w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -150,15 +203,26 @@ def main(argv=None) -> int:
     t0 = time.time()
     shards = make_data(args.data, args.tiny)
     teacher = make_teacher(args.data / "teacher")
-    print(f"data: {shards} | teacher (random, 12 x {TEACHER['hidden_size']}): {teacher} | "
-          f"{args.steps} steps per schedule on {args.nproc} rank(s)", flush=True)
+    print(
+        f"data: {shards} | teacher (random, 12 x {TEACHER['hidden_size']}): {teacher} | "
+        f"{args.steps} steps per schedule on {args.nproc} rank(s)",
+        flush=True,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     run_dirs = []
     for name in args.only:
         run_dir = args.out / name
         run_dirs.append(run_dir)
-        settings = {"steps": args.steps, "lr": args.lr, "eval_every": args.eval_every, "nproc": args.nproc,
-                    "tiny": args.tiny, "recipe": SCHEDULES[name], "teacher": TEACHER, "student": STUDENT}
+        settings = {
+            "steps": args.steps,
+            "lr": args.lr,
+            "eval_every": args.eval_every,
+            "nproc": args.nproc,
+            "tiny": args.tiny,
+            "recipe": SCHEDULES[name],
+            "teacher": TEACHER,
+            "student": STUDENT,
+        }
         if finished(run_dir, settings) and not args.force:
             print(f"{name}: finished earlier, reused ({run_dir})", flush=True)
             continue
@@ -168,8 +232,11 @@ def main(argv=None) -> int:
         seconds = run_one(name, SCHEDULES[name], run_dir, sets, args.nproc, run_dir / "train.log")
         (run_dir / "experiment.json").write_text(json.dumps(settings, indent=1))
         summary = json.loads((run_dir / "summary.json").read_text())
-        print(f"{name}: {args.steps} steps in {seconds:.0f} s (process), final depth {summary['depth']}, "
-              f"train loss {summary['loss_last']:.4f}; log {run_dir / 'train.log'}", flush=True)
+        print(
+            f"{name}: {args.steps} steps in {seconds:.0f} s (process), final depth {summary['depth']}, "
+            f"train loss {summary['loss_last']:.4f}; log {run_dir / 'train.log'}",
+            flush=True,
+        )
 
     import compare_runs  # a sibling: this file's folder is on sys.path when it runs as a script
 

@@ -34,8 +34,9 @@ from istack_ds.data.writer import shard_corpus
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_preparation_args(p)
-    p.add_argument("--layout", choices=available(), default=DEFAULT_CORPUS,
-                   help="the corpus module that reads --corpus")
+    p.add_argument(
+        "--layout", choices=available(), default=DEFAULT_CORPUS, help="the corpus module that reads --corpus"
+    )
     p.add_argument("--shard-mb", type=float, default=1024.0, help="target shard size (MB, may be fractional)")
     p.add_argument("--max-per-shard", type=int, default=None, help="at most this many cuts per shard")
     p.add_argument("--min-shards", type=int, default=8, help="spread a small split over at least this many shards")
@@ -45,10 +46,20 @@ def main(argv=None) -> int:
     t0 = time.time()
     valid_speakers = valid_speakers_arg(args)
     try:
-        shard_corpus(args.corpus, args.out, max_seconds=args.max_seconds, min_seconds=args.min_seconds,
-                     shard_mb=args.shard_mb, max_per_shard=args.max_per_shard, min_shards=args.min_shards,
-                     valid_speakers=valid_speakers, valid_fraction=args.valid_fraction,
-                     sample_rate=args.sample_rate, jobs=args.jobs, corpus=args.layout)
+        shard_corpus(
+            args.corpus,
+            args.out,
+            max_seconds=args.max_seconds,
+            min_seconds=args.min_seconds,
+            shard_mb=args.shard_mb,
+            max_per_shard=args.max_per_shard,
+            min_shards=args.min_shards,
+            valid_speakers=valid_speakers,
+            valid_fraction=args.valid_fraction,
+            sample_rate=args.sample_rate,
+            jobs=args.jobs,
+            corpus=args.layout,
+        )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

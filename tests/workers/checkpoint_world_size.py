@@ -39,10 +39,21 @@ def micro_loss(engine, teacher, rank, step):
 
 
 def main(phase: str, teacher_dir: str, out_dir: str, out_json: str) -> None:
-    cfg = load_config(None, [f"teacher.path={teacher_dir}", "deepspeed.precision=fp32", "optim.total_steps=50",
-                             "optim.lr=2e-3", "loss.teacher_layers=[4,8]", "growth.depths=[2]",
-                             "student.hidden_size=64", "student.intermediate_size=128",
-                             "student.num_attention_heads=4", "student.dropout=0.0"])
+    cfg = load_config(
+        None,
+        [
+            f"teacher.path={teacher_dir}",
+            "deepspeed.precision=fp32",
+            "optim.total_steps=50",
+            "optim.lr=2e-3",
+            "loss.teacher_layers=[4,8]",
+            "growth.depths=[2]",
+            "student.hidden_size=64",
+            "student.intermediate_size=128",
+            "student.num_attention_heads=4",
+            "student.dropout=0.0",
+        ],
+    )
     init_distributed(60)
     world, rank = dist.get_world_size(), dist.get_rank()
     teacher = Teacher(teacher_dir, cfg.loss.teacher_layers)
@@ -54,8 +65,17 @@ def main(phase: str, teacher_dir: str, out_dir: str, out_json: str) -> None:
         engine = build_engine(student, deepspeed_config(cfg, world), cfg.optim)
         for step in range(1, 6):
             if step == 4:
-                ckpt.save(engine, {"step": 3, "depth": 2, "supervised": student.supervised, "gradient_accumulation": 1,
-                                   "config": cfg.to_dict()}, {})
+                ckpt.save(
+                    engine,
+                    {
+                        "step": 3,
+                        "depth": 2,
+                        "supervised": student.supervised,
+                        "gradient_accumulation": 1,
+                        "config": cfg.to_dict(),
+                    },
+                    {},
+                )
             loss = micro_loss(engine, teacher, rank, step)
             engine.backward(loss)
             engine.step()

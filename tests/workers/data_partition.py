@@ -16,8 +16,9 @@ from tests.workers.protocol import worker_parser, write_all_ranks
 def main(index_path: str, out_json: str) -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    data = DataConfig(train_index=index_path, num_workers=2, crop_seconds=2.0, batch_seconds=8.0, num_buckets=3,
-                      shuffle_buffer=16)
+    data = DataConfig(
+        train_index=index_path, num_workers=2, crop_seconds=2.0, batch_seconds=8.0, num_buckets=3, shuffle_buffer=16
+    )
     ids, seconds, workers = [], 0.0, set()
     for batch in build_loader(data, index_path, rank=rank, world_size=world_size, seed=11, epochs=1):
         ids += batch["cut_ids"]

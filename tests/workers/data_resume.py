@@ -32,8 +32,15 @@ def per_worker(batches: list[dict]) -> dict[str, list[list[str]]]:
 def main(index_path: str, out_json: str, k: int) -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    data = DataConfig(train_index=index_path, num_workers=2, crop_seconds=1.0, batch_seconds=1.0, num_buckets=3,
-                      shuffle_buffer=4, interleave_shards=1)  # the resume unit is then one shard
+    data = DataConfig(
+        train_index=index_path,
+        num_workers=2,
+        crop_seconds=1.0,
+        batch_seconds=1.0,
+        num_buckets=3,
+        shuffle_buffer=4,
+        interleave_shards=1,
+    )  # the resume unit is then one shard
 
     def loader():
         return build_loader(data, index_path, rank=rank, world_size=world_size, seed=3, epochs=1)
@@ -51,10 +58,22 @@ def main(index_path: str, out_json: str, k: int) -> None:
     after = [i for b in after_batches for i in b["cut_ids"]]
     skipped = max((b["skipped"] for b in after_batches), default=0)
     lists = {w: [p for p, _ in resumed.dataset.shards_for(0, w, 2)] for w in (0, 1)}
-    write_all_ranks(out_json, {"first": first, "position": position, "state": state, "after": after,
-                               "resumed": resumed.resumed, "note": resumed.position_note, "skipped": skipped,
-                               "shard_lists": lists, "first_by_worker": per_worker(first_batches),
-                               "after_by_worker": per_worker(after_batches), "full_by_worker": per_worker(full)})
+    write_all_ranks(
+        out_json,
+        {
+            "first": first,
+            "position": position,
+            "state": state,
+            "after": after,
+            "resumed": resumed.resumed,
+            "note": resumed.position_note,
+            "skipped": skipped,
+            "shard_lists": lists,
+            "first_by_worker": per_worker(first_batches),
+            "after_by_worker": per_worker(after_batches),
+            "full_by_worker": per_worker(full),
+        },
+    )
 
 
 if __name__ == "__main__":

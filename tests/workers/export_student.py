@@ -26,12 +26,25 @@ from tests.workers.protocol import worker_parser, write_all_ranks
 
 
 def main(teacher_dir: str, out_dir: str, zero_stage: int, frontend: str, out_json: str) -> None:
-    cfg = load_config(None, [f"teacher.path={teacher_dir}", f"run.out_dir={out_dir}",
-                             f"deepspeed.zero_stage={zero_stage}", "deepspeed.precision=fp32",
-                             f"student.frontend={frontend}", "optim.total_steps=10", "optim.lr=3e-3",
-                             "optim.warmup_fraction=0.1", "loss.teacher_layers=[4,8]", "growth.depths=[2,4]",
-                             "student.hidden_size=64", "student.intermediate_size=128",
-                             "student.num_attention_heads=4", "student.dropout=0.0"])
+    cfg = load_config(
+        None,
+        [
+            f"teacher.path={teacher_dir}",
+            f"run.out_dir={out_dir}",
+            f"deepspeed.zero_stage={zero_stage}",
+            "deepspeed.precision=fp32",
+            f"student.frontend={frontend}",
+            "optim.total_steps=10",
+            "optim.lr=3e-3",
+            "optim.warmup_fraction=0.1",
+            "loss.teacher_layers=[4,8]",
+            "growth.depths=[2,4]",
+            "student.hidden_size=64",
+            "student.intermediate_size=128",
+            "student.num_attention_heads=4",
+            "student.dropout=0.0",
+        ],
+    )
     init_distributed(60)
     teacher = Teacher(teacher_dir, cfg.loss.teacher_layers)
     torch.manual_seed(0)
@@ -55,8 +68,14 @@ def main(teacher_dir: str, out_dir: str, zero_stage: int, frontend: str, out_jso
     with torch.no_grad():  # every rank: under ZeRO-3 the forward is a collective
         args = (fixed, fixed_lens, teacher.cnn(fixed)) if shared else (fixed, fixed_lens)
         hidden = engine.module.hidden_states(*args)
-    meta = {"step": 3, "depth": 4, "supervised": supervised, "stage": 0, "gradient_accumulation": 1,
-            "config": cfg.to_dict()}
+    meta = {
+        "step": 3,
+        "depth": 4,
+        "supervised": supervised,
+        "stage": 0,
+        "gradient_accumulation": 1,
+        "config": cfg.to_dict(),
+    }
     checkpoint = Checkpointer(f"{out_dir}/checkpoints", keep=2).save(engine, meta, {})
     reference = Path(out_dir) / "reference.pt"
     if dist.get_rank() == 0:

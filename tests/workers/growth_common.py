@@ -32,12 +32,21 @@ def log0(*args) -> None:
         print(*args, flush=True)
 
 
-def engine_config(zero_stage: int, precision: str = "fp32", total_steps: int = 20, lr: float = 1e-2,
-                  grad_clip: float = 0.0, warmup_fraction: float = 0.25) -> tuple[dict, OptimConfig]:
+def engine_config(
+    zero_stage: int,
+    precision: str = "fp32",
+    total_steps: int = 20,
+    lr: float = 1e-2,
+    grad_clip: float = 0.0,
+    warmup_fraction: float = 0.25,
+) -> tuple[dict, OptimConfig]:
     """The DeepSpeed JSON and the optim section every engine of a worker is built from."""
-    cfg = Config(optim=OptimConfig(lr=lr, total_steps=total_steps, grad_clip=grad_clip, warmup_fraction=warmup_fraction,
-                                   weight_decay=0.01),
-                 deepspeed=DeepSpeedConfig(zero_stage=zero_stage, precision=precision))
+    cfg = Config(
+        optim=OptimConfig(
+            lr=lr, total_steps=total_steps, grad_clip=grad_clip, warmup_fraction=warmup_fraction, weight_decay=0.01
+        ),
+        deepspeed=DeepSpeedConfig(zero_stage=zero_stage, precision=precision),
+    )
     return deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1))), cfg.optim
 
 
@@ -89,10 +98,22 @@ class HubertStudent(nn.Module):
         super().__init__()
         from transformers import HubertConfig, HubertModel
 
-        cfg = HubertConfig(hidden_size=32, num_hidden_layers=depth, num_attention_heads=2, intermediate_size=64,
-                           conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-                           mask_time_prob=0.0, layerdrop=0.0, hidden_dropout=0.0, attention_dropout=0.0,
-                           activation_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0)
+        cfg = HubertConfig(
+            hidden_size=32,
+            num_hidden_layers=depth,
+            num_attention_heads=2,
+            intermediate_size=64,
+            conv_dim=(32,) * 7,
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=4,
+            mask_time_prob=0.0,
+            layerdrop=0.0,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            feat_proj_dropout=0.0,
+            final_dropout=0.0,
+        )
         self.sfm = HubertModel(cfg)
         self.supervised = list(supervised)
 

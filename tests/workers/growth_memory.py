@@ -61,6 +61,7 @@ for r in range(rebuilds):
     rss.append(rss_bytes() / 2**20)
     log0(f"ZeRO {zero} rebuild {r + 1}: RSS {rss[-1]:.0f} MiB")
 limit = 1.10 * rss[0]
-assert max(rss) <= limit, (f"ZeRO {zero}: RSS grew over {rebuilds} rebuilds: {[round(v) for v in rss]} MiB "
-                          f"(limit {limit:.0f})")
+assert max(rss) <= limit, (
+    f"ZeRO {zero}: RSS grew over {rebuilds} rebuilds: {[round(v) for v in rss]} MiB (limit {limit:.0f})"
+)
 write_all_ranks(args.out, {"zero": zero, "params": n_params, "rss_mib": [round(v, 1) for v in rss]})

@@ -63,8 +63,8 @@ for zero in stages:
         real_set = deepspeed.utils.safe_set_full_fp32_param
         target = dict(engine.module.named_parameters())[victim]
 
-        def skipping_set(param, value):  # what DeepSpeed does on a parameter it does not manage
-            if param is not target:
+        def skipping_set(param, value, target=target, real_set=real_set):
+            if param is not target:  # what DeepSpeed does on a parameter it does not manage
                 real_set(param, value)
 
         deepspeed.utils.safe_set_full_fp32_param = skipping_set

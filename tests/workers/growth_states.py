@@ -79,7 +79,7 @@ def check_grown(old, new, src, new_prefix_map, reset):
         zeroed = reset and parsed is not None and parsed[0] in clones
         for key in ("exp_avg", "exp_avg_sq"):
             want = torch.zeros_like(getattr(o, key)) if zeroed else getattr(o, key)
-            assert torch.equal(getattr(st, key), want), f"{name}: {key} is not {'zero' if zeroed else 'the source' }"
+            assert torch.equal(getattr(st, key), want), f"{name}: {key} is not {'zero' if zeroed else 'the source'}"
     n_clone_params = sum(1 for n in new if (p := new_prefix_map(n)) is not None and p[0] in clones)
     assert n_clone_params > 0
 
@@ -93,8 +93,11 @@ def reference_step(states, depth, sup, lr, batch):
     opt = torch.optim.AdamW(param_groups(ref, optim.weight_decay), lr=lr, betas=optim.betas, eps=optim.eps)
     for name, p in named.items():
         st = states[name]
-        opt.state[p] = {"step": torch.tensor(float(st.step)), "exp_avg": st.exp_avg.clone(),
-                        "exp_avg_sq": st.exp_avg_sq.clone()}
+        opt.state[p] = {
+            "step": torch.tensor(float(st.step)),
+            "exp_avg": st.exp_avg.clone(),
+            "exp_avg_sq": st.exp_avg_sq.clone(),
+        }
     loss = ref(*batch)
     loss.backward()
     opt.step()

@@ -21,11 +21,23 @@ from tests.workers.protocol import worker_parser, write_all_ranks
 
 
 def main(teacher_dir: str, out_json: str, zero_stage: int, precision: str) -> None:
-    cfg = load_config(None, [f"teacher.path={teacher_dir}", f"deepspeed.zero_stage={zero_stage}",
-                             f"deepspeed.precision={precision}", "optim.total_steps=20", "optim.lr=3e-3",
-                             "optim.warmup_fraction=0.1", "loss.teacher_layers=[4,8]", "growth.depths=[2]",
-                             "student.hidden_size=64", "student.intermediate_size=128",
-                             "student.num_attention_heads=4", "student.dropout=0.0"])
+    cfg = load_config(
+        None,
+        [
+            f"teacher.path={teacher_dir}",
+            f"deepspeed.zero_stage={zero_stage}",
+            f"deepspeed.precision={precision}",
+            "optim.total_steps=20",
+            "optim.lr=3e-3",
+            "optim.warmup_fraction=0.1",
+            "loss.teacher_layers=[4,8]",
+            "growth.depths=[2]",
+            "student.hidden_size=64",
+            "student.intermediate_size=128",
+            "student.num_attention_heads=4",
+            "student.dropout=0.0",
+        ],
+    )
     init_distributed(60)
     teacher = Teacher(teacher_dir, cfg.loss.teacher_layers)
     before = {n: p.detach().clone() for n, p in teacher.named_parameters()}

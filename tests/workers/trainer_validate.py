@@ -36,8 +36,9 @@ def reference_validation(trainer, student) -> dict[str, float]:
     world = dist.get_world_size()
     per_rank = []
     for r in range(world):
-        loader = build_loader(cfg.data, cfg.data.valid_index, rank=r, world_size=world, seed=cfg.run.seed,
-                              epochs=1, crop=False)
+        loader = build_loader(
+            cfg.data, cfg.data.valid_index, rank=r, world_size=world, seed=cfg.run.seed, epochs=1, crop=False
+        )
         batches = []
         for batch in loader:
             batches.append(batch)
@@ -65,10 +66,21 @@ def reference_validation(trainer, student) -> dict[str, float]:
 
 
 def main(teacher_dir: str, shards: str, out_dir: str, out_json: str) -> None:
-    cfg = load_config(ROOT / "configs/demo.yaml", [
-        f"run.out_dir={out_dir}", f"teacher.path={teacher_dir}", f"data.train_index={shards}/train/index.json",
-        f"data.valid_index={shards}/valid/index.json", "data.num_workers=1", "data.crop_seconds=2",
-        "data.batch_seconds=6", "optim.total_steps=10", "eval.max_batches=3", "checkpoint.resume=none"])
+    cfg = load_config(
+        ROOT / "configs/demo.yaml",
+        [
+            f"run.out_dir={out_dir}",
+            f"teacher.path={teacher_dir}",
+            f"data.train_index={shards}/train/index.json",
+            f"data.valid_index={shards}/valid/index.json",
+            "data.num_workers=1",
+            "data.crop_seconds=2",
+            "data.batch_seconds=6",
+            "optim.total_steps=10",
+            "eval.max_batches=3",
+            "checkpoint.resume=none",
+        ],
+    )
     init_distributed(120)
     trainer = Trainer(cfg)
     for _ in range(2):

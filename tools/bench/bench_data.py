@@ -19,6 +19,7 @@ trainer consumes (goal >= 5x). Each loop runs --repeats times; the best run coun
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import sys
@@ -39,8 +40,16 @@ def bench_corpus(out: Path) -> Path:
     index = out / "shards" / "train" / "index.json"
     if not index.is_file():
         make_corpus(out / "corpus", speakers=4, books=2, files=6, seconds=36.0, seed=5, engine="synth")
-        shard_corpus(out / "corpus", out / "shards", max_seconds=20.0, min_seconds=1.0, shard_mb=2.0,
-                     min_shards=8, valid_speakers=0, jobs=2)
+        shard_corpus(
+            out / "corpus",
+            out / "shards",
+            max_seconds=20.0,
+            min_seconds=1.0,
+            shard_mb=2.0,
+            min_shards=8,
+            valid_speakers=0,
+            jobs=2,
+        )
     return index
 
 
@@ -62,8 +71,14 @@ def pipeline(index: str, features: str, crop_seconds: float, batch_seconds: floa
     from istack_ds.config import DataConfig
     from istack_ds.data.stream import build_loader
 
-    data = DataConfig(train_index=index, num_workers=0, features=features, crop_seconds=crop_seconds,
-                      batch_seconds=batch_seconds, shuffle_buffer=1000)
+    data = DataConfig(
+        train_index=index,
+        num_workers=0,
+        features=features,
+        crop_seconds=crop_seconds,
+        batch_seconds=batch_seconds,
+        shuffle_buffer=1000,
+    )
     return sum(b["seconds"] for b in build_loader(data, index, rank=0, world_size=1, seed=0, epochs=1))
 
 
@@ -87,8 +102,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch-seconds", type=float, default=200.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=2, help="loader workers per rank, for the per-rank figure")
-    p.add_argument("--trainer-rate", type=float, default=100.0,
-                   help="audio s/s one rank's trainer consumes (the CPU demo: ~35-100)")
+    p.add_argument(
+        "--trainer-rate",
+        type=float,
+        default=100.0,
+        help="audio s/s one rank's trainer consumes (the CPU demo: ~35-100)",
+    )
     args = p.parse_args(argv)
 
     import json
@@ -98,7 +117,7 @@ def main(argv=None) -> int:
 
     index_path = args.index or str(bench_corpus(Path(args.bench_dir)))
     index = read_index(index_path)
-    shards = index.shards[:args.shards] if args.shards else index.shards
+    shards = index.shards[: args.shards] if args.shards else index.shards
     if args.shards:  # a trimmed copy of the index, so that all three loops read the same shards
         raw = json.loads(Path(index_path).read_text())
         raw["shards"] = [dict(e, path=str(s.path)) for e, s in zip(raw["shards"], shards)]
@@ -107,25 +126,33 @@ def main(argv=None) -> int:
         tmp.close()
         index_path = tmp.name
     paths = [s.path for s in shards]
-    print(f"{len(paths)} shards, {sum(s.samples for s in shards)} members, "
-          f"{sum(s.seconds for s in shards) / 60:.1f} min audio, {sum(s.bytes for s in shards) / 1e6:.1f} MB; "
-          f"crop {args.crop_seconds} s, batch {args.batch_seconds} s, best of {args.repeats}")
+    print(
+        f"{len(paths)} shards, {sum(s.samples for s in shards)} members, "
+        f"{sum(s.seconds for s in shards) / 60:.1f} min audio, {sum(s.bytes for s in shards) / 1e6:.1f} MB; "
+        f"crop {args.crop_seconds} s, batch {args.batch_seconds} s, best of {args.repeats}"
+    )
     bare(paths)  # warm the page cache
     rows = [("bare", *timed(lambda: bare(paths), args.repeats))]
     for features in ("raw", "fbank"):
-        rows.append((features, *timed(lambda: pipeline(index_path, features, args.crop_seconds,
-                                                       args.batch_seconds), args.repeats)))
+        run = functools.partial(pipeline, index_path, features, args.crop_seconds, args.batch_seconds)
+        rows.append((features, *timed(run, args.repeats)))
     base = rows[0][1]
-    print(f"{'loop':6} {'audio s/s':>10} {'x bare':>7} {'per rank (x' + str(args.workers) + ')':>16} "
-          f"{'x trainer':>10}  audio s delivered")
+    print(
+        f"{'loop':6} {'audio s/s':>10} {'x bare':>7} {'per rank (x' + str(args.workers) + ')':>16} "
+        f"{'x trainer':>10}  audio s delivered"
+    )
     for name, rate, seconds in rows:
         per_rank = rate * args.workers
-        print(f"{name:6} {rate:10.0f} {rate / base:7.2f} {per_rank:16.0f} {per_rank / args.trainer_rate:10.1f}  "
-              f"{seconds:.0f}")
+        print(
+            f"{name:6} {rate:10.0f} {rate / base:7.2f} {per_rank:16.0f} {per_rank / args.trainer_rate:10.1f}  "
+            f"{seconds:.0f}"
+        )
     raw_rate = rows[1][1]
     ok = raw_rate >= 0.7 * base and raw_rate * args.workers >= 5 * args.trainer_rate
-    print(f"goal (raw >= 0.7x bare and >= 5x the trainer's {args.trainer_rate:.0f} s/s per rank): "
-          f"{'met' if ok else 'NOT met'}")
+    print(
+        f"goal (raw >= 0.7x bare and >= 5x the trainer's {args.trainer_rate:.0f} s/s per rank): "
+        f"{'met' if ok else 'NOT met'}"
+    )
     return 0
 
 

@@ -27,8 +27,9 @@ from pathlib import Path
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--nproc", type=int, default=None, help="launch this many ranks with torchrun (outside torchrun)")
     p.add_argument("--zero", type=int, default=2, choices=(1, 2, 3))
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
@@ -54,8 +55,15 @@ def relaunch(args) -> int:
             skip = True
             continue
         argv.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           str(Path(__file__).resolve()), *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+        str(Path(__file__).resolve()),
+        *argv,
+    ]
     return subprocess.call(cmd, env=env)
 
 
@@ -84,8 +92,14 @@ def main() -> None:
     class Student(nn.Module):
         def __init__(self, depth, supervised):
             super().__init__()
-            cfg = HubertConfig(hidden_size=384, num_hidden_layers=depth, num_attention_heads=8, intermediate_size=1536,
-                               mask_time_prob=0.0, layerdrop=0.0)
+            cfg = HubertConfig(
+                hidden_size=384,
+                num_hidden_layers=depth,
+                num_attention_heads=8,
+                intermediate_size=1536,
+                mask_time_prob=0.0,
+                layerdrop=0.0,
+            )
             self.sfm = HubertModel(cfg)
             self.supervised = supervised
 
@@ -96,8 +110,9 @@ def main() -> None:
         torch.manual_seed(depth)
         return Student(depth, supervised)
 
-    cfg = Config(optim=OptimConfig(total_steps=1000),
-                 deepspeed=DeepSpeedConfig(zero_stage=args.zero, precision=args.precision))
+    cfg = Config(
+        optim=OptimConfig(total_steps=1000), deepspeed=DeepSpeedConfig(zero_stage=args.zero, precision=args.precision)
+    )
     ds_config = deepspeed_config(cfg, world)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     g = torch.Generator().manual_seed(rank)
@@ -142,25 +157,37 @@ def main() -> None:
 
     t = {k: round(v, 3) for k, v in res.timings.items()}
     out = {
-        "world_size": world, "zero": args.zero, "precision": args.precision,
+        "world_size": world,
+        "zero": args.zero,
+        "precision": args.precision,
         "threads_per_rank": torch.get_num_threads(),
         "batch": f"{args.batch} x {args.seconds:g} s per rank",
         "params": {"before": n_before, "after": n_after},
         "step_s": {"before": round(step_before, 3), "after": round(step_after, 3)},
-        "pause_s": round(res.pause_s, 3), "pause_split_s": t,
+        "pause_s": round(res.pause_s, 3),
+        "pause_split_s": t,
         "pause_over_step": {"before": round(res.pause_s / step_before, 2), "after": round(res.pause_s / step_after, 2)},
-        "rss_mib_rank0": {"before_growth": round(rss_before), "after_growth": round(rss_after_growth),
-                          "after_steps": round(rss_after)},
+        "rss_mib_rank0": {
+            "before_growth": round(rss_before),
+            "after_growth": round(rss_after_growth),
+            "after_steps": round(rss_after),
+        },
     }
-    log0(f"student {args.from_depth} -> {args.to_depth} layers x 384 ({n_before / 1e6:.1f}M -> {n_after / 1e6:.1f}M "
-         f"params), ZeRO {args.zero} {args.precision}, {world} ranks x {torch.get_num_threads()} threads, "
-         f"{out['batch']}")
+    log0(
+        f"student {args.from_depth} -> {args.to_depth} layers x 384 ({n_before / 1e6:.1f}M -> {n_after / 1e6:.1f}M "
+        f"params), ZeRO {args.zero} {args.precision}, {world} ranks x {torch.get_num_threads()} threads, "
+        f"{out['batch']}"
+    )
     log0(f"mean step: {step_before:.3f} s at depth {args.from_depth}, {step_after:.3f} s at depth {args.to_depth}")
     log0(f"growth pause: {res.pause_s:.3f} s = " + " + ".join(f"{k[:-2]} {v:.3f}" for k, v in t.items()))
-    log0(f"pause / step: {out['pause_over_step']['before']} (depth {args.from_depth} step), "
-         f"{out['pause_over_step']['after']} (depth {args.to_depth} step)")
-    log0(f"RSS rank 0: {rss_before:.0f} MiB before growth, {rss_after_growth:.0f} MiB after, "
-         f"{rss_after:.0f} MiB after {args.steps + 1} steps at depth {args.to_depth}")
+    log0(
+        f"pause / step: {out['pause_over_step']['before']} (depth {args.from_depth} step), "
+        f"{out['pause_over_step']['after']} (depth {args.to_depth} step)"
+    )
+    log0(
+        f"RSS rank 0: {rss_before:.0f} MiB before growth, {rss_after_growth:.0f} MiB after, "
+        f"{rss_after:.0f} MiB after {args.steps + 1} steps at depth {args.to_depth}"
+    )
     ok = res.pause_s < 5 and res.pause_s < 3 * step_before
     log0(f"goal (pause < 5 s and < 3 steps): {'met' if ok else 'NOT met'}")
     log0("RESULT " + json.dumps(out))

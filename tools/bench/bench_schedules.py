@@ -31,9 +31,11 @@ from pathlib import Path
 import benchlib
 import torch
 
-SCHEDULES = {"none": {"growth.operator": "none"},
-             "interleaved EQL": {"growth.operator": "interleaved", "growth.alpha": 0},
-             "interleaved PROP-1": {"growth.operator": "interleaved", "growth.alpha": 1}}
+SCHEDULES = {
+    "none": {"growth.operator": "none"},
+    "interleaved EQL": {"growth.operator": "interleaved", "growth.alpha": 0},
+    "interleaved PROP-1": {"growth.operator": "interleaved", "growth.alpha": 1},
+}
 
 
 def reference_targets(teacher_path: Path, batch: dict) -> dict:
@@ -55,11 +57,17 @@ class Timed:
     """One schedule's Trainer with its wall time and growth pauses so far."""
 
     def __init__(self, frontend: str, schedule: str, args, teacher, index, batches):
-        extra = {**SCHEDULES[schedule], "student.frontend": frontend, "teacher.dtype": args.teacher_dtype,
-                 "optim.total_steps": args.steps, "optim.lr": 1e-3}
+        extra = {
+            **SCHEDULES[schedule],
+            "student.frontend": frontend,
+            "teacher.dtype": args.teacher_dtype,
+            "optim.total_steps": args.steps,
+            "optim.lr": 1e-3,
+        }
         self.frontend, self.schedule = frontend, schedule
         self.trainer = benchlib.make_trainer(
-            benchlib.paper_overrides(teacher, index, Path(tempfile.mkdtemp()), **extra), batches)
+            benchlib.paper_overrides(teacher, index, Path(tempfile.mkdtemp()), **extra), batches
+        )
         self.wall = self.pauses = 0.0
 
     def step(self) -> None:
@@ -76,12 +84,21 @@ class Timed:
 
     def finish(self, args, held_out) -> dict:
         trainer = self.trainer
-        result = {"frontend": self.frontend, "schedule": self.schedule, "steps": args.steps, "wall_s": self.wall,
-                  "growth_s": self.pauses, "held_out_loss": held_out_loss(trainer, held_out),
-                  "final_depth": trainer.student.depth}
+        result = {
+            "frontend": self.frontend,
+            "schedule": self.schedule,
+            "steps": args.steps,
+            "wall_s": self.wall,
+            "growth_s": self.pauses,
+            "held_out_loss": held_out_loss(trainer, held_out),
+            "final_depth": trainer.student.depth,
+        }
         benchlib.close_trainer(trainer)
-        print(f"  {self.frontend:9s} {self.schedule:18s} {self.wall:7.1f} s (growth pauses {self.pauses:4.1f} s)  "
-              f"held-out loss {result['held_out_loss']:.4f}", flush=True)
+        print(
+            f"  {self.frontend:9s} {self.schedule:18s} {self.wall:7.1f} s (growth pauses {self.pauses:4.1f} s)  "
+            f"held-out loss {result['held_out_loss']:.4f}",
+            flush=True,
+        )
         return result
 
 
@@ -109,8 +126,10 @@ def main(argv=None) -> int:
     teacher, index = benchlib.paper_teacher(), benchlib.bench_shards()
     batches = benchlib.fixed_batches(8, args.utterances, args.seconds, seed=0)
     held_out = reference_targets(teacher, benchlib.fixed_batches(1, args.utterances, args.seconds, seed=99)[0])
-    print(f"{args.steps} steps, batch {args.utterances} x {args.seconds} s, student 12 x 384 (3 -> 6 -> 9 -> 12), "
-          f"teacher HuBERT-Base-shaped {args.teacher_dtype}, {torch.get_num_threads()} threads")
+    print(
+        f"{args.steps} steps, batch {args.utterances} x {args.seconds} s, student 12 x 384 (3 -> 6 -> 9 -> 12), "
+        f"teacher HuBERT-Base-shaped {args.teacher_dtype}, {torch.get_num_threads()} threads"
+    )
     results = [r for f in args.frontends.split(",") for r in run(f, args, teacher, index, batches, held_out)]
     wall = {(r["frontend"], r["schedule"]): r["wall_s"] for r in results}
     steady = {(r["frontend"], r["schedule"]): r["wall_s"] - r["growth_s"] for r in results}
@@ -119,12 +138,16 @@ def main(argv=None) -> int:
     print("\nspeed-up over full depth (same front end): with growth pauses | without (a long run's ratio)")
     for f in args.frontends.split(","):
         for s in ("interleaved EQL", "interleaved PROP-1"):
-            print(f"  {f:9s} {s:18s} {wall[(f, 'none')] / wall[(f, s)]:.2f}x | "
-                  f"{steady[(f, 'none')] / steady[(f, s)]:.2f}x")
+            print(
+                f"  {f:9s} {s:18s} {wall[(f, 'none')] / wall[(f, s)]:.2f}x | "
+                f"{steady[(f, 'none')] / steady[(f, s)]:.2f}x"
+            )
     if ("trainable", "none") in wall and ("shared", "interleaved EQL") in wall:
-        print(f"shared EQL over trainable full depth (DistilHuBERT-style): "
-              f"{wall[('trainable', 'none')] / wall[('shared', 'interleaved EQL')]:.2f}x | "
-              f"{steady[('trainable', 'none')] / steady[('shared', 'interleaved EQL')]:.2f}x")
+        print(
+            f"shared EQL over trainable full depth (DistilHuBERT-style): "
+            f"{wall[('trainable', 'none')] / wall[('shared', 'interleaved EQL')]:.2f}x | "
+            f"{steady[('trainable', 'none')] / steady[('shared', 'interleaved EQL')]:.2f}x"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -39,15 +39,18 @@ class BareStep:
 
         cfg = trainer.cfg
         self.cfg, self.teacher = cfg, trainer.teacher
-        self.student = Student(cfg.student, cfg.loss, trainer.teacher.info, trainer.student.depth,
-                               trainer.student.supervised)
+        self.student = Student(
+            cfg.student, cfg.loss, trainer.teacher.info, trainer.student.depth, trainer.student.supervised
+        )
         self.student.load_state_dict(trainer.engine.module.state_dict())
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(param_groups(self.student, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
-                                           eps=o.eps, fused=True)  # plain PyTorch's fastest AdamW, as ours
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.student, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True
+        )  # plain PyTorch's fastest AdamW, as ours
         warmup, total = max(1, o.warmup_steps), o.total_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: s / warmup if s < warmup else max(0.0, (total - s) / (total - warmup)))
+            self.optimizer, lambda s: s / warmup if s < warmup else max(0.0, (total - s) / (total - warmup))
+        )
         self.teacher_s = 0.0
 
     def step(self, batch: dict) -> float:
@@ -86,11 +89,22 @@ def main(argv=None) -> int:
     teacher, index = benchlib.paper_teacher(), benchlib.bench_shards()
     batches = benchlib.fixed_batches(4, args.utterances, args.seconds)
     out = Path(tempfile.mkdtemp(prefix="bench_step_"))
-    trainer = benchlib.make_trainer(benchlib.paper_overrides(
-        teacher, index, out, **{"growth.operator": "none", "growth.depths": f"[{args.depth}]",
-                                "loss.teacher_layers": "[4,8,12]" if args.depth >= 3 else "[12]",
-                                "student.frontend": args.frontend, "teacher.dtype": args.teacher_dtype,
-                                "deepspeed.zero_stage": args.zero}), batches)
+    trainer = benchlib.make_trainer(
+        benchlib.paper_overrides(
+            teacher,
+            index,
+            out,
+            **{
+                "growth.operator": "none",
+                "growth.depths": f"[{args.depth}]",
+                "loss.teacher_layers": "[4,8,12]" if args.depth >= 3 else "[12]",
+                "student.frontend": args.frontend,
+                "teacher.dtype": args.teacher_dtype,
+                "deepspeed.zero_stage": args.zero,
+            },
+        ),
+        batches,
+    )
     bare = BareStep(trainer)
 
     def time_istack() -> float:
@@ -112,15 +126,25 @@ def main(argv=None) -> int:
         ours.append(time_istack())
         theirs.append(time_bare(i))
     ratio = statistics.median(ours) / statistics.median(theirs)
-    result = {"depth": args.depth, "frontend": args.frontend, "teacher_dtype": args.teacher_dtype, "zero": args.zero,
-              "batch": f"{args.utterances} x {args.seconds} s", "steps": args.steps,
-              "istack_step_s": statistics.median(ours), "bare_step_s": statistics.median(theirs),
-              "istack_teacher_s": trainer.teacher_timer.collect() / args.steps,
-              "bare_teacher_s": bare.teacher_s / args.steps,
-              "ratio": ratio, "threads": torch.get_num_threads()}
-    print(f"student {args.depth} x 384 ({args.frontend} front end, ZeRO {args.zero}), "
-          f"teacher HuBERT-Base-shaped {args.teacher_dtype}, "
-          f"batch {result['batch']}, {args.steps} steps, {result['threads']} threads")
+    result = {
+        "depth": args.depth,
+        "frontend": args.frontend,
+        "teacher_dtype": args.teacher_dtype,
+        "zero": args.zero,
+        "batch": f"{args.utterances} x {args.seconds} s",
+        "steps": args.steps,
+        "istack_step_s": statistics.median(ours),
+        "bare_step_s": statistics.median(theirs),
+        "istack_teacher_s": trainer.teacher_timer.collect() / args.steps,
+        "bare_teacher_s": bare.teacher_s / args.steps,
+        "ratio": ratio,
+        "threads": torch.get_num_threads(),
+    }
+    print(
+        f"student {args.depth} x 384 ({args.frontend} front end, ZeRO {args.zero}), "
+        f"teacher HuBERT-Base-shaped {args.teacher_dtype}, "
+        f"batch {result['batch']}, {args.steps} steps, {result['threads']} threads"
+    )
     print(f"  istack_ds step  {result['istack_step_s']:.3f} s (teacher {result['istack_teacher_s']:.3f} s)")
     print(f"  bare PyTorch    {result['bare_step_s']:.3f} s (teacher {result['bare_teacher_s']:.3f} s)")
     print(f"  istack_ds / bare = {ratio:.3f}   (goal <= 1.05)")

@@ -68,22 +68,32 @@ def main(argv=None) -> int:
                 cnn[d].append(c)
                 encoder[d].append(e)
 
-    print(f"teacher HuBERT-Base-shaped (random), layers {layers}, batch {args.utterances} x {args.seconds} s, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print(
+        f"teacher HuBERT-Base-shaped (random), layers {layers}, batch {args.utterances} x {args.seconds} s, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}"
+    )
     print(f"  {'dtype':5s} {'CNN':>8s} {'encoder':>8s} {'total':>8s} {'x fp32':>7s}  target fidelity vs fp32")
     ref = targets["fp32"]
     ref_total = statistics.median(cnn["fp32"]) + statistics.median(encoder["fp32"])
     results = []
     for d in dtypes:
         c, e = statistics.median(cnn[d]), statistics.median(encoder[d])
-        fidelity = {i: {"rel_l2": ((targets[d][i] - ref[i]).norm() / ref[i].norm()).item(),
-                        "cosine": torch.nn.functional.cosine_similarity(targets[d][i], ref[i], dim=-1).mean().item()}
-                    for i in layers}
-        note = "reference" if d == "fp32" else "  ".join(
-            f"L{i}: {f['rel_l2'] * 100:.1f} % / cos {f['cosine']:.4f}" for i, f in fidelity.items())
+        fidelity = {
+            i: {
+                "rel_l2": ((targets[d][i] - ref[i]).norm() / ref[i].norm()).item(),
+                "cosine": torch.nn.functional.cosine_similarity(targets[d][i], ref[i], dim=-1).mean().item(),
+            }
+            for i in layers
+        }
+        note = (
+            "reference"
+            if d == "fp32"
+            else "  ".join(f"L{i}: {f['rel_l2'] * 100:.1f} % / cos {f['cosine']:.4f}" for i, f in fidelity.items())
+        )
         print(f"  {d:5s} {c:7.3f}s {e:7.3f}s {c + e:7.3f}s {ref_total / (c + e):6.2f}x  {note}")
-        results.append({"dtype": d, "cnn_s": c, "encoder_s": e, "speedup_vs_fp32": ref_total / (c + e),
-                        "fidelity": fidelity})
+        results.append(
+            {"dtype": d, "cnn_s": c, "encoder_s": e, "speedup_vs_fp32": ref_total / (c + e), "fidelity": fidelity}
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -49,16 +49,32 @@ def bench_shards() -> Path:
             with tarfile.open(tar, "w"):
                 pass
             entries.append({"path": tar.name, "samples": 0, "seconds": 0.0, "bytes": tar.stat().st_size, "sha256": ""})
-        index.write_text(json.dumps({"split": "train", "sample_rate": 16000, "shards": entries,
-                                     "duration_histogram": {"bin_seconds": 1.0, "counts": [1]}}, indent=1))
+        index.write_text(
+            json.dumps(
+                {
+                    "split": "train",
+                    "sample_rate": 16000,
+                    "shards": entries,
+                    "duration_histogram": {"bin_seconds": 1.0, "counts": [1]},
+                },
+                indent=1,
+            )
+        )
     return index
 
 
 def fixed_batches(count: int, utterances: int, seconds: float, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     n = int(seconds * 16000)
-    return [{"audio": 0.1 * torch.randn(utterances, n, generator=g), "audio_lens": torch.full((utterances,), n),
-             "seconds": utterances * seconds, "cut_ids": []} for _ in range(count)]
+    return [
+        {
+            "audio": 0.1 * torch.randn(utterances, n, generator=g),
+            "audio_lens": torch.full((utterances,), n),
+            "seconds": utterances * seconds,
+            "cut_ids": [],
+        }
+        for _ in range(count)
+    ]
 
 
 def init_single_process() -> None:
@@ -78,10 +94,22 @@ def init_single_process() -> None:
 
 def paper_overrides(teacher: Path, index: Path, out_dir: Path, **extra) -> list[str]:
     """The paper's student (12 x 384, FFN 1536, 8 heads) and schedule, on this machine's CPU, no I/O."""
-    sets = {"teacher.path": str(teacher), "data.train_index": str(index), "data.valid_index": "null",
-            "data.num_workers": 0, "run.out_dir": str(out_dir), "log.tensorboard": "false", "log.every": 10**6,
-            "checkpoint.every": 0, "checkpoint.resume": "none", "eval.every": 0, "deepspeed.precision": "fp32",
-            "deepspeed.zero_stage": 2, "student.dropout": 0.0, "optim.total_steps": 1000}
+    sets = {
+        "teacher.path": str(teacher),
+        "data.train_index": str(index),
+        "data.valid_index": "null",
+        "data.num_workers": 0,
+        "run.out_dir": str(out_dir),
+        "log.tensorboard": "false",
+        "log.every": 10**6,
+        "checkpoint.every": 0,
+        "checkpoint.resume": "none",
+        "eval.every": 0,
+        "deepspeed.precision": "fp32",
+        "deepspeed.zero_stage": 2,
+        "student.dropout": 0.0,
+        "optim.total_steps": 1000,
+    }
     sets.update(extra)
     return [f"{k}={v}" for k, v in sets.items()]
 

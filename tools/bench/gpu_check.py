@@ -39,14 +39,19 @@ def peak_tflops() -> float | None:
 
 def time_depth(depth: int, frontend: str, args, teacher, index, batches) -> dict:
     layers = "[4,8,12]" if not args.tiny else "[4,8]"
-    extra = {"growth.operator": "none", "growth.depths": f"[{depth}]", "student.frontend": frontend,
-             "loss.teacher_layers": layers,
-             "teacher.dtype": "bf16" if args.bf16 else "fp32",
-             "deepspeed.precision": "bf16" if args.bf16 else "fp32"}
+    extra = {
+        "growth.operator": "none",
+        "growth.depths": f"[{depth}]",
+        "student.frontend": frontend,
+        "loss.teacher_layers": layers,
+        "teacher.dtype": "bf16" if args.bf16 else "fp32",
+        "deepspeed.precision": "bf16" if args.bf16 else "fp32",
+    }
     if args.tiny:
         extra.update({"student.hidden_size": 64, "student.intermediate_size": 128, "student.num_attention_heads": 4})
-    trainer = benchlib.make_trainer(benchlib.paper_overrides(teacher, index, Path(tempfile.mkdtemp()), **extra),
-                                    batches)
+    trainer = benchlib.make_trainer(
+        benchlib.paper_overrides(teacher, index, Path(tempfile.mkdtemp()), **extra), batches
+    )
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     trainer.train_step()  # warm-up: kernels, allocator, Adam state
     sync()
@@ -65,9 +70,15 @@ def time_depth(depth: int, frontend: str, args, teacher, index, batches) -> dict
     # Transformer FLOPs (2 per parameter per frame forward, x3 with backward); CNN FLOPs left out.
     flops = frames * (6 * student_params + 2 * teacher_params)
     peak = peak_tflops()
-    result = {"depth": depth, "frontend": frontend, "step_s": step_s,
-              "teacher_frac": trainer.teacher_timer.collect() / sum(times), "audio_s_per_s": audio_s / step_s,
-              "tflops": flops / step_s / 1e12, "mfu": (flops / step_s / 1e12 / peak) if peak else None}
+    result = {
+        "depth": depth,
+        "frontend": frontend,
+        "step_s": step_s,
+        "teacher_frac": trainer.teacher_timer.collect() / sum(times),
+        "audio_s_per_s": audio_s / step_s,
+        "tflops": flops / step_s / 1e12,
+        "mfu": (flops / step_s / 1e12 / peak) if peak else None,
+    }
     benchlib.close_trainer(trainer)
     return result
 
@@ -105,17 +116,23 @@ def main(argv=None) -> int:
     depths = [2, 4, 8] if args.tiny else [3, 6, 9, 12]
     rows = [time_depth(d, f, args, teacher, index, batches) for f in ("trainable", "shared") for d in depths]
 
-    lines = [f"# istack_ds GPU check: {device}", "",
-             f"Random {'tiny' if args.tiny else 'HuBERT-Base-shaped'} teacher, "
-             f"student {'tiny' if args.tiny else '12 x 384'}, "
-             f"{'bf16' if args.bf16 else 'fp32'}, ZeRO 2, 1 rank, batch {args.utterances} x {args.seconds} s, "
-             f"median of {args.steps} steps.", "",
-             "| front end | depth | step (s) | teacher share | audio s/s | TFLOP/s | MFU |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# istack_ds GPU check: {device}",
+        "",
+        f"Random {'tiny' if args.tiny else 'HuBERT-Base-shaped'} teacher, "
+        f"student {'tiny' if args.tiny else '12 x 384'}, "
+        f"{'bf16' if args.bf16 else 'fp32'}, ZeRO 2, 1 rank, batch {args.utterances} x {args.seconds} s, "
+        f"median of {args.steps} steps.",
+        "",
+        "| front end | depth | step (s) | teacher share | audio s/s | TFLOP/s | MFU |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a"
-        lines.append(f"| {r['frontend']} | {r['depth']} | {r['step_s']:.4f} | {100 * r['teacher_frac']:.0f} % | "
-                     f"{r['audio_s_per_s']:.0f} | {r['tflops']:.1f} | {mfu} |")
+        lines.append(
+            f"| {r['frontend']} | {r['depth']} | {r['step_s']:.4f} | {100 * r['teacher_frac']:.0f} % | "
+            f"{r['audio_s_per_s']:.0f} | {r['tflops']:.1f} | {mfu} |"
+        )
     lines += ["", "| front end | projected EQL speed-up | projected PROP-1 speed-up |", "|---|---|---|"]
     for f in ("trainable", "shared"):
         step_s = {r["depth"]: r["step_s"] for r in rows if r["frontend"] == f}
