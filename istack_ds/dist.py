@@ -68,12 +68,16 @@ def normalize_launcher_env() -> None:
         env["LOCAL_WORLD_SIZE"] = env["LOCAL_SIZE"]
 
 
+def ranks_per_node(world: int) -> int:
+    """Ranks on each node: $LOCAL_WORLD_SIZE when it divides `world`, else all ranks on one node."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    return per_node if per_node > 0 and world % per_node == 0 else world
+
+
 def topology() -> dict:
     """Nodes and ranks per node of this job (from the launcher's variables)."""
     world = world_size()
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
-    if per_node <= 0 or world % per_node:
-        per_node = world
+    per_node = ranks_per_node(world)
     return {"nodes": world // per_node, "ranks_per_node": per_node, "world_size": world}
 
 

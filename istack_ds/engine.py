@@ -86,7 +86,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def _fused_adamw(optim: OptimConfig):
+def fused_adamw(optim: OptimConfig):
     """torch's AdamW from the ``optim`` section, with ``fused=True``, as a client optimizer for DeepSpeed.
 
     ZeRO hands the optimizer one flat fp32 partition per group: the unfused path allocates
@@ -170,7 +170,7 @@ def build_engine(model: nn.Module, ds_config: dict, optim: OptimConfig):
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, optim.weight_decay),
-        optimizer=_fused_adamw(optim),
+        optimizer=fused_adamw(optim),
         config=ds_config,
     )
     # NOTE: DeepSpeed registers forward (pre-)hooks on the root module that hold the engine; remember

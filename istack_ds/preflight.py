@@ -8,7 +8,7 @@ teacher on a GPU: each stops the run with a message naming the path or key.
 from __future__ import annotations
 
 from .config import Config, ConfigError
-from .dist import normalize_launcher_env, topology, world_size
+from .dist import normalize_launcher_env, ranks_per_node, world_size
 from .models.teacher import check_teacher_layers, read_teacher_info
 
 
@@ -27,14 +27,10 @@ def preflight(cfg: Config) -> None:
     check_teacher_layers(info, cfg.loss.teacher_layers)
     from .data import check_shard_count, read_index
 
+    train = read_index(cfg.data.train_index)
+    world = world_size()
     if cfg.data.valid_index:
         # NOTE: found here, not at the first validation hours into the run
-        check_shard_count(read_index(cfg.data.valid_index), world_size(), cfg.data.num_workers, held_out=True)
-    # NOTE: the loader checks this again at build time; here it stops the job before any process group.
-    topo = topology()
-    check_shard_count(
-        read_index(cfg.data.train_index),
-        topo["world_size"],
-        cfg.data.num_workers,
-        local_world_size=topo["ranks_per_node"],
-    )
+        check_shard_count(read_index(cfg.data.valid_index), world, cfg.data.num_workers, held_out=True)
+    # NOTE: the loader checks this again when it is built; here it stops the job before any process group.
+    check_shard_count(train, world, cfg.data.num_workers, local_world_size=ranks_per_node(world))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from istack_ds.config import OptimConfig, load_config
-from istack_ds.engine import GrowthStateError, _fused_adamw, build_engine, deepspeed_config, param_groups
+from istack_ds.engine import GrowthStateError, build_engine, deepspeed_config, fused_adamw, param_groups
 from istack_ds.growth import GrowthManager
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
@@ -59,11 +59,11 @@ def test_override_changes_deepspeed_json():
     assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 4
 
 
-def test_optimizer_is_torch_fused_adamw_from_the_optim_section():
+def test_optimizer_is_torchfused_adamw_from_the_optim_section():
     optim = load_config(
         None, ["optim.lr=1e-3", "optim.betas=[0.8,0.9]", "optim.eps=1e-6", "optim.weight_decay=0.05"]
     ).optim
-    opt = _fused_adamw(optim)(param_groups(Tiny(), optim.weight_decay))
+    opt = fused_adamw(optim)(param_groups(Tiny(), optim.weight_decay))
     assert type(opt) is torch.optim.AdamW
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
     for g in opt.param_groups:
@@ -97,6 +97,17 @@ def test_source_names_map_layers_through_the_lineage():
     with pytest.raises(ValueError, match="must end with '.'"):
         GrowthManager(lambda d, s: Tiny(d), {}, OptimConfig(), "layers")
     assert m.lineage(3, 3) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [{"operator": "zigzag"}, {"carry": "middle"}, {"optimizer_state": "resett"}],
+)
+def test_growth_manager_refuses_unknown_choices_when_built(choice):
+    """Built without a config (benchmarks, tools), a typo stops it at once, not hours later at the first growth."""
+    ((key, value),) = choice.items()
+    with pytest.raises(ValueError, match=rf"growth\.{key}='{value}' is not allowed"):
+        GrowthManager(lambda d, s: Tiny(d), {}, OptimConfig(), "layers.", **choice)
 
 
 def test_grown_states_reset_zeroes_only_clones():

@@ -7,7 +7,13 @@ import torch
 
 from istack_ds.config import LossConfig, StudentConfig
 from istack_ds.models.student import LAYER_PREFIX, Student, initial_supervised_layers
-from istack_ds.models.teacher import Teacher, TeacherError, make_random_teacher, read_teacher_info
+from istack_ds.models.teacher import (
+    SUPPORTED_TEACHERS,
+    Teacher,
+    TeacherError,
+    make_random_teacher,
+    read_teacher_info,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +41,7 @@ def test_teacher_layer_out_of_range(teacher_dir):
         Teacher(teacher_dir, [4, 12])
 
 
-@pytest.mark.parametrize("model_type", ["hubert", "wavlm", "wav2vec2"])
+@pytest.mark.parametrize("model_type", SUPPORTED_TEACHERS)
 def test_teacher_frozen_and_matches_full_model(tmp_path, model_type):
     from transformers import AutoModel
 
@@ -55,7 +61,7 @@ def test_teacher_frozen_and_matches_full_model(tmp_path, model_type):
     assert len(teacher.model.encoder.layers) == 4  # runs only up to the deepest layer used
 
 
-@pytest.mark.parametrize("model_type", ["hubert", "wavlm", "wav2vec2"])
+@pytest.mark.parametrize("model_type", SUPPORTED_TEACHERS)
 def test_int8_teacher_targets_stay_close_to_fp32(tmp_path, model_type):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 

@@ -1,9 +1,9 @@
 """The paper's experiment at CPU scale: five growth schedules, same steps, then the comparison.
 
 Usage:
-    python tools/run_paper_experiment.py                       # ~10-15 min on 2 CPU cores
+    python tools/run_paper_experiment.py                       # the README's run, on 2 CPU ranks
     python tools/run_paper_experiment.py --steps 1200 --nproc 2 --out runs/paper_cpu --docs docs/paper_cpu
-    python tools/run_paper_experiment.py --tiny                # a < 1 min smoke run of the whole path
+    python tools/run_paper_experiment.py --tiny                # a smoke run of the whole path
 
 It runs the shipped recipes (configs/paper_interleaved_eql.yaml, _prop1, paper_gradstack_eql,
 paper_midas_eql, paper_full_depth) unchanged in their method (operator, stages 3 -> 6 -> 9 -> 12,

@@ -42,8 +42,9 @@ Batch keys:
     worker       int, the DataLoader worker id (0 with num_workers=0): per-worker counters add up across ids
     epoch        int, that worker's current epoch over its shards
     shards_done  int, shards of that epoch the worker has fully emitted, this batch included
-    position     {"worker", "epoch", "shards_done", "skipped_by_reason", "repaired_by_reason"}: what
-                 build_loader(position=...) resumes from, counters as of those whole shards
+    position     {"worker", "epoch", "shards_done", "skipped_by_reason", "repaired_by_reason"}: where
+                 that worker resumes (the loader's state_dict() keeps the latest per worker),
+                 counters as of those whole shards
     skipped      int, members (or shards) skipped by that worker so far (a resumed worker goes on counting)
     skipped_by_reason   {reason: count}, reasons from istack_ds.data.tario.SKIP_REASONS
     repaired_by_reason  {reason: count}: resampled, downmixed, too_long (cropped to data.crop_seconds)
@@ -55,7 +56,6 @@ import bisect
 import copy
 import io
 import math
-import os
 import random
 import warnings
 from collections import Counter
@@ -68,6 +68,7 @@ import torch
 from istack_ds.config import DataConfig
 from istack_ds.data.index import DataError, ShardIndex, check_shard_count, read_index
 from istack_ds.data.tario import BadMember, iter_tar_samples, member_meta, to_mono_rate
+from istack_ds.dist import ranks_per_node
 
 
 @dataclass(frozen=True)
@@ -188,8 +189,7 @@ def build_loader(
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     if local_world_size is None:
-        env = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
-        local_world_size = env if env > 0 and world_size % env == 0 else world_size
+        local_world_size = ranks_per_node(world_size)
     if local_world_size <= 0 or world_size % local_world_size:
         raise DataError(f"local_world_size {local_world_size} does not divide world_size {world_size}")
     index = read_index(index_path)

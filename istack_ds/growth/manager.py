@@ -76,9 +76,9 @@ class GrowthManager:
         ds_config, optim: what every engine is built from (``build_engine(model, ds_config, optim)``):
             the DeepSpeed JSON (:func:`istack_ds.engine.deepspeed_config`) and the ``optim`` section.
         layer_prefix: name prefix of the transformer layers, ending in ``.``: ``"sfm.encoder.layers."``.
-        operator / carry / optimizer_state: as in ``growth.*`` of the run config, which checks them;
-            an unknown operator or carry is refused by :mod:`istack_ds.growth.operators` at the growth.
+        operator / carry / optimizer_state: as in ``growth.*`` of the run config.
         """
+        operators.check_choices(operator, carry, optimizer_state)
         if not layer_prefix.endswith("."):
             raise ValueError(f"layer_prefix={layer_prefix!r} must end with '.' (e.g. 'sfm.encoder.layers.')")
         self.build_model = build_model

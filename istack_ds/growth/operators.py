@@ -33,6 +33,19 @@ OptimizerState = Literal["copy", "reset"]
 
 OPERATORS: tuple[str, ...] = get_args(Operator)
 CARRIES: tuple[str, ...] = get_args(Carry)
+OPTIMIZER_STATES: tuple[str, ...] = get_args(OptimizerState)
+
+
+def check_choices(operator: str, carry: str, optimizer_state: str) -> None:
+    """Refuses an operator, carry or optimizer_state outside the vocabulary above (code that builds a
+    GrowthManager without a config, e.g. benchmarks, gets the config's message)."""
+    for key, value, allowed in (
+        ("operator", operator, OPERATORS),
+        ("carry", carry, CARRIES),
+        ("optimizer_state", optimizer_state, OPTIMIZER_STATES),
+    ):
+        if value not in allowed:
+            raise ValueError(f"growth.{key}={value!r} is not allowed; choose one of {list(allowed)}")
 
 
 def check_growth(operator: str, d: int, d_new: int) -> None:

@@ -61,10 +61,6 @@ class Schedule:
         """First step of every stage (starts with 0)."""
         return [0, *self.boundaries]
 
-    @property
-    def num_stages(self) -> int:
-        return len(self.depths)
-
     def stage_at(self, step: int) -> int:
         """0-based stage that trains optimizer step ``step``."""
         if step < 0:

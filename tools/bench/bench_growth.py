@@ -81,6 +81,7 @@ def main() -> None:
     from istack_ds.config import Config, DeepSpeedConfig, OptimConfig
     from istack_ds.engine import build_engine, deepspeed_config, rss_bytes
     from istack_ds.growth import GrowthManager
+    from istack_ds.models.student import LAYER_PREFIX
 
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
@@ -146,7 +147,7 @@ def main() -> None:
     gc.collect()
     rss_before = rss_bytes() / 2**20
 
-    manager = GrowthManager(build, ds_config, cfg.optim, "sfm.encoder.layers.", "interleaved", "last", "copy")
+    manager = GrowthManager(build, ds_config, cfg.optim, LAYER_PREFIX, "interleaved", "last", "copy")
     res = manager.grow(engine, model, args.from_depth, args.to_depth, supervised)
     engine, model = res.engine, res.model
     gc.collect()

@@ -6,7 +6,6 @@
 # typing_inspection) is installed from wheels carried in .whl/ when the machine lacks it (prepare
 # them here: `pip wheel --no-deps -w .whl deepspeed==0.19.8` builds a pure-Python wheel, and
 # `pip download --no-deps --only-binary=:all: -d .whl ...` fetches the others).
-# Finishes in a few minutes on an H100 or H200.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # istack_ds is not installed on the GPU machine: the checkout's package is imported from the repo root.
