@@ -12,7 +12,8 @@ torchrun works too (free port, good for tests):
 Any config value can be overridden:  --set optim.total_steps=1000 --set growth.alpha=1
 
 Exit codes: 0 done, 2 bad config or input (nothing started), 3 too many non-finite losses
-(a checkpoint was saved), 4 a collective failed (another rank died or stopped answering).
+(a checkpoint was saved), 4 a collective failed (another rank died or stopped answering; the
+message names it).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
         print(f"istack_ds: {e}", file=sys.stderr)
         return 2
 
-    from .dist import init_distributed, rank, setup_logging
+    from .dist import init_distributed, rank, setup_logging, unresponsive_ranks
     from .trainer import NonFiniteLossError, Trainer
 
     setup_logging()
@@ -73,12 +74,13 @@ def main(argv=None) -> int:
         return 3
     except RuntimeError as e:
         # A peer that died or hangs surfaces here as a failed collective (at the latest after
-        # deepspeed.dist_timeout_s): say so plainly instead of leaving a bare backend trace.
+        # deepspeed.dist_timeout_s, which every process group has): say so plainly, naming the
+        # rank whose heartbeat stopped, instead of leaving a bare backend trace.
         # NOTE: under NCCL the watchdog may abort the process first (TORCH_NCCL_ASYNC_ERROR_HANDLING);
         # the job still stops, with NCCL's own message instead of this one.
         if _collective_failed(e):
             print(
-                f"istack_ds: rank {rank()}: a collective failed; another rank died or stopped answering "
+                f"istack_ds: rank {rank()}: a collective failed; {unresponsive_ranks()} "
                 f"(deepspeed.dist_timeout_s={cfg.deepspeed.dist_timeout_s}): {e}",
                 file=sys.stderr,
             )

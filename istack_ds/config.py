@@ -3,10 +3,13 @@
 Every field has a docstring (the string literal under it) and a default that is
 the paper's recipe where the paper gives one. A choice is a ``Literal`` type,
 declared once (the growth vocabulary in :mod:`istack_ds.growth.operators`);
-validation lives in each section's ``__post_init__`` and in
-:meth:`Config.validate`; every error names the dotted key and, for choices, the
-allowed values. The DeepSpeed JSON is derived from this tree by
-:func:`istack_ds.engine.deepspeed_config`, never kept beside the YAML.
+validation lives in each section's ``__post_init__`` (choices and finite floats
+through :func:`_check_fields`) and in :meth:`Config.validate` (across sections,
+the growth schedule included); every error names the dotted key and, for
+choices, the allowed values. Checks that read files (teacher, shard indexes,
+``checkpoint.resume``) are in :mod:`istack_ds.preflight`. The DeepSpeed JSON is
+derived from this tree by :func:`istack_ds.engine.deepspeed_config`, never kept
+beside the YAML.
 
 This module does not import torch: configs load and validate before any
 process group or heavy import exists.
@@ -15,6 +18,7 @@ process group or heavy import exists.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -25,21 +29,28 @@ from typing import Any, Literal
 import yaml
 
 from .growth.operators import Carry, Operator, OptimizerState, check_depths
+from .growth.schedule import Schedule
 
 
 class ConfigError(ValueError):
     """A bad key or value in a run configuration; the message names the key."""
 
 
-def _check_choices(section, prefix: str) -> None:
-    """Every ``Literal`` field of a section holds one of its values (sections built in code, not loaded)."""
+def _holds_float(hint: Any) -> bool:
+    return hint is float or any(_holds_float(a) for a in typing.get_args(hint))
+
+
+def _check_fields(section, prefix: str) -> None:
+    """Every ``Literal`` field holds one of its values and every float is finite, as :func:`_coerce` checks on
+    loading (sections built in code do not pass through it)."""
     for name, hint in _type_hints(type(section)).items():
-        if typing.get_origin(hint) is Literal:
+        if typing.get_origin(hint) is Literal or _holds_float(hint):
             _coerce(f"{prefix}.{name}", getattr(section, name), hint)
 
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    # Written so that NaN fails too (every comparison with NaN is false).
+    if not (value > 0 or (allow_zero and value == 0)):
         raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
@@ -51,6 +62,9 @@ class RunConfig:
     """Run directory: tb/, checkpoints/, config.yaml, student/ are written here."""
     seed: int = 1234
     """Seed for model initialisation, data order and cropping."""
+
+    def __post_init__(self):
+        _check_fields(self, "run")
 
 
 @dataclass
@@ -81,7 +95,7 @@ class DataConfig:
     """Mel bins of the `fbank` features."""
 
     def __post_init__(self):
-        _check_choices(self, "data")
+        _check_fields(self, "data")
         _positive("data.crop_seconds", self.crop_seconds)
         _positive("data.batch_seconds", self.batch_seconds)
         _positive("data.num_buckets", self.num_buckets)
@@ -89,6 +103,7 @@ class DataConfig:
         _positive("data.shuffle_buffer", self.shuffle_buffer)
         _positive("data.interleave_shards", self.interleave_shards)
         _positive("data.sample_rate", self.sample_rate)
+        _positive("data.num_mel_bins", self.num_mel_bins)
         if self.batch_seconds < self.crop_seconds:
             raise ConfigError(
                 f"data.batch_seconds={self.batch_seconds} is smaller than data.crop_seconds="
@@ -105,7 +120,7 @@ class TeacherConfig:
     dynamically quantized, so the targets move away from fp32's; see README "Performance")."""
 
     def __post_init__(self):
-        _check_choices(self, "teacher")
+        _check_fields(self, "teacher")
 
 
 @dataclass
@@ -129,11 +144,13 @@ class StudentConfig:
     """`trainable`: multiplies the gradient reaching the student's CNN (DistilHuBERT-style slower CNN learning)."""
 
     def __post_init__(self):
-        _check_choices(self, "student")
+        _check_fields(self, "student")
         _positive("student.hidden_size", self.hidden_size)
         _positive("student.intermediate_size", self.intermediate_size)
         _positive("student.num_attention_heads", self.num_attention_heads)
         _positive("student.cnn_grad_scale", self.cnn_grad_scale, allow_zero=True)
+        if self.conv_dim is not None and (not self.conv_dim or min(self.conv_dim) < 1):
+            raise ConfigError(f"student.conv_dim={self.conv_dim} must be null or a list of channel counts >= 1")
         if self.frontend == "shared" and self.conv_dim is not None:
             raise ConfigError("student.conv_dim must be null with student.frontend=shared: the CNN is the teacher's")
         if not 0 <= self.dropout < 1:
@@ -143,6 +160,9 @@ class StudentConfig:
                 f"student.hidden_size={self.hidden_size} is not divisible by "
                 f"student.num_attention_heads={self.num_attention_heads}"
             )
+        if self.hidden_size % 4:
+            # models/student.py runs the positional convolution in 16 (or else 4) channel groups.
+            raise ConfigError(f"student.hidden_size={self.hidden_size} must be a multiple of 4 (positional conv)")
 
 
 @dataclass
@@ -158,7 +178,7 @@ class LossConfig:
     """distilhubert: lambda of the -log sigmoid(cos) term."""
 
     def __post_init__(self):
-        _check_choices(self, "loss")
+        _check_fields(self, "loss")
         if not self.teacher_layers:
             raise ConfigError("loss.teacher_layers must name at least one teacher layer")
         if sorted(set(self.teacher_layers)) != list(self.teacher_layers):
@@ -185,7 +205,7 @@ class GrowthConfig:
     """Adam moments of a cloned layer: `copy` from its source, or `reset` to zero."""
 
     def __post_init__(self):
-        _check_choices(self, "growth")
+        _check_fields(self, "growth")
         try:
             check_depths(self.operator, self.depths)
         except ValueError as e:
@@ -229,7 +249,9 @@ class OptimConfig:
     """A non-finite loss skips its micro-batch (counted); this many in a row save a checkpoint and stop the run."""
 
     def __post_init__(self):
+        _check_fields(self, "optim")
         _positive("optim.lr", self.lr)
+        _positive("optim.eps", self.eps)
         _positive("optim.total_steps", self.total_steps)
         _positive("optim.grad_clip", self.grad_clip, allow_zero=True)
         _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
@@ -256,7 +278,7 @@ class DeepSpeedConfig:
     """Seconds a collective may wait before the process group gives up (a dead rank must not hang the others)."""
 
     def __post_init__(self):
-        _check_choices(self, "deepspeed")
+        _check_fields(self, "deepspeed")
         _positive("deepspeed.gradient_accumulation", self.gradient_accumulation)
         _positive("deepspeed.dist_timeout_s", self.dist_timeout_s)
 
@@ -272,6 +294,7 @@ class LogConfig:
     resume re-read or skipped)."""
 
     def __post_init__(self):
+        _check_fields(self, "log")
         _positive("log.every", self.every)
 
 
@@ -285,6 +308,7 @@ class CheckpointConfig:
     """`auto` (latest in <out_dir>/checkpoints if any), `none`, or a checkpoint path."""
 
     def __post_init__(self):
+        _check_fields(self, "checkpoint")
         _positive("checkpoint.every", self.every, allow_zero=True)
         _positive("checkpoint.keep", self.keep)
 
@@ -299,6 +323,7 @@ class EvalConfig:
     """At each validation, log the linear CKA of every student layer with every teacher layer (diag/*)."""
 
     def __post_init__(self):
+        _check_fields(self, "eval")
         _positive("eval.every", self.every, allow_zero=True)
         _positive("eval.max_batches", self.max_batches)
 
@@ -336,6 +361,19 @@ class Config:
             raise ConfigError(
                 f"optim.total_steps={self.optim.total_steps} is fewer than the {len(self.growth.depths)} stages"
             )
+        # NOTE: the schedule the Trainer builds, built here too: a degenerate one stops the run before launch.
+        try:
+            Schedule.from_config(self.growth, self.optim.total_steps)
+        except ValueError as e:
+            g = self.growth
+            chosen_by, fix = (
+                (f"growth.boundaries={g.boundaries}", "")
+                if g.boundaries is not None
+                else (f"growth.alpha={g.alpha}", "; use more steps, another growth.alpha or explicit growth.boundaries")
+            )
+            raise ConfigError(
+                f"{chosen_by} with growth.depths={g.depths} and optim.total_steps={self.optim.total_steps}: {e}{fix}"
+            ) from None
 
     @classmethod
     def from_dict(cls, values: dict) -> Config:
@@ -396,7 +434,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} must be a number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float range
+            number = math.inf
+        # NOTE: the one finiteness check of every float key, loaded or built in code (_check_fields):
+        # nan passes every `<`/`>` range check and inf passes the lower bounds.
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}={value!r} must be a string")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -85,8 +87,10 @@ def init_distributed(timeout_s: int | None = None) -> None:
     """Starts the process group once per process (gloo on CPU, nccl on GPU); a no-op when it exists.
 
     Works under the deepspeed launcher, torchrun and Slurm (srun sets SLURM_* instead of RANK);
-    a plain `python` run becomes rank 0 of 1. `timeout_s` bounds every collective of the default
-    group, so a dead rank cannot hang the rest (None: torch's default).
+    a plain `python` run becomes rank 0 of 1. `timeout_s` bounds every collective of every process
+    group, the default one and those DeepSpeed creates (None: torch's defaults), so a dead or hung
+    rank cannot hang the rest. With more than one rank, each rank then keeps a heartbeat in the
+    job's store (:func:`start_heartbeat`), which :func:`unresponsive_ranks` reads.
     """
     if dist.is_available() and dist.is_initialized():
         return
@@ -97,8 +101,156 @@ def init_distributed(timeout_s: int | None = None) -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
     bind_device()
-    kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    kwargs = {}
+    if timeout_s is not None:
+        kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+        set_default_group_timeout(kwargs["timeout"])
     deepspeed.init_distributed(dist_backend=backend(), **kwargs)
+    start_heartbeat()
+
+
+def set_default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Makes `timeout` the timeout of every process group created from now on that names none.
+
+    NOTE: ZeRO's collectives (the gradient reduce in backward, the full-state gathers of a growth)
+    run on the data-parallel group, which DeepSpeed creates with ``torch.distributed.new_group(ranks)``
+    (deepspeed/utils/groups.py, through deepspeed.comm): it passes no timeout and offers no setting
+    for one. torch then takes ``distributed_c10d._get_default_timeout(backend)``, which reads the
+    module's ``default_pg_timeout`` (gloo and others) or ``default_pg_nccl_timeout`` (NCCL) at each
+    call. Setting those two here, before any group exists, reaches every group that any code creates
+    (new_group, new_subgroups, split_group, device meshes). The alternatives reach less: wrapping
+    new_group misses torch's own paths, and ``_set_pg_timeout`` on each group after the engine is
+    built is private and misses groups created later. tests/test_dist.py checks the data-parallel
+    group's timeout, so a torch that stops reading these names fails there.
+    """
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
+
+
+# ---- heartbeats: naming the rank that died or hangs -----------------------------------------------
+
+HEARTBEAT_S = 2.0
+"""Seconds between two heartbeats of a rank."""
+HEARTBEAT_KEY = "istack_ds/heartbeat/{rank}"
+"""The store key of a rank's heartbeat; its value is the rank's wall-clock time of writing."""
+_STORE_TIMEOUT = datetime.timedelta(seconds=5)
+
+
+class Heartbeat(threading.Thread):
+    """A daemon thread that writes this rank's heartbeat into `store` every HEARTBEAT_S seconds.
+
+    It beats as long as the process runs: a SIGKILLed or SIGSTOPped process (or a frozen host)
+    stops beating, a process stuck in a collective does not. `failures` counts writes that failed
+    (the store's host gone); `last_error` is the latest.
+    """
+
+    def __init__(self, store: dist.Store, rank: int):
+        super().__init__(name=f"istack_ds-heartbeat-r{rank}", daemon=True)
+        self.store = store
+        self.key = HEARTBEAT_KEY.format(rank=rank)
+        self.failures = 0
+        self.last_error: Exception | None = None
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.store.set(self.key, f"{time.time():.3f}")
+            except Exception as e:  # noqa: BLE001 -- any store failure; the next failed collective reports it
+                self.failures += 1
+                self.last_error = e
+            time.sleep(HEARTBEAT_S)
+
+
+_heartbeat: Heartbeat | None = None
+
+
+def _store_address() -> tuple[str, int] | None:
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
+    return (addr, int(port)) if addr and port.isdigit() else None
+
+
+def _store_client(address: tuple[str, int]) -> dist.TCPStore:
+    """A connection of our own to the job's rendezvous store (rank 0's, or torchrun's agent's).
+
+    NOTE: its own connection, so that heartbeats never queue behind (or in front of) the process
+    group's store traffic; wait_for_workers=False: it must not count as a worker of the rendezvous.
+    """
+    return dist.TCPStore(*address, is_master=False, timeout=_STORE_TIMEOUT, wait_for_workers=False)
+
+
+def start_heartbeat() -> None:
+    """Starts this rank's :class:`Heartbeat` once per process (nothing to do on a single rank)."""
+    global _heartbeat
+    if _heartbeat is not None or world_size() == 1:
+        return
+    address = _store_address()
+    if address is None:
+        log.warning("no heartbeat: MASTER_ADDR / MASTER_PORT unset, a failed collective cannot name the dead rank")
+        return
+    _heartbeat = Heartbeat(_store_client(address), rank())
+    _heartbeat.start()
+
+
+def silent_ranks(store: dist.Store, ranks: list[int], wait_s: float) -> dict[int, float | None]:
+    """The ranks of `ranks` whose heartbeat did not change in `wait_s` seconds.
+
+    Maps each to its last heartbeat (wall-clock time), or None when it never wrote one.
+    NOTE: a change, not an age, decides: clocks of different hosts need not agree.
+    """
+
+    def read() -> dict[int, float | None]:
+        keys = {r: HEARTBEAT_KEY.format(rank=r) for r in ranks}
+        return {r: float(store.get(k)) if store.check([k]) else None for r, k in keys.items()}
+
+    before = read()
+    time.sleep(wait_s)
+    after = read()
+    return {r: after[r] for r in ranks if after[r] is None or after[r] == before[r]}
+
+
+def unresponsive_ranks(wait_s: float = 3 * HEARTBEAT_S) -> str:
+    """Says which ranks are dead or hung, from the heartbeats (for the message of a failed collective).
+
+    Every other rank's heartbeat is read twice, `wait_s` apart. When the store does not answer,
+    its host is gone: rank 0's (or, under torchrun, the launcher's on rank 0's node).
+    """
+    address = _store_address()
+    if _heartbeat is None or address is None:
+        return "no heartbeats were kept, so the rank that stopped answering is unknown"
+    others = [r for r in range(world_size()) if r != rank()]
+    found: dict = {}
+
+    def check() -> None:
+        try:
+            found["silent"] = silent_ranks(_store_client(address), others, wait_s)
+        except Exception as e:  # noqa: BLE001 -- any failure to reach the store means the same here
+            found["error"] = type(e).__name__
+
+    # NOTE: in a thread with a deadline: a store whose process is stopped (SIGSTOP, a frozen host)
+    # still accepts connections, and then a client waits on it past its own timeout.
+    checker = threading.Thread(target=check, name="istack_ds-heartbeat-check", daemon=True)
+    checker.start()
+    deadline = wait_s + _STORE_TIMEOUT.total_seconds()
+    checker.join(deadline)
+    if "silent" not in found:
+        return (
+            f"the job's store at {address[0]}:{address[1]} does not answer "
+            f"({found.get('error', f'no answer in {deadline:.0f} s')}): rank 0 or its host died or hangs"
+        )
+    silent = found["silent"]
+    if not silent:
+        return (
+            "every other rank's heartbeat is live, so none died or froze: a rank may wait in another "
+            "collective (ranks out of step) or the network between ranks failed"
+        )
+    now = time.time()
+    parts = [
+        f"rank {r} (no heartbeat ever)" if t is None else f"rank {r} (last heartbeat {now - t:.0f} s ago)"
+        for r, t in sorted(silent.items())
+    ]
+    return f"dead or hung: {', '.join(parts)}"
 
 
 def skip_shm_build() -> None:
@@ -164,3 +316,21 @@ def all_ranks(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def broadcast_from_main(obj):
+    """Rank 0's `obj` on every rank (a collective; any picklable value)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj if rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_all(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (a collective; any picklable value)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,10 +1,22 @@
 """Fault injection for the resilience tests, off unless ISTACK_FAULTS is set.
 
-``ISTACK_FAULTS="nan@5,6;crash_in_save@8;die@6:1"`` makes the loss non-finite at
-steps 5 and 6, kills the process in the middle of the save at step 8, and kills
-rank 1 with SIGKILL at step 6. Each entry is ``kind@step[,step...][:rank]``.
-The hooks sit where a real fault would strike, so the tests exercise the real
-recovery paths.
+``ISTACK_FAULTS="nan@5,6;crash_in_save@8;die@6:1;hang_in_backward@7:1"`` makes the loss
+non-finite at steps 5 and 6, kills the process in the middle of the save at step 8, kills
+rank 1 with SIGKILL at step 6, and freezes rank 1 (SIGSTOP) inside the backward pass of
+step 7. Each entry is ``kind@step[,step...][:rank]``. The hooks sit where a real fault
+would strike, so the tests exercise the real recovery paths.
+
+Kinds:
+    nan, nan_all          the loss of the step's first micro-batch / of every micro-batch is NaN
+    crash_in_save         the process exits (code 17) in the middle of the step's checkpoint save
+    die                   SIGKILL at the start of the step
+    die_in_backward,      SIGKILL / SIGSTOP inside ``engine.backward`` (the peers are in ZeRO's
+    hang_in_backward      gradient reduce)
+    die_in_growth,        SIGKILL / SIGSTOP inside the growth before the step, before its full-state
+    hang_in_growth        gathers (the peers are in a gather)
+
+A hung (SIGSTOPped) process keeps its sockets open, as a rank stuck in a driver or on a
+swapping host does, so its peers see no error: only a collective timeout ends their wait.
 """
 
 from __future__ import annotations
@@ -12,7 +24,12 @@ from __future__ import annotations
 import os
 import signal
 
+import torch
+
 from .dist import rank as this_rank
+
+SIGNALS = {"die": signal.SIGKILL, "hang": signal.SIGSTOP}
+"""What each process-stopping kind sends to its own process."""
 
 
 def _parse(spec: str) -> list[tuple[str, set[int], int | None]]:
@@ -33,8 +50,30 @@ def active(kind: str, step: int) -> bool:
 
 
 def maybe(kind: str, step: int) -> None:
-    """Strikes a process-ending fault (`crash_in_save`, `die`) when one is configured for this step."""
+    """Strikes a process-ending fault when one is configured for this step.
+
+    ``die*`` kinds SIGKILL the process, ``hang*`` kinds SIGSTOP it, any other kind
+    (``crash_in_save``) exits with code 17.
+    """
     if active(kind, step):
-        if kind == "die":
-            os.kill(os.getpid(), signal.SIGKILL)
+        sig = SIGNALS.get(kind.partition("_in_")[0])
+        if sig is not None:
+            os.kill(os.getpid(), sig)
+            return  # a SIGSTOPped process that is continued goes on where it stopped
         os._exit(17)
+
+
+def stop_here(place: str, step: int) -> None:
+    """Strikes ``die_in_<place>`` or ``hang_in_<place>`` when one is configured for this step."""
+    for what in SIGNALS:
+        maybe(f"{what}_in_{place}", step)
+
+
+def in_backward(loss: torch.Tensor, step: int) -> None:
+    """Arms ``die_in_backward`` / ``hang_in_backward``: they strike when backward reaches `loss`'s gradient.
+
+    That is inside ``engine.backward``, after the peers entered theirs: they go on into ZeRO's
+    gradient reduce and wait there for this rank.
+    """
+    if loss.requires_grad and any(active(f"{what}_in_backward", step) for what in SIGNALS):
+        loss.register_hook(lambda grad: stop_here("backward", step))

@@ -1,15 +1,20 @@
 """Checks that need no process group: run before any rank starts talking to another.
 
-A missing teacher dir, a missing or empty shard index, too few shards for the
-job's nodes x ranks x workers, a teacher layer that does not exist, an int8
-teacher on a GPU: each stops the run with a message naming the path or key.
+What a config alone decides is checked when it loads (:mod:`istack_ds.config`); this
+module checks the config against what lies on disk and the job's launcher variables.
+A missing teacher dir, a teacher layer that does not exist, a teacher whose sample rate
+or CNN depth does not fit the config, an int8 teacher on a GPU, a `checkpoint.resume`
+that is not a checkpoint, a missing or empty shard index, too few shards for the job's
+nodes x ranks x workers: each stops the run with a message naming the path or key.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .config import Config, ConfigError
 from .dist import normalize_launcher_env, ranks_per_node, world_size
-from .models.teacher import check_teacher_layers, read_teacher_info
+from .models.teacher import TeacherInfo, check_teacher_layers, read_teacher_info
 
 
 def preflight(cfg: Config) -> None:
@@ -25,6 +30,8 @@ def preflight(cfg: Config) -> None:
             )
     info = read_teacher_info(cfg.teacher.path)
     check_teacher_layers(info, cfg.loss.teacher_layers)
+    check_teacher_fits(cfg, info)
+    check_resume(cfg)
     from .data import check_shard_count, read_index
 
     train = read_index(cfg.data.train_index)
@@ -34,3 +41,63 @@ def preflight(cfg: Config) -> None:
         check_shard_count(read_index(cfg.data.valid_index), world, cfg.data.num_workers, held_out=True)
     # NOTE: the loader checks this again when it is built; here it stops the job before any process group.
     check_shard_count(train, world, cfg.data.num_workers, local_world_size=ranks_per_node(world))
+
+
+def check_teacher_fits(cfg: Config, info: TeacherInfo) -> None:
+    """The teacher hears audio at `data.sample_rate`, and a `student.conv_dim` has one entry per teacher conv layer."""
+    preprocessor = Path(info.path) / "preprocessor_config.json"
+    if info.sample_rate is None:
+        # NOTE: refused rather than assumed: a teacher fed audio at the wrong rate trains a student on
+        # garbage targets without any error.
+        raise ConfigError(
+            f"teacher {info.path} declares no sample rate ({preprocessor} with `sampling_rate` is missing), so "
+            f"data.sample_rate={cfg.data.sample_rate} cannot be checked against it: save the teacher's feature "
+            "extractor into that directory (`save_pretrained`)"
+        )
+    if info.sample_rate != cfg.data.sample_rate:
+        raise ConfigError(
+            f"data.sample_rate={cfg.data.sample_rate} but teacher {info.path} expects {info.sample_rate} Hz "
+            f"(sampling_rate in {preprocessor}): set data.sample_rate={info.sample_rate}"
+        )
+    conv_dim = cfg.student.conv_dim
+    if conv_dim is not None and len(conv_dim) != len(info.conv_kernel):
+        raise ConfigError(
+            f"student.conv_dim={conv_dim} has {len(conv_dim)} conv layers but teacher {info.path} has "
+            f"{len(info.conv_kernel)} (the student's CNN takes the teacher's kernels and strides)"
+        )
+
+
+def check_resume(cfg: Config) -> None:
+    """`checkpoint.resume` is `auto`, `none`, or the directory of a complete checkpoint; the checkpoint it
+    names (for `auto`: the newest that verifies) fits the config's shapes, schedule and this world size."""
+    from .checkpoint import (
+        Checkpointer,
+        check_compatible,
+        check_depth,
+        gradient_accumulation_for,
+        read_meta,
+    )
+    from .growth import Schedule
+
+    resume = cfg.checkpoint.resume
+    if resume == "none":
+        return
+    if resume == "auto":
+        latest = Checkpointer(Path(cfg.run.out_dir) / "checkpoints", cfg.checkpoint.keep).latest(world_size())
+        if latest is None:
+            return
+        path = latest
+    else:
+        path = Path(resume)
+        if not path.is_dir():
+            raise ConfigError(
+                f"checkpoint.resume={resume!r}: {path} is not a directory; use `auto`, `none` or the path of a "
+                "checkpoint directory (<out_dir>/checkpoints/stepNNNNNNNN)"
+            )
+    try:
+        meta = read_meta(path)
+        check_compatible(meta, cfg.to_dict(), path)
+        check_depth(meta, Schedule.from_config(cfg.growth, cfg.optim.total_steps).depth_at(meta["step"]), path)
+        gradient_accumulation_for(meta, world_size(), cfg.deepspeed.gradient_accumulation)
+    except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+        raise ConfigError(f"checkpoint.resume={resume!r}: {e}") from None

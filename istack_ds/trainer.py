@@ -10,30 +10,73 @@ import dataclasses
 import json
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__, faults
-from .checkpoint import Checkpointer, check_compatible, gradient_accumulation_for, read_meta
+from .checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    check_compatible,
+    check_depth,
+    convert_to_universal,
+    gradient_accumulation_for,
+    read_meta,
+    saved_rank_states,
+    universal_path,
+    verify,
+)
 from .config import Config
-from .data import build_loader, check_shard_count, read_index
+from .data import DataError, build_loader, check_shard_count, read_index
+from .data.stream import state_epoch
 from .diagnostics import LayerDiagnostics
-from .dist import all_ranks, all_reduce_sum, is_main, log0, rank, topology, world_size
-from .engine import build_engine, deepspeed_config
+from .dist import (
+    all_ranks,
+    all_reduce_sum,
+    barrier,
+    broadcast_from_main,
+    gather_all,
+    is_main,
+    log0,
+    rank,
+    topology,
+    world_size,
+)
+from .engine import build_engine, deepspeed_config, destroy_engine
 from .export import export_engine
 from .growth import GrowthManager, Schedule
 from .metrics import DataAudit, LogWindow, Metrics, RegionTimer
 from .models.losses import distilhubert_loss, l2l_loss
-from .models.sfm import length_mask
+from .models.sfm import length_mask, receptive_field
 from .models.student import LAYER_PREFIX, Student
 from .models.teacher import Teacher
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row: the run saved a checkpoint and stopped."""
+
+
+def next_on_all_ranks(batches: Iterator[dict], inject: bool = False) -> dict | None:
+    """Every rank's next batch, or None on every rank when any rank's stream ended (a collective).
+
+    A data failure on any rank raises DataError on every rank, naming each failed rank and its
+    error. NOTE: called before the forward, which under ZeRO-3 is itself a collective: a rank that
+    raised alone would leave the others waiting in it. `inject`: fault injection (ISTACK_FAULTS).
+    """
+    batch, error = None, ""
+    try:
+        if inject:
+            raise DataError("injected by ISTACK_FAULTS")
+        batch = next(batches, None)
+    except DataError as e:
+        error = f"rank {rank()}: {e}"
+    status = all_reduce_sum({"ended": float(batch is None and not error), "failed": float(bool(error))})
+    if status["failed"]:
+        raise DataError("the data stream failed: " + " | ".join(e for e in gather_all(error) if e))
+    return None if status["ended"] else batch
 
 
 def seed_everything(seed: int) -> None:
@@ -63,9 +106,107 @@ class Trainer:
         self.diagnostics = LayerDiagnostics(cfg.data, self.device) if cfg.eval.diagnostics else None
         self.audit = DataAudit(self.out_dir, rank()) if cfg.log.data_audit else None
 
+        self.step = 0
+        self.saved_step: int | None = None
+        self.saved_path: Path | None = None
+        self.nonfinite_total = self.nonfinite_run = 0
+        # NOTE: the seed is the run's, never the step's: it fixes every epoch's shard order, which the
+        # data position refers to. A resume on the same world size and workers continues where each worker was.
+        # Shorter cuts would give the teacher no frame.
+        self.min_samples = receptive_field(self.teacher.info.conv_kernel, self.teacher.info.conv_stride)
+        self.loader = build_loader(
+            cfg.data,
+            cfg.data.train_index,
+            rank=rank(),
+            world_size=world_size(),
+            seed=cfg.run.seed,
+            min_samples=self.min_samples,
+        )
         # Resume builds the student at the checkpoint's depth first, then loads into it.
-        resume = self.checkpointer.resolve(cfg.checkpoint.resume)
-        meta = self._checked_meta(resume)
+        self._resume()
+        self.batches = iter(self.loader if batches is None else batches)
+        self.window = LogWindow()
+        self.audio_seconds_total = 0.0
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+
+    # ---- resume ------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        """Builds the student and engine, fresh or from the first checkpoint that loads on every rank.
+
+        Rank 0 chooses the candidates (``checkpoint.resume``: `auto` = every complete checkpoint that
+        verifies, newest first; a path = that one only) and broadcasts them. One that fails to load
+        is reported and the previous one tried; a checkpoint of another world size is converted
+        first (rank 0; the others wait). What was newer than the one resumed is set aside.
+        """
+        resume = self.cfg.checkpoint.resume
+        plan = None
+        if is_main():
+            plan = self._candidates(resume)
+        paths, notes = broadcast_from_main(plan)
+        for note in notes:
+            log0("checkpoint: %s", note)
+        failures = []
+        for candidate in map(Path, paths):
+            meta = read_meta(candidate)
+            check_compatible(meta, self.cfg.to_dict(), candidate)
+            check_depth(meta, self.schedule.depth_at(meta["step"]), candidate)
+            path = self._loadable_copy(candidate, meta)
+            meta = read_meta(path)
+            self._build(meta)
+            rank_state, errors = self._load(path)
+            if not errors:
+                if is_main():
+                    self.checkpointer.start_timeline(candidate, meta)
+                barrier()
+                self._restore(path, meta, rank_state)
+                return
+            failures.append(f"{path}: {'; '.join(errors)}")
+            log0("checkpoint %s did not load (%s): trying the previous one", path, "; ".join(errors))
+            destroy_engine(self.engine)
+            del self.engine, self.student
+        if failures:
+            raise CheckpointError("no checkpoint could be loaded: " + " | ".join(failures))
+        if is_main():  # a fresh run: what a run before it left in this directory is set aside
+            self.checkpointer.start_timeline(None, None)
+        barrier()
+        self._build(None)
+        # Dropout differs per rank from here on (a resume restores each rank's RNG instead).
+        seed_everything(self.cfg.run.seed + 1000 * rank())
+
+    def _candidates(self, resume: str) -> tuple[list[str], list[str]]:
+        """Rank 0: the checkpoints to try, newest first, and why others were passed over."""
+        if resume == "none":
+            return [], []
+        if resume == "auto":
+            good, notes = self.checkpointer.candidates(world_size())
+            return [str(p) for p in good], notes
+        verify(resume)  # an explicit choice: no fallback, the error names what is wrong with it
+        return [resume], []
+
+    def _loadable_copy(self, path: Path, meta: dict) -> Path:
+        """`path`, or its universal conversion when it was saved by another world size (made by rank 0)."""
+        if meta.get("world_size", world_size()) == world_size() or meta.get("universal"):
+            return path
+        log0(
+            "checkpoint %s was saved by %d rank(s), this run has %d: converting", path, meta["world_size"], world_size()
+        )
+        error = ""
+        if is_main():
+            try:
+                convert_to_universal(path, log=lambda msg: log0("%s", msg))
+            except CheckpointError as e:
+                error = str(e)
+        # NOTE: the other ranks wait here, bounded by deepspeed.dist_timeout_s.
+        errors = [e for e in gather_all(error) if e]
+        if errors:
+            raise CheckpointError(errors[0])
+        return universal_path(path)
+
+    def _build(self, meta: dict | None) -> None:
+        """The engine for a fresh run (`meta` None) or at a checkpoint's depth, batch and format."""
+        cfg = self.cfg
         # A resume on another world size keeps the global batch through gradient accumulation.
         self.accumulation = (
             gradient_accumulation_for(meta, world_size(), cfg.deepspeed.gradient_accumulation)
@@ -86,38 +227,14 @@ class Trainer:
         )
         self.student, self.engine = self._build_initial_student(meta)
 
-        self.step = 0
-        self.saved_step: int | None = None
-        self.saved_path: Path | None = None
-        self.nonfinite_total = self.nonfinite_run = 0
-        # NOTE: the seed is the run's, never the step's: it fixes every epoch's shard order, which the
-        # data position refers to. A resume on the same world size and workers continues where each worker was.
-        self.loader = build_loader(
-            cfg.data, cfg.data.train_index, rank=rank(), world_size=world_size(), seed=cfg.run.seed
-        )
-        if resume and meta:
-            self._restore(resume, meta)
-        else:
-            # Dropout differs per rank from here on (a resume restores each rank's RNG instead).
-            seed_everything(cfg.run.seed + 1000 * rank())
-        self.batches = iter(self.loader if batches is None else batches)
-        self.window = LogWindow()
-        self.audio_seconds_total = 0.0
-        self.first_loss: float | None = None
-        self.last_loss: float | None = None
-
-    def _checked_meta(self, resume: Path | None) -> dict | None:
-        if resume is None:
-            return None
-        meta = read_meta(resume)
-        check_compatible(meta, self.cfg.to_dict(), resume)
-        if meta.get("world_size", world_size()) != world_size() and not meta.get("universal"):
-            raise ValueError(
-                f"checkpoint {resume} was saved by {meta['world_size']} rank(s) and this run has {world_size()}: "
-                f"convert it first with `python tools/convert_checkpoint.py {resume}` and resume from the "
-                "universal checkpoint it writes"
-            )
-        return meta
+    def _load(self, path: Path) -> tuple[dict | None, list[str]]:
+        """This rank's state and, when any rank failed, every rank's error (the same list on all ranks)."""
+        rank_state, error = None, ""
+        try:
+            rank_state = self.checkpointer.load(self.engine, path)
+        except Exception as e:  # noqa: BLE001 -- a corrupt file raises whatever its reader raises
+            error = f"rank {rank()}: {type(e).__name__}: {e}"
+        return rank_state, [e for e in gather_all(error) if e]
 
     def _build_initial_student(self, meta: dict | None):
         # NOTE: the same seed on every rank: every rank must build the same initial student.
@@ -131,16 +248,26 @@ class Trainer:
                 log0("student CNN front end %s", "copied from the teacher" if copied else "random (shapes differ)")
         return student, build_engine(student, self.ds_config, self.cfg.optim)
 
-    def _restore(self, path: Path, meta: dict) -> None:
-        """Model, optimizer, LR position, step, this rank's RNG and (same world size and workers) data position."""
-        rank_state = self.checkpointer.load(self.engine, path)
+    def _restore(self, path: Path, meta: dict, rank_state: dict | None) -> None:
+        """Step, counters, this rank's RNG and data position (or, from another world size, its epoch)."""
         self.step = meta["step"]
         self.saved_step, self.saved_path = self.step, path
         self.nonfinite_total = meta.get("nonfinite_steps", 0)
-        if rank_state is None:  # another world size: fresh per-rank randomness
-            seed_everything(self.cfg.run.seed + 1000 * rank() + self.step)
-        else:  # rank files written before the loader kept its own state hold its keys at the top level
+        if rank_state is not None:  # rank files written before the loader kept its own state hold its keys at the top
             self.loader.load_state_dict(rank_state.get("data", rank_state))
+            # NOTE: a collective on every rank: where the position was not used, all ranks restart at one epoch.
+            restart = min(gather_all(self.loader.restart_epoch if self.loader.restart_epoch is not None else -1))
+            if restart >= 0 and not self.loader.resumed:
+                self.loader.start_at_epoch(restart, self.loader.position_note)
+            data_note = self.loader.position_note or "resumed at the saved position"
+        else:  # another world size: fresh per-rank randomness; the shard assignment changed
+            seed_everything(self.cfg.run.seed + 1000 * rank() + self.step)
+            epoch = min((state_epoch(s.get("data", s)) for s in saved_rank_states(path)), default=0)
+            data_note = (
+                f"saved by {meta.get('world_size')} rank(s), read by {world_size()}: each rank's shards differ, "
+                f"so the stream restarts at the start of epoch {epoch} (the lowest epoch any saving worker was in)"
+            )
+            self.loader.start_at_epoch(epoch, data_note)
         log0(
             "resumed from %s: step %d, stage %d, depth %d, lr %.3e",
             path,
@@ -158,15 +285,16 @@ class Trainer:
                 self.accumulation,
                 self.cfg.deepspeed.gradient_accumulation,
             )
-        log0(
-            "data: %s",
-            self.loader.position_note
-            or (
-                "resumed at the saved position"
-                if self.loader.resumed
-                else "new world size or workers: the stream starts afresh"
-            ),
-        )
+        log0("data: %s", data_note)
+        planned = self.schedule.depth_at(self.step)
+        if planned > self.student.depth:
+            log0(
+                "schedule re-planned: the checkpoint has depth %d at step %d, this config's schedule has depth %d "
+                "there; growing before the next step",
+                self.student.depth,
+                self.step,
+                planned,
+            )
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -207,7 +335,7 @@ class Trainer:
         t0 = time.perf_counter()
         done = attempts = 0
         while done < self.accumulation:
-            batch = next(self.batches)
+            batch = self.next_batch()
             audio = batch["audio"].to(self.device, non_blocking=True)
             lens = batch["audio_lens"].to(self.device, non_blocking=True)
             with self.teacher_timer:
@@ -223,11 +351,19 @@ class Trainer:
                 self.skip_nonfinite()
                 continue
             self.nonfinite_run = 0
+            faults.in_backward(loss, self.step + 1)
             self.engine.backward(loss)
             self.engine.step()
             done += 1
             self.window.add_micro_batch(loss.item(), {k: v.item() for k, v in parts.items()}, float(batch["seconds"]))
         self.window.add_step(time.perf_counter() - t0)
+
+    def next_batch(self) -> dict:
+        """The next training batch (see :func:`next_on_all_ranks`)."""
+        batch = next_on_all_ranks(self.batches, inject=faults.active("data_error", self.step + 1))
+        if batch is None:
+            raise StopIteration("the batch stream ended")
+        return batch
 
     def skip_nonfinite(self) -> None:
         self.nonfinite_total += 1
@@ -276,9 +412,12 @@ class Trainer:
         return loss.item()
 
     def maybe_grow(self) -> None:
-        new_depth = self.schedule.growth_at(self.step)
-        if new_depth is None or new_depth == self.student.depth:
-            return
+        """Grows to the schedule's depth at this step, through each stage's depth in turn (a re-planned
+        resume can be more than one stage behind)."""
+        while self.student.depth < self.schedule.depth_at(self.step):
+            self.grow_to(next(d for d in self.schedule.depths if d > self.student.depth))
+
+    def grow_to(self, new_depth: int) -> None:
         old_depth = self.student.depth
         # NOTE: every rank reaches this at the same optimizer step; the manager's gathers are collectives.
         result = self.growth.grow(self.engine, self.student, old_depth, new_depth, self.student.supervised)
@@ -359,14 +498,21 @@ class Trainer:
         workers = check_shard_count(read_index(valid_index), world_size(), self.cfg.data.num_workers, held_out=True)
         data = dataclasses.replace(self.cfg.data, num_workers=workers)
         loader = build_loader(
-            data, valid_index, rank=rank(), world_size=world_size(), seed=self.cfg.run.seed, epochs=1, crop=False
+            data,
+            valid_index,
+            rank=rank(),
+            world_size=world_size(),
+            seed=self.cfg.run.seed,
+            epochs=1,
+            crop=False,
+            min_samples=self.min_samples,
         )
         sums: dict[str, float] = {"frames": 0.0}
         batches = iter(loader)
         for _ in range(self.cfg.eval.max_batches):
-            batch = next(batches, None)
             # NOTE: under ZeRO-3 every forward is a collective, so all ranks stop at the shortest stream.
-            if not all_ranks(batch is not None) or batch is None:
+            batch = next_on_all_ranks(batches)
+            if batch is None:
                 break
             audio, lens = batch["audio"].to(self.device), batch["audio_lens"].to(self.device)
             features, targets = self.teacher_pass(audio, lens)

@@ -1,18 +1,23 @@
-"""Checkpoints: complete-or-not saves, resume after a kill or a crash in the middle of a save on the unbroken
-run's course, a new world size through the converter, a checkpoint of another shape refused.
+"""Checkpoints with real engines: a resume after a kill (at a seeded random step, mid-epoch and mid-group) or after
+one rank crashed in the middle of a save ends with the unbroken run's weights and Adam moments, bit for bit; a
+corrupt newest checkpoint is reported and the previous one resumes; a resume from an older checkpoint starts a new
+timeline; another world size converts and resumes by itself; a checkpoint of another shape is refused.
 
-Every run is real: launchers/train.py (or a worker script) on 2 gloo ranks under torchrun.
+Every run is real: launchers/train.py (or a worker script) on 2 gloo ranks under torchrun. The file-level rules
+(choice, verification, set-aside, pruning) are tested without engines in tests/test_checkpoint_files.py.
 """
 
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 from istack_ds.models.teacher import make_random_teacher
 from tests.helpers import ROOT, TOTAL, child_env, run_args, run_worker, scalars, shard_of_cut, torchrun
@@ -23,11 +28,42 @@ def teacher_dir(tmp_path_factory):
     return make_random_teacher(tmp_path_factory.mktemp("teacher") / "hubert", size="tiny")
 
 
+#: Two shards a group: each rank's epoch (4 shards) has two groups, so a checkpoint can fall inside a group.
+GROUPS = "data.interleave_shards=2"
+
+
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory, teacher_dir, demo_shards):
     out = tmp_path_factory.mktemp("unbroken")
-    torchrun(ROOT / "launchers/train.py", *run_args(out, teacher_dir, demo_shards), timeout=400)
+    torchrun(ROOT / "launchers/train.py", *run_args(out, teacher_dir, demo_shards, GROUPS), timeout=400)
     return out
+
+
+def _tensors(obj, prefix: str, out: dict) -> None:
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _tensors(v, f"{prefix}/{k}", out)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _tensors(v, f"{prefix}/{i}", out)
+
+
+def assert_same_weights_and_moments(run, reference, step=TOTAL):
+    """Every tensor of the final checkpoints (weights, fp32 partitions, Adam moments) is bitwise equal."""
+    tag = f"checkpoints/step{step:08d}"
+    got, want = {}, {}
+    for tensors, root in ((got, run / tag), (want, reference / tag)):
+        for f in sorted(root.glob("*_states.pt")):
+            _tensors(torch.load(f, map_location="cpu", weights_only=False), f.name, tensors)
+    assert sorted(got) == sorted(want) and any("exp_avg_sq" in k for k in want), sorted(want)[:20]
+    differ = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not differ, differ[:10]
+
+
+def resumed_position(stderr: str) -> str:
+    return next(line for line in stderr.splitlines() if "resumed from" in line)
 
 
 def kill_at_step(args, step, env=None, timeout=300):
@@ -102,34 +138,111 @@ def assert_same_course(out, unbroken):
     assert summary["steps"] == TOTAL and summary["depth"] == 8
 
 
-@pytest.mark.parametrize("where", ["random_after_first_checkpoint", "between_checkpoint_and_growth"])
-def test_kill9_then_resume_follows_the_unbroken_run(tmp_path, teacher_dir, demo_shards, unbroken, where):
+@pytest.mark.parametrize("where", ["seeded_random_step", "inside_a_shard_group"])
+def test_kill9_then_resume_ends_with_the_unbroken_runs_weights(tmp_path, teacher_dir, demo_shards, unbroken, where):
     out = tmp_path / "run"
-    args = run_args(out, teacher_dir, demo_shards)
+    args = run_args(out, teacher_dir, demo_shards, GROUPS)
     # Checkpoints at steps 3, 5 (growth), 6, 9 (growth), 12; growth boundaries after steps 4 and 8.
-    step = random.Random().randint(4, TOTAL - 1) if where == "random_after_first_checkpoint" else 7
-    print(f"killing at step {step}")
+    seed = int(os.environ.get("ISTACK_TEST_SEED", random.randrange(2**31)))
+    # step 7 resumes from step 6, whose data position lies inside an epoch and a shard group (asserted below)
+    step = random.Random(seed).randint(4, TOTAL - 1) if where == "seeded_random_step" else 7
+    print(f"kill step {step} (ISTACK_TEST_SEED={seed} reproduces it)")
     kill_at_step(args, step)
     resumed = torchrun(ROOT / "launchers/train.py", *args, timeout=400)
-    assert "resumed at the saved position" in resumed.stderr
+    assert "resumed at the saved position" in resumed.stderr, resumed.stderr[-3000:]
+    if where == "inside_a_shard_group":
+        positions = [
+            torch.load(out / f"checkpoints/step00000006/rank{r}.pt", weights_only=True)["data"]["positions"]["0"]
+            for r in (0, 1)
+        ]
+        # rank 1 is inside a group (a batch of it handed out), both ranks inside an epoch (2 of 4 shards done)
+        assert positions[1]["batches_in_group"] > 0 and all(p["shards_done"] == 2 for p in positions), positions
     assert_same_course(out, unbroken)
     assert_no_shard_skipped(out, unbroken, demo_shards)
+    assert_same_weights_and_moments(out, unbroken)
 
 
-def test_crash_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(
+def test_one_rank_crashing_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(
     tmp_path, teacher_dir, demo_shards, unbroken
 ):
     out = tmp_path / "run"
-    args = run_args(out, teacher_dir, demo_shards)
+    args = run_args(out, teacher_dir, demo_shards, GROUPS)
+    # rank 1 dies after DeepSpeed wrote its partition, before its rank file; rank 0 is left waiting
     crashed = torchrun(
-        ROOT / "launchers/train.py", *args, env=child_env(ISTACK_FAULTS="crash_in_save@6"), check=False, timeout=400
+        ROOT / "launchers/train.py", *args, env=child_env(ISTACK_FAULTS="crash_in_save@6:1"), check=False, timeout=400
     )
     assert crashed.returncode != 0
     assert (out / "checkpoints/step00000006").is_dir()  # written in part ...
     assert not (out / "checkpoints/step00000006/istack_meta.json").exists()  # ... never marked complete
     resumed = torchrun(ROOT / "launchers/train.py", *args, timeout=400)
-    assert "resumed from" in resumed.stderr and "step00000005" in resumed.stderr
+    assert "step00000005" in resumed_position(resumed.stderr)
+    assert "a save that did not finish" in resumed.stderr
     assert_same_course(out, unbroken)
+    assert_same_weights_and_moments(out, unbroken)
+
+
+def copy_run(unbroken, out, drop=()):
+    """A copy of the unbroken run to resume, without its summary (and without the checkpoints in `drop`)."""
+    shutil.copytree(unbroken, out)
+    (out / "summary.json").unlink()
+    for step in drop:
+        shutil.rmtree(out / f"checkpoints/step{step:08d}")
+
+
+def test_a_corrupt_newest_checkpoint_is_reported_and_the_previous_one_resumes(
+    tmp_path, teacher_dir, demo_shards, unbroken
+):
+    out = tmp_path / "run"
+    copy_run(unbroken, out)
+    # step 14: a file every rank reads, zeroed at its own size (passes the size check, fails to load)
+    model = out / "checkpoints/step00000014/mp_rank_00_model_states.pt"
+    model.write_bytes(bytes(model.stat().st_size))
+    # step 12: rank 1's partition cut short (fails verification before anything loads)
+    part = out / "checkpoints/step00000012/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    part.write_bytes(part.read_bytes()[:100])
+    resumed = torchrun(ROOT / "launchers/train.py", *run_args(out, teacher_dir, demo_shards, GROUPS), timeout=400)
+    assert "step00000014 did not load" in resumed.stderr, resumed.stderr[-3000:]
+    assert (
+        "passed over" in resumed.stderr and "zero_pp_rank_1_mp_rank_00_optim_states.pt has 100 bytes" in resumed.stderr
+    )
+    assert "step00000009" in resumed_position(resumed.stderr)
+    aside = list((out / "checkpoints/set_aside").iterdir())
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step00000012", "step00000014"]
+    assert_same_weights_and_moments(out, unbroken)
+
+
+def test_a_resume_from_an_older_checkpoint_starts_a_new_timeline(tmp_path, teacher_dir, demo_shards, unbroken):
+    """The usual recovery from divergence: back to step 6 with a lower LR; `auto` never returns to the old run."""
+    out = tmp_path / "run"
+    copy_run(unbroken, out)
+    args = run_args(out, teacher_dir, demo_shards, GROUPS, "optim.lr=1e-3")
+    resumed = torchrun(
+        ROOT / "launchers/train.py", *args, "--set", f"checkpoint.resume={out}/checkpoints/step00000006", timeout=400
+    )
+    assert "new timeline from" in resumed.stderr, resumed.stderr[-3000:]
+    aside = next((out / "checkpoints/set_aside").iterdir())
+    assert sorted(p.name for p in aside.iterdir()) == ["step00000009", "step00000012", "step00000014"]
+    metas = {n: json.loads((out / f"checkpoints/step{n:08d}/istack_meta.json").read_text()) for n in (6, 9, 14)}
+    assert metas[9]["timeline"] == metas[14]["timeline"] != metas[6]["timeline"]
+    assert metas[14]["config"]["optim"]["lr"] == 1e-3
+    again = torchrun(ROOT / "launchers/train.py", *args, timeout=400)  # checkpoint.resume=auto
+    assert "run already complete at step 14" in again.stderr
+    assert "step00000014" in resumed_position(again.stderr)
+
+
+def test_a_run_on_another_world_size_converts_and_resumes_by_itself(tmp_path, teacher_dir, demo_shards, unbroken):
+    out = tmp_path / "run"
+    copy_run(unbroken, out, drop=(12, 14))
+    one = torchrun(ROOT / "launchers/train.py", *run_args(out, teacher_dir, demo_shards, GROUPS), nproc=1, timeout=400)
+    log = one.stderr
+    assert "saved by 2 rank(s), this run has 1: converting" in log, log[-3000:]
+    assert "global batch is kept with gradient accumulation 2" in log
+    assert "restarts at the start of epoch" in log
+    assert "step00000009_universal" in resumed_position(log)
+    lr, ref_lr = scalars(out / "tb", "train/lr"), scalars(unbroken / "tb", "train/lr")
+    for step in range(10, TOTAL + 1):
+        assert lr[step][-1] == pytest.approx(ref_lr[step][0], rel=1e-6), step
+    assert json.loads((out / "summary.json").read_text())["depth"] == 8
 
 
 def test_two_ranks_to_one_through_the_converter_keeps_the_loss(tmp_path, teacher_dir):

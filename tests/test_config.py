@@ -101,3 +101,69 @@ def test_every_field_is_documented():
         cls = type(getattr(Config(), section.name))
         names = {f.name for f in dataclasses.fields(cls)}
         assert names == set(field_docs(cls)), f"undocumented fields in {cls.__name__}: {names - set(field_docs(cls))}"
+
+
+def _float_keys() -> list[str]:
+    """Every float-typed key of the tree (float, float | None, list[float])."""
+    import dataclasses
+    import typing
+
+    def holds_float(hint) -> bool:
+        return hint is float or any(holds_float(a) for a in typing.get_args(hint))
+
+    keys = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        keys += [f"{section.name}.{k}" for k, h in typing.get_type_hints(cls).items() if holds_float(h)]
+    return keys
+
+
+FLOAT_KEYS = _float_keys()
+
+
+def test_float_keys_are_found():
+    assert {"optim.lr", "optim.betas", "data.batch_seconds", "growth.alpha", "student.dropout"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("value", [".nan", "-.inf", "1e999"])  # YAML nan, YAML -inf, a string read as inf
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_every_float_key_refuses_non_finite_numbers(key, value):
+    """Issue 13 item 8: `nan` passes every range check and `inf` every lower bound, so finiteness is checked
+    once for every float (a list of floats: each entry)."""
+    is_list = isinstance(getattr(getattr(Config(), key.split(".")[0]), key.split(".")[1]), list)
+    override = f"{key}=[{value}, 0.5]" if is_list else f"{key}={value}"
+    with pytest.raises(ConfigError, match=rf"{key}(\[0\])?=.* must be a finite number"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_sections_built_in_code_refuse_non_finite_numbers(key):
+    import dataclasses
+
+    section, name = key.split(".")
+    cls = type(getattr(Config(), section))
+    value = [float("nan"), 0.5] if isinstance(getattr(cls(), name), list) else float("nan")
+    with pytest.raises(ConfigError, match=rf"{key}(\[0\])?=nan must be a finite number"):
+        dataclasses.replace(cls(), **{name: value})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.eps=-1"], r"optim\.eps=-1\.0 must be > 0"),
+        (["optim.eps=0"], r"optim\.eps=0\.0 must be > 0"),
+        (["data.num_mel_bins=0"], r"data\.num_mel_bins=0 must be > 0"),
+        (["student.conv_dim=[]"], r"student\.conv_dim=\[\] must be null or a list of channel counts >= 1"),
+        (["student.conv_dim=[32,0,32]"], r"student\.conv_dim=\[32, 0, 32\]"),
+        # 66 is divisible by 6 heads, but the positional convolution runs in 4 groups
+        (["student.hidden_size=66", "student.num_attention_heads=6"], r"student\.hidden_size=66 must be a multiple"),
+        # PROP-1 over 5 steps rounds the first boundary to step 0: a stage without a step
+        (["growth.alpha=1", "optim.total_steps=5"], r"growth\.alpha=1\.0 .*optim\.total_steps=5.*\[0, 2, 1, 2\]"),
+        (["growth.alpha=800"], r"growth\.alpha=800\.0 .*overflow"),
+        (["growth.alpha=-40"], r"growth\.alpha=-40\.0 .*stages of \[\d+, 0, 0, 0\] steps"),
+    ],
+)
+def test_numeric_holes_are_closed(overrides, message):
+    """Issue 13 item 8: values that loaded before and failed only after the process group started (or never)."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)

@@ -46,3 +46,22 @@ def test_a_held_out_split_is_read_by_fewer_workers(demo_shards):
     ) as e:
         check_shard_count(index, n + 1, 1, held_out=True)
     assert index.path in str(e.value)
+
+
+def test_digest_names_the_shard_list_not_where_it_lives(demo_shards, tmp_path):
+    """The digest of the ordered (name, samples) list: a moved split keeps it; another order or count changes it."""
+    index = read_index(demo_shards / "train" / "index.json")
+    moved = tmp_path / "a" / "b" / "train"
+    shutil.copytree(demo_shards / "train", moved)
+    there = read_index(moved / "index.json")
+    assert [s.name for s in index.shards] == [f"shard-{i:06d}.tar" for i in range(len(index.shards))]
+    assert there.digest == index.digest and len(index.digest) == 64
+    assert [s.path for s in there.shards] != [s.path for s in index.shards]
+    raw = json.loads((moved / "index.json").read_text())
+    raw["shards"].reverse()
+    (moved / "index.json").write_text(json.dumps(raw))
+    assert read_index(moved / "index.json").digest != index.digest
+    raw["shards"].reverse()
+    raw["shards"][0]["samples"] += 1
+    (moved / "index.json").write_text(json.dumps(raw))
+    assert read_index(moved / "index.json").digest != index.digest

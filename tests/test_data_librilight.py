@@ -1,16 +1,26 @@
-"""LibriLight preparation: any subset of parts, window limits, VAD windows, the speaker split, clear errors."""
+"""LibriLight preparation: any subset of parts, window limits, VAD windows, the speaker split, clear errors, and bad
+source files skipped, counted and named (again on a re-run)."""
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import shutil
 
 import pytest
 
-from istack_ds.data.corpora.librilight import manifest_paths, pick_valid_speakers, prepare_librilight, vad_windows
+from istack_ds.data.corpora import BadSource
+from istack_ds.data.corpora.librilight import (
+    manifest_paths,
+    pick_valid_speakers,
+    prepare_librilight,
+    vad_windows,
+    voice_activity,
+)
 from istack_ds.data.demo_corpus import make_corpus
-from istack_ds.data.index import DataError
+from istack_ds.data.index import DataError, read_index
+from tests.helpers import ROOT
 
 QUIET = dict(log=lambda *_: None)
 
@@ -98,3 +108,101 @@ def test_vad_windows_merge_split_and_drop():
     assert vad_windows(vad, max_seconds=4.0, min_seconds=0.5) == [(0.0, 3.5), (12.0, 16.0), (16.0, 19.0)]
     windows = vad_windows(vad, max_seconds=2.0, min_seconds=0.0)
     assert all(b - a <= 2.0 for a, b in windows) and windows[0] == (0.0, 1.0)
+
+
+# ---- bad source files: skipped, counted, named, the same on a re-run ------------------------
+
+BAD_VAD = {
+    "nan": [[0.1, float("nan")]],
+    "inf": [[0.1, float("inf")]],
+    "negative": [[-0.5, 1.0]],
+    "start_after_end": [[2.0, 1.0]],
+    "empty_interval": [[1.0, 1.0]],
+    "triple": [[0.1, 0.5, 0.7]],
+    "not_pairs": [1.0, 2.0],
+    "strings": [["0.1", "0.5"]],
+    "not_a_list": {"start": 0.1},
+}
+
+
+@pytest.mark.parametrize("vad", list(BAD_VAD.values()), ids=list(BAD_VAD))
+def test_malformed_voice_activity_is_a_bad_vad(vad, tmp_path):
+    with pytest.raises(BadSource, match=r"x\.json: voice_activity") as e:
+        voice_activity({"voice_activity": vad}, tmp_path / "x.json")
+    assert e.value.reason == "bad_vad"
+    assert voice_activity({"voice_activity": [[0, 1.5], [2.0, 3]]}, tmp_path / "x.json") == [(0.0, 1.5), (2.0, 3.0)]
+
+
+def _shard_corpus_main():
+    spec = importlib.util.spec_from_file_location("shard_corpus", ROOT / "tools" / "shard_corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_bad_sources_are_skipped_counted_named_and_a_rerun_says_the_same(tmp_path, capsys):
+    """Issue 13 item 10: NaN / inf / negative / malformed voice_activity, unreadable or missing json, a FLAC with a
+    junk header, and a FLAC whose body does not decode: the run goes on, counts each by reason, names the first
+    few, records them in index.json, and a re-run gives the same index and the same lines."""
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, speakers=2, books=1, files=5, seconds=4.0, seed=3, engine="synth", **QUIET)
+    flacs = sorted(corpus.rglob("*.flac"))
+    for flac, vad in zip(flacs, (BAD_VAD["nan"], BAD_VAD["inf"], BAD_VAD["negative"], BAD_VAD["triple"])):
+        meta = json.loads(flac.with_suffix(".json").read_text())
+        flac.with_suffix(".json").write_text(json.dumps({**meta, "voice_activity": vad}))  # NaN, Infinity tokens
+    flacs[4].with_suffix(".json").write_text("{not json")
+    flacs[5].with_suffix(".json").unlink()
+    flacs[6].write_bytes(b"junk" * 100)
+    body = flacs[7].read_bytes()
+    flacs[7].write_bytes(body[:200] + bytes(len(body) - 200))  # header fine, body not
+    out = tmp_path / "out"
+    argv = [
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--max-seconds=3",
+        "--min-seconds=0.5",
+        "--min-shards=2",
+        "--valid-speakers=0",
+    ]
+
+    assert _shard_corpus_main()(argv) == 0
+    first = capsys.readouterr().out.splitlines()
+    sources = (
+        "skipped 7 source files: bad_json 1, bad_vad 4, missing_json 1, undecodable_flac 1; "
+        f"first: {flacs[0].relative_to(corpus).as_posix()} (bad_vad: {flacs[0].stem}.json: voice_activity[0] = "
+        "[0.1, nan] is not [start, end], 0 <= start < end); "
+    )
+    assert first[-3].startswith(sources), first[-3]
+    assert f"{flacs[6].relative_to(corpus).as_posix()} (undecodable_flac: " in first[-3]
+    assert first[-2].startswith("train: skipped 1 cuts: undecodable_flac 1; first: ")
+    assert flacs[7].name in first[-2] and first[-1].startswith("done in")
+    raw = json.loads((out / "train" / "index.json").read_text())
+    settings = raw["settings"]
+    assert settings["skipped_sources"]["count"] == 7 and len(settings["skipped_sources"]["first"]) == 7
+    assert settings["skipped_sources"]["by_reason"] == {
+        "bad_json": 1,
+        "bad_vad": 4,
+        "missing_json": 1,
+        "undecodable_flac": 1,
+    }
+    assert settings["skipped_members"]["by_reason"] == {"undecodable_flac": 1}
+    assert [e.get("skipped", {}).get("count", 0) for e in raw["shards"]].count(1) == 1, "the shard names its skip"
+    index = read_index(out / "train" / "index.json")
+    assert index.samples == raw["totals"]["samples"] > 0
+    sources_left = {m.split("-")[2] for s in index.shards for m in _keys(s.path)}
+    assert sources_left == {f.stem for f in flacs[8:]}, "only the good files are in the shards"
+
+    before = (out / "train" / "index.json").read_text()
+    assert _shard_corpus_main()(argv) == 0, "a re-run after a skip does not crash"
+    again = capsys.readouterr().out.splitlines()
+    assert again[-3:-1] == first[-3:-1]
+    assert (out / "train" / "index.json").read_text() == before
+
+
+def _keys(shard) -> set[str]:
+    import tarfile
+
+    with tarfile.open(shard) as tf:
+        return {m.name.split(".")[0] for m in tf.getmembers()}

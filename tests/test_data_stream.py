@@ -15,7 +15,7 @@ import soundfile as sf
 
 from istack_ds.config import DataConfig
 from istack_ds.data.index import DataError, read_index
-from istack_ds.data.stream import DataCounters, build_loader
+from istack_ds.data.stream import DataCounters, build_loader, state_epoch
 from tests.helpers import run_worker, shard_of_cut
 
 
@@ -175,9 +175,9 @@ def test_bad_members_are_skipped_and_counted(demo_shards, tmp_path):
 
 @pytest.mark.parametrize("interleave", [1, 4])
 def test_skip_counts_survive_a_resume_without_double_counting(demo_shards, tmp_path, interleave):
-    """Two epochs over shards with 2 bad headers and 1 bad body: resumed after ANY batch, the last batch
-    counts the same 6 skips as the unresumed run (a bad body is found while its batch is decoded,
-    possibly in the batch that completes its group)."""
+    """Two epochs over shards with 2 bad headers and 1 bad body: resumed after ANY batch, the batches and their
+    skip counts are the unresumed run's (a bad body is found while its batch is decoded, possibly in a batch
+    the resume drops, or in the batch that completes its group)."""
     split = tmp_path / "train"
     shutil.copytree(demo_shards / "train", split)
     with tarfile.open(split / "shard-000003.tar") as tf:
@@ -189,13 +189,17 @@ def test_skip_counts_survive_a_resume_without_double_counting(demo_shards, tmp_p
     with tarfile.open(split / "shard-000005.tar") as tf:
         name, flac = next((m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".flac"))
     rewrite_shard(split / "shard-000005.tar", {name: flac[:200] + bytes(len(flac) - 200)})  # header fine, body not
-    data = config(split / "index.json", batch_seconds=40.0, interleave_shards=interleave)
+    data = config(split / "index.json", batch_seconds=4.0, interleave_shards=interleave)  # several batches a group
     full = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=1, epochs=2))
     assert full[-1]["skipped_by_reason"] == {"undecodable_flac": 4, "missing_json": 2}
     for j in range(len(full) - 1):
         position = json.loads(json.dumps({"0": full[j]["position"]}))
         rest = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=1, epochs=2, position=position))
         assert rest[-1]["skipped_by_reason"] == full[-1]["skipped_by_reason"], f"resumed after batch {j}"
+        # the dropped batches of the re-read group were decoded: every batch counts as the unresumed one
+        assert [(b["cut_ids"], b["skipped_by_reason"]) for b in rest] == [
+            (b["cut_ids"], b["skipped_by_reason"]) for b in full[j + 1 :]
+        ], f"resumed after batch {j}"
 
 
 def test_a_position_saved_with_other_groups_loses_and_repeats_nothing(demo_shards):
@@ -239,77 +243,49 @@ def test_other_rate_and_stereo_members_are_resampled_and_downmixed(demo_shards, 
 # ---- data position: resume ----------------------------------------------------------------
 
 
-def assert_resumed(r: dict, shard_of: dict) -> set:
-    """One rank's first batches, saved position and batches after the resume: what the resume promises.
-
-    Returns every cut that rank saw."""
-    assert r["resumed"] and r["skipped"] == 0
-    repeats = set(r["first"]) & set(r["after"])
-    assert len(r["after"]) == len(set(r["after"])), "no duplicates after the resume"
-    # every repeat lies in its worker's one unfinished group: the interleave_shards shards from shards_done on
-    unfinished = {
-        s
-        for w, p in r["position"].items()
-        for s in r["shard_lists"][w][p["shards_done"] : p["shards_done"] + p["interleave_shards"]]
-    }
-    assert {shard_of[k] for k in repeats} <= unfinished
-    done = {s for w, p in r["position"].items() for s in r["shard_lists"][w][: p["shards_done"]]}
-    assert not any(shard_of[k] in done for k in r["after"]), "completed shards are not read again"
-    return set(r["first"]) | set(r["after"])
-
-
 def test_resume_two_ranks_two_workers_gloo(demo_shards):
-    """First K batches + the batches after loading the loader's saved state = the whole epoch; repeats <= one shard
-    a worker (2 shards a worker here, so data.interleave_shards=1 to have a resume point inside the epoch)."""
+    """2 gloo ranks x 2 workers, one epoch: each worker's first batches + its batches after loading the loader's
+    saved state = its uninterrupted batches, cut ids and audio, with the save inside a shard group."""
     index = demo_shards / "train" / "index.json"
     per_rank = run_worker("data_resume.py", "--index", index, "--batches", 3, nproc=2)
-    shard_of = shard_of_cut(index)
-    seen = set()
-    assert any(set(r["first"]) & set(r["after"]) for r in per_rank), "the run stopped inside a shard (K, seed)"
-    for r in per_rank:
+    assert any(p["batches_in_group"] for r in per_rank for p in r["position"].values()), "saved inside a group (K)"
+    for rank, r in enumerate(per_rank):
         assert sorted(r["position"]) == ["0", "1"]
-        assert r["state"] == {"num_workers": 2, "positions": r["position"]}, "the loader kept what its batches said"
-        assert r["note"] == ""
+        assert r["state"] == {**r["binding"], "positions": r["position"]}, "the loader kept what its batches said"
+        assert (r["binding"]["rank"], r["binding"]["world_size"], r["binding"]["num_workers"]) == (rank, 2, 2)
+        assert r["resumed"] and r["note"] == ""
         for w, full in r["full_by_worker"].items():
-            first, after = r["first_by_worker"][w], r["after_by_worker"][w]
-            # per worker: its first batches + its batches after the resume = its uninterrupted batches,
-            # the batches of its one unfinished shard coming twice
-            assert first == full[: len(first)] and after == full[len(full) - len(after) :], f"worker {w}"
-            assert len(first) + len(after) >= len(full), f"worker {w}"
-        rank_cuts = assert_resumed(r, shard_of)
-        assert rank_cuts.isdisjoint(seen), "ranks share no cut"
-        seen |= rank_cuts
-    assert seen == set(index_keys(index)), "nothing skipped: together the ranks see every cut of the epoch"
+            assert r["first_by_worker"][w] + r["after_by_worker"][w] == full, f"rank {rank} worker {w}"
 
 
 def test_resume_two_workers_in_groups_of_two(demo_shards):
-    """2 loader processes, 4 shards each read 2 at a time: the resume re-reads at most a worker's unfinished group."""
+    """2 loader processes, 4 shards each read 2 at a time: after a resume each worker goes on with exactly the
+    batches it would have given; the state is what the caller took, not what the workers prefetched."""
     index = demo_shards / "train" / "index.json"
-    data = config(index, num_workers=2, interleave_shards=2, batch_seconds=4.0, shuffle_buffer=4)
-    first, position = [], {}
+    data = config(index, num_workers=2, interleave_shards=2, batch_seconds=2.0, shuffle_buffer=4)
+
+    def by_worker(batches) -> dict[int, list]:
+        out: dict[int, list] = {0: [], 1: []}
+        for b in batches:
+            out[b["worker"]].append((b["cut_ids"], b["audio"]))
+        return out
+
+    full = by_worker(build_loader(data, data.train_index, rank=0, world_size=1, seed=4, epochs=1))
     loader = build_loader(data, data.train_index, rank=0, world_size=1, seed=4, epochs=1)
-    for batch in islice(loader, 6):
-        first += batch["cut_ids"]
-        position[str(batch["worker"])] = batch["position"]
-    assert {p["shards_done"] for p in position.values()} & {2}, "a worker finished its first group (K, seed)"
+    first = list(islice(loader, 6))
+    position = {str(b["worker"]): b["position"] for b in first}
+    # (K, seed): one worker saved inside its first group, the other at the end of it
+    assert sorted((p["shards_done"], p["batches_in_group"] > 0) for p in position.values()) == [(0, True), (2, False)]
     state = json.loads(json.dumps(loader.state_dict()))
-    assert state == {"num_workers": 2, "positions": position}
+    assert state == {**loader.binding(), "positions": position}
     resumed = build_loader(data, data.train_index, rank=0, world_size=1, seed=4, epochs=1)
     resumed.load_state_dict(state)
-    after = [k for b in resumed for k in b["cut_ids"]]
-    lists = {str(w): [p for p, _ in resumed.dataset.shards_for(0, w, 2)] for w in (0, 1)}
-    seen = assert_resumed(
-        {
-            "first": first,
-            "after": after,
-            "position": position,
-            "resumed": resumed.resumed,
-            "skipped": 0,
-            "shard_lists": lists,
-        },
-        shard_of_cut(index),
-    )
-    assert seen == set(index_keys(index))
+    assert resumed.resumed and resumed.position_note == ""
+    before, after = by_worker(first), by_worker(resumed)
+    for w in (0, 1):
+        got = before[w] + after[w]
+        assert [c for c, _ in got] == [c for c, _ in full[w]], f"worker {w}"
+        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, full[w])), f"worker {w}: same crops"
 
 
 def test_interleaved_shards_mix_in_a_batch_and_every_cut_comes_once(demo_shards):
@@ -330,42 +306,103 @@ def test_interleaved_shards_mix_in_a_batch_and_every_cut_comes_once(demo_shards)
             assert {4, 8} <= {b["shards_done"] for b in batches} <= {0, 4, 8}
 
 
+def same_batches(got: list[dict], want: list[dict]) -> bool:
+    """The same batches in the same order: cut ids, audio (crops) and lengths."""
+    return len(got) == len(want) and all(
+        a["cut_ids"] == b["cut_ids"]
+        and np.array_equal(a["audio"], b["audio"])
+        and np.array_equal(a["audio_lens"], b["audio_lens"])
+        for a, b in zip(got, want)
+    )
+
+
 def test_resumed_batches_equal_the_uninterrupted_run(demo_shards):
-    """num_workers=0: the batches after a resume are exactly the original run's from the partial group on
-    (8 shards, interleave_shards=4: two groups an epoch)."""
-    data = config(demo_shards / "train" / "index.json", batch_seconds=4.0, shuffle_buffer=4)
+    """num_workers=0, 8 shards read 2 at a time (4 groups an epoch), 2 epochs: resumed from the position of ANY
+    batch, inside a group or at its end, the batches that follow are the uninterrupted run's, batch for batch."""
+    data = config(demo_shards / "train" / "index.json", batch_seconds=2.0, shuffle_buffer=4, interleave_shards=2)
     full = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=9, epochs=2))
     assert {b["epoch"] for b in full} == {0, 1}
-    for j in (0, 4, len(full) // 2, len(full) - 2):
-        position = {"0": full[j]["position"]}
-        loader = build_loader(
-            data, data.train_index, rank=0, world_size=1, seed=9, epochs=2, position=json.loads(json.dumps(position))
-        )
+    inside = [j for j, b in enumerate(full) if b["position"]["batches_in_group"] > 0]
+    boundary = [j for j, b in enumerate(full[:-1]) if b["position"]["batches_in_group"] == 0]
+    assert inside and boundary and max(b["position"]["batches_in_group"] for b in full) >= 2
+    for j in range(len(full) - 1):
+        position = json.loads(json.dumps({"0": full[j]["position"]}))
+        loader = build_loader(data, data.train_index, rank=0, world_size=1, seed=9, epochs=2, position=position)
         rest = list(loader)
         assert loader.resumed and loader.position_note == ""
-        # it restarts no earlier than the first batch of the group unfinished at batch j
-        unfinished = [i for i, b in enumerate(full) if b["position"] == full[j]["position"]]
-        assert 0 < len(rest) <= len(full) - unfinished[0]
-        assert [b["cut_ids"] for b in rest] == [b["cut_ids"] for b in full[len(full) - len(rest) :]]
-        assert all(np.array_equal(a["audio"], b["audio"]) for a, b in zip(rest, full[len(full) - len(rest) :]))
-        # what is re-read: only batches of the group that was unfinished at batch j
-        redone = full[len(full) - len(rest) : j + 1]
-        assert all(b["epoch"] == full[j]["epoch"] and b["shards_done"] == full[j]["shards_done"] for b in redone[:-1])
+        assert same_batches(rest, full[j + 1 :]), f"resumed after batch {j}: {full[j]['position']}"
+        assert [b["position"] for b in rest] == [b["position"] for b in full[j + 1 :]]
     # the position counts shards within the epoch and ends the epoch at the worker's whole list
     ends = [b for b in full if b["epoch"] == 0]
     assert ends[-1]["shards_done"] == 8 and full[-1]["position"] == {
         "worker": 0,
         "epoch": 1,
         "shards_done": 8,
-        "interleave_shards": 4,
+        "batches_in_group": 0,
+        "interleave_shards": 2,
         "skipped_by_reason": {},
-        "repaired_by_reason": {},
+        "repaired_by_reason": full[-1]["repaired_by_reason"],  # too_long: windows over batch_seconds
     }
 
 
+def test_a_resume_inside_a_group_counts_the_skips_of_the_batches_it_drops(demo_shards, tmp_path):
+    """A good header and a bad body in one member of each shard: found only when its batch is decoded. Resumed
+    inside a group, the worker decodes the batches it drops, so the batches after it count the same skips."""
+    split = tmp_path / "train"
+    shutil.copytree(demo_shards / "train", split)
+    for shard in sorted(split.glob("shard-*.tar")):
+        with tarfile.open(shard) as tf:
+            flacs = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".flac")]
+        if len(flacs) >= 2:
+            name, flac = flacs[1]
+            rewrite_shard(shard, {name: flac[:200] + bytes(len(flac) - 200)})
+    data = config(split / "index.json", batch_seconds=4.0, interleave_shards=2)
+    full = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=1, epochs=1))
+    # (seed): some batch handed out inside a group had found a bad body after the group's start
+    assert any(
+        b["position"]["batches_in_group"] and b["skipped_by_reason"] != b["position"]["skipped_by_reason"] for b in full
+    )
+    for j in range(len(full) - 1):
+        position = json.loads(json.dumps({"0": full[j]["position"]}))
+        rest = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=1, epochs=1, position=position))
+        assert [(b["cut_ids"], b["skipped_by_reason"]) for b in rest] == [
+            (b["cut_ids"], b["skipped_by_reason"]) for b in full[j + 1 :]
+        ], f"resumed after batch {j}"
+
+
+def test_a_position_without_batches_in_group_resumes_at_the_group_start(demo_shards):
+    """A position saved before ``batches_in_group`` existed re-reads its unfinished group whole, as before."""
+    data = config(demo_shards / "train" / "index.json", batch_seconds=2.0, shuffle_buffer=4, interleave_shards=2)
+    full = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=9, epochs=1))
+    j = next(j for j, b in enumerate(full) if b["position"]["batches_in_group"] >= 2)
+    old = {k: v for k, v in full[j]["position"].items() if k != "batches_in_group"}
+    rest = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=9, epochs=1, position={"0": old}))
+    start = j + 1 - full[j]["position"]["batches_in_group"]  # the first batch of that group
+    assert same_batches(rest, full[start:])
+
+
+def test_moved_split_gives_the_same_batches_and_resumes_exactly(demo_shards, tmp_path):
+    """The split copied elsewhere (shards + index.json): the same index digest, the same batches, and a state saved
+    on the original resumes on the copy batch for batch."""
+    moved = tmp_path / "elsewhere" / "deeper" / "train"
+    shutil.copytree(demo_shards / "train", moved)
+    data = config(demo_shards / "train" / "index.json", batch_seconds=2.0, shuffle_buffer=4, interleave_shards=2)
+    there = config(moved / "index.json", batch_seconds=2.0, shuffle_buffer=4, interleave_shards=2)
+    full = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=9, epochs=1))
+    assert same_batches(list(build_loader(there, there.train_index, rank=0, world_size=1, seed=9, epochs=1)), full)
+    k = 1 + next(j for j, b in enumerate(full) if b["position"]["batches_in_group"] > 0)  # saved inside a group
+    original = build_loader(data, data.train_index, rank=0, world_size=1, seed=9, epochs=1)
+    list(islice(original, k))
+    resumed = build_loader(there, there.train_index, rank=0, world_size=1, seed=9, epochs=1)
+    resumed.load_state_dict(json.loads(json.dumps(original.state_dict())))
+    assert resumed.resumed and resumed.position_note == ""
+    assert same_batches(list(resumed), full[k:])
+
+
 def test_state_dict_load_state_dict_and_the_old_rank_file(demo_shards):
-    """num_workers=0: the state after any batch resumes to exactly the rest of the run; a rank file of before
-    ({"data_position", "num_workers"}) resumes the same; another number of workers starts afresh, silently."""
+    """num_workers=0: the state after any batch resumes to exactly the rest of the run; rank files of before the
+    binding ({"num_workers", "positions"} and {"data_position", "num_workers"}) resume the same; such a file for
+    another number of workers starts at epoch 0 with a note naming it."""
     data = config(demo_shards / "train" / "index.json", batch_seconds=4.0, shuffle_buffer=4)
 
     def loader():
@@ -373,26 +410,126 @@ def test_state_dict_load_state_dict_and_the_old_rank_file(demo_shards):
 
     full, states = [], []
     run = loader()
-    assert run.state_dict() == {"num_workers": 0, "positions": {}}
+    binding = run.binding()
+    assert run.state_dict() == {**binding, "positions": {}}
+    assert binding == {
+        "index": read_index(data.train_index).digest,
+        "seed": 9,
+        "world_size": 1,
+        "rank": 0,
+        "ranks_per_node": 1,
+        "num_workers": 0,
+        "batching": {
+            "crop": True,
+            "crop_seconds": 2.0,
+            "batch_seconds": 4.0,
+            "shuffle_buffer": 4,
+            "num_buckets": 3,
+            "sample_rate": 16000,
+            "min_samples": 400,
+        },
+    }
     for batch in run:
         full.append(batch)
         states.append(json.loads(json.dumps(run.state_dict())))
     for j in (0, len(full) // 2, len(full) - 2):
-        assert states[j] == {"num_workers": 0, "positions": {"0": full[j]["position"]}}
-        for state in (states[j], {"data_position": states[j]["positions"], "num_workers": 0}):
+        assert states[j] == {**binding, "positions": {"0": full[j]["position"]}}
+        old = {"num_workers": 0, "positions": states[j]["positions"]}
+        older = {"data_position": states[j]["positions"], "num_workers": 0}
+        for state in (states[j], old, older):
             resumed = loader()
             resumed.load_state_dict(state)
-            assert resumed.resumed and resumed.position_note == ""
+            assert resumed.resumed and resumed.position_note == "" and resumed.restart_epoch is None
             assert resumed.state_dict() == states[j], "a save before the first batch keeps the loaded position"
-            rest = list(resumed)
-            assert [b["cut_ids"] for b in rest] == [b["cut_ids"] for b in full[len(full) - len(rest) :]]
+            assert same_batches(list(resumed), full[j + 1 :])
             assert resumed.state_dict() == states[-1]
     other = loader()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         other.load_state_dict({"num_workers": 2, "positions": states[3]["positions"]})
-    assert not other.resumed and other.position_note == "" and other.state_dict()["positions"] == {}
-    assert [b["cut_ids"] for b in other] == [b["cut_ids"] for b in full]
+    assert not other.resumed and other.state_dict()["positions"] == {} and other.restart_epoch == 0
+    assert other.position_note.startswith("data.num_workers 2 -> 0 ") and "starts at epoch 0" in other.position_note
+    assert same_batches(list(other), full)
+
+
+def saved_state(loader, epoch: int, shards_done: int = 1, **changes) -> dict:
+    """`loader`'s state with `changes`, as if 2 workers had reached `shards_done` shards of `epoch` and `epoch` + 1."""
+    positions = {str(w): {"worker": w, "epoch": epoch + w, "shards_done": shards_done} for w in range(2)}
+    return json.loads(json.dumps({**loader.state_dict(), "positions": positions, **changes}))
+
+
+@pytest.mark.parametrize(
+    "saved, now, note, epoch",
+    [
+        ({"seed": 8}, {}, "run.seed 8 -> 9: the saved position counts in another shard order", 0),
+        ({"index": "ab12" * 16}, {}, "index digest ab12ab12ab12.. -> {digest}..: the saved position", 0),
+        ({"world_size": 2}, {}, "world size 2 -> 1: this rank's workers read other shards", 3),
+        ({"rank": 1}, {"world_size": 2}, "rank 1 -> 0: this rank's workers read other shards", 3),
+        ({"ranks_per_node": 2}, {"world_size": 2, "local_world_size": 1}, "ranks per node 2 -> 1: this rank's", 3),
+        ({"num_workers": 2}, {"num_workers": 1}, "data.num_workers 2 -> 1: this rank's workers read other", 3),
+        ({"num_workers": 2, "seed": 8}, {"num_workers": 1}, "run.seed 8 -> 9, data.num_workers 2 -> 1: the saved", 0),
+    ],
+)
+def test_a_position_bound_to_other_data_is_a_named_restart(demo_shards, saved, now, note, epoch):
+    """Each difference in what a position counts in: not used, position_note names it and what is kept; another
+    shard order starts at epoch 0, another shard assignment at the beginning of the saved (lowest) epoch."""
+    index = demo_shards / "train" / "index.json"
+    digest = read_index(index).digest
+    data = config(index, num_workers=now.get("num_workers", 0))
+    kw = dict(rank=0, world_size=now.get("world_size", 1), local_world_size=now.get("local_world_size"), seed=9)
+    state = saved_state(build_loader(data, str(index), **kw), epoch=3, **saved)
+    loader = build_loader(data, str(index), **kw)
+    loader.load_state_dict(state)
+    assert not loader.resumed and loader.restart_epoch == epoch
+    assert loader.position_note.startswith(note.format(digest=digest[:12])), loader.position_note
+    kept = f"starts at the beginning of the saved epoch {epoch} (epoch kept, position in it reset)"
+    assert loader.position_note.endswith(kept if epoch else "the stream starts at epoch 0")
+    # before the first batch, a save keeps the epoch; every worker starts at its beginning
+    assert {p["epoch"] for p in loader.state_dict()["positions"].values()} <= {epoch}
+    first = next(iter(loader))
+    assert first["epoch"] == epoch and first["position"]["shards_done"] <= data.interleave_shards
+
+
+def test_other_batching_settings_resume_at_the_group_start(demo_shards):
+    """Another data.batch_seconds: the shard counts hold, the batches of a re-read group do not, so each worker
+    re-reads its unfinished group whole, and the note says so."""
+    index = demo_shards / "train" / "index.json"
+    data = config(index, batch_seconds=2.0, shuffle_buffer=4, interleave_shards=2)
+    run = build_loader(data, str(index), rank=0, world_size=1, seed=9, epochs=1)
+    taken = list(islice(run, 2))
+    assert taken[-1]["position"]["batches_in_group"] > 0, "saved inside a group"
+    state = json.loads(json.dumps(run.state_dict()))
+    other = config(index, batch_seconds=3.0, shuffle_buffer=4, interleave_shards=2)
+    full = list(build_loader(other, str(index), rank=0, world_size=1, seed=9, epochs=1))
+    loader = build_loader(other, str(index), rank=0, world_size=1, seed=9, epochs=1)
+    loader.load_state_dict(state)
+    assert loader.resumed and loader.position_note.startswith(
+        "data.batch_seconds 2.0 -> 3.0: each worker resumes at the start of its unfinished shard group"
+    )
+    # from the unfinished group on: after the batch that completed the group before it
+    group_start = (taken[-1]["position"]["shards_done"], 0)
+    again = [b for b in full if (b["position"]["shards_done"], b["position"]["batches_in_group"]) > group_start]
+    assert same_batches(list(loader), again)
+
+
+def test_start_at_epoch_starts_every_worker_there(demo_shards):
+    """What the trainer calls for a checkpoint of another world size: every worker at the beginning of the epoch,
+    the note kept, a save before the first batch keeps the epoch; state_epoch reads any format's lowest epoch."""
+    data = config(demo_shards / "train" / "index.json", num_workers=2)
+    loader = build_loader(data, data.train_index, rank=0, world_size=1, seed=9)
+    loader.start_at_epoch(4, "saved by 4 ranks: epoch 4 kept")
+    assert not loader.resumed and loader.position_note == "saved by 4 ranks: epoch 4 kept"
+    assert loader.restart_epoch == 4
+    positions = loader.state_dict()["positions"]
+    assert {w: (p["epoch"], p["shards_done"], p["batches_in_group"]) for w, p in positions.items()} == {
+        "0": (4, 0, 0),
+        "1": (4, 0, 0),
+    }
+    batches = list(islice(loader, 2))  # the first batch of each worker
+    assert {b["epoch"] for b in batches} == {4} and {b["worker"] for b in batches} == {0, 1}
+    assert state_epoch(loader.state_dict()) == 4
+    assert state_epoch({"num_workers": 1, "data_position": {"0": {"epoch": 2}, "1": {"epoch": 1}}}) == 1
+    assert state_epoch({"num_workers": 0, "positions": {}}) == 0
 
 
 def test_counters_sum_the_workers_latest_batches(demo_shards, tmp_path):
@@ -520,3 +657,42 @@ def test_all_bad_members_in_a_worker_do_not_kill_it(demo_shards, tmp_path):
     assert sum(
         b["skipped_by_reason"].get("missing_flac", 0) for b in {b["worker"]: b for b in batches}.values()
     ) == len(lost)
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_over_undecodable_bodies_raises_instead_of_hanging(demo_shards, tmp_path):
+    """Every member with a good FLAC header and a body that does not decode: the endless stream of a DataLoader
+    worker raises DataError naming the rank, the worker, its shards and the skips, in the iterating process."""
+    split = tmp_path / "train"
+    shutil.copytree(demo_shards / "train", split)
+    for shard in sorted(split.glob("shard-*.tar")):
+        with tarfile.open(shard) as tf:
+            flacs = {m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".flac")}
+        rewrite_shard(shard, {name: flac[:200] + bytes(len(flac) - 200) for name, flac in flacs.items()})
+    data = config(split / "index.json", num_workers=1)
+    loader = build_loader(data, data.train_index, rank=1, world_size=2, seed=0)
+    shards = [p for p, _ in loader.dataset.shards_for(0, 0, 1)]
+    with pytest.raises(DataError, match=r"rank 1 worker 0: no batch from the last 4 shards read") as e:
+        next(iter(loader))
+    assert all(p in str(e.value) for p in shards) and "'undecodable_flac': " in str(e.value)
+
+
+def test_members_shorter_than_min_samples_are_skipped_and_counted(demo_shards, tmp_path):
+    """300 samples at 16 kHz and 150 at 8 kHz (300 at 16 kHz) are too short for min_samples=400 (the default);
+    500 samples pass; with min_samples=200 all three arrive."""
+    split = tmp_path / "train"
+    shutil.copytree(demo_shards / "train", split)
+    extra = {}
+    for key, n, sr in (("zz-short-0000", 300, 16000), ("zz-short8k-0000", 150, 8000), ("zz-ok-0000", 500, 16000)):
+        buf = io.BytesIO()
+        sf.write(buf, 0.1 * np.sin(np.arange(n) / 5.0).astype(np.float32), sr, format="FLAC")
+        extra |= {f"{key}.flac": buf.getvalue(), f"{key}.json": json.dumps({"id": key}).encode()}
+    rewrite_shard(split / "shard-000003.tar", extra)
+    data = config(split / "index.json")
+    batches = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=0, epochs=1))
+    ids = {k for b in batches for k in b["cut_ids"]}
+    assert "zz-ok-0000" in ids and not ids & {"zz-short-0000", "zz-short8k-0000"}
+    assert batches[-1]["skipped_by_reason"] == {"too_short": 2}
+    batches = list(build_loader(data, data.train_index, rank=0, world_size=1, seed=0, epochs=1, min_samples=200))
+    assert {"zz-short-0000", "zz-short8k-0000", "zz-ok-0000"} <= {k for b in batches for k in b["cut_ids"]}
+    assert batches[-1]["skipped"] == 0

@@ -1,5 +1,6 @@
 """Sharding: index <-> files, totals <-> manifests, member contents, idempotence, parallel writers, progress,
-and checking shards back (tools/check_shards.py)."""
+what the writer leaves out (undecodable, too short, too large, duplicate keys), the reader's size cap, and
+checking shards back (tools/check_shards.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ import subprocess
 import sys
 import tarfile
 
+import numpy as np
 import pytest
+import soundfile as sf
 
-from istack_ds.data.index import read_index
+from istack_ds.data import tario
+from istack_ds.data.index import DataError, read_index
 from istack_ds.data.progress import Progress
-from istack_ds.data.writer import plan_shards, shard_corpus
+from istack_ds.data.tario import BadMember, decode_member, iter_tar_samples
+from istack_ds.data.writer import check_shard, member_byte_cap, plan_shards, shard_corpus, write_shard
 from tests.conftest import DEMO_SHARDING
 from tests.helpers import ROOT
 
@@ -156,7 +161,103 @@ def test_progress_line_has_hours_rate_and_eta():
     p.update(3600.0, written=True)
     line = stream.getvalue().splitlines()[-1]
     assert line.startswith("train: 2/4 shards (1 already there), 2.00/4.00 h, ")
-    assert "audio s/s, ETA " in line and "ETA ?" not in line
+    assert "audio s/s, ETA " in line and "ETA ?" not in line and "skipped" not in line
+    p.update(3000.0, written=True, skipped=2)
+    assert stream.getvalue().splitlines()[-1].endswith(", 2 cuts skipped")
+
+
+# ---- what the writer leaves out, and the reader's size cap ----------------------------
+
+
+def _spec(key, path, start, duration) -> dict:
+    return {"id": key, "path": str(path), "start": start, "duration": duration, "custom": {"speaker": "1"}}
+
+
+def test_writer_leaves_out_undecodable_too_short_and_too_large_cuts_whole(tmp_path):
+    """Issue 13 item 10: a body that does not decode, fewer than 400 samples (the CNN's receptive field), and a FLAC
+    above the cap are each counted and named in the entry; every member written is whole; nothing raises."""
+    rng = np.random.default_rng(0)
+    good = tmp_path / "good.flac"
+    sf.write(good, 0.3 * rng.standard_normal(3 * 16000).astype(np.float32), 16000)
+    broken = tmp_path / "broken.flac"
+    sf.write(broken, 0.3 * rng.standard_normal(16000).astype(np.float32), 16000)
+    body = broken.read_bytes()
+    broken.write_bytes(body[:200] + bytes(len(body) - 200))  # header fine, body not
+    cap = 40_000  # 16-bit noise is nearly incompressible: 0.5 s is ~15 kB of FLAC, 2 s ~60 kB
+    cuts = [
+        _spec("a-0000", good, 0.0, 0.5),
+        _spec("a-0001", good, 0.5, 399 / 16000),  # one sample short of the receptive field
+        _spec("a-0002", good, 0.6, 400 / 16000),  # exactly the receptive field
+        _spec("a-0003", good, 1.0, 2.0),  # too large for the cap
+        _spec("b-0000", broken, 0.2, 0.5),
+    ]
+    entry = write_shard(tmp_path / "shard-000000.tar", cuts, 16000, cap)
+    assert entry["samples"] == 2
+    assert entry["skipped"]["by_reason"] == {"too_large": 1, "too_short": 1, "undecodable_flac": 1}
+    assert [(f["name"], f["reason"]) for f in entry["skipped"]["first"]] == [
+        ("a-0001", "too_short"),
+        ("a-0003", "too_large"),
+        ("b-0000", "undecodable_flac"),
+    ]
+    assert "broken.flac" in entry["skipped"]["first"][2]["why"]
+    got = members(tmp_path / "shard-000000.tar")
+    assert sorted(got) == ["a-0000", "a-0002"] and all(set(m) == {"flac", "json"} for m in got.values())
+    for key, m in got.items():
+        audio, meta = decode_member({"__key__": key, **m}, 16000)
+        assert meta["id"] == key and len(audio) >= tario.MIN_MEMBER_SAMPLES and len(m["flac"]) <= cap
+    with pytest.raises(DataError, match=r"gone\.flac: source of cut g-0000 is missing"):
+        write_shard(tmp_path / "shard-000001.tar", [_spec("g-0000", tmp_path / "gone.flac", 0.0, 0.5)], 16000)
+    assert member_byte_cap(3.0, 16000) == 4 * 48000 + 4096
+    assert member_byte_cap(1e6, 16000) == tario.MAX_MEMBER_BYTES
+    with pytest.raises(DataError, match="max_seconds=3000"):
+        shard_corpus(tmp_path / "nope", tmp_path / "out", max_seconds=3000, **QUIET)
+
+
+def _tar(path, files: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tf:
+        for name, payload in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+
+
+def test_reader_steps_over_a_member_above_the_cap_without_reading_it(tmp_path):
+    """Issue 13 item 10: a member whose tar header declares more than the cap is counted (too_large) and left out,
+    key and all, without its bytes in memory; the members after it are read."""
+    import tracemalloc
+
+    flac = io.BytesIO()
+    sf.write(flac, np.zeros(800, dtype=np.float32), 16000, format="FLAC")
+    ok = [("{k}.flac", flac.getvalue()), ("{k}.json", b"{}")]
+    files = [(n.format(k="a"), b) for n, b in ok] + [("big.json", b"{}"), ("big.flac", bytes(16 << 20))]
+    files += [(n.format(k="c"), b) for n, b in ok]
+    _tar(tmp_path / "s.tar", files)
+    errors: list[tuple[str, str]] = []
+    tracemalloc.start()
+    keys = [
+        s["__key__"]
+        for s in iter_tar_samples(str(tmp_path / "s.tar"), lambda *e: errors.append(e), max_member_bytes=1 << 20)
+    ]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert keys == ["a", "c"] and peak < 4 << 20, peak
+    assert [r for r, _ in errors] == ["too_large"] and "big.flac declares 16777216 bytes" in errors[0][1]
+
+
+def test_the_default_cap_applies_where_the_stream_and_check_shards_read(demo_shards, tmp_path, monkeypatch):
+    """iter_tar_samples(path, on_error), as the stream calls it, and decode_member both take tario.MAX_MEMBER_BYTES."""
+    shard = read_index(demo_shards / "valid" / "index.json").shards[0]
+    monkeypatch.setattr(tario, "MAX_MEMBER_BYTES", 1000)
+    errors: list[str] = []
+    assert list(iter_tar_samples(shard.path, lambda reason, _msg: errors.append(reason))) == []
+    assert set(errors) == {"too_large"}
+    problems = check_shard(shard, 16000).problems
+    assert any("too_large" in why for _, why in problems)
+    sample = {"__key__": "k", "flac": members(shard.path)[next(iter(members(shard.path)))]["flac"], "json": b"{}"}
+    monkeypatch.setattr(tario, "MAX_MEMBER_BYTES", len(sample["flac"]) + 100)  # the tar member fits, its PCM not
+    with pytest.raises(BadMember, match="k: flac header declares") as e:
+        decode_member(sample, 16000)
+    assert e.value.reason == "too_large"
 
 
 # ---- tools/check_shards.py -----------------------------------------------------------
@@ -202,3 +303,22 @@ def test_check_shards_in_parallel_names_a_truncated_tar(demo_shards, tmp_path, c
     assert "shard-000003.tar: truncated_tar:" in out and "8 shards" in out and "2 jobs" in out
     assert sum(line.startswith("BAD ") for line in out.splitlines()) >= 2  # the cut itself, sizes/hash, counts
     assert "shard-000002.tar" not in out
+
+
+def test_check_shards_names_duplicate_keys_across_shards(demo_shards, tmp_path, capsys):
+    """Issue 13 item 10: the same key in two shards of one index is reported (exit 1), naming both shards."""
+    check = _check_shards_main()
+    shutil.copytree(demo_shards / "valid", tmp_path / "valid")
+    index_path = tmp_path / "valid" / "index.json"
+    raw = json.loads(index_path.read_text())
+    copy = tmp_path / "valid" / "shard-000099.tar"
+    shutil.copy(tmp_path / "valid" / raw["shards"][0]["path"], copy)
+    raw["shards"].append({**raw["shards"][0], "path": copy.name})
+    index_path.write_text(json.dumps(raw))
+    keys = sorted(members(copy))
+    for argv in ([str(index_path)], [str(index_path), "--no-decode", "--jobs", "2"]):
+        assert check(argv) == 1
+        out = capsys.readouterr().out
+        for key in keys:
+            assert f"BAD {copy}: {key}: duplicate key, first in {tmp_path / 'valid' / 'shard-000000.tar'}" in out
+        assert f"{len(keys)} duplicate keys, {len(keys)} bad" in out

@@ -49,9 +49,8 @@ def test_nonfinite_losses_in_a_row_save_and_stop(tmp_path, teacher_dir, demo_sha
     assert (out / "checkpoints/step00000004/istack_meta.json").exists()
 
 
-def test_a_dead_rank_makes_the_other_exit_in_time_naming_the_failure(tmp_path, teacher_dir, demo_shards):
-    """No launcher to clean up: rank 1 is SIGKILLed at step 4 and rank 0 must leave on its own."""
-    out = tmp_path / "run"
+def _start_two_ranks(out, teacher_dir, demo_shards, faults: str, *extra: str) -> list[subprocess.Popen]:
+    """Ranks 0 and 1 of launchers/train.py as plain processes: no launcher cleans up after a fault."""
     port = free_port()
     procs = []
     for r in (0, 1):
@@ -61,15 +60,11 @@ def test_a_dead_rank_makes_the_other_exit_in_time_naming_the_failure(tmp_path, t
             WORLD_SIZE="2",
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
-            ISTACK_FAULTS="die@4:1",
+            ISTACK_FAULTS=faults,
         )
         procs.append(
             subprocess.Popen(
-                [
-                    sys.executable,
-                    str(ROOT / "launchers/train.py"),
-                    *run_args(out, teacher_dir, demo_shards, "deepspeed.dist_timeout_s=30"),
-                ],
+                [sys.executable, str(ROOT / "launchers/train.py"), *run_args(out, teacher_dir, demo_shards, *extra)],
                 cwd=ROOT,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -77,10 +72,79 @@ def test_a_dead_rank_makes_the_other_exit_in_time_naming_the_failure(tmp_path, t
                 text=True,
             )
         )
-    start = time.time()
-    _, err0 = procs[0].communicate(timeout=240)
-    procs[1].wait(timeout=60)
+    return procs
+
+
+def _kill_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()  # SIGKILL ends a SIGSTOPped process too
+        p.communicate()
+
+
+def _wait_until_stopped(proc: subprocess.Popen, timeout: float) -> float:
+    """Waits for `proc` to be SIGSTOPped (state T in /proc); returns the time it was seen stopped."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"the rank to hang exited instead (rc={proc.returncode})"
+        with open(f"/proc/{proc.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return time.time()
+        time.sleep(0.2)
+    raise AssertionError(f"the rank to hang did not stop within {timeout} s")
+
+
+def test_a_dead_rank_makes_the_other_exit_in_time_naming_it(tmp_path, teacher_dir, demo_shards):
+    """Rank 1 is SIGKILLed at step 4 and rank 0 must leave on its own, naming rank 1."""
+    procs = _start_two_ranks(tmp_path / "run", teacher_dir, demo_shards, "die@4:1", "deepspeed.dist_timeout_s=30")
+    try:
+        start = time.time()
+        _, err0 = procs[0].communicate(timeout=240)
+        procs[1].wait(timeout=60)
+    finally:
+        _kill_all(procs)
     assert procs[1].returncode == -signal.SIGKILL
-    assert procs[0].returncode != 0
+    assert procs[0].returncode == 4, err0[-3000:]
     assert time.time() - start < 200
-    assert "rank 0: a collective failed; another rank died or stopped answering" in err0, err0[-3000:]
+    assert "rank 0: a collective failed; dead or hung: rank 1 (" in err0, err0[-3000:]
+
+
+# A hung rank (SIGSTOP) keeps its sockets open: its peer sees no error, only the timeout ends its wait.
+# Before every group got deepspeed.dist_timeout_s, ZeRO's and growth's collectives waited torch's default
+# (30 min under gloo); the survivor must now leave within the timeout, plus the heartbeat check and the exit.
+HANG_TIMEOUT_S = 20
+HANG_MARGIN_S = 60
+
+
+@pytest.mark.parametrize(
+    "fault, hung",
+    [
+        # Rank 1 freezes inside backward: rank 0 waits in ZeRO's gradient reduce; rank 1's heartbeat stops.
+        ("hang_in_backward@2:1", 1),
+        # Rank 0 freezes inside the growth before step 6: rank 1 waits in its full-state gathers, and the
+        # store (rank 0's) stops answering too.
+        ("hang_in_growth@6:0", 0),
+    ],
+    ids=["in_backward", "in_growth"],
+)
+def test_a_hung_rank_makes_the_other_exit_within_the_timeout_naming_it(tmp_path, teacher_dir, demo_shards, fault, hung):
+    procs = _start_two_ranks(
+        tmp_path / "run",
+        teacher_dir,
+        demo_shards,
+        fault,
+        f"deepspeed.dist_timeout_s={HANG_TIMEOUT_S}",
+        "checkpoint.every=0",
+    )
+    survivor = procs[1 - hung]
+    try:
+        t00 = time.time(); stopped_at = _wait_until_stopped(procs[hung], timeout=300); print("TO_STOP", stopped_at - t00)
+        _, err = survivor.communicate(timeout=HANG_TIMEOUT_S + HANG_MARGIN_S)
+        waited = time.time() - stopped_at
+    finally:
+        _kill_all(procs)
+    print("WAITED", waited, "\n", err[-2500:]); assert survivor.returncode == 4, err[-3000:]
+    assert HANG_TIMEOUT_S <= waited < HANG_TIMEOUT_S + HANG_MARGIN_S, waited
+    assert f"rank {1 - hung}: a collective failed; " in err, err[-3000:]
+    named = "dead or hung: rank 1 (last heartbeat" if hung == 1 else "does not answer (no answer in 11 s): rank 0 or its host died or hangs"
+    assert named in err, err[-3000:]

@@ -166,3 +166,20 @@ def test_trainable_frontend_gradient_is_scaled(teacher_dir):
         )
     assert torch.allclose(grads[0.1][0], 0.1 * grads[1.0][0], rtol=1e-3, atol=1e-6)
     assert torch.equal(grads[0.1][1], grads[1.0][1])  # only the CNN is slowed
+
+
+def test_receptive_field_is_the_shortest_input_that_gives_a_frame():
+    """The loader drops members shorter than this (min_samples), so no empty frame sequence reaches the teacher."""
+    from transformers import HubertConfig, HubertModel
+
+    from istack_ds.models.sfm import receptive_field
+
+    cfg = HubertConfig()
+    field = receptive_field(cfg.conv_kernel, cfg.conv_stride)
+    assert field == 400
+    lengths = HubertModel(
+        HubertConfig(
+            num_hidden_layers=1, hidden_size=32, intermediate_size=32, num_attention_heads=2, conv_dim=(8,) * 7
+        )
+    )._get_feat_extract_output_lengths(torch.tensor([field - 1, field]))
+    assert lengths.tolist() == [0, 1]

@@ -1,12 +1,17 @@
-"""Checks every shard of an index: sha256 and size against the index, then decodes every member, in parallel.
+"""Checks every shard of an index: sha256 and size, every member decoded, and no key in two members, in parallel.
 
 Usage:
     python tools/check_shards.py data/demo/shards/train/index.json
     python tools/check_shards.py /data/ll-shards/train/index.json --jobs 16
-    python tools/check_shards.py /data/ll-shards/train/index.json --no-decode   # hashes only
+    python tools/check_shards.py /data/ll-shards/train/index.json --no-decode   # hashes and keys only
 
-Prints each bad shard or member with the reason (BAD <shard>: <key>: <why>), then a
-summary; exits 1 if anything is bad, 2 if the index itself is unusable, 0 otherwise.
+Checks each shard's size and sha256 against the index; decodes every member (a tar or
+FLAC header declaring more than tario.MAX_MEMBER_BYTES is reported as too_large, not
+read); and compares the member keys of all the shards of the index (read from the tar
+headers with --no-decode). Prints each bad shard or member with the reason
+(BAD <shard>: <key>: <why>; a repeated key as BAD <shard>: <key>: duplicate key, first
+in <shard>), then a summary; exits 1 if anything is bad, 2 if the index itself is
+unusable, 0 otherwise.
 """
 
 from __future__ import annotations
@@ -19,13 +24,13 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 
 from istack_ds.data.index import DataError, read_index
-from istack_ds.data.writer import check_shard
+from istack_ds.data.writer import check_shard, duplicate_keys
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("index", help="index.json written by tools/shard_corpus.py")
-    p.add_argument("--no-decode", action="store_true", help="check sha256 and sizes only")
+    p.add_argument("--no-decode", action="store_true", help="check sha256, sizes and duplicate keys only (no decoding)")
     p.add_argument(
         "--jobs",
         type=int,
@@ -41,22 +46,29 @@ def main(argv=None) -> int:
         return 2
     check = partial(check_shard, sample_rate=index.sample_rate, decode=not args.no_decode)
     bad = members = 0
+    hashes = []
     if args.jobs > 1:
         pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork"))
         results = pool.map(check, index.shards, chunksize=1)  # in index order, computed in parallel
     else:
         pool, results = None, map(check, index.shards)
     try:
-        for problems, n in results:
-            members += n
-            for where, why in problems:
+        for result in results:
+            members += result.samples
+            hashes.append(result.keys)
+            for where, why in result.problems:
                 print(f"BAD {where}: {why}", flush=True)
-            bad += len(problems)
+            bad += len(result.problems)
     finally:
         if pool is not None:
             pool.shutdown()
+    duplicates = duplicate_keys([s.path for s in index.shards], hashes)
+    for where, key, first in duplicates:
+        print(f"BAD {where}: {key}: duplicate key, first in {first}", flush=True)
+    bad += len(duplicates)
     print(
-        f"{args.index}: {len(index.shards)} shards, {members} members checked, {bad} bad "
+        f"{args.index}: {len(index.shards)} shards, {members} members checked, {len(duplicates)} duplicate keys, "
+        f"{bad} bad "
         f"({time.time() - t0:.1f} s, {args.jobs} jobs)"
     )
     return 1 if bad else 0

@@ -14,6 +14,14 @@ subset of the parts) and writes, lazily (file by file, never a whole part in mem
 The manifests match lhotse.recipes.prepare_librilight (names, ids, fields). A part whose
 manifests exist is not read again. tools/shard_corpus.py runs this step itself; run it
 alone to inspect the windows before writing shards.
+
+A file whose json is missing or unreadable (missing_json, bad_json), whose
+voice_activity is not a list of [start, end] pairs of finite numbers with
+0 <= start < end (bad_vad), or whose FLAC header does not decode (undecodable_flac) is
+left out and counted, not a reason to stop. The summary's `skipped` holds the counts by
+reason and the first few files, recorded per part in
+OUT/manifests/librilight_skipped_<part>.json, so a re-run prints the same; the last line
+before `done` says it in words.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from istack_ds.data.index import DataError
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_preparation_args(p)
     p.add_argument("--jobs", type=int, default=8, help="threads reading FLAC headers and VAD json")
     args = p.parse_args(argv)

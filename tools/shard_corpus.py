@@ -18,6 +18,17 @@ shows shards, hours written and the ETA. Small splits are spread over at least
 shards that are already written and still match their index entry (an interrupted
 run keeps index.partial.json), so it is also how an interrupted run is resumed.
 --layout names the corpus module that reads --corpus (istack_ds/data/corpora/; librilight by default).
+
+Bad input is left out and counted, never a reason to stop: a source file whose json or
+voice_activity is unusable (missing, unreadable, NaN, inf, negative, start >= end, not
+[start, end] pairs) or whose FLAC header does not decode is left out of the manifests;
+a cut whose audio does not decode, is shorter than 400 samples (the teacher CNN's
+receptive field, whatever --min-seconds says), whose FLAC exceeds twice the 16-bit PCM
+of --max-seconds, or whose key was already written (in this split or an earlier one) is
+left out of the shards. The counts by reason, with the first few names, are printed at
+the end and recorded in each index.json (settings.skipped_sources,
+settings.skipped_members, and per shard `skipped`); a re-run reports the same. A source
+file named in the manifests but gone from disk stops the run (exit 2) with its name.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ from istack_ds.data.writer import shard_corpus
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_preparation_args(p)
     p.add_argument(
         "--layout", choices=available(), default=DEFAULT_CORPUS, help="the corpus module that reads --corpus"

@@ -3,12 +3,14 @@
 - :mod:`istack_ds.data.corpora`: the corpus contract, and one module per corpus (``librilight``:
   LibriLight layout -> lhotse manifests -> VAD-window cuts per split, lazily).
 - :mod:`istack_ds.data.demo_corpus`: a small synthetic corpus in LibriLight layout (the demo, tests).
-- :mod:`istack_ds.data.index`: the index.json format, :class:`DataError`, and the rule of how many shards a split needs.
+- :mod:`istack_ds.data.index`: the index.json format and its digest, :class:`DataError`, and the rule of how many
+  shards a split needs.
 - :mod:`istack_ds.data.tario`: shard members (``<key>.flac`` + ``<key>.json``) written into and read from tars.
 - :mod:`istack_ds.data.writer`: cuts -> shards + index.json (parallel writers, resumable), and checking shards back.
 - :mod:`istack_ds.data.progress`: the progress line of a sharding run.
 - :mod:`istack_ds.data.stream`: shards -> split by node, rank, worker -> bucketed batches, from a loader that
-  keeps its own resumable state (``state_dict`` / ``load_state_dict``).
+  keeps its own state (``state_dict`` / ``load_state_dict``): a resume continues batch for batch, and a position
+  is used only with the index, seed, ranks and workers it was saved with.
 
 This package never imports the model. ``stream`` (torch, lhotse) is imported lazily
 so that tools that only shard a corpus stay light.

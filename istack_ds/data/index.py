@@ -8,6 +8,8 @@
 
 :func:`read_index` is what the loader and the tools use to open an index; it
 raises :class:`DataError` naming the path for every way an index can be unusable.
+:attr:`ShardIndex.digest` identifies the shard list a data position counts in (it
+does not change when the split's directory moves).
 :func:`check_shard_count` is the one rule about how many shards a split needs.
 """
 
@@ -37,6 +39,8 @@ class ShardInfo:
     sha256: str
     keys_sha256: str = ""
     """Digest of the (key, offset, duration) lines the shard was planned with: a changed plan rewrites it."""
+    name: str = ""
+    """The shard's path as written in index.json (relative to the index): the same wherever the split lives."""
 
 
 @dataclass
@@ -63,6 +67,17 @@ class ShardIndex:
     def bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
 
+    @property
+    def digest(self) -> str:
+        """sha256 of the ordered shard list (each shard's name and sample count): what a data position counts in.
+
+        Names are the paths as written in index.json, so a split moved elsewhere keeps its digest.
+        """
+        h = hashlib.sha256()
+        for s in self.shards:
+            h.update(f"{s.name}\t{s.samples}\n".encode())
+        return h.hexdigest()
+
 
 def read_index(path: str | os.PathLike, check_files: bool = True) -> ShardIndex:
     """Opens an index.json; with `check_files`, every shard it names must exist on disk."""
@@ -87,6 +102,7 @@ def read_index(path: str | os.PathLike, check_files: bool = True) -> ShardIndex:
                 bytes=int(s["bytes"]),
                 sha256=str(s["sha256"]),
                 keys_sha256=str(s.get("keys_sha256", "")),
+                name=str(s["path"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"shard index {path}: entry {i} is malformed ({e!r})") from None

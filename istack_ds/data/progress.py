@@ -1,4 +1,4 @@
-"""The progress line of a long sharding run: shards, hours written of the total, audio hours per wall hour, ETA."""
+"""The progress line of a long sharding run: shards, hours written of the total, audio rate, ETA, cuts skipped."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import time
 
 
 class Progress:
-    """One line: shards, hours written of the total, audio hours per wall hour, ETA. Overwrites itself on a tty."""
+    """One line: shards, hours written of the total, audio s per wall s, ETA, and the cuts skipped so far when any.
+
+    Overwrites itself on a tty.
+    """
 
     def __init__(self, label: str, shards: int, total_seconds: float, stream=None, every: float = 5.0):
         self.label, self.shards, self.total = label, shards, total_seconds
@@ -16,10 +19,13 @@ class Progress:
         self.every, self.t0, self.last = every, time.monotonic(), -1e9
         self.done = self.written_shards = 0
         self.done_s = self.written_s = 0.0
+        self.skipped = 0
 
-    def update(self, seconds: float, written: bool) -> None:
+    def update(self, seconds: float, written: bool, skipped: int = 0) -> None:
+        """One shard done: `seconds` of audio in it, `written` (or kept), `skipped` cuts left out of it."""
         self.done += 1
         self.done_s += seconds
+        self.skipped += skipped
         if written:
             self.written_shards += 1
             self.written_s += seconds
@@ -35,8 +41,13 @@ class Progress:
         elapsed = max(1e-6, (now or time.monotonic()) - self.t0)
         rate = self.written_s / elapsed  # audio seconds written per wall second
         left = self.total - self.done_s
-        eta = "0:00:00" if left <= 0 else (time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate > 0 else "?")
+        eta = (
+            "0:00:00"
+            if left <= 0 or self.done >= self.shards
+            else (time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate > 0 else "?")
+        )
         return (
             f"{self.label}: {self.done}/{self.shards} shards ({self.done - self.written_shards} already there), "
             f"{self.done_s / 3600:.2f}/{self.total / 3600:.2f} h, {rate:.0f} audio s/s, ETA {eta}"
+            + (f", {self.skipped} cuts skipped" if self.skipped else "")
         )

@@ -5,7 +5,8 @@
          -> this worker's (every num_workers-th)
       -> groups of data.interleave_shards shards in turn, each read member by member from all
          its shards: tar members -> header check (flac + json, rate, channels, length)
-         -> random crop plan (data.crop_seconds) -> shuffle buffer (data.shuffle_buffer cuts)
+         -> random crop plan (data.crop_seconds) -> at least `min_samples` samples at
+         data.sample_rate after the crop -> shuffle buffer (data.shuffle_buffer cuts)
          -> duration buckets (bins from the index's histogram) -> batches of <= data.batch_seconds
       -> decode only the cropped frames (soundfile), resample / downmix when needed
       -> batch dict (raw samples, plus lhotse log-mel fbank when data.features == 'fbank')
@@ -17,21 +18,39 @@ ranks and workers.
 
 NOTE: a worker emits its shard groups one after another: at the end of a group the
 shuffle buffer and the buckets are drained (leftovers packed together by length)
-before the next group is read. A batch therefore says exactly how many of the
-worker's shards are fully emitted (its ``position``), and a resumed worker skips
-those and re-reads at most the one group it was in. The batching randomness is
-seeded per (seed, epoch, group), so a re-read group gives the same batches as the
-first time.
+before the next group is read. The batching randomness (crops, shuffle buffer) is
+seeded per (seed, epoch, the group's first shard as index.json names it), so a
+re-read group gives the same batches as the first time, wherever the split's
+directory lives. A batch's ``position`` says how many of the worker's shards are
+fully emitted and how many batches of its unfinished group were handed out before
+it and with it. A resumed worker skips the finished shards, re-reads the unfinished
+group and drops that many batches (decoding them, so that its skip counters stay
+those of an unbroken run): the batches after a resume are the unbroken run's, batch
+for batch. A position without ``batches_in_group`` resumes at the group's start.
+
+NOTE: a position counts in one shard order and one split of it, so the loader's
+state (:meth:`ShardLoader.state_dict`) records what it was taken with: the index's
+digest, the seed, world size, rank, ranks per node, number of workers and the
+batching settings. :meth:`ShardLoader.load_state_dict` uses it only where they all
+match; otherwise :attr:`ShardLoader.position_note` names what differs and what is
+kept: another index or seed starts at epoch 0; another shard assignment (world size,
+rank, ranks per node, workers) starts at the beginning of the saved epoch; other
+batching settings resume each worker at the start of its unfinished group.
+
+NOTE: a worker that reads as many shards in a row as it has in an epoch (at least
+one) without producing a batch raises DataError naming the rank, the worker, the
+shards and the skip counts; an endless stream would otherwise loop over them without
+a word. From a DataLoader worker, torch re-raises it in the iterating process.
 
 NOTE: ranks get unequal numbers of batches. Training uses ``epochs=None``, an endless
 stream driven by the step count, so no rank runs dry while another waits in a
 collective. Finite ``epochs`` are for validation and tests.
 
-NOTE: the seed must be the same when resuming: it fixes every epoch's shard order.
-
 The loader (:class:`ShardLoader`) watches the batches it hands out: ``state_dict()``
-is each worker's latest position (what a checkpoint stores), ``load_state_dict()``
-resumes from one before iterating, and ``counters()`` sums the workers' counters.
+is each worker's latest position as the trainer consumed it, not as the workers
+prefetched (what a checkpoint stores), ``load_state_dict()`` resumes from one before
+iterating, ``start_at_epoch()`` starts every worker at an epoch's beginning, and
+``counters()`` sums the workers' counters.
 
 Batch keys:
     audio        FloatTensor [B, T], zero-padded
@@ -42,9 +61,10 @@ Batch keys:
     worker       int, the DataLoader worker id (0 with num_workers=0): per-worker counters add up across ids
     epoch        int, that worker's current epoch over its shards
     shards_done  int, shards of that epoch the worker has fully emitted, this batch included
-    position     {"worker", "epoch", "shards_done", "skipped_by_reason", "repaired_by_reason"}: where
-                 that worker resumes (the loader's state_dict() keeps the latest per worker),
-                 counters as of those whole shards
+    position     {"worker", "epoch", "shards_done", "batches_in_group", "interleave_shards",
+                 "skipped_by_reason", "repaired_by_reason"}: where that worker resumes (the
+                 loader's state_dict() keeps the latest per worker), counters as of the start
+                 of its unfinished group
     skipped      int, members (or shards) skipped by that worker so far (a resumed worker goes on counting)
     skipped_by_reason   {reason: count}, reasons from istack_ds.data.tario.SKIP_REASONS
     repaired_by_reason  {reason: count}: resampled, downmixed, too_long (cropped to data.crop_seconds)
@@ -67,8 +87,23 @@ import torch
 
 from istack_ds.config import DataConfig
 from istack_ds.data.index import DataError, ShardIndex, check_shard_count, read_index
-from istack_ds.data.tario import BadMember, iter_tar_samples, member_meta, to_mono_rate
+from istack_ds.data.tario import MIN_MEMBER_SAMPLES, BadMember, iter_tar_samples, member_meta, to_mono_rate
 from istack_ds.dist import ranks_per_node
+
+#: Shortest cut, in samples at data.sample_rate, handed out by default (the trainer passes its teacher's
+#: receptive field): the writer's minimum, the receptive field of the default SFM CNN front end.
+MIN_SAMPLES = MIN_MEMBER_SAMPLES
+
+#: What a saved position counts in, as :meth:`ShardLoader.state_dict` records it (key -> how a note names it).
+#: Another index or seed is another shard order: the position means nothing in it.
+ORDER_KEYS = {"index": "index digest", "seed": "run.seed"}
+#: The same order split otherwise: this rank's workers read other shards; the epoch still means the same.
+ASSIGNMENT_KEYS = {
+    "world_size": "world size",
+    "rank": "rank",
+    "ranks_per_node": "ranks per node",
+    "num_workers": "data.num_workers",
+}
 
 
 @dataclass(frozen=True)
@@ -93,9 +128,11 @@ class ShardLoader(torch.utils.data.DataLoader):
 
     dataset: ShardStream
     resumed: bool = False
-    """True when the workers start from a loaded position; False: fresh from epoch 0."""
+    """True when the workers resume at loaded positions; False: they start at the beginning of an epoch."""
     position_note: str = ""
-    """Why a loaded position was not used (empty when it was, or when none was given)."""
+    """What of a loaded position was not used, why, and what was kept (empty when all of it was, or none given)."""
+    restart_epoch: int | None = 0
+    """The epoch whose beginning every worker starts at (0 fresh); None when they resume at loaded positions."""
 
     def __init__(self, dataset: ShardStream, **kwargs):
         super().__init__(dataset, **kwargs)
@@ -108,6 +145,8 @@ class ShardLoader(torch.utils.data.DataLoader):
         return self._noted(super().__iter__())
 
     def _noted(self, batches) -> Iterator[dict]:
+        # NOTE: noted as the caller takes them, so the state is what the trainer consumed, never what
+        # the workers prefetched.
         for batch in batches:
             worker = int(batch.get("worker", 0))
             self._latest[worker] = {k: batch[k] for k in ("epoch", "shards_done", "skipped") if k in batch}
@@ -115,19 +154,87 @@ class ShardLoader(torch.utils.data.DataLoader):
                 self._positions[str(worker)] = dict(batch["position"])
             yield batch
 
+    def binding(self) -> dict:
+        """What a position counts in: index digest, seed, world size, rank, ranks per node, workers, batching."""
+        stream = self.dataset
+        return {
+            "index": stream.index_digest,
+            "seed": stream.seed,
+            "world_size": stream.world_size,
+            "rank": stream.rank,
+            "ranks_per_node": stream.local_world_size,
+            "num_workers": self.num_workers,
+            "batching": stream.batching(),
+        }
+
     def state_dict(self) -> dict:
-        """What a checkpoint stores: each worker's latest position (JSON-safe) and the number of workers."""
-        return {"num_workers": self.num_workers, "positions": copy.deepcopy(self._positions)}
+        """What a checkpoint stores (JSON-safe): :meth:`binding` and each worker's latest position."""
+        return {**self.binding(), "positions": copy.deepcopy(self._positions)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resumes each worker from `state` (a :meth:`state_dict`) when it fits; call before iterating.
+        """Resumes each worker from `state` (a :meth:`state_dict`) where it fits; call before iterating.
 
-        State saved with another number of workers is not used (the stream starts afresh,
-        without a note). A rank file written before the loader kept its own state,
-        ``{"data_position": {...}, "num_workers": n}``, is read too.
+        Every field of :meth:`binding` is compared; on a difference :attr:`position_note` names
+        it and what is kept: another index or seed starts the stream at epoch 0; another world
+        size, rank, ranks per node or number of workers starts at the beginning of the saved
+        epoch (the lowest of the workers'); other batching settings resume each worker at the
+        start of its unfinished shard group. A rank file written before positions were bound,
+        ``{"num_workers": n, "positions": {...}}`` or ``{"data_position": {...}, "num_workers": n}``,
+        resumes when the number of workers matches and starts at epoch 0 otherwise.
         """
         positions = state["positions"] if "positions" in state else state.get("data_position")
-        self.resume_from(positions if state.get("num_workers") == self.num_workers else None)
+        if "index" not in state:
+            saved = state.get("num_workers")
+            if saved == self.num_workers:
+                self.resume_from(positions)
+            else:
+                self.start_at_epoch(
+                    0,
+                    f"data.num_workers {saved} -> {self.num_workers} (a position saved without its index "
+                    "binding): the stream starts at epoch 0",
+                )
+            return
+        now = self.binding()
+        order = [
+            f"{name} {_short(state.get(k))} -> {_short(now[k])}"
+            for k, name in ORDER_KEYS.items()
+            if state.get(k) != now[k]
+        ]
+        split = [f"{name} {state.get(k)} -> {now[k]}" for k, name in ASSIGNMENT_KEYS.items() if state.get(k) != now[k]]
+        saved_batching = state.get("batching") or {}
+        batching = [
+            f"{_setting(k)} {saved_batching.get(k)} -> {v}"
+            for k, v in now["batching"].items()
+            if saved_batching.get(k) != v
+        ]
+        changed = ", ".join(order + split + batching)
+        if order:
+            self.start_at_epoch(
+                0, f"{changed}: the saved position counts in another shard order; the stream starts at epoch 0"
+            )
+        elif split:
+            epoch = state_epoch(state)
+            self.start_at_epoch(
+                epoch,
+                f"{changed}: this rank's workers read other shards; the stream starts at the beginning of the saved "
+                f"epoch {epoch} (epoch kept, position in it reset)",
+            )
+        elif batching:
+            # The shard counts still hold; the batches of a re-read group do not, so none is dropped.
+            regrouped = {w: {**p, "batches_in_group": 0} for w, p in (positions or {}).items() if isinstance(p, dict)}
+            self.resume_from(regrouped or positions)
+            if self.resumed:
+                self.position_note = "; ".join(
+                    n
+                    for n in (
+                        f"{changed}: each worker resumes at the start of its unfinished shard group (epoch and "
+                        "shards kept; that group's batches differ from an uninterrupted run's)",
+                        self.position_note,
+                    )
+                    if n
+                )
+        else:
+            self.resume_from(positions)
 
     def resume_from(self, position: dict | None) -> None:
         """Starts each worker at `position` (str(worker) -> its latest ``batch["position"]``) when it fits.
@@ -143,15 +250,38 @@ class ShardLoader(torch.utils.data.DataLoader):
         if regrouped:
             # Groups are formed from each worker's resume point on, so no cut is lost or repeated
             # beyond the unfinished group; only the batches differ from an uninterrupted run's.
-            warnings.warn(
+            note = (
                 f"data position saved with data.interleave_shards={regrouped}, this run reads "
                 f"{interleave} shards at once: resuming at the saved shard counts, "
-                "with batches that differ from an uninterrupted run's",
-                stacklevel=3,
+                "with batches that differ from an uninterrupted run's"
             )
+            warnings.warn(note, stacklevel=3)
+            for c in start.values():
+                if c.interleave_shards != interleave:
+                    c.batches_in_group = 0  # counted in other groups
         self.dataset.start = start
         self._positions = {str(int(w)): dict(p) for w, p in (position or {}).items()} if start else {}
         self.resumed, self.position_note = bool(start), note
+        self.restart_epoch = None if start else 0
+
+    def start_at_epoch(self, epoch: int, note: str) -> None:
+        """Starts every worker at the beginning of `epoch`, with counters at 0; call before iterating.
+
+        `note` (what was not used, why, and what was kept) becomes :attr:`position_note`. For a
+        checkpoint from another world size the trainer passes the lowest :func:`state_epoch`
+        of the old ranks' states.
+        """
+        if epoch < 0:
+            raise ValueError(f"start_at_epoch: epoch {epoch} < 0")
+        start = {}
+        if epoch:
+            for w in range(max(1, self.num_workers)):
+                start[w] = WorkerCounters(worker=w, interleave_shards=self.dataset.data.interleave_shards)
+                start[w].reached(epoch, 0)
+        self.dataset.start = start
+        # a save before the first batch keeps the epoch
+        self._positions = {str(w): dict(c.position) for w, c in start.items()}
+        self.resumed, self.position_note, self.restart_epoch = False, note, epoch
 
     def counters(self) -> DataCounters:
         """Epoch (lowest), shards done and skips (summed) over the workers' latest batches."""
@@ -161,6 +291,25 @@ class ShardLoader(torch.utils.data.DataLoader):
             shards_done=sum(d.get("shards_done", 0) for d in latest),
             skipped=sum(d.get("skipped", 0) for d in latest),
         )
+
+
+def _short(value) -> str:
+    """A digest cut to its first 12 characters for a note; other values as they are."""
+    return f"{value[:12]}.." if isinstance(value, str) and len(value) > 12 else str(value)
+
+
+def _setting(key: str) -> str:
+    """How a note names a batching setting: the config key where there is one."""
+    return key if key in ("crop", "min_samples") else f"data.{key}"
+
+
+def state_epoch(state: dict) -> int:
+    """The lowest epoch of the workers in a saved loader state, any format (0 when it holds no position)."""
+    positions = state.get("positions", state.get("data_position")) or {}
+    try:
+        return max(0, min((int(p["epoch"]) for p in positions.values()), default=0))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return 0
 
 
 def build_loader(
@@ -174,6 +323,7 @@ def build_loader(
     crop: bool = True,
     position: dict | None = None,
     local_world_size: int | None = None,
+    min_samples: int = MIN_SAMPLES,
 ) -> ShardLoader:
     """The DataLoader of this rank over the shards of `index_path`.
 
@@ -183,8 +333,10 @@ def build_loader(
     trip is fine; see :meth:`ShardLoader.resume_from`); a checkpoint's state goes
     through :meth:`ShardLoader.load_state_dict` instead. `local_world_size` (ranks per
     node; default $LOCAL_WORLD_SIZE, else all ranks on one node) splits the shards
-    by node first. Raises DataError when the index is unusable, a shard is missing
-    on disk, or there are fewer shards than nodes x ranks x workers.
+    by node first. Cuts shorter than `min_samples` samples at data.sample_rate (after
+    the crop) are skipped and counted as ``too_short``. Raises DataError when the index
+    is unusable, a shard is missing on disk, or there are fewer shards than nodes x
+    ranks x workers.
     """
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
@@ -196,6 +348,8 @@ def build_loader(
     check_shard_count(index, world_size, data.num_workers, local_world_size=local_world_size)
     dataset = ShardStream(
         shards=[(s.path, s.samples) for s in index.shards],
+        names=[s.name for s in index.shards],
+        index_digest=index.digest,
         data=data,
         rank=rank,
         world_size=world_size,
@@ -204,6 +358,7 @@ def build_loader(
         epochs=epochs,
         crop=crop,
         duration_bins=duration_bins(index, data.num_buckets, data.crop_seconds if crop else None),
+        min_samples=min_samples,
     )
     # Workers prefetch batches while the trainer computes; on a GPU, pinned batches copy asynchronously.
     loader = ShardLoader(
@@ -220,7 +375,8 @@ def build_loader(
 def resume_points(position: dict | None, workers: int) -> tuple[dict[int, WorkerCounters], str]:
     """{worker: counters to start from} from a saved position, or ({}, why not) when it does not fit.
 
-    A position saved before the counters were part of it starts them at 0.
+    A position saved before the counters were part of it starts them at 0; one saved
+    before ``batches_in_group`` resumes at the start of its unfinished group.
     """
     if not position:
         return {}, ""
@@ -234,6 +390,7 @@ def resume_points(position: dict | None, workers: int) -> tuple[dict[int, Worker
                 worker=int(w),
                 epoch=int(p["epoch"]),
                 shards_done=int(p["shards_done"]),
+                batches_in_group=int(p.get("batches_in_group", 0)),
                 # positions saved before shard groups existed read one shard at a time
                 interleave_shards=int(p.get("interleave_shards", 1)),
                 skipped=counts(p.get("skipped_by_reason", {})),
@@ -245,8 +402,8 @@ def resume_points(position: dict | None, workers: int) -> tuple[dict[int, Worker
         return {}, f"malformed position {position!r} ({e!r})"
     if sorted(points) != list(range(workers)):
         return {}, f"it is for workers {sorted(points)}, this loader has {workers} (data.num_workers)"
-    if any(c.epoch < 0 or c.shards_done < 0 for c in points.values()):
-        return {}, f"negative epoch or shards_done in {position!r}"
+    if any(c.epoch < 0 or c.shards_done < 0 or c.batches_in_group < 0 for c in points.values()):
+        return {}, f"negative epoch, shards_done or batches_in_group in {position!r}"
     return points, ""
 
 
@@ -266,9 +423,13 @@ def duration_bins(index: ShardIndex, num_buckets: int, crop_seconds: float | Non
 
 @dataclass
 class WorkerCounters:
+    """One worker's place in its stream and its counters; `position` is where it resumes."""
+
     worker: int = 0
     epoch: int = 0
     shards_done: int = 0
+    batches_in_group: int = 0
+    """Batches of the unfinished group handed out (a resume drops that many of the re-read group)."""
     skipped: Counter = field(default_factory=Counter)
     repaired: Counter = field(default_factory=Counter)
     position: dict = field(default_factory=dict)
@@ -283,15 +444,21 @@ class WorkerCounters:
         NOTE: the counters are snapshotted here, not at each batch, so that they are not
         counted twice: a resumed worker re-reads its unfinished group and counts its skips again.
         """
-        self.epoch, self.shards_done = epoch, shards_done
+        self.epoch, self.shards_done, self.batches_in_group = epoch, shards_done, 0
         self.position = {
             "worker": self.worker,
             "epoch": epoch,
             "shards_done": shards_done,
+            "batches_in_group": 0,
             "interleave_shards": self.interleave_shards,
             "skipped_by_reason": dict(self.skipped),
             "repaired_by_reason": dict(self.repaired),
         }
+
+    def handed_out(self) -> None:
+        """One more batch of the unfinished group emitted: a worker resumed here drops it."""
+        self.batches_in_group += 1
+        self.position["batches_in_group"] = self.batches_in_group
 
     def stamp(self, batch: dict) -> dict:
         batch.update(
@@ -391,12 +558,30 @@ class ShardStream(torch.utils.data.IterableDataset):
         epochs: int | None,
         crop: bool,
         duration_bins: list[float],
+        names: list[str] | None = None,
+        index_digest: str = "",
+        min_samples: int = MIN_SAMPLES,
     ):
         super().__init__()
         self.shards, self.data, self.rank, self.world_size = list(shards), data, rank, world_size
         self.local_world_size = local_world_size
         self.seed, self.epochs, self.crop, self.duration_bins = seed, epochs, crop, duration_bins
+        # path -> the shard's name in the index (default: its path), which seeds its group's batching
+        self.names = dict(zip((p for p, _ in self.shards), names or (p for p, _ in self.shards)))
+        self.index_digest, self.min_samples = index_digest, min_samples
         self.start: dict[int, WorkerCounters] = {}  # worker -> where it resumes (ShardLoader.resume_from sets it)
+
+    def batching(self) -> dict:
+        """The settings that, with the shard order, fix a group's batches: an exact resume needs them unchanged."""
+        return {
+            "crop": self.crop,
+            "crop_seconds": self.data.crop_seconds,
+            "batch_seconds": self.data.batch_seconds,
+            "shuffle_buffer": self.data.shuffle_buffer,
+            "num_buckets": self.data.num_buckets,
+            "sample_rate": self.data.sample_rate,
+            "min_samples": self.min_samples,
+        }
 
     def shards_for(self, epoch: int, worker: int, num_workers: int) -> list[tuple[str, int]]:
         """This worker's shards in `epoch`: one global shuffle, then split by node, rank in node, worker."""
@@ -411,45 +596,72 @@ class ShardStream(torch.utils.data.IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         counters = copy.deepcopy(self.start.get(worker)) or WorkerCounters(worker=worker)
         counters.interleave_shards = self.data.interleave_shards
-        epoch, skip = counters.epoch, counters.shards_done
+        epoch, skip, drop = counters.epoch, counters.shards_done, counters.batches_in_group
         fbank = None
         if self.data.features == "fbank":
             from lhotse import Fbank, FbankConfig
 
             fbank = Fbank(FbankConfig(num_mel_bins=self.data.num_mel_bins))
+        dry: list[str] = []  # shards read in a row (across groups and epochs) without a batch
         while self.epochs is None or epoch < self.epochs:
             shards = self.shards_for(epoch, worker, num_workers)
+            if not shards:
+                raise DataError(
+                    f"rank {self.rank} worker {worker}: no shards in epoch {epoch} (world size "
+                    f"{self.world_size}, {num_workers} workers, {len(self.shards)} shards)"
+                )
             counters.reached(epoch, min(skip, len(shards)))
-            items_in_epoch = 0
             # Groups of `interleave_shards` from the resume point on: a group is read member by member
             # into one shuffle buffer and is the unit of resume (its shards are done together).
             for k in range(counters.shards_done, len(shards), self.data.interleave_shards):
                 group = shards[k : k + self.data.interleave_shards]
                 end = k + len(group)
-                rng = random.Random(f"batches:{self.seed}:{epoch}:{group[0][0]}")
-                batcher = Batcher(self.duration_bins, self.data.batch_seconds, self.data.shuffle_buffer, rng)
-                for item in round_robin([self.read_shard(path, samples, rng, counters) for path, samples in group]):
-                    items_in_epoch += 1
-                    for cuts in batcher.add(item):
-                        batch = self.collate(cuts, fbank, counters)
-                        if batch is not None:
-                            yield counters.stamp(batch)
-                ready = batcher.drain()
-                for i, cuts in enumerate(ready):
-                    batch = self.collate(cuts, fbank, counters)  # decoding may count skips: before `reached`
-                    if i == len(ready) - 1:
+                produced = False
+                for items, completes in self.planned(epoch, group, counters):
+                    decoded = self.decode_all(items, counters)  # decoding may count skips: before `reached`
+                    if completes:
                         counters.reached(epoch, end)  # NOTE: the last batch of a group completes it
-                    if batch is not None:
-                        yield counters.stamp(batch)
+                    if not decoded:
+                        continue
+                    produced = True
+                    if not completes:
+                        counters.handed_out()
+                    if drop:
+                        # handed out before the resume; decoded all the same, so that skips count as then
+                        drop -= 1
+                        continue
+                    yield counters.stamp(self.collate(decoded, fbank))
+                drop = 0  # only the group a worker resumes in was partly handed out
                 counters.reached(epoch, end)
-            if items_in_epoch == 0 and skip == 0:
-                # an endless loop over unreadable shards would hang this rank silently
-                raise DataError(
-                    f"rank {self.rank} worker {worker}: no readable cut in epoch {epoch} of shards "
-                    f"{[p for p, _ in shards]} (skipped: {dict(counters.skipped)}); "
-                    "run tools/check_shards.py"
-                )
+                dry = [] if produced else dry + [p for p, _ in group]
+                if len(dry) >= len(shards):
+                    raise DataError(self.stalled(worker, epoch, len(shards), dry, counters))
+            drop = 0
             epoch, skip = epoch + 1, 0
+
+    def stalled(self, worker: int, epoch: int, per_epoch: int, dry: list[str], counters: WorkerCounters) -> str:
+        """The DataError message of a worker that read `dry` shards in a row without a batch."""
+        names = list(dict.fromkeys(dry))
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        return (
+            f"rank {self.rank} worker {worker}: no batch from the last {len(dry)} shards read "
+            f"({per_epoch} a worker epoch; now in epoch {epoch}): {shown}; skipped so far by reason: "
+            f"{dict(counters.skipped)}; check them with tools/check_shards.py"
+        )
+
+    def planned(
+        self, epoch: int, group: list[tuple[str, int]], counters: WorkerCounters
+    ) -> Iterator[tuple[list[Item], bool]]:
+        """The batches of one shard group as planned cuts, each with whether it is the group's last."""
+        # NOTE: seeded by the shard's name in the index, not its path on disk: moved data, same batches.
+        rng = random.Random(f"batches:{self.seed}:{epoch}:{self.names[group[0][0]]}")
+        batcher = Batcher(self.duration_bins, self.data.batch_seconds, self.data.shuffle_buffer, rng)
+        for item in round_robin([self.read_shard(path, samples, rng, counters) for path, samples in group]):
+            for cuts in batcher.add(item):
+                yield cuts, False
+        ready = batcher.drain()
+        for i, cuts in enumerate(ready):
+            yield cuts, i == len(ready) - 1
 
     def read_shard(self, path: str, samples: int, rng: random.Random, counters: WorkerCounters) -> Iterator[Item]:
         """Planned cuts of one shard; bad members and broken tars are counted, never raised."""
@@ -473,19 +685,22 @@ class ShardStream(torch.utils.data.IterableDataset):
                 counters.skip(e.reason)
                 continue
             sr, frames = info.samplerate, info.frames
-            if sr != target:
-                counters.repaired["resampled"] += 1
-            if info.channels != 1:
-                counters.repaired["downmixed"] += 1
             seconds = frames / sr
             too_long = seconds > self.data.batch_seconds  # could never fit a batch: cut back like a crop
-            if too_long:
-                counters.repaired["too_long"] += 1
             start = 0
             if (self.crop or too_long) and seconds > self.data.crop_seconds:
                 if self.crop:
                     start = math.floor(rng.uniform(0.0, seconds - self.data.crop_seconds) * sr)
                 frames = math.floor(self.data.crop_seconds * sr)
+            if -(-frames * target // sr) < self.min_samples:  # its length at `target` (resample_poly rounds up)
+                counters.skip("too_short")
+                continue
+            if sr != target:
+                counters.repaired["resampled"] += 1
+            if info.channels != 1:
+                counters.repaired["downmixed"] += 1
+            if too_long:
+                counters.repaired["too_long"] += 1
             yield Item(sample["__key__"], sample["flac"], start, frames, frames / sr)
         if not problems and read < samples:
             problems.append("truncated_tar")  # the tar ended cleanly on a header boundary, short of the index
@@ -508,15 +723,19 @@ class ShardStream(torch.utils.data.IterableDataset):
             counters.skip("empty_audio")
             return None
         audio = to_mono_rate(audio, sr, self.data.sample_rate)
+        if len(audio) < self.min_samples:  # the body held fewer frames than its header said
+            counters.skip("too_short")
+            return None
         if not np.isfinite(audio).all():
             counters.skip("non_finite")
             return None
         return audio
 
-    def collate(self, items: list[Item], fbank, counters: WorkerCounters) -> dict | None:
-        decoded = [(it.key, a) for it in items if (a := self.decode(it, counters)) is not None]
-        if not decoded:
-            return None
+    def decode_all(self, items: list[Item], counters: WorkerCounters) -> list[tuple[str, np.ndarray]]:
+        """(key, audio) of the items that decode; the others are counted skips."""
+        return [(it.key, a) for it in items if (a := self.decode(it, counters)) is not None]
+
+    def collate(self, decoded: list[tuple[str, np.ndarray]], fbank) -> dict:
         lens = [len(a) for _, a in decoded]
         audio = torch.zeros(len(decoded), max(lens), dtype=torch.float32)
         for row, (_, a) in zip(audio, decoded):

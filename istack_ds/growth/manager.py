@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from istack_ds import engine as ds_engine
+from istack_ds import faults
 from istack_ds.config import OptimConfig
 from istack_ds.engine import GrowthStateError, ParamState
 from istack_ds.growth import operators
@@ -161,6 +162,10 @@ class GrowthManager:
 
         old_states = ds_engine.gather_full_states(engine)
         counters = ds_engine.engine_counters(engine)
+        # Fault tests: a rank lost here (ISTACK_FAULTS=die_in_growth / hang_in_growth), between the
+        # gathers and the new engine, leaves its peers in the new engine's first collectives.
+        # The growth before step N runs after N - 1 optimizer steps.
+        faults.stop_here("growth", counters["global_steps"] + 1)
         lap("gather_s")
 
         src = self.lineage(depth, new_depth)

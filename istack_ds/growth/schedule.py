@@ -13,6 +13,7 @@ PROP-1 (10/20/30/40 %). ``growth.boundaries`` overrides alpha.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 
 
@@ -29,10 +30,12 @@ class Schedule:
         if len(self.boundaries) != len(self.depths) - 1:
             raise ValueError(f"{len(self.depths)} stages need {len(self.depths) - 1} boundaries, got {self.boundaries}")
         steps = [0, *self.boundaries, self.total_steps]
-        if any(b <= a for a, b in zip(steps, steps[1:])):
+        lengths = [b - a for a, b in zip(steps, steps[1:])]
+        if min(lengths) < 1:
             raise ValueError(
-                f"stage boundaries {self.boundaries} must be strictly increasing, > 0 and < total_steps="
-                f"{self.total_steps} (every stage needs at least one step)"
+                f"stage boundaries {self.boundaries} give stages of {lengths} steps out of total_steps="
+                f"{self.total_steps}: every stage needs at least one step (boundaries strictly increasing, > 0 "
+                "and < total_steps)"
             )
 
     @classmethod
@@ -48,8 +51,15 @@ class Schedule:
     @classmethod
     def proportional(cls, depths: list[int], alpha: float, total_steps: int) -> Schedule:
         """Stage k (1-based) gets ``round``-ed share ``k**alpha / sum_j j**alpha`` of the steps."""
-        weights = [(k + 1) ** alpha for k in range(len(depths))]
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha={alpha} must be a finite number")
+        try:
+            weights = [float(k + 1) ** float(alpha) for k in range(len(depths))]
+        except OverflowError:
+            weights = [math.inf]
         total_w = sum(weights)
+        if not math.isfinite(total_w):
+            raise ValueError(f"alpha={alpha}: the stage weights k**alpha overflow")
         boundaries, acc = [], 0.0
         for w in weights[:-1]:
             acc += w

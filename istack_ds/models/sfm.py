@@ -67,6 +67,15 @@ def cnn(model: nn.Module, audio: torch.Tensor) -> torch.Tensor:
     return model.get_submodule("feature_extractor")(audio)
 
 
+def receptive_field(kernels, strides) -> int:
+    """Input samples one output frame of a conv stack sees: a shorter input gives the transformer no frame."""
+    field, jump = 1, 1
+    for kernel, stride in zip(kernels, strides):
+        field += (kernel - 1) * jump
+        jump *= stride
+    return field
+
+
 def length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
     """[B, size] bool, True where a position is real (audio samples or frames), False on padding."""
     return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]

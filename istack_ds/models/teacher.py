@@ -32,7 +32,8 @@ class TeacherError(ValueError):
 
 @dataclass(frozen=True)
 class TeacherInfo:
-    """What the student and the losses need to know about the teacher, read from config.json only."""
+    """What the student, the losses and preflight need to know about the teacher, read from config.json and
+    preprocessor_config.json."""
 
     path: str
     model_type: str
@@ -43,10 +44,13 @@ class TeacherInfo:
     conv_stride: tuple[int, ...]
     conv_bias: bool
     feat_extract_norm: str
+    sample_rate: int | None = None
+    """``sampling_rate`` of the feature extractor's ``preprocessor_config.json``; None when the directory has none."""
 
 
 def read_teacher_info(path: str | Path) -> TeacherInfo:
-    """Reads and checks ``<path>/config.json`` without importing a model (cheap, pre-launch check)."""
+    """Reads and checks ``<path>/config.json`` (and ``preprocessor_config.json`` if present) without importing a
+    model (cheap, pre-launch check)."""
     path = Path(path)
     if not path.is_dir():
         raise TeacherError(
@@ -69,6 +73,16 @@ def read_teacher_info(path: str | Path) -> TeacherInfo:
         (path / name).exists() for name in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
     ):
         raise TeacherError(f"teacher directory {path} has no weights (model.safetensors or pytorch_model.bin)")
+    sample_rate = None
+    preprocessor = path / "preprocessor_config.json"
+    if preprocessor.exists():
+        try:
+            rate = json.loads(preprocessor.read_text()).get("sampling_rate")
+        except (OSError, json.JSONDecodeError, AttributeError) as e:
+            raise TeacherError(f"teacher feature extractor config {preprocessor} is unreadable: {e}") from None
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0):
+            raise TeacherError(f"teacher {preprocessor}: sampling_rate={rate!r} is not a positive integer")
+        sample_rate = rate
     return TeacherInfo(
         path=str(path),
         model_type=model_type,
@@ -79,6 +93,7 @@ def read_teacher_info(path: str | Path) -> TeacherInfo:
         conv_stride=tuple(raw["conv_stride"]),
         conv_bias=bool(raw.get("conv_bias", False)),
         feat_extract_norm=raw.get("feat_extract_norm", "group"),
+        sample_rate=sample_rate,
     )
 
 

@@ -4,14 +4,14 @@ Run by tests/test_data_stream.py (2 ranks x 2 workers, gloo); by hand, from the 
     PYTHONPATH=. torchrun --standalone --nproc_per_node 2 tests/workers/data_resume.py \\
         --index INDEX --batches K --out OUT_JSON
 
-Each rank's result: the cut ids of the first K batches, each worker's position as its
-batches said, the loader's saved state, the cut ids after the resume, each worker's batches
-(cut ids) before the save, after the resume and in an uninterrupted run, and each worker's
-shard list of epoch 0.
+Each rank's result: each worker's position as its batches said, the loader's saved state, its
+binding, whether the new loader resumed and its note, and each worker's batches (cut ids and a
+digest of the audio) before the save, after the resume and in an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from itertools import islice
 
@@ -22,16 +22,19 @@ from istack_ds.data.stream import build_loader
 from tests.workers.protocol import worker_parser, write_all_ranks
 
 
-def per_worker(batches: list[dict]) -> dict[str, list[list[str]]]:
-    out: dict[str, list[list[str]]] = {"0": [], "1": []}
+def per_worker(batches: list[dict]) -> dict[str, list[list]]:
+    """str(worker) -> its batches in order, each [cut ids, sha256 of the audio tensor's bytes]."""
+    out: dict[str, list[list]] = {"0": [], "1": []}
     for batch in batches:
-        out[str(batch["worker"])].append(batch["cut_ids"])
+        audio = hashlib.sha256(batch["audio"].numpy().tobytes()).hexdigest()
+        out[str(batch["worker"])].append([batch["cut_ids"], audio])
     return out
 
 
 def main(index_path: str, out_json: str, k: int) -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    # 2 shards a worker, read 2 at a time: one group a worker, one cut a batch
     data = DataConfig(
         train_index=index_path,
         num_workers=2,
@@ -39,8 +42,8 @@ def main(index_path: str, out_json: str, k: int) -> None:
         batch_seconds=1.0,
         num_buckets=3,
         shuffle_buffer=4,
-        interleave_shards=1,
-    )  # the resume unit is then one shard
+        interleave_shards=2,
+    )
 
     def loader():
         return build_loader(data, index_path, rank=rank, world_size=world_size, seed=3, epochs=1)
@@ -48,27 +51,21 @@ def main(index_path: str, out_json: str, k: int) -> None:
     full = list(loader())  # the uninterrupted run
     interrupted = loader()
     first_batches = list(islice(interrupted, k))  # exactly K batches pass through the loader
-    first = [i for b in first_batches for i in b["cut_ids"]]
     position = {str(b["worker"]): b["position"] for b in first_batches}  # each worker's latest, as batches said
     state = json.loads(json.dumps(interrupted.state_dict()))  # the checkpoint's JSON round trip
+    binding = json.loads(json.dumps(interrupted.binding()))
     del interrupted
     resumed = loader()
     resumed.load_state_dict(state)
     after_batches = list(resumed)
-    after = [i for b in after_batches for i in b["cut_ids"]]
-    skipped = max((b["skipped"] for b in after_batches), default=0)
-    lists = {w: [p for p, _ in resumed.dataset.shards_for(0, w, 2)] for w in (0, 1)}
     write_all_ranks(
         out_json,
         {
-            "first": first,
             "position": position,
             "state": state,
-            "after": after,
+            "binding": binding,
             "resumed": resumed.resumed,
             "note": resumed.position_note,
-            "skipped": skipped,
-            "shard_lists": lists,
             "first_by_worker": per_worker(first_batches),
             "after_by_worker": per_worker(after_batches),
             "full_by_worker": per_worker(full),

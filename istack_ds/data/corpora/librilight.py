@@ -14,6 +14,13 @@ replacing "flac" anywhere in the path. Headers are read by ``jobs`` threads
 manifests exist (they are written under a temporary name and renamed when
 complete), so re-running is cheap and adding ``medium`` later prepares only it.
 
+A file whose json is missing, unreadable or has a malformed ``voice_activity``
+(not a list of [start, end] pairs of finite numbers with 0 <= start < end), or
+whose FLAC header does not decode, is left out and counted by reason
+(:data:`~istack_ds.data.corpora.SOURCE_SKIP_REASONS`); each part's skips are kept in
+``MANIFESTS/librilight_skipped_<part>.json`` (written before the part counts as
+prepared), so a re-run reports the same skips without reading the files again.
+
 Each cut keeps in ``cut.custom`` what its shard member's json records: speaker,
 book and source (the FLAC path relative to the corpus); :func:`prepare` is this
 module's side of the corpus contract (:mod:`istack_ds.data.corpora`).
@@ -22,16 +29,17 @@ module's side of the corpus contract (:mod:`istack_ds.data.corpora`).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
-from istack_ds.data.corpora import PreparedCorpus
-from istack_ds.data.index import DataError
+from istack_ds.data.corpora import BadSource, PreparedCorpus, Skipped
+from istack_ds.data.index import DataError, write_json_atomic
 
 LIBRILIGHT_PARTS = ("small", "medium", "large")
 
@@ -44,6 +52,11 @@ def manifest_paths(manifest_dir: Path, part: str) -> tuple[Path, Path]:
         manifest_dir / f"librilight_recordings_{part}.jsonl.gz",
         manifest_dir / f"librilight_supervisions_{part}.jsonl.gz",
     )
+
+
+def skipped_path(manifest_dir: Path, part: str) -> Path:
+    """The record of the files a part's manifests leave out (:meth:`Skipped.to_dict`)."""
+    return manifest_dir / f"librilight_skipped_{part}.json"
 
 
 def _sorted_dirs(path: Path) -> list[Path]:
@@ -65,8 +78,31 @@ def _has_flac(part_dir: Path) -> bool:
     return part_dir.is_dir() and next(iter_flacs(part_dir), None) is not None
 
 
+def voice_activity(meta: dict, where: Path) -> list[tuple[float, float]]:
+    """The [start, end] intervals of a LibriLight json; raises BadSource("bad_vad") unless each is a pair of finite
+    numbers with 0 <= start < end."""
+    vad = meta.get("voice_activity")
+    if not isinstance(vad, list):
+        raise BadSource("bad_vad", f"{where}: voice_activity is {type(vad).__name__}, not a list of [start, end]")
+    out = []
+    for i, pair in enumerate(vad):
+        ok = (
+            isinstance(pair, (list, tuple))
+            and len(pair) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in pair)
+            and 0 <= pair[0] < pair[1]
+        )
+        if not ok:
+            raise BadSource("bad_vad", f"{where}: voice_activity[{i}] = {pair!r} is not [start, end], 0 <= start < end")
+        out.append((float(pair[0]), float(pair[1])))
+    return out
+
+
 def parse_file(corpus_dir: Path, flac: Path):
-    """(Recording, [SupervisionSegment per VAD interval]) of one file; ids as lhotse's recipe makes them."""
+    """(Recording, [SupervisionSegment per VAD interval]) of one file; ids as lhotse's recipe makes them.
+
+    Raises BadSource (missing_json, bad_json, bad_vad, undecodable_flac) for a file to leave out.
+    """
     from lhotse import Recording, SupervisionSegment
     from lhotse.utils import add_durations
 
@@ -74,19 +110,23 @@ def parse_file(corpus_dir: Path, flac: Path):
     meta_path = flac.with_suffix(".json")
     try:
         meta = json.loads(meta_path.read_text())
-        speaker, vad = str(meta["speaker"]), meta["voice_activity"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{meta_path}: no usable LibriLight json ({e!r})") from None
+    except FileNotFoundError:
+        raise BadSource("missing_json", f"{meta_path}: missing") from None
+    except (OSError, ValueError) as e:
+        raise BadSource("bad_json", f"{meta_path}: unreadable json ({e})") from None
+    if not isinstance(meta, dict) or "speaker" not in meta:
+        raise BadSource("bad_json", f"{meta_path}: not a LibriLight json (no speaker)")
+    speaker, vad = str(meta["speaker"]), voice_activity(meta, meta_path)
     try:
         recording = Recording.from_file(flac, recording_id=rec_id)
     except Exception as e:  # noqa: BLE001 -- soundfile raises several types on junk
-        raise DataError(f"{flac}: unreadable audio ({e})") from None
+        raise BadSource("undecodable_flac", f"{flac}: unreadable audio header ({_audio_error(flac, e)})") from None
     sups = [
         SupervisionSegment(
             id=f"{rec_id}_{i}",
             recording_id=rec_id,
-            start=float(s),
-            duration=add_durations(float(e), -float(s), sampling_rate=16000),
+            start=s,
+            duration=add_durations(e, -s, sampling_rate=16000),
             channel=0,
             language="English",
             speaker=speaker,
@@ -96,6 +136,17 @@ def parse_file(corpus_dir: Path, flac: Path):
     return recording, sups
 
 
+def _audio_error(flac: Path, e: Exception) -> str:
+    """soundfile's one-line reason for a header that does not read (lhotse's message spans several lines)."""
+    import soundfile as sf
+
+    try:
+        sf.info(str(flac))
+    except Exception as direct:  # noqa: BLE001 -- soundfile raises several types on junk
+        return str(direct)
+    return " ".join(str(e).split())
+
+
 @dataclass
 class PrepareReport:
     parts: list[str]
@@ -103,7 +154,9 @@ class PrepareReport:
     prepared: list[str]
     """Parts whose manifests this call wrote (the rest were already there)."""
     files: int = 0
-    failed: int = 0
+    """Files in the manifests this call wrote."""
+    skipped: Skipped = field(default_factory=Skipped)
+    """Files left out of every present part's manifests (those written before included), by reason."""
 
 
 def prepare_manifests(
@@ -111,7 +164,9 @@ def prepare_manifests(
 ) -> PrepareReport:
     """Writes the recordings + supervisions manifests of every part present; skips prepared parts.
 
-    Files whose json or audio is unreadable are logged and left out (counted in `failed`).
+    Files whose json, voice_activity or audio header is unusable are left out, logged and
+    counted by reason in `skipped`, which also holds the skips recorded when an already
+    prepared part was written.
     """
 
     corpus_dir, manifest_dir = Path(corpus_dir).resolve(), Path(manifest_dir)
@@ -125,25 +180,41 @@ def prepare_manifests(
     for part in present:
         rec_path, sup_path = manifest_paths(manifest_dir, part)
         if rec_path.is_file() and sup_path.is_file() and rec_path.stat().st_size > 20:
+            report.skipped.update(_read_skipped(skipped_path(manifest_dir, part)))
             continue
         tmp_rec, tmp_sup = (p.with_name(p.name.replace(".jsonl.gz", ".tmp.jsonl.gz")) for p in (rec_path, sup_path))
-        n, failed = _write_part_manifests(corpus_dir, part, tmp_rec, tmp_sup, jobs=jobs, log=log)
+        skipped = Skipped()
+        n = _write_part_manifests(corpus_dir, part, tmp_rec, tmp_sup, skipped, jobs=jobs, log=log)
+        write_json_atomic(skipped_path(manifest_dir, part), skipped.to_dict())
         os.replace(tmp_sup, sup_path)
         os.replace(tmp_rec, rec_path)  # last: the recordings manifest marks the part as complete
         report.prepared.append(part)
         report.files += n
-        report.failed += failed
-        log(f"manifests {part}: {n} recordings ({failed} unreadable, skipped) -> {rec_path.parent}")
+        report.skipped.update(skipped)
+        log(f"manifests {part}: {n} recordings ({skipped.count} files skipped) -> {rec_path.parent}")
     return report
 
 
+def _read_skipped(path: Path) -> Skipped:
+    """The skips recorded for a prepared part; none when it was prepared without a record (lhotse's recipe)."""
+    if not path.is_file():
+        return Skipped()
+    try:
+        return Skipped.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise DataError(f"{path}: unreadable ({e}); delete it and the part's manifests to prepare it again") from None
+
+
 def _write_part_manifests(
-    corpus_dir: Path, part: str, rec_path: Path, sup_path: Path, *, jobs: int, log: Callable
-) -> tuple[int, int]:
-    """Writes one part's two manifests, headers read by `jobs` threads; returns (files written, files skipped)."""
+    corpus_dir: Path, part: str, rec_path: Path, sup_path: Path, skipped: Skipped, *, jobs: int, log: Callable
+) -> int:
+    """Writes one part's two manifests, headers read by `jobs` threads; returns the files written.
+
+    Files left out are added to `skipped`, named relative to the corpus.
+    """
     from lhotse import RecordingSet, SupervisionSet
 
-    n = failed = 0
+    n = 0
     with (
         RecordingSet.open_writer(rec_path) as recs,
         SupervisionSet.open_writer(sup_path) as sups,
@@ -152,13 +223,15 @@ def _write_part_manifests(
         pending: deque = deque()
 
         def drain(limit: int) -> None:
-            nonlocal n, failed
+            nonlocal n
             while len(pending) > limit:
+                flac, fut = pending.popleft()
                 try:
-                    recording, segments = pending.popleft().result()
-                except DataError as e:
-                    log(f"skipped: {e}")
-                    failed += 1
+                    recording, segments = fut.result()
+                except BadSource as e:
+                    log(f"skipped ({e.reason}): {e}")
+                    name = flac.relative_to(corpus_dir).as_posix()
+                    skipped.add(e.reason, name, str(e).removeprefix(f"{flac.parent}/"))
                     continue
                 recs.write(recording)
                 for s in segments:
@@ -166,10 +239,10 @@ def _write_part_manifests(
                 n += 1
 
         for flac in iter_flacs(corpus_dir / part):  # bounded window of in-flight files, in order
-            pending.append(pool.submit(parse_file, corpus_dir, flac))
+            pending.append((flac, pool.submit(parse_file, corpus_dir, flac)))
             drain(4 * max(1, jobs))
         drain(0)
-    return n, failed
+    return n
 
 
 def _lazy(path: Path):
@@ -190,10 +263,13 @@ def vad_windows(
 
     A window spans from its first interval's start to its last interval's end
     (short pauses inside are kept). An interval longer than `max_seconds` is cut
-    into `max_seconds` pieces. Windows shorter than `min_seconds` are dropped.
+    into `max_seconds` pieces; one that is not finite is ignored. Windows shorter than
+    `min_seconds` are dropped.
     """
     pieces: list[tuple[float, float]] = []
     for start, end in sorted(intervals):
+        if not (math.isfinite(start) and math.isfinite(end)):
+            continue  # NOTE: parse_file refuses such files; an infinite interval would never end the loop below
         while end - start > max_seconds:
             pieces.append((start, start + max_seconds))
             start += max_seconds
@@ -314,7 +390,11 @@ def prepare_librilight(
     jobs: int = 4,
     log: Callable = print,
 ) -> dict:
-    """Manifests under OUT/manifests, cuts under OUT/<split>/cuts.jsonl.gz; returns a summary dict."""
+    """Manifests under OUT/manifests, cuts under OUT/<split>/cuts.jsonl.gz; returns a summary dict.
+
+    The summary: parts, speakers, valid_speakers, splits ({cuts, seconds, path} each) and
+    skipped (the source files left out, :meth:`Skipped.to_dict`); its last log line names the skips.
+    """
     from lhotse import CutSet
 
     out_dir = Path(out_dir)
@@ -328,7 +408,13 @@ def prepare_librilight(
         manifest_dir, report.parts, out_dir, max_seconds=max_seconds, min_seconds=min_seconds, valid=valid
     )
     splits: dict[str, dict] = {}
-    summary = {"parts": report.parts, "speakers": len(speakers), "valid_speakers": valid, "splits": splits}
+    summary = {
+        "parts": report.parts,
+        "speakers": len(speakers),
+        "valid_speakers": valid,
+        "splits": splits,
+        "skipped": report.skipped.to_dict(),
+    }
     for split, path in paths.items():
         n, seconds = 0, 0.0
         for c in CutSet.from_jsonl_lazy(path):
@@ -336,6 +422,7 @@ def prepare_librilight(
             seconds += c.duration
         splits[split] = {"cuts": n, "seconds": round(seconds, 3), "path": str(path)}
         log(f"{split}: {n} VAD windows ({seconds / 3600:.3f} h, <= {max_seconds} s each) -> {path}")
+    log(report.skipped.line("source files"))
     return summary
 
 
@@ -352,7 +439,8 @@ def prepare(
 ) -> PreparedCorpus:
     """The corpus contract (:mod:`istack_ds.data.corpora`): :func:`prepare_librilight`'s cuts per split.
 
-    The index settings record the held-out speakers and the parts that were present.
+    The index settings record the held-out speakers and the parts that were present;
+    `skipped` holds the source files left out.
     """
     summary = prepare_librilight(
         corpus_dir,
@@ -367,4 +455,5 @@ def prepare(
     return PreparedCorpus(
         splits={split: Path(s["path"]) for split, s in summary["splits"].items()},
         settings={"valid_speakers": summary["valid_speakers"], "parts": summary["parts"]},
+        skipped=Skipped.from_dict(summary["skipped"]),
     )

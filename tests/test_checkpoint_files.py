@@ -1,0 +1,173 @@
+"""Checkpoint directories without engines: which checkpoint a resume picks, what is passed over, what is set
+aside, what pruning keeps, what a save clears, what the converter refuses, what a rank file may hold.
+
+A fake engine writes DeepSpeed-like files, so every rule of istack_ds/checkpoint.py is checked in-process.
+"""
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from istack_ds.checkpoint import (
+    META_FILE,
+    SET_ASIDE,
+    Checkpointer,
+    CheckpointError,
+    convert_to_universal,
+    load_rank_state,
+    rng_state,
+    set_rng_state,
+    verify,
+    write_marker,
+)
+
+
+class FakeEngine:
+    """Writes what DeepSpeed writes for one rank: a model file and a partition."""
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        path = f"{save_dir}/{tag}"
+        Path(path).mkdir(parents=True, exist_ok=True)
+        torch.save({"w": torch.ones(4) * client_state["istack"]["step"]}, f"{path}/mp_rank_00_model_states.pt")
+        torch.save({"m": torch.zeros(4)}, f"{path}/zero_pp_rank_0_mp_rank_00_optim_states.pt")
+
+
+def save(ckpt: Checkpointer, step: int, **meta):
+    return ckpt.save(FakeEngine(), {"step": step, "depth": 2, **meta}, {"data": {"positions": {}}})
+
+
+def make(tmp_path, steps, keep=10, world=1) -> Checkpointer:
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep=keep, log=lambda *a: None)
+    for step in steps:
+        save(ckpt, step)
+        if world != 1:  # as if saved by `world` ranks
+            path = ckpt.dir / f"step{step:08d}"
+            meta = json.loads((path / META_FILE).read_text())
+            write_marker(path, {k: v for k, v in meta.items() if k != "files"} | {"world_size": world})
+    return ckpt
+
+
+def universal_copy(ckpt: Checkpointer, step: int, with_rank_files: bool) -> None:
+    src = ckpt.dir / f"step{step:08d}"
+    out = ckpt.dir / f"step{step:08d}_universal"
+    (out / "zero").mkdir(parents=True)
+    if with_rank_files:
+        (out / "rank0.pt").write_bytes((src / "rank0.pt").read_bytes())
+    meta = json.loads((src / META_FILE).read_text())
+    write_marker(out, {k: v for k, v in meta.items() if k != "files"} | {"universal": True})
+
+
+def test_a_same_size_restart_prefers_the_original_over_its_universal_copy(tmp_path):
+    """Item 4: the universal copy has no rank files; picking it dropped every rank's RNG and data position."""
+    ckpt = make(tmp_path, [3, 6])
+    universal_copy(ckpt, 6, with_rank_files=False)
+    assert ckpt.latest(world=1).name == "step00000006"
+    # another world size: the copy that loads as it is
+    assert ckpt.latest(world=2).name == "step00000006_universal"
+
+
+def test_a_corrupt_or_empty_marker_is_passed_over_not_raised(tmp_path):
+    """Item 3: an empty marker made every start raise."""
+    ckpt = make(tmp_path, [3, 6, 9])
+    (ckpt.dir / "step00000009" / META_FILE).write_text("")
+    (ckpt.dir / "step00000006" / META_FILE).write_text("{not json")
+    good, notes = ckpt.candidates(1)
+    assert [p.name for p in good] == ["step00000003"]
+    assert ckpt.latest(world=1).name == "step00000003"
+
+
+def test_a_file_that_does_not_match_the_marker_fails_verification_and_the_previous_is_used(tmp_path):
+    """Item 3: the marker lists every file with its size; a truncated or missing file is named."""
+    ckpt = make(tmp_path, [3, 6])
+    meta = json.loads((ckpt.dir / "step00000006" / META_FILE).read_text())
+    assert set(meta["files"]) == {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rank0.pt"}
+    partition = ckpt.dir / "step00000006" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    partition.write_bytes(partition.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=r"zero_pp_rank_0_mp_rank_00_optim_states\.pt has \d+ bytes"):
+        verify(ckpt.dir / "step00000006")
+    good, notes = ckpt.candidates(1)
+    assert [p.name for p in good] == ["step00000003"]
+    assert len(notes) == 1 and "step00000006" in notes[0] and "bytes" in notes[0]
+    (ckpt.dir / "step00000003" / "rank0.pt").unlink()
+    with pytest.raises(CheckpointError, match="rank0.pt is missing"):
+        verify(ckpt.dir / "step00000003")
+
+
+def test_resuming_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
+    """Item 2: the abandoned timeline's newer checkpoints kept their marker and won `auto` and pruning."""
+    ckpt = make(tmp_path, [3, 6, 9, 12])
+    ckpt.keep = 2
+    (ckpt.dir / "step00000015").mkdir()  # an unfinished save of the abandoned timeline
+    ckpt.start_timeline(ckpt.dir / "step00000006", json.loads((ckpt.dir / "step00000006" / META_FILE).read_text()))
+    assert sorted(p.name for p in ckpt.dir.glob("step*")) == ["step00000003", "step00000006"]
+    aside = list((ckpt.dir / SET_ASIDE).iterdir())
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step00000009", "step00000012"]
+    assert verify(aside[0] / "step00000012")["step"] == 12  # renamed whole, not deleted
+    # the new timeline's saves: pruning keeps the newest 2 and the checkpoint resumed from
+    for step in (7, 8, 9, 10):
+        save(ckpt, step)
+    assert sorted(p.name for p in ckpt.dir.glob("step*")) == ["step00000006", "step00000009", "step00000010"]
+    assert ckpt.latest(world=1).name == "step00000010"
+    timelines = {json.loads((ckpt.dir / n / META_FILE).read_text())["timeline"] for n in ("step00000009",)}
+    assert timelines == {ckpt.timeline}
+    assert json.loads((aside[0] / "step00000009" / META_FILE).read_text())["timeline"] != ckpt.timeline
+
+
+def test_continuing_from_the_newest_keeps_the_timeline(tmp_path):
+    ckpt = make(tmp_path, [3, 6])
+    old = json.loads((ckpt.dir / "step00000006" / META_FILE).read_text())
+    resumed = Checkpointer(ckpt.dir, keep=10, log=lambda *a: None)
+    assert not resumed.start_timeline(ckpt.dir / "step00000006", old)
+    assert resumed.timeline == old["timeline"] and not (ckpt.dir / SET_ASIDE).exists()
+
+
+def test_a_fresh_run_sets_aside_what_an_earlier_run_left(tmp_path):
+    """checkpoint.resume=none in a used directory: `auto` after a crash must not go back to the old run."""
+    ckpt = make(tmp_path, [3, 6])
+    fresh = Checkpointer(ckpt.dir, keep=10, log=lambda *a: None)
+    assert fresh.start_timeline(None, None)
+    assert fresh.latest(world=1) is None
+
+
+def test_a_step_directory_is_written_fresh(tmp_path):
+    """Item 2: a reused step directory kept the old run's extra partition files."""
+    ckpt = make(tmp_path, [3])
+    stale = ckpt.dir / "step00000006"
+    stale.mkdir()
+    (stale / "zero_pp_rank_7_mp_rank_00_optim_states.pt").write_bytes(b"old run")
+    save(ckpt, 6)
+    assert not (stale / "zero_pp_rank_7_mp_rank_00_optim_states.pt").exists()
+    assert "zero_pp_rank_7_mp_rank_00_optim_states.pt" not in verify(stale)["files"]
+    save(ckpt, 6)  # a complete one at the same step is set aside, not written over
+    assert len(list((ckpt.dir / SET_ASIDE).glob("*/step00000006"))) == 1
+
+
+def test_the_converter_never_deletes_a_directory_it_did_not_make(tmp_path):
+    """Item 1: `--out runs/x` wiped a whole run."""
+    ckpt = make(tmp_path, [3])
+    out = tmp_path / "run_x"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "config.yaml").write_text("precious")
+    with pytest.raises(CheckpointError, match="is left as it is"):
+        convert_to_universal(ckpt.dir / "step00000003", out, log=lambda *_: None)
+    assert (out / "config.yaml").read_text() == "precious"
+
+
+def test_rank_files_hold_plain_values_and_load_without_unpickling_objects(tmp_path):
+    """Item 11: rank files were loaded with weights_only=False."""
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    path = tmp_path / "rank0.pt"
+    torch.save({"data": {"positions": {"0": {"epoch": 1}}}, "rng": rng_state()}, path)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    state = load_rank_state(path)
+    set_rng_state(state["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    torch.save({"rng": rng_state(), "evil": FakeEngine()}, path)
+    with pytest.raises(CheckpointError, match="does not load as plain values"):
+        load_rank_state(path)
