@@ -12,8 +12,8 @@ Kinds:
     die                   SIGKILL at the start of the step
     die_in_backward,      SIGKILL / SIGSTOP inside ``engine.backward`` (the peers are in ZeRO's
     hang_in_backward      gradient reduce)
-    die_in_growth,        SIGKILL / SIGSTOP inside the growth before the step, before its full-state
-    hang_in_growth        gathers (the peers are in a gather)
+    die_in_growth,        SIGKILL / SIGSTOP inside the growth before the step, between its full-state
+    hang_in_growth        gathers and the new engine (the peers are in the new engine's first collectives)
 
 A hung (SIGSTOPped) process keeps its sockets open, as a rank stuck in a driver or on a
 swapping host does, so its peers see no error: only a collective timeout ends their wait.

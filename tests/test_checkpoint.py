@@ -1,5 +1,6 @@
-"""Checkpoints with real engines: a resume after a kill (at a seeded random step, mid-epoch and mid-group) or after
-one rank crashed in the middle of a save ends with the unbroken run's weights and Adam moments, bit for bit; a
+"""Checkpoints with real engines: a resume after a kill at a seeded random step, or after one rank crashed in the
+middle of a save (resuming inside an epoch and a shard group), ends with the unbroken run's weights and Adam
+moments, bit for bit; a
 corrupt newest checkpoint is reported and the previous one resumes; a resume from an older checkpoint starts a new
 timeline; another world size converts and resumes by itself; a checkpoint of another shape is refused.
 
@@ -138,46 +139,48 @@ def assert_same_course(out, unbroken):
     assert summary["steps"] == TOTAL and summary["depth"] == 8
 
 
-@pytest.mark.parametrize("where", ["seeded_random_step", "inside_a_shard_group"])
-def test_kill9_then_resume_ends_with_the_unbroken_runs_weights(tmp_path, teacher_dir, demo_shards, unbroken, where):
+def test_kill9_at_a_seeded_random_step_then_resume_ends_with_the_unbroken_runs_weights(
+    tmp_path, teacher_dir, demo_shards, unbroken
+):
     out = tmp_path / "run"
     args = run_args(out, teacher_dir, demo_shards, GROUPS)
     # Checkpoints at steps 3, 5 (growth), 6, 9 (growth), 12; growth boundaries after steps 4 and 8.
     seed = int(os.environ.get("ISTACK_TEST_SEED", random.randrange(2**31)))
-    # step 7 resumes from step 6, whose data position lies inside an epoch and a shard group (asserted below)
-    step = random.Random(seed).randint(4, TOTAL - 1) if where == "seeded_random_step" else 7
+    step = random.Random(seed).randint(4, TOTAL - 1)
     print(f"kill step {step} (ISTACK_TEST_SEED={seed} reproduces it)")
     kill_at_step(args, step)
     resumed = torchrun(ROOT / "launchers/train.py", *args, timeout=400)
     assert "resumed at the saved position" in resumed.stderr, resumed.stderr[-3000:]
-    if where == "inside_a_shard_group":
-        positions = [
-            torch.load(out / f"checkpoints/step00000006/rank{r}.pt", weights_only=True)["data"]["positions"]["0"]
-            for r in (0, 1)
-        ]
-        # rank 1 is inside a group (a batch of it handed out), both ranks inside an epoch (2 of 4 shards done)
-        assert positions[1]["batches_in_group"] > 0 and all(p["shards_done"] == 2 for p in positions), positions
     assert_same_course(out, unbroken)
     assert_no_shard_skipped(out, unbroken, demo_shards)
     assert_same_weights_and_moments(out, unbroken)
 
 
-def test_one_rank_crashing_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(
+def test_one_rank_crashing_in_the_middle_of_a_save_resumes_inside_a_shard_group_on_the_unbroken_course(
     tmp_path, teacher_dir, demo_shards, unbroken
 ):
     out = tmp_path / "run"
     args = run_args(out, teacher_dir, demo_shards, GROUPS)
-    # rank 1 dies after DeepSpeed wrote its partition, before its rank file; rank 0 is left waiting
+    # rank 1 dies in the save of step 9, after DeepSpeed wrote its partition, before its rank file; rank 0 is
+    # left waiting in the save's barrier
     crashed = torchrun(
-        ROOT / "launchers/train.py", *args, env=child_env(ISTACK_FAULTS="crash_in_save@6:1"), check=False, timeout=400
+        ROOT / "launchers/train.py", *args, env=child_env(ISTACK_FAULTS="crash_in_save@9:1"), check=False, timeout=400
     )
     assert crashed.returncode != 0
-    assert (out / "checkpoints/step00000006").is_dir()  # written in part ...
-    assert not (out / "checkpoints/step00000006/istack_meta.json").exists()  # ... never marked complete
+    assert (out / "checkpoints/step00000009").is_dir()  # written in part ...
+    assert not (out / "checkpoints/step00000009/istack_meta.json").exists()  # ... never marked complete
     resumed = torchrun(ROOT / "launchers/train.py", *args, timeout=400)
-    assert "step00000005" in resumed_position(resumed.stderr)
+    assert "step00000006" in resumed_position(resumed.stderr)
     assert "a save that did not finish" in resumed.stderr
+    # step 6's data position: rank 1 inside a shard group (a batch of it handed out), both inside an epoch
+    positions = [
+        torch.load(out / f"checkpoints/step00000006/rank{r}.pt", weights_only=True)["data"]["positions"]["0"]
+        for r in (0, 1)
+    ]
+    assert positions[1]["batches_in_group"] > 0 and all(p["shards_done"] == 2 for p in positions), positions
+    assert "resumed at the saved position" in resumed.stderr
     assert_same_course(out, unbroken)
+    assert_no_shard_skipped(out, unbroken, demo_shards)
     assert_same_weights_and_moments(out, unbroken)
 
 
@@ -212,14 +215,20 @@ def test_a_corrupt_newest_checkpoint_is_reported_and_the_previous_one_resumes(
 
 
 def test_a_resume_from_an_older_checkpoint_starts_a_new_timeline(tmp_path, teacher_dir, demo_shards, unbroken):
-    """The usual recovery from divergence: back to step 6 with a lower LR; `auto` never returns to the old run."""
+    """The usual recovery from divergence: back to step 6 with a lower LR; `auto` never returns to the old run.
+
+    The new config also moves the growth boundaries to before step 6 (item 9): the student grows at once.
+    """
     out = tmp_path / "run"
     copy_run(unbroken, out)
-    args = run_args(out, teacher_dir, demo_shards, GROUPS, "optim.lr=1e-3")
+    args = run_args(out, teacher_dir, demo_shards, GROUPS, "optim.lr=1e-3", "growth.boundaries=[2,5]")
     resumed = torchrun(
         ROOT / "launchers/train.py", *args, "--set", f"checkpoint.resume={out}/checkpoints/step00000006", timeout=400
     )
     assert "new timeline from" in resumed.stderr, resumed.stderr[-3000:]
+    assert "schedule re-planned: the checkpoint has depth 4 at step 6" in resumed.stderr
+    assert "growth: step 6: depth 4 -> 8" in resumed.stderr
+    assert {s: v[-1] for s, v in scalars(out / "tb", "model/depth").items() if s >= 7} == {s: 8.0 for s in range(7, 15)}
     aside = next((out / "checkpoints/set_aside").iterdir())
     assert sorted(p.name for p in aside.iterdir()) == ["step00000009", "step00000012", "step00000014"]
     metas = {n: json.loads((out / f"checkpoints/step{n:08d}/istack_meta.json").read_text()) for n in (6, 9, 14)}

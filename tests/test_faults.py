@@ -121,8 +121,8 @@ HANG_MARGIN_S = 60
     [
         # Rank 1 freezes inside backward: rank 0 waits in ZeRO's gradient reduce; rank 1's heartbeat stops.
         ("hang_in_backward@2:1", 1),
-        # Rank 0 freezes inside the growth before step 6: rank 1 waits in its full-state gathers, and the
-        # store (rank 0's) stops answering too.
+        # Rank 0 freezes inside the growth before step 6, after the full-state gathers: rank 1 waits in
+        # the new engine's first broadcast (on DeepSpeed's data-parallel group).
         ("hang_in_growth@6:0", 0),
     ],
     ids=["in_backward", "in_growth"],
@@ -138,13 +138,14 @@ def test_a_hung_rank_makes_the_other_exit_within_the_timeout_naming_it(tmp_path,
     )
     survivor = procs[1 - hung]
     try:
-        t00 = time.time(); stopped_at = _wait_until_stopped(procs[hung], timeout=300); print("TO_STOP", stopped_at - t00)
+        stopped_at = _wait_until_stopped(procs[hung], timeout=300)
         _, err = survivor.communicate(timeout=HANG_TIMEOUT_S + HANG_MARGIN_S)
         waited = time.time() - stopped_at
     finally:
         _kill_all(procs)
-    print("WAITED", waited, "\n", err[-2500:]); assert survivor.returncode == 4, err[-3000:]
+    assert survivor.returncode == 4, err[-3000:]
     assert HANG_TIMEOUT_S <= waited < HANG_TIMEOUT_S + HANG_MARGIN_S, waited
     assert f"rank {1 - hung}: a collective failed; " in err, err[-3000:]
-    named = "dead or hung: rank 1 (last heartbeat" if hung == 1 else "does not answer (no answer in 11 s): rank 0 or its host died or hangs"
+    # Rank 1's heartbeat stops; rank 0 hosts the store, which stops answering with it.
+    named = "dead or hung: rank 1 (last heartbeat" if hung == 1 else "): rank 0 or its host died or hangs"
     assert named in err, err[-3000:]
