@@ -13,7 +13,7 @@ Any config value can be overridden:  --set optim.total_steps=1000 --set growth.a
 
 Exit codes: 0 done, 2 bad config or input (nothing started), 3 too many non-finite losses
 (a checkpoint was saved), 4 a collective failed (another rank died or stopped answering; the
-message names it).
+message names it), 5 the data stream failed on a rank (every rank stops; the message names it).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def main(argv=None) -> int:
         print(f"istack_ds: {e}", file=sys.stderr)
         return 2
 
+    from .data import DataError
     from .dist import init_distributed, rank, setup_logging, unresponsive_ranks
     from .trainer import NonFiniteLossError, Trainer
 
@@ -72,6 +73,9 @@ def main(argv=None) -> int:
     except NonFiniteLossError as e:
         print(f"istack_ds: rank {rank()}: {e}", file=sys.stderr)
         return 3
+    except DataError as e:  # raised on every rank together, naming the rank whose data failed
+        print(f"istack_ds: rank {rank()}: {e}", file=sys.stderr)
+        return 5
     except RuntimeError as e:
         # A peer that died or hangs surfaces here as a failed collective (at the latest after
         # deepspeed.dist_timeout_s, which every process group has): say so plainly, naming the

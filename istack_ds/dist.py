@@ -142,8 +142,8 @@ class Heartbeat(threading.Thread):
     """A daemon thread that writes this rank's heartbeat into `store` every HEARTBEAT_S seconds.
 
     It beats as long as the process runs: a SIGKILLed or SIGSTOPped process (or a frozen host)
-    stops beating, a process stuck in a collective does not. `failures` counts writes that failed
-    (the store's host gone); `last_error` is the latest.
+    stops beating, a process stuck in a collective does not. `failures` counts the writes that
+    failed (the store's host gone); :func:`unresponsive_ranks` reports them.
     """
 
     def __init__(self, store: dist.Store, rank: int):
@@ -151,15 +151,13 @@ class Heartbeat(threading.Thread):
         self.store = store
         self.key = HEARTBEAT_KEY.format(rank=rank)
         self.failures = 0
-        self.last_error: Exception | None = None
 
     def run(self) -> None:
         while True:
             try:
                 self.store.set(self.key, f"{time.time():.3f}")
-            except Exception as e:  # noqa: BLE001 -- any store failure; the next failed collective reports it
+            except Exception:  # noqa: BLE001 -- any store failure counts; the next failed collective reports it
                 self.failures += 1
-                self.last_error = e
             time.sleep(HEARTBEAT_S)
 
 
@@ -237,7 +235,8 @@ def unresponsive_ranks(wait_s: float = 3 * HEARTBEAT_S) -> str:
     if "silent" not in found:
         return (
             f"the job's store at {address[0]}:{address[1]} does not answer "
-            f"({found.get('error', f'no answer in {deadline:.0f} s')}): rank 0 or its host died or hangs"
+            f"({found.get('error', f'no answer in {deadline:.0f} s')}; {_heartbeat.failures} heartbeat "
+            "write(s) of this rank failed): rank 0 or its host died or hangs"
         )
     silent = found["silent"]
     if not silent:

@@ -21,15 +21,16 @@ def teacher_dir(tmp_path_factory):
     return make_random_teacher(tmp_path_factory.mktemp("teacher") / "hubert", size="tiny")
 
 
-def test_nonfinite_losses_are_skipped_and_counted(tmp_path, teacher_dir, demo_shards):
+def test_a_nonfinite_loss_on_one_rank_is_skipped_on_every_rank_and_counted(tmp_path, teacher_dir, demo_shards):
+    """NaN on rank 1 at step 3, on rank 0 at step 7: the case that hangs ZeRO if only one rank skips."""
     out = tmp_path / "run"
     torchrun(
         ROOT / "launchers/train.py",
         *run_args(out, teacher_dir, demo_shards),
-        env=child_env(ISTACK_FAULTS="nan@3,7"),
+        env=child_env(ISTACK_FAULTS="nan@3:1;nan@7:0"),
         timeout=400,
     )
-    counted = scalars(out / "tb", "train/nonfinite_steps")
+    counted = scalars(out / "tb", "train/nonfinite_steps")  # rank 0's count: it skipped rank 1's NaN too
     assert max(v for vals in counted.values() for v in vals) == 2.0
     assert sorted(scalars(out / "tb", "train/loss")) == list(range(1, TOTAL + 1))  # every step still happened
     assert json.loads((out / "summary.json").read_text())["steps"] == TOTAL
@@ -149,3 +150,19 @@ def test_a_hung_rank_makes_the_other_exit_within_the_timeout_naming_it(tmp_path,
     # Rank 1's heartbeat stops; rank 0 hosts the store, which stops answering with it.
     named = "dead or hung: rank 1 (last heartbeat" if hung == 1 else "): rank 0 or its host died or hangs"
     assert named in err, err[-3000:]
+
+
+def test_a_data_failure_on_one_rank_stops_every_rank_naming_it(tmp_path, teacher_dir, demo_shards):
+    """Item 7: a DataError raised on one rank only left the others waiting in the next collective."""
+    out = tmp_path / "run"
+    proc = torchrun(
+        ROOT / "launchers/train.py",
+        *run_args(out, teacher_dir, demo_shards),
+        env=child_env(ISTACK_FAULTS="data_error@3:1"),
+        check=False,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "istack_ds: rank 0: the data stream failed: rank 1: injected by ISTACK_FAULTS" in proc.stderr, proc.stderr[
+        -3000:
+    ]
