@@ -3,8 +3,13 @@
     {"format": INDEX_FORMAT, "split", "sample_rate",
      "totals": {"shards", "samples", "seconds", "bytes"},
      "duration_histogram": {"bin_seconds", "counts"},   cuts per duration bin (the loader's bucket bins)
-     "settings": {...},                                   how the split was prepared and sharded
-     "shards": [{"path", "samples", "seconds", "bytes", "sha256", "keys_sha256"}, ...]}   paths relative to the index
+     "settings": {...},                                   how the split was prepared and sharded, with
+                                                          "skipped_sources" (the corpus's source files left out)
+                                                          and "skipped_members" (this split's windows left out)
+     "shards": [{"path", "samples", "seconds", "bytes", "sha256", "keys_sha256",
+                 "skipped"?: {"count", "by_reason", "first"}}, ...]}   paths relative to the index
+
+``duration_histogram`` counts the planned cuts, those left out at write time included.
 
 :func:`read_index` is what the loader and the tools use to open an index; it
 raises :class:`DataError` naming the path for every way an index can be unusable.
