@@ -1,96 +1,58 @@
-"""The `istack-train` command (also `launchers/train.py`): parse, check, build, train, close.
+"""The command line: `istack <command>` and `istack-train` (= `istack train`, also `launchers/train.py`).
 
-One machine, 2 CPU ranks (the demo):
-    deepspeed --num_gpus 2 launchers/train.py --config configs/demo.yaml
-One node, 8 GPUs:
-    deepspeed --num_gpus 8 launchers/train.py --config configs/paper_interleaved_eql.yaml
-Four nodes (hostfile lists each node and its slots):
-    deepspeed --num_nodes 4 --num_gpus 8 --hostfile launchers/hostfile.example \\
-        launchers/train.py --config configs/paper_interleaved_eql.yaml
-torchrun works too (free port, good for tests):
-    torchrun --standalone --nproc_per_node 2 launchers/train.py --config configs/demo.yaml
-Any config value can be overridden:  --set optim.total_steps=1000 --set growth.alpha=1
+    istack --help                       # the commands
+    istack train --config configs/demo.yaml --dry-run
+    istack shard --corpus data/demo/corpus --out data/demo/shards
+    python -m istack_ds.commands <command> ...    # the same without the installed script
 
-Exit codes: 0 done, 2 bad config or input (nothing started), 3 too many non-finite losses
-(a checkpoint was saved), 4 a collective failed (another rank died or stopped answering; the
-message names it), 5 the data stream failed on a rank (every rank stops; the message names it).
+``main`` is the training entry every rank runs (launchers/train.py, `istack-train`,
+`python -m istack_ds.cli`): see :mod:`istack_ds.commands.train`.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import importlib
+import importlib.util
 import sys
 
-from .config import ConfigError, load_config
-from .preflight import preflight
+from .commands import COMMANDS
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="istack-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.total_steps=1000 (repeatable)",
-    )
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
-    return parser.parse_args(argv)
-
-
-def _collective_failed(e: RuntimeError) -> bool:
-    text = str(e).lower()
-    return "gloo" in text or "nccl" in text or "timed out" in text or type(e).__name__ == "DistBackendError"
+__all__ = ["istack", "main"]
 
 
 def main(argv=None) -> int:
-    # No hub access at run time, ever: teachers load from local directories.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        # Bad paths stop the run here, before any process group starts.
-        preflight(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"istack_ds: {e}", file=sys.stderr)
-        return 2
+    """`istack-train`: :func:`istack_ds.commands.train.main` (imported here, so `istack --help` stays light)."""
+    from .commands.train import main as train
 
-    from .data import DataError
-    from .dist import init_distributed, rank, setup_logging, unresponsive_ranks
-    from .trainer import NonFiniteLossError, Trainer
+    return train(argv, prog="istack-train")
 
-    setup_logging()
-    init_distributed(cfg.deepspeed.dist_timeout_s)
-    setup_logging()  # again: the rank is known only now
-    try:
-        Trainer(cfg).train()
-    except NonFiniteLossError as e:
-        print(f"istack_ds: rank {rank()}: {e}", file=sys.stderr)
-        return 3
-    except DataError as e:  # raised on every rank together, naming the rank whose data failed
-        print(f"istack_ds: rank {rank()}: {e}", file=sys.stderr)
-        return 5
-    except RuntimeError as e:
-        # A peer that died or hangs surfaces here as a failed collective (at the latest after
-        # deepspeed.dist_timeout_s, which every process group has): say so plainly, naming the
-        # rank whose heartbeat stopped, instead of leaving a bare backend trace.
-        # NOTE: under NCCL the watchdog may abort the process first (TORCH_NCCL_ASYNC_ERROR_HANDLING);
-        # the job still stops, with NCCL's own message instead of this one.
-        if _collective_failed(e):
-            print(
-                f"istack_ds: rank {rank()}: a collective failed; {unresponsive_ranks()} "
-                f"(deepspeed.dist_timeout_s={cfg.deepspeed.dist_timeout_s}): {e}",
-                file=sys.stderr,
-            )
-            return 4
-        raise
-    return 0
+
+def available() -> dict[str, tuple[str, str]]:
+    """The commands whose module exists (a command listed before its module lands is left out)."""
+    return {
+        name: (module, summary)
+        for name, (module, summary) in COMMANDS.items()
+        if importlib.util.find_spec(f"istack_ds.commands.{module}") is not None
+    }
+
+
+def istack(argv=None) -> int:
+    """`istack COMMAND [ARGS]`: runs that command's ``main(ARGS)`` and returns its exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = available()
+    parser = argparse.ArgumentParser(
+        prog="istack",
+        description="Fast speech foundation model distillation by interleaved stacking, on DeepSpeed ZeRO.",
+        epilog="`istack COMMAND --help` shows a command's options and examples.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, summary) in commands.items():
+        sub.add_parser(name, help=summary, add_help=False)
+    # Only the command name is parsed here; its own parser reads the rest (and its --help).
+    args = parser.parse_args(argv[:1])
+    module = importlib.import_module(f"istack_ds.commands.{commands[args.command][0]}")
+    return module.main(argv[1:], prog=f"istack {args.command}")
 
 
 if __name__ == "__main__":

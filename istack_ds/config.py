@@ -78,21 +78,18 @@ class DataConfig:
     crop_seconds: float = 15.6
     """Longer cuts are randomly cropped to this many seconds."""
     batch_seconds: float = 200.0
-    """Audio seconds per batch per rank (duration bucketing fills batches to this)."""
+    """Most audio seconds (unpadded) in one batch of a rank; duration buckets fill batches up to it."""
     num_buckets: int = 20
-    """Duration buckets of the lhotse bucketing sampler."""
+    """Duration buckets of the stream's batcher (istack_ds.data.stream.Batcher); their bounds split the index's
+    duration histogram into equal audio seconds."""
     num_workers: int = 2
     """DataLoader worker processes per rank; shards are split across them."""
     shuffle_buffer: int = 1000
-    """Cuts held in the sampler's shuffle buffer."""
+    """Cuts held in the batcher's shuffle buffer before they go to their duration bucket."""
     interleave_shards: int = 4
     """Shards a worker reads at once, member by member, into one shuffle buffer. Shards hold
     consecutive speakers, so this is what mixes speakers within a batch; a resumed worker
     re-reads at most this many shards."""
-    features: Literal["raw", "fbank"] = "raw"
-    """`raw` waveform samples (the SFM front end consumes them) or `fbank` (80-dim log-mel, added to the batch)."""
-    num_mel_bins: int = 80
-    """Mel bins of the `fbank` features."""
 
     def __post_init__(self):
         _check_fields(self, "data")
@@ -103,7 +100,6 @@ class DataConfig:
         _positive("data.shuffle_buffer", self.shuffle_buffer)
         _positive("data.interleave_shards", self.interleave_shards)
         _positive("data.sample_rate", self.sample_rate)
-        _positive("data.num_mel_bins", self.num_mel_bins)
         if self.batch_seconds < self.crop_seconds:
             raise ConfigError(
                 f"data.batch_seconds={self.batch_seconds} is smaller than data.crop_seconds="
@@ -114,7 +110,8 @@ class DataConfig:
 @dataclass
 class TeacherConfig:
     path: str = "data/demo/teacher"
-    """Local directory of an HF HubertModel / WavLMModel / Wav2Vec2Model (save_pretrained). Never downloaded."""
+    """Local directory of an HF HubertModel / WavLMModel / Wav2Vec2Model (save_pretrained), or a Hub id already in
+    the local HF cache. Never downloaded."""
     dtype: Literal["fp32", "bf16", "int8"] = "fp32"
     """Teacher compute dtype: fp32, bf16 (weights and activations), or int8 (CPU only: Linear layers
     dynamically quantized, so the targets move away from fp32's; see README "Performance")."""
@@ -131,8 +128,16 @@ class StudentConfig:
     """FFN width of each student layer."""
     num_attention_heads: int = 8
     """Attention heads of each student layer."""
-    init: Literal["teacher_cnn", "random"] = "teacher_cnn"
-    """`teacher_cnn`: CNN front end copied from the teacher (when shapes match); `random`: all random."""
+    init: Literal["teacher_cnn", "random", "teacher_layers", "pretrained"] = "teacher_cnn"
+    """First weights of a fresh run's student (a resume loads its checkpoint instead). `teacher_cnn`: CNN front end
+    copied from the teacher (when shapes match), the rest random; `random`: all random; `teacher_layers`
+    (DistilHuBERT): CNN, feature projection, positional convolution and student layer i copied from layer i of the
+    HF model at `init_from` (default the teacher), which must be a post-norm HuBERT or wav2vec 2.0 of the student's
+    widths; `pretrained`: every weight, heads included, from the istack_ds export at `init_from` (continue a
+    student)."""
+    init_from: str | None = None
+    """The HF directory (or Hub id in the local HF cache) that `init` copies from: required by `pretrained`,
+    optional with `teacher_layers`, null otherwise."""
     conv_dim: list[int] | None = None
     """CNN channels per conv layer; None takes the teacher's (needed for `teacher_cnn`)."""
     dropout: float = 0.1
@@ -155,6 +160,13 @@ class StudentConfig:
             raise ConfigError("student.conv_dim must be null with student.frontend=shared: the CNN is the teacher's")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"student.dropout={self.dropout} must be in [0, 1)")
+        if self.init == "pretrained" and not self.init_from:
+            raise ConfigError("student.init=pretrained needs student.init_from: the export directory to start from")
+        if self.init_from is not None and self.init not in ("teacher_layers", "pretrained"):
+            raise ConfigError(
+                f"student.init_from={self.init_from} is used by student.init=teacher_layers or pretrained only, "
+                f"not {self.init}: set student.init or remove student.init_from"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"student.hidden_size={self.hidden_size} is not divisible by "
@@ -276,11 +288,121 @@ class DeepSpeedConfig:
     """Micro-batches per optimizer step."""
     dist_timeout_s: int = 1800
     """Seconds a collective may wait before the process group gives up (a dead rank must not hang the others)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """DeepSpeed JSON options this config does not model (e.g. `zero_optimization: {overlap_comm: true}`,
+    `offload_optimizer`, bucket sizes, `flops_profiler`, `communication_data_type`), merged into the generated
+    JSON; a key istack_ds sets from another setting (batch sizes, accumulation, ZeRO stage, precision, clipping,
+    scheduler, optimizer) is refused when it differs, and the merged JSON is checked by DeepSpeed's config
+    classes before launch."""
+
+    #: Keys of the DeepSpeed JSON set from other settings -> (that setting, value when the JSON leaves it out).
+    #: NOTE: DeepSpeed's `train_batch_size` x ranks bookkeeping, the ZeRO stage growth needs, the precision the
+    #: trainer casts for, and the client optimizer and LR schedule are built from these: `extra` may not move them.
+    OWNED_KEYS = {
+        "train_batch_size": ("the world size x deepspeed.gradient_accumulation", None),
+        "train_micro_batch_size_per_gpu": ("data.batch_seconds (batches are built by duration)", None),
+        "gradient_accumulation_steps": ("deepspeed.gradient_accumulation", None),
+        "zero_optimization.stage": ("deepspeed.zero_stage", None),
+        "bf16.enabled": ("deepspeed.precision", False),
+        "fp16.enabled": ("deepspeed.precision", False),
+        "amp.enabled": ("deepspeed.precision", False),
+        "gradient_clipping": ("optim.grad_clip", None),
+        "optimizer": ("the optim section (istack_ds builds torch AdamW)", None),
+        "scheduler": ("optim.lr, optim.warmup_fraction and optim.total_steps", None),
+        "checkpoint.load_universal": ("checkpoint.resume (set when resuming a universal checkpoint)", None),
+    }
 
     def __post_init__(self):
         _check_fields(self, "deepspeed")
         _positive("deepspeed.gradient_accumulation", self.gradient_accumulation)
         _positive("deepspeed.dist_timeout_s", self.dist_timeout_s)
+        if not isinstance(self.extra, dict) or not all(isinstance(k, str) for k in self.extra):
+            raise ConfigError(f"deepspeed.extra={self.extra!r} must be a mapping of DeepSpeed JSON keys to values")
+
+    def merged_into(self, generated: dict) -> dict:
+        """`generated` (the JSON istack_ds derives) with :attr:`extra` merged in, section by section; a key of
+        :attr:`OWNED_KEYS` that `extra` sets to another value raises ConfigError naming it and its setting."""
+        missing = object()
+
+        def lookup(tree: dict, dotted: str, default: Any = missing) -> Any:
+            node: Any = tree
+            for part in dotted.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    return default
+                node = node[part]
+            return node
+
+        for dotted, (source, absent) in self.OWNED_KEYS.items():
+            wanted = lookup(self.extra, dotted)
+            if wanted is missing:
+                continue
+            have = lookup(generated, dotted, absent)
+            if wanted != have:
+                raise ConfigError(
+                    f"deepspeed.extra.{dotted}={wanted!r} conflicts with the value istack_ds sets from {source} "
+                    f"({have!r}): change that setting instead"
+                )
+        import copy
+
+        # A copy: DeepSpeed may edit the sections of the JSON it is given; this config must not change with them.
+        return _merge(generated, copy.deepcopy(self.extra))
+
+    @staticmethod
+    def check_json(ds: dict) -> None:
+        """Checks a DeepSpeed JSON with DeepSpeed's own config classes, without a process group: values and the
+        keys of its typed sections (e.g. `zero_optimization`) as DeepSpeed validates them, and every top-level key
+        and every key of a section read through its `enabled` switch (e.g. `flops_profiler`) as one DeepSpeed
+        reads. Raises ConfigError naming the key."""
+        from deepspeed.runtime.config import DeepSpeedConfig as DeepSpeedJson
+
+        reads: dict[str, set] = {}
+
+        class Recorded(dict):
+            """A JSON section that notes which keys DeepSpeed reads from it."""
+
+            def __init__(self, values: dict, path: str):
+                super().__init__(
+                    {k: Recorded(v, f"{path}{k}.") if isinstance(v, dict) else v for k, v in values.items()}
+                )
+                self.path = path
+
+            def _read(self, key) -> None:
+                reads.setdefault(self.path, set()).add(key)
+
+            def get(self, key, default=None):
+                self._read(key)
+                return super().get(key, default)
+
+            def __getitem__(self, key):
+                self._read(key)
+                return super().__getitem__(key)
+
+            def __contains__(self, key):
+                self._read(key)
+                return super().__contains__(key)
+
+        # Outside a process group DeepSpeed counts one rank: let it derive train_batch_size for that one.
+        checked = {k: v for k, v in ds.items() if k != "train_batch_size"}
+        try:
+            DeepSpeedJson(Recorded(checked, ""))
+        except Exception as e:  # noqa: BLE001 -- pydantic ValidationError, ValueError, AssertionError: all say the key
+            raise ConfigError(f"deepspeed JSON (deepspeed.* with deepspeed.extra) refused by DeepSpeed: {e}") from None
+
+        def unread(values: dict, path: str) -> list[str]:
+            if path and "enabled" not in reads.get(path, set()):
+                return []  # a typed section (DeepSpeed validated its keys above) or one DeepSpeed reads later
+            found = [f"{path}{k}" for k in values if k not in reads.get(path, set())]
+            for k, v in values.items():
+                if isinstance(v, dict) and k in reads.get(path, set()):
+                    found += unread(v, f"{path}{k}.")
+            return found
+
+        unknown = unread(checked, "")
+        if unknown:
+            raise ConfigError(
+                f"deepspeed.extra: DeepSpeed does not know the key `{unknown[0]}` (deepspeed==0.19.8 reads no such "
+                "key; check its spelling against https://www.deepspeed.ai/docs/config-json/)"
+            )
 
 
 @dataclass
@@ -292,10 +414,20 @@ class LogConfig:
     data_audit: bool = False
     """Append the cut ids of every consumed batch to <out_dir>/data_audit/rank<r>.jsonl (to audit what a
     resume re-read or skipped)."""
+    monitors: list[Literal["csv", "wandb"]] = field(default_factory=list)
+    """Extra monitors of the scalars, through DeepSpeed's monitor classes (rank 0): `csv` writes
+    <out_dir>/csv/<tag>.csv (a resume drops the rows after its checkpoint's step, keeping the file as it was in
+    `<tag>.csv.superseded-<time>`); `wandb` (needs the wandb package) logs to project `log.wandb_project`, one
+    wandb run per start or resume, named and grouped by `run.name`."""
+    wandb_project: str = "istack_ds"
+    """The wandb project when `log.monitors` holds `wandb`."""
 
     def __post_init__(self):
         _check_fields(self, "log")
         _positive("log.every", self.every)
+        # Checked here as well as on loading: _check_fields does not look into lists.
+        for i, monitor in enumerate(self.monitors):
+            _coerce(f"log.monitors[{i}]", monitor, Literal["csv", "wandb"])
 
 
 @dataclass

@@ -84,15 +84,19 @@ def subsample(n: int, max_frames: int) -> torch.Tensor:
 
 
 def cka_figure(cka: torch.Tensor, supervised: dict[int, int], title: str = ""):
-    """A matplotlib figure of the CKA map; supervised pairs {student_index: teacher_index} are boxed."""
-    import matplotlib
+    """A matplotlib figure of the CKA map; supervised pairs {student_index: teacher_index} are boxed.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    The figure has its own Agg canvas and is unknown to pyplot: nothing here selects a backend or
+    keeps the figure alive after its last reference (a notebook that imports this keeps its own).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     s, t = cka.shape
-    fig, ax = plt.subplots(figsize=(1.6 + 0.32 * t, 1.2 + 0.3 * s), dpi=100)
+    fig = Figure(figsize=(1.6 + 0.32 * t, 1.2 + 0.3 * s), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     im = ax.imshow(cka.numpy(), origin="lower", vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     ax.set_xlabel("teacher layer (0 = input of layer 1)")
     ax.set_ylabel("student layer")
@@ -106,6 +110,16 @@ def cka_figure(cka: torch.Tensor, supervised: dict[int, int], title: str = ""):
     fig.colorbar(im, ax=ax, fraction=0.05, label="linear CKA")
     fig.tight_layout()
     return fig
+
+
+def figure_image(fig):
+    """The figure drawn by its Agg canvas: a numpy array [H, W, 3] of uint8 RGB."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 # ---- in the training loop -------------------------------------------------------------
@@ -147,6 +161,7 @@ class LayerDiagnostics:
         """
         audio = batch["audio"].to(self.device)
         lens = batch["audio_lens"].to(self.device)
+        audio = teacher.prepare_input(audio, lens)
         features = None
         if getattr(student, "frontend", "trainable") == "shared":
             features = teacher.cnn(audio)
@@ -183,15 +198,13 @@ class LayerDiagnostics:
         metrics.scalars(step, values)
         writer = getattr(metrics, "writer", None)
         if writer is not None:
-            import matplotlib.pyplot as plt
-
             fig = cka_figure(
                 cka,
                 {s + 1: t for s, t in pairs.items()},
                 f"step {step}, depth {student.depth}: linear CKA, student x teacher",
             )
-            writer.add_figure("diag/cka", fig, step)
-            plt.close(fig)
+            # NOTE: not writer.add_figure: it imports pyplot and closes the figure through it.
+            writer.add_image("diag/cka", figure_image(fig), step, dataformats="HWC")
         return cka
 
 

@@ -113,6 +113,9 @@ def deepspeed_config(
     ``gradient_accumulation`` overrides the configured value (a resume on another world size
     keeps the global batch); ``load_universal`` loads a universal checkpoint (any world size).
     There is no optimizer section: :func:`build_engine` builds the optimizer from ``cfg.optim``.
+    ``deepspeed.extra`` is merged in last and the result checked by DeepSpeed's config classes
+    (``config.DeepSpeedConfig.merged_into`` and ``.check_json``): a conflicting or
+    unknown key raises ConfigError naming it.
     """
     opt = cfg.optim
     accumulation = gradient_accumulation or cfg.deepspeed.gradient_accumulation
@@ -147,6 +150,8 @@ def deepspeed_config(
     if cfg.deepspeed.zero_stage == 3:
         # Small models: partition every parameter so growth exercises the real path.
         ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0})
+    ds = cfg.deepspeed.merged_into(ds)
+    cfg.deepspeed.check_json(ds)
     return ds
 
 

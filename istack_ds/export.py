@@ -1,8 +1,10 @@
 """Student -> an HF ``save_pretrained`` directory that ``transformers.AutoModel`` loads.
 
-The directory holds the HubertModel (config.json + model.safetensors), a
-feature-extractor config (16 kHz raw waveform input), the distillation heads
-(``heads.pt``) and ``istack_student.json`` (depth, supervised layers, targets).
+The directory holds the HubertModel (config.json + model.safetensors), the
+teacher's feature-extractor config (``preprocessor_config.json``: the input the
+student was trained on), the distillation heads (``heads.safetensors``),
+``istack_student.json`` (depth, supervised layers, targets) and a model card
+(``README.md``).
 """
 
 from __future__ import annotations
@@ -16,43 +18,151 @@ from torch import nn
 
 from .dist import is_main
 from .models.sfm import save_feature_extractor
-from .models.student import Student
+from .models.student import HEADS_FILE, Student
+from .models.teacher import read_feature_extractor, resolve_teacher_path
 
 
 def save_student(
-    student: Student, full_state: dict[str, torch.Tensor], out: str | Path, *, teacher_path: str = "", step: int = 0
+    student: Student,
+    full_state: dict[str, torch.Tensor],
+    out: str | Path,
+    *,
+    teacher_path: str = "",
+    step: int = 0,
+    config=None,
 ) -> Path:
-    """Writes ``full_state`` (full fp32 tensors by parameter name) through a fresh copy of ``student``'s shape."""
+    """Writes ``full_state`` (full fp32 tensors by parameter name) through a fresh copy of ``student``'s shape.
+
+    The feature-extractor config is the teacher's (`teacher_path`, a directory or cached Hub id); one is built
+    only when the teacher has none. `config`: the run's ``Config``, for the model card.
+    """
+    from safetensors.torch import save_file
     from transformers import HubertModel
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = copy.deepcopy(student.sfm.config)
-    sfm = HubertModel(config)
+    hf_config = copy.deepcopy(student.sfm.config)
+    sfm = HubertModel(hf_config)
     sfm_state = {k.removeprefix("sfm."): v.float() for k, v in full_state.items() if k.startswith("sfm.")}
     missing, unexpected = sfm.load_state_dict(sfm_state, strict=False)
     missing = [m for m in missing if m in dict(sfm.named_parameters())]
     if missing or unexpected:
         raise RuntimeError(f"export: state does not match the student (missing {missing}, unexpected {unexpected})")
     sfm.eval().save_pretrained(out)
-    save_feature_extractor(out, config.feat_extract_norm)
-    # .cpu(): states gathered from a GPU engine live on the GPU; heads.pt must load anywhere
-    heads = {k.removeprefix("heads."): v.float().cpu() for k, v in full_state.items() if k.startswith("heads.")}
-    torch.save(heads, out / "heads.pt")
-    (out / "istack_student.json").write_text(
-        json.dumps(
-            {
-                "depth": student.depth,
-                "supervised_layers": student.supervised,
-                "teacher_layers": student.teacher_layers,
-                "loss": student.loss_kind,
-                "teacher": teacher_path,
-                "step": step,
-            },
-            indent=1,
-        )
-    )
+    extractor = read_feature_extractor(resolve_teacher_path(teacher_path)) if teacher_path else None
+    if extractor is not None:
+        extractor.save_pretrained(out)
+    else:
+        save_feature_extractor(out, hf_config.feat_extract_norm)
+    # .cpu(): states gathered from a GPU engine live on the GPU; the heads must load anywhere
+    heads = {
+        k.removeprefix("heads."): v.float().cpu().contiguous() for k, v in full_state.items() if k.startswith("heads.")
+    }
+    save_file(heads, str(out / HEADS_FILE), metadata={"format": "pt"})
+    info = {
+        "depth": student.depth,
+        "supervised_layers": student.supervised,
+        "teacher_layers": student.teacher_layers,
+        "loss": student.loss_kind,
+        "teacher": teacher_path,
+        "step": step,
+    }
+    (out / "istack_student.json").write_text(json.dumps(info, indent=1))
+    (out / "README.md").write_text(model_card(info, sfm, extractor, config))
     return out
+
+
+def read_heads(path: str | Path) -> dict[str, torch.Tensor]:
+    """The distillation heads of an export: {"L<t>.weight": [teacher_hidden, student_hidden], "L<t>.bias": ...}."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / HEADS_FILE))
+
+
+def model_card(info: dict, sfm, extractor, config=None) -> str:
+    """The export's README.md: what the student is, how it was trained, how to load it and run SUPERB on it."""
+    depth, hidden = info["depth"], sfm.config.hidden_size
+    params = sum(p.numel() for p in sfm.parameters()) / 1e6
+    pairs = ", ".join(
+        f"`hidden_states[{s + 1}]` -> teacher layer {t}"
+        for s, t in zip(info["supervised_layers"], info["teacher_layers"])
+    )
+    masked = extractor.return_attention_mask if extractor is not None else sfm.config.feat_extract_norm == "layer"
+    norm = "zero mean, unit variance per utterance" if extractor is not None and extractor.do_normalize else "none"
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [audio, speech, self-supervised-learning, knowledge-distillation, hubert]",
+        "---",
+        "",
+        f"# Distilled HuBERT student, {depth} layers",
+        "",
+        f"A `HubertModel` ({depth} layers, hidden size {hidden}, {params:.1f}M parameters) distilled with "
+        f"istack_ds from the teacher `{info['teacher'] or 'unknown'}` "
+        f"after {info['step']} optimizer steps.",
+        "",
+        "## Training",
+        "",
+        f"- teacher: `{info['teacher'] or 'unknown'}`; targets: its hidden states {info['teacher_layers']} "
+        f"(loss `{info['loss']}`)",
+        f"- supervised student layers: {pairs}"
+        if info["loss"] == "l2l"
+        else f"- every head reads the top layer `hidden_states[{depth}]`",
+        f"- steps: {info['step']}; final depth: {depth}",
+        f"- input: {extractor.sampling_rate if extractor is not None else 16000} Hz raw waveform; "
+        f"normalization: {norm} (`preprocessor_config.json`, copied from the teacher"
+        f"{'' if extractor is not None else ': the teacher had none, this one is built'})",
+    ]
+    if config is not None:
+        growth = config.growth
+        lines += [
+            f"- data: `{config.data.train_index}`",
+            f"- schedule: depths {list(growth.depths)}, operator `{growth.operator}`, "
+            f"{'boundaries ' + str(list(growth.boundaries)) if growth.boundaries else 'proportional'}, "
+            f"{config.optim.total_steps} steps planned",
+            f"- student CNN front end: `{config.student.frontend}`"
+            f"{' (the teacher CNN, frozen: this export holds a copy)' if config.student.frontend == 'shared' else ''}"
+            f"; init: `{config.student.init}`",
+        ]
+    lines += [
+        "",
+        "## Load",
+        "",
+        "```python",
+        "import torch",
+        "from safetensors.torch import load_file",
+        "from transformers import AutoFeatureExtractor, AutoModel",
+        "",
+        'path = "THIS_DIRECTORY"',
+        "model = AutoModel.from_pretrained(path).eval()",
+        "extractor = AutoFeatureExtractor.from_pretrained(path)",
+        f"inputs = extractor(waveforms, sampling_rate={extractor.sampling_rate if extractor is not None else 16000}, "
+        'padding=True, return_tensors="pt")  # a list of 1-D float arrays',
+        "with torch.no_grad():",
+        "    hidden = model(**inputs, output_hidden_states=True).hidden_states  # depth + 1 tensors [B, T, H]",
+        "",
+        f'heads = load_file(f"{{path}}/{HEADS_FILE}")  # the distillation heads, one Linear per teacher target',
+    ]
+    t, s = info["teacher_layers"][0], info["supervised_layers"][0]
+    lines += [
+        f'prediction = hidden[{s + 1}] @ heads["L{t}.weight"].T + heads["L{t}.bias"]  # teacher layer {t}',
+        "```",
+        "",
+        "## SUPERB with s3prl",
+        "",
+        "s3prl's upstream `hf_hubert_custom` loads this directory with `HubertModel.from_pretrained` and "
+        "`Wav2Vec2FeatureExtractor.from_pretrained`, so it applies the normalization above:",
+        "",
+        "```bash",
+        "cd s3prl/s3prl",
+        "python run_downstream.py -m train -u hf_hubert_custom -k THIS_DIRECTORY -d DOWNSTREAM -n NAME",
+        "```",
+        "",
+        "It pads each batch and always passes the attention mask (this student was trained "
+        f"{'with' if masked else 'without'} one), and offers every hidden state to the downstream's weighted sum.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def with_frontend(state: dict[str, torch.Tensor], student: Student, teacher_cnn: nn.Module) -> dict[str, torch.Tensor]:
@@ -64,7 +174,7 @@ def with_frontend(state: dict[str, torch.Tensor], student: Student, teacher_cnn:
 
 
 def export_engine(
-    engine, student: Student, teacher_cnn: nn.Module, out: str | Path, *, teacher_path: str, step: int
+    engine, student: Student, teacher_cnn: nn.Module, out: str | Path, *, teacher_path: str, step: int, config=None
 ) -> Path:
     """The student inside a live engine -> an HF directory, written by rank 0. COLLECTIVE (every rank calls it)."""
     from .engine import gather_full_states
@@ -72,7 +182,7 @@ def export_engine(
     states = gather_full_states(engine)
     if is_main():
         full = with_frontend({name: s.param for name, s in states.items()}, student, teacher_cnn)
-        save_student(student, full, out, teacher_path=teacher_path, step=step)
+        save_student(student, full, out, teacher_path=teacher_path, step=step, config=config)
     return Path(out)
 
 
@@ -100,7 +210,8 @@ def checkpoint_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
 
 
 def student_from_checkpoint(checkpoint: str | Path, teacher_path: str | Path | None = None):
-    """(Student at the checkpoint's depth and supervised layers holding its fp32 weights, meta, teacher path).
+    """(Student at the checkpoint's depth and supervised layers holding its fp32 weights, meta, teacher path,
+    config).
 
     The student's shape comes from the checkpoint's resolved config; the teacher's
     config.json (its CNN shape) is read from `teacher_path`, default the config's teacher.path.
@@ -135,12 +246,12 @@ def student_from_checkpoint(checkpoint: str | Path, teacher_path: str | Path | N
     if student.sfm.feature_extractor is None:
         from transformers import AutoModel
 
-        teacher = AutoModel.from_pretrained(teacher_path, local_files_only=True)
+        teacher = AutoModel.from_pretrained(str(resolve_teacher_path(teacher_path)), local_files_only=True)
         state = with_frontend(state, student, teacher.feature_extractor)
-    return student.eval(), state, meta, teacher_path
+    return student.eval(), state, meta, teacher_path, cfg
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, teacher_path: str | Path | None = None) -> Path:
     """Any istack_ds checkpoint (any stage, any ZeRO stage, universal too) -> an HF save_pretrained dir."""
-    student, state, meta, teacher_path = student_from_checkpoint(checkpoint, teacher_path)
-    return save_student(student, state, out, teacher_path=str(teacher_path), step=int(meta["step"]))
+    student, state, meta, teacher_path, cfg = student_from_checkpoint(checkpoint, teacher_path)
+    return save_student(student, state, out, teacher_path=str(teacher_path), step=int(meta["step"]), config=cfg)

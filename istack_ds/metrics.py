@@ -1,19 +1,36 @@
 """What a run reports: TensorBoard scalars, the log line, the window of steps it sums, timers, the data audit.
 
-Only rank 0 writes TensorBoard and the log line; every rank keeps its own window and audit.
+Only rank 0 writes TensorBoard, the extra monitors and the log line; every rank keeps its own window and audit.
+
+What <out_dir>/tb holds besides the scalars (``tensorboard --logdir <out_dir>/tb`` shows all of it):
+
+- HPARAMS: every config key (``run.name``, ``optim.lr``, ...; lists as JSON text, None as ``null``),
+  with ``valid/loss`` and ``train/loss`` as its metrics;
+- TEXT ``run/name`` (the run name and directory) and ``config/yaml`` (the resolved config), at the
+  first step this process writes;
+- CUSTOM SCALARS: losses per target, depth with LR, throughput, data counters, one chart set each
+  (:data:`CUSTOM_SCALARS`);
+- on resume, events written after the checkpoint's step are purged (``purge_step``): the steps the
+  resumed run logs again replace the old ones instead of showing twice.
 """
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import json
+import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+import yaml
 
+from .config import ConfigError
 from .dist import is_main, log0
 
 
@@ -72,11 +89,19 @@ class LogWindow:
     """Sum of the micro-batch losses."""
     parts: dict[str, float] = field(default_factory=dict)
     """Sum of each target's unweighted loss, by ``L<t>``."""
+    samples: float = 0.0
+    """Samples in the batch tensors, padding included."""
+    padded: float = 0.0
+    """Of those, padding (``perf/pad_frac`` = padded / samples)."""
 
-    def add_micro_batch(self, loss: float, parts: dict[str, float], audio_s: float) -> None:
+    def add_micro_batch(
+        self, loss: float, parts: dict[str, float], audio_s: float, samples: float = 0.0, pad_frac: float = 0.0
+    ) -> None:
         self.micro += 1
         self.loss += loss
         self.audio_s += audio_s
+        self.samples += samples
+        self.padded += pad_frac * samples
         for name, value in parts.items():
             self.parts[name] = self.parts.get(name, 0.0) + value
 
@@ -135,16 +160,149 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-class Metrics:
-    """Rank-0 TensorBoard writer + one log line per interval (step/total, %, loss parts, lr, throughput, ETA)."""
+MONITORS = ("csv", "wandb")
+"""Extra monitors besides TensorBoard, each one of DeepSpeed's monitor classes (``log.monitors``)."""
 
-    def __init__(self, out_dir: str | Path, total_steps: int, tensorboard: bool = True):
+CUSTOM_SCALARS: dict[str, dict[str, list]] = {
+    "losses": {
+        "train and valid loss": ["Multiline", [r"^train/loss$", r"^valid/loss$"]],
+        "train loss per target": ["Multiline", [r"^train/loss_L\d+$"]],
+        "valid loss per target": ["Multiline", [r"^valid/loss_L\d+$"]],
+    },
+    "schedule": {
+        "depth": ["Multiline", [r"^model/depth$"]],
+        "learning rate": ["Multiline", [r"^train/lr$"]],
+        "parameters": ["Multiline", [r"^model/params$"]],
+    },
+    "throughput": {
+        "audio seconds per second": ["Multiline", [r"^perf/audio_s_per_s$"]],
+        "seconds per step": ["Multiline", [r"^perf/step_s$"]],
+        "teacher share of a step": ["Multiline", [r"^perf/teacher_frac$"]],
+        "padding share of the batches": ["Multiline", [r"^perf/pad_frac$"]],
+    },
+    "data": {
+        "shards done": ["Multiline", [r"^data/shards_done$"]],
+        "skipped samples": ["Multiline", [r"^data/skipped$"]],
+        "epoch": ["Multiline", [r"^data/epoch$"]],
+    },
+}
+"""The TensorBoard custom-scalar layout (category -> chart title -> [kind, tag regexes]) of every run."""
+
+
+def flat_hparams(config: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config as TensorBoard hparams: ``{"optim.lr": 0.001, ...}``.
+
+    Numbers, bools and strings stay; None becomes ``"null"`` and a list its JSON text, so every run of
+    one config schema has the same keys (the hparams plugin builds its columns from one run's keys).
+    """
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_hparams(value, f"{name}."))
+        elif value is None:
+            out[name] = "null"
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        else:
+            out[name] = json.dumps(value)
+    return out
+
+
+def purge_csv(folder: Path, purge_step: int) -> None:
+    """Drops the rows at steps >= `purge_step` from every CSV file of `folder` (what a resume logs again).
+
+    Nothing is deleted: a file that loses rows is first renamed ``<tag>.csv.superseded-<unix time>``.
+    """
+    for path in sorted(folder.glob("*.csv")):
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [row for row in rows[1:] if row and int(float(row[0])) < purge_step]
+        if len(kept) != len(rows):
+            path.rename(path.with_name(f"{path.name}.superseded-{int(time.time())}"))
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerows(kept)
+
+
+def _monitor(kind: str, out_dir: Path, run_name: str, hparams: dict, purge_step: int, wandb_project: str):
+    """One of DeepSpeed's monitors (rank 0; ``deepspeed.comm`` must be initialised, as in training)."""
+    from deepspeed.monitor.config import CSVConfig, WandbConfig
+
+    if kind == "csv":
+        from deepspeed.monitor.csv_monitor import csvMonitor
+
+        folder = out_dir / "csv"
+        if folder.is_dir():
+            purge_csv(folder, purge_step)
+        monitor = csvMonitor(CSVConfig(enabled=True, output_path=str(out_dir), job_name="csv"))
+        # csvMonitor writes a header the first time it writes a file in this process: not into a resumed file.
+        monitor.filenames.extend(p.stem for p in folder.glob("*.csv"))
+        return monitor
+    if kind == "wandb":
+        from deepspeed.monitor.wandb import WandbMonitor
+
+        # DeepSpeed's WandbMonitor passes only project, group and entity to wandb.init: the run's name
+        # and directory reach wandb through its environment variables. Each start or resume is a wandb
+        # run of its own (wandb refuses steps below its last), grouped under the run name.
+        os.environ.setdefault("WANDB_NAME", run_name)
+        os.environ.setdefault("WANDB_DIR", str(out_dir))
+        monitor = WandbMonitor(WandbConfig(enabled=True, project=wandb_project, group=run_name))
+        import wandb
+
+        wandb.config.update(hparams, allow_val_change=True)
+        return monitor
+    raise ConfigError(f"log.monitors: unknown monitor {kind!r}; choose from {list(MONITORS)}")
+
+
+def check_monitors(monitors: Sequence[str], key: str = "log.monitors") -> None:
+    """Raises ConfigError naming `key` for an unknown monitor or for ``wandb`` when wandb is not installed."""
+    for kind in monitors:
+        if kind not in MONITORS:
+            raise ConfigError(f"{key}: unknown monitor {kind!r}; choose from {list(MONITORS)}")
+        if kind == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"{key} holds `wandb` but the wandb package is not installed (pip install wandb)")
+
+
+class Metrics:
+    """Rank-0 TensorBoard writer + extra monitors + one log line per interval (step/total, %, loss parts, lr,
+    throughput, ETA).
+
+    `resume_step`: the step of the checkpoint the run resumed from, None for a fresh run. Events at
+    later steps (what the resumed run logs again) are purged: TensorBoard's ``purge_step`` is
+    ``resume_step + 1``; a fresh run purges from step 0, hiding what an earlier run left in the
+    same directory. Events at the checkpoint's step were written before it was saved and stay.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        total_steps: int,
+        tensorboard: bool = True,
+        *,
+        run_name: str = "",
+        config: dict | None = None,
+        resume_step: int | None = None,
+        monitors: Sequence[str] = (),
+        wandb_project: str = "istack_ds",
+    ):
         self.total_steps = total_steps
+        self.out_dir = Path(out_dir)
+        self.purge_step = 0 if resume_step is None else resume_step + 1
         self.writer = None
+        self.monitors: list = []
+        hparams = flat_hparams(config or {})
+        if run_name:
+            hparams.setdefault("run.name", run_name)
         if is_main() and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(out_dir) / "tb"))
+            self.writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.purge_step)
+            self._describe_run(run_name, config, hparams)
+        if is_main():
+            check_monitors(monitors)
+            self.monitors = [
+                _monitor(kind, self.out_dir, run_name, hparams, self.purge_step, wandb_project) for kind in monitors
+            ]
         self.start = time.time()
         self.bar = None
         if is_main() and sys.stderr.isatty():
@@ -152,10 +310,49 @@ class Metrics:
 
             self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False)
 
+    @classmethod
+    def from_config(cls, cfg, resume_step: int | None = None) -> Metrics:
+        """The metrics of a run of config `cfg` (:class:`istack_ds.config.Config`), resumed at `resume_step`."""
+        return cls(
+            cfg.run.out_dir,
+            cfg.optim.total_steps,
+            cfg.log.tensorboard,
+            run_name=cfg.run.name,
+            config=cfg.to_dict(),
+            resume_step=resume_step,
+            monitors=cfg.log.monitors,
+            wandb_project=cfg.log.wandb_project,
+        )
+
+    def _describe_run(self, run_name: str, config: dict | None, hparams: dict[str, Any]) -> None:
+        """Run name, config text, hparams and the custom-scalar layout, into the scalars' event directory."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        assert self.writer is not None
+        step = self.purge_step
+        if run_name:
+            self.writer.add_text("run/name", f"**{run_name}** in `{self.out_dir}`", step)
+        if config is not None:
+            text = yaml.safe_dump(config, sort_keys=False)
+            self.writer.add_text("config/yaml", f"```yaml\n{text}```", step)
+        if hparams:
+            # NOTE: SummaryWriter.add_hparams would write into a new timestamped subdirectory (another run
+            # in TensorBoard, without the scalars): these summaries go into this writer's own file.
+            experiment, start, _ = hparams_summaries(hparams, {"valid/loss": 0.0, "train/loss": 0.0})
+            file_writer = self.writer.file_writer  # the writer of the scalars' event file
+            assert file_writer is not None
+            file_writer.add_summary(experiment, step)
+            file_writer.add_summary(start, step)
+        self.writer.add_custom_scalars(CUSTOM_SCALARS)
+
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
+        if self.monitors:
+            events = [(tag, float(value), step) for tag, value in values.items()]
+            for monitor in self.monitors:
+                monitor.write_events(events)
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer is not None:
@@ -186,3 +383,8 @@ class Metrics:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+        if any(type(m).__name__ == "WandbMonitor" for m in self.monitors):
+            import wandb
+
+            wandb.finish()
+        self.monitors = []

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import Config, ConfigError
 from .dist import normalize_launcher_env, ranks_per_node, world_size
+from .models.student import check_init
 from .models.teacher import TeacherInfo, check_teacher_layers, read_teacher_info
 
 
@@ -28,9 +29,13 @@ def preflight(cfg: Config) -> None:
                 f"teacher.dtype=int8 runs on CPU only (quantized Linear kernels), this job runs on "
                 f"{device}: use teacher.dtype=bf16"
             )
+    from .metrics import check_monitors
+
+    check_monitors(cfg.log.monitors)  # wandb missing: refused here, not on rank 0 alone inside the run
     info = read_teacher_info(cfg.teacher.path)
     check_teacher_layers(info, cfg.loss.teacher_layers)
     check_teacher_fits(cfg, info)
+    check_init(cfg.student, info, cfg.growth.stage_depths[0])
     check_resume(cfg)
     from .data import check_shard_count, read_index
 

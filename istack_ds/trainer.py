@@ -51,7 +51,7 @@ from .growth import GrowthManager, Schedule
 from .metrics import DataAudit, LogWindow, Metrics, RegionTimer
 from .models.losses import distilhubert_loss, l2l_loss
 from .models.sfm import length_mask, receptive_field
-from .models.student import LAYER_PREFIX, Student
+from .models.student import LAYER_PREFIX, Student, init_student
 from .models.teacher import Teacher
 
 
@@ -101,7 +101,6 @@ class Trainer:
         self.teacher = Teacher.from_config(cfg.teacher, cfg.loss.teacher_layers).to(self.device)
         self.schedule = Schedule.from_config(cfg.growth, cfg.optim.total_steps)
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", cfg.checkpoint.keep)
-        self.metrics = Metrics(self.out_dir, cfg.optim.total_steps, cfg.log.tensorboard)
         self.teacher_timer = RegionTimer(self.device)  # perf/teacher_frac
         self.diagnostics = LayerDiagnostics(cfg.data, self.device) if cfg.eval.diagnostics else None
         self.audit = DataAudit(self.out_dir, rank()) if cfg.log.data_audit else None
@@ -124,6 +123,9 @@ class Trainer:
         )
         # Resume builds the student at the checkpoint's depth first, then loads into it.
         self._resume()
+        # NOTE: built after _resume: TensorBoard and the CSV monitor purge what was logged after the checkpoint
+        # resumed from (saved_step; None for a fresh run), which only _resume knows.
+        self.metrics = Metrics.from_config(cfg, resume_step=self.saved_step)
         self.batches = iter(self.loader if batches is None else batches)
         self.window = LogWindow()
         self.audio_seconds_total = 0.0
@@ -216,6 +218,9 @@ class Trainer:
         self.ds_config = deepspeed_config(
             cfg, world_size(), self.accumulation, load_universal=bool(meta and meta.get("universal"))
         )
+        if is_main():
+            # The JSON DeepSpeed runs with (deepspeed.extra merged, a resume's accumulation), beside config.yaml.
+            (self.out_dir / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=1) + "\n")
         self.growth = GrowthManager(
             build_model=self.build_student,
             ds_config=self.ds_config,
@@ -243,9 +248,7 @@ class Trainer:
             student = self.build_student(meta["depth"], meta["supervised"])
         else:
             student = self.build_student(self.schedule.depth_at(0), None)
-            if self.cfg.student.init == "teacher_cnn":
-                copied = student.copy_frontend_from(self.teacher.model)
-                log0("student CNN front end %s", "copied from the teacher" if copied else "random (shapes differ)")
+            log0("student init (%s): %s", self.cfg.student.init, init_student(student, self.cfg.student, self.teacher))
         return student, build_engine(student, self.ds_config, self.cfg.optim)
 
     def _restore(self, path: Path, meta: dict, rank_state: dict | None) -> None:
@@ -338,6 +341,7 @@ class Trainer:
             batch = self.next_batch()
             audio = batch["audio"].to(self.device, non_blocking=True)
             lens = batch["audio_lens"].to(self.device, non_blocking=True)
+            audio = self.teacher.prepare_input(audio, lens)  # what the teacher's feature extractor says
             with self.teacher_timer:
                 features, targets = self.teacher_pass(audio, lens)
             loss, parts = self.compute_loss(self.engine(audio, lens, features), targets, lens)
@@ -355,7 +359,13 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             done += 1
-            self.window.add_micro_batch(loss.item(), {k: v.item() for k, v in parts.items()}, float(batch["seconds"]))
+            self.window.add_micro_batch(
+                loss.item(),
+                {k: v.item() for k, v in parts.items()},
+                float(batch["seconds"]),
+                samples=float(audio.numel()),
+                pad_frac=float(batch.get("pad_frac", 0.0)),
+            )
         self.window.add_step(time.perf_counter() - t0)
 
     def next_batch(self) -> dict:
@@ -401,10 +411,13 @@ class Trainer:
     ) -> float:
         """The student's loss (eval mode, no dropout) against given targets: benchmarks judge quality with it.
 
+        `audio` is raw; the targets must come from ``teacher(teacher.prepare_input(audio, lens), lens)``.
+
         `features`: the teacher's CNN output, used with ``student.frontend: shared`` only.
         """
         self.engine.eval()
         try:
+            audio = self.teacher.prepare_input(audio, lens)
             shared = features if self.cfg.student.frontend == "shared" else None
             loss, _ = self.compute_loss(self.engine(audio, lens, shared), targets, lens)
         finally:
@@ -443,6 +456,8 @@ class Trainer:
         local = {
             **w.mean_losses(),
             "audio_s": w.audio_s,
+            "samples": w.samples,
+            "padded": w.padded,
             "skipped": float(data.skipped),
             "shards_done": float(data.shards_done),
             "epoch": float(data.epoch),
@@ -460,6 +475,7 @@ class Trainer:
             "perf/step_s": step_s,
             "perf/audio_s_per_s": sums["audio_s"] / max(1e-9, w.step_s),
             "perf/teacher_frac": self.teacher_timer.collect() / max(1e-9, w.step_s),
+            "perf/pad_frac": sums["padded"] / max(1.0, sums["samples"]),
             "data/skipped": sums["skipped"],
             "data/shards_done": sums["shards_done"],
             "data/epoch": epoch,
@@ -515,6 +531,7 @@ class Trainer:
             if batch is None:
                 break
             audio, lens = batch["audio"].to(self.device), batch["audio_lens"].to(self.device)
+            audio = self.teacher.prepare_input(audio, lens)
             features, targets = self.teacher_pass(audio, lens)
             loss, parts = self.compute_loss(self.engine(audio, lens, features), targets, lens)
             frames = float(self.teacher.frame_lengths(lens).sum())
@@ -565,6 +582,7 @@ class Trainer:
             self.out_dir / "student",
             teacher_path=self.cfg.teacher.path,
             step=self.step,
+            config=self.cfg,
         )
         log0("exported student (depth %d) to %s", self.student.depth, out)
         return out

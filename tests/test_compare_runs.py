@@ -1,15 +1,16 @@
-"""tools/compare_runs.py on two tiny runs with known wall times: the table's speed-up arithmetic."""
+"""`istack compare` (istack_ds/commands/compare.py) on two tiny runs with known wall times: its arithmetic."""
 
 import json
+import time
 
 import pytest
 import yaml
 
-from tests.helpers import load_tool
-
 
 def _tool():
-    return load_tool("tools/compare_runs.py")
+    from istack_ds.commands import compare
+
+    return compare
 
 
 def _write_run(path, operator, seconds_per_step, valid, depths, resumed_duplicate=False):
@@ -80,3 +81,54 @@ def test_interpolation_helpers():
 def test_a_directory_without_logs_is_named(tmp_path):
     with pytest.raises(SystemExit, match="no tb/ directory"):
         _tool().main([str(tmp_path), "--out", str(tmp_path / "cmp")])
+
+
+def _resumed_run(path, purge: bool):
+    """Steps 10..100 at 1 s a step, then a resume from the checkpoint at step 50 that logs 60..80 again (value + 10).
+
+    `purge`: written by Metrics (purge_step on resume); otherwise as runs before it were, without purge_step.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    from istack_ds.metrics import Metrics
+
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump({"run": {"name": path.name}, "growth": {"operator": "none"}}))
+    first = SummaryWriter(str(path / "tb"))
+    for step in range(10, 101, 10):
+        first.add_scalar("train/loss", step, step, walltime=1000.0 + step)
+    first.close()
+    if purge:
+        # TensorBoard reads event files in name order, and the name starts with the second it was made in.
+        start = int(time.time())
+        while int(time.time()) == start:
+            time.sleep(0.05)
+        metrics = Metrics(path, 100, resume_step=50)
+        later = metrics.writer
+    else:
+        later = SummaryWriter(str(path / "tb"), filename_suffix=".resumed")
+    for step in range(60, 81, 10):
+        later.add_scalar("train/loss", step + 10, step, walltime=2000.0 + step)
+    later.close()
+
+
+def test_a_resumed_run_reads_as_tensorboard_shows_it_with_or_without_purge_step(tmp_path):
+    import matplotlib
+
+    tool = _tool()
+    expected = [(s, s - 10.0, float(s)) for s in range(10, 51, 10)] + [(s, 990.0 + s, s + 10.0) for s in (60, 70, 80)]
+    for purge in (True, False):
+        _resumed_run(tmp_path / f"purge_{purge}", purge)
+        # Old runs too: the orphaned steps 90 and 100 (after the resume point, never logged again) are gone.
+        assert tool.read_run(tmp_path / f"purge_{purge}").get("train/loss") == expected
+
+    # The plot leaves the caller's matplotlib backend as it was (a notebook keeps its own).
+    before = matplotlib.get_backend()
+    matplotlib.use("template")
+    try:
+        assert (
+            tool.main([str(tmp_path / "purge_True"), str(tmp_path / "purge_False"), "--out", str(tmp_path / "c")]) == 0
+        )
+        assert matplotlib.get_backend() == "template"
+    finally:
+        matplotlib.use(before)

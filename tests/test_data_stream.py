@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from istack_ds.config import DataConfig
+from istack_ds.config import ConfigError, DataConfig, load_config
 from istack_ds.data.index import DataError, read_index
-from istack_ds.data.stream import DataCounters, build_loader, state_epoch
+from istack_ds.data.stream import DataCounters, ShardStream, build_loader, state_epoch
 from tests.helpers import run_worker, shard_of_cut
 
 
@@ -74,7 +74,8 @@ def test_raw_batches_padding_lengths_and_crop(demo_shards):
             assert row[n:].abs().sum() == 0 and row[:n].abs().sum() > 0, "zero padding after the length"
         assert batch["seconds"] == pytest.approx(lens.sum().item() / data.sample_rate, abs=1e-3)
         assert batch["seconds"] <= data.batch_seconds + 1e-6
-        assert batch["skipped"] == 0 and "fbank" not in batch
+        assert batch["skipped"] == 0
+        assert batch["pad_frac"] == pytest.approx(1 - lens.sum().item() / audio.numel()), "padded / all samples"
         ids += batch["cut_ids"]
         n_batches += 1
     assert sorted(ids) == sorted(index_keys(data.train_index)), "num_workers=0 reads every shard of the rank"
@@ -91,15 +92,23 @@ def test_crop_false_keeps_whole_windows(demo_shards):
     assert max(lens) > 2 * data.sample_rate and len(lens) == len(index_keys(data.train_index))
 
 
-def test_fbank_batches(demo_shards):
-    data = config(demo_shards / "valid" / "index.json", features="fbank", num_mel_bins=40, num_workers=1)
-    batch = next(iter(build_loader(data, data.train_index, rank=0, world_size=1, seed=0, epochs=1)))
-    feats, feat_lens = batch["fbank"], batch["fbank_lens"]
-    assert feats.shape[0] == len(batch["cut_ids"]) and feats.shape[2] == 40
-    assert feats.shape[1] == int(feat_lens.max())
-    # 10 ms frame shift: about 100 frames a second
-    assert feat_lens.tolist() == pytest.approx([n / 160 for n in batch["audio_lens"].tolist()], abs=2)
-    assert np.isfinite(feats.numpy()).all()
+def test_pad_frac_of_a_tiny_batch():
+    """perf/pad_frac's source: rows of 3 and 1 samples pad to 2 x 3, so 2 of 6 samples are padding."""
+    stream = ShardStream(
+        shards=[], data=DataConfig(), rank=0, world_size=1, local_world_size=1, seed=0, epochs=1, crop=True,
+        duration_bins=[1.0],
+    )  # fmt: skip
+    batch = stream.collate([("a", np.ones(3, dtype=np.float32)), ("b", np.ones(1, dtype=np.float32))])
+    assert batch["audio"].shape == (2, 3) and batch["audio_lens"].tolist() == [3, 1]
+    assert batch["pad_frac"] == pytest.approx(2 / 6)
+    assert "fbank" not in batch
+
+
+@pytest.mark.parametrize("key", ["features", "num_mel_bins"])
+def test_fbank_settings_are_gone(key):
+    """Nothing consumed batch["fbank"]: data.features and data.num_mel_bins are unknown keys now."""
+    with pytest.raises(ConfigError, match=rf"unknown key `data\.{key}` in section `data`"):
+        load_config(None, [f"data.{key}=80"])
 
 
 def test_same_seed_same_order_endless_stream_keeps_going(demo_shards):

@@ -1,10 +1,18 @@
 """The layer diagnostics (istack_ds/diagnostics.py): the properties of linear CKA they rely on, valid frames,
-subsampling and the heatmap."""
+subsampling, the heatmap, and that drawing it leaves the process's matplotlib backend alone."""
 
 import pytest
 import torch
 
-from istack_ds.diagnostics import cka_figure, cka_matrix, linear_cka, subsample, valid_frames
+from istack_ds.diagnostics import (
+    LayerDiagnostics,
+    cka_figure,
+    cka_matrix,
+    figure_image,
+    linear_cka,
+    subsample,
+    valid_frames,
+)
 
 
 def _x(n=300, d=24, seed=0):
@@ -55,9 +63,44 @@ def test_only_valid_frames_enter_and_subsampling_is_even():
 
 
 def test_heatmap_renders(tmp_path):
-    import matplotlib.pyplot as plt
-
     fig = cka_figure(torch.rand(5, 9, dtype=torch.float64), {2: 4, 4: 8}, "step 10")
     fig.savefig(tmp_path / "cka.png")
-    plt.close(fig)
     assert (tmp_path / "cka.png").stat().st_size > 1000
+    image = figure_image(fig)
+    assert image.dtype.name == "uint8" and image.ndim == 3 and image.shape[2] == 3 and image.std() > 0
+
+
+class _Writer:
+    def __init__(self):
+        self.images = []
+
+    def add_image(self, tag, image, step, dataformats):
+        self.images.append((tag, image.shape, step, dataformats))
+
+
+class _Metrics:
+    def __init__(self):
+        self.writer, self.values = _Writer(), {}
+
+    def scalars(self, step, values):
+        self.values.update(values)
+
+
+def test_logging_the_map_keeps_the_matplotlib_backend_of_the_process(monkeypatch):
+    import matplotlib
+
+    # A notebook's interactive backend stands in as "template": drawing the map must not switch it to Agg.
+    before = matplotlib.get_backend()
+    matplotlib.use("template")
+    try:
+        diagnostics = LayerDiagnostics(None, batch={"audio": None})
+        monkeypatch.setattr(diagnostics, "compute", lambda *a, **k: torch.rand(4, 5, dtype=torch.float64))
+        student = type("Student", (), {"depth": 3, "loss_kind": "l2l", "supervised": [0, 2], "teacher_layers": [2, 4]})
+        metrics = _Metrics()
+        diagnostics.run(student, None, metrics, step=7)
+        assert matplotlib.get_backend() == "template"
+    finally:
+        matplotlib.use(before)
+    assert set(metrics.values) == {"diag/cka_1_2", "diag/cka_3_4", "diag/cka_L2", "diag/cka_L4"}
+    ((tag, shape, step, fmt),) = metrics.writer.images
+    assert (tag, step, fmt, len(shape), shape[2]) == ("diag/cka", 7, "HWC", 3, 3)

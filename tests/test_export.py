@@ -3,7 +3,9 @@ a Hugging Face directory -> AutoModel.
 
 The exported HF model must reproduce the hidden states the framework's student computed
 inside the engine (max abs diff <= 1e-5), for ZeRO 2 and 3, a shared CNN front end, and a
-universal checkpoint.
+universal checkpoint. In process: an export of a student of a normalizing teacher carries the
+teacher's feature extractor, its heads as safetensors and a model card, and a student
+initialised from it (`student.init: pretrained`) holds its weights.
 """
 
 import json
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from istack_ds.export import HEADS_FILE, read_heads, save_student
 from istack_ds.models.teacher import make_random_teacher
 from tests.helpers import ROOT, child_env, load_tool, run_worker
 
@@ -63,7 +66,7 @@ def test_export_reproduces_the_framework_hidden_states(tmp_path, teacher_dir, ze
     assert diff <= 1e-5, diff
     info = json.loads((tmp_path / "hf/istack_student.json").read_text())
     assert info["depth"] == 4 and info["supervised_layers"] == [2, 3] and info["step"] == 3
-    assert set(torch.load(tmp_path / "hf/heads.pt")) == {"L4.weight", "L4.bias", "L8.weight", "L8.bias"}
+    assert set(read_heads(tmp_path / "hf")) == {"L4.weight", "L4.bias", "L8.weight", "L8.bias"}
 
     if universal:
         proc = subprocess.run(
@@ -90,3 +93,84 @@ def test_export_names_a_missing_checkpoint(tmp_path):
 
     with pytest.raises(SystemExit, match="neither a complete istack_ds checkpoint"):
         export_main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "hf")])
+
+
+@pytest.fixture(scope="module")
+def normalizing_teacher(tmp_path_factory):
+    """A teacher as the large SFMs are: `do_normalize: true`, layer-norm CNN, trained with attention masks."""
+    return make_random_teacher(
+        tmp_path_factory.mktemp("teacher") / "norm", do_normalize=True, feat_extract_norm="layer"
+    )
+
+
+def test_export_carries_the_teachers_input_heads_as_safetensors_and_a_card(tmp_path, normalizing_teacher):
+    from transformers import AutoFeatureExtractor, AutoModel
+
+    from istack_ds.config import load_config
+    from istack_ds.models.student import Student, init_student
+    from istack_ds.models.teacher import Teacher
+
+    cfg = load_config(
+        None,
+        [
+            f"teacher.path={normalizing_teacher}",
+            "loss.teacher_layers=[4,8]",
+            "growth.depths=[2,4]",
+            "student.hidden_size=64",
+            "student.intermediate_size=128",
+            "student.num_attention_heads=4",
+            "student.dropout=0.0",
+        ],
+    )
+    teacher = Teacher(normalizing_teacher, [4, 8])
+    torch.manual_seed(0)
+    student = Student(cfg.student, cfg.loss, teacher.info, depth=2).eval()
+    out = save_student(
+        student, student.state_dict(), tmp_path / "hf", teacher_path=str(normalizing_teacher), step=7, config=cfg
+    )
+
+    # The teacher's feature extractor, as it is: the exported student gets the input it was trained on.
+    assert json.loads((out / "preprocessor_config.json").read_text()) == json.loads(
+        (normalizing_teacher / "preprocessor_config.json").read_text()
+    )
+    assert not (out / "heads.pt").exists()
+    heads = read_heads(out)
+    for name, value in student.heads.state_dict().items():
+        assert torch.equal(heads[name], value), name
+
+    g = torch.Generator().manual_seed(5)
+    waves = [0.5 + 0.1 * torch.randn(9000, generator=g), 3.0 * torch.randn(6000, generator=g)]
+    extractor = AutoFeatureExtractor.from_pretrained(out, local_files_only=True)
+    inputs = extractor([w.numpy() for w in waves], sampling_rate=16000, padding=True, return_tensors="pt")
+    model = AutoModel.from_pretrained(out, local_files_only=True).eval()
+    with torch.no_grad():
+        ref = model(**inputs, output_hidden_states=True).hidden_states
+    audio = torch.zeros(2, 9000)
+    audio[0], audio[1, :6000] = waves[0], waves[1]
+    lens = torch.tensor([9000, 6000])
+    with torch.no_grad():
+        mine = student.hidden_states(teacher.prepare_input(audio, lens), lens)
+    frames = student.frame_lengths(lens)
+    for a, b in zip(ref, mine, strict=True):
+        for i in range(2):
+            assert (a[i, : frames[i]] - b[i, : frames[i]]).abs().max().item() <= 1e-5
+
+    card = (out / "README.md").read_text()
+    for fact in (
+        str(normalizing_teacher),
+        "after 7 optimizer steps",
+        cfg.data.train_index,
+        "depths [2, 4]",
+        "zero mean, unit variance",
+        HEADS_FILE,
+        "hf_hubert_custom",
+    ):
+        assert fact in card, fact
+
+    # student.init=pretrained: a fresh student starts from the export's weights, heads included.
+    cfg.student.init, cfg.student.init_from = "pretrained", str(out)
+    torch.manual_seed(1)
+    fresh = Student(cfg.student, cfg.loss, teacher.info, depth=2)
+    assert "export" in init_student(fresh, cfg.student, teacher)
+    for name, value in student.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name

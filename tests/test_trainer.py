@@ -158,6 +158,8 @@ def test_bad_input_stops_before_any_process_group(tmp_path, teacher_dir, demo_sh
         f"data.train_index={demo_shards / 'train/index.json'}",
         "--set",
         "data.valid_index=null",
+        "--set",
+        f"run.out_dir={tmp_path / 'run'}",  # not whatever a demo run left in runs/demo
     ]
     for s in sets:
         argv += ["--set", s]

@@ -1,47 +1,6 @@
-"""Writes a small, deterministic speech corpus in LibriLight layout (for the demo and tests).
+"""`istack make-demo-corpus` as a script; its usage and code: istack_ds/commands/make_demo_corpus.py."""
 
-Usage:
-    python tools/make_demo_corpus.py --out data/demo/corpus
-    python tools/make_demo_corpus.py --out /tmp/tiny --speakers 3 --books 1 --files 4 --seconds 6 --seed 1
-
-Writes OUT/small/<speaker>/<book>/<name>.flac (16 kHz mono) and <name>.json with
-`voice_activity` [[start, end], ...] seconds. Speech comes from espeak-ng when it is
-installed, otherwise from a speech-like synthesizer (--engine picks). Re-running
-reuses files already there; the same --seed always gives the same bytes.
-"""
-
-from __future__ import annotations
-
-import argparse
-import sys
-import time
-
-from istack_ds.data.demo_corpus import make_corpus
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="corpus directory (LibriLight layout is written under OUT/small)")
-    p.add_argument("--speakers", type=int, default=6)
-    p.add_argument("--books", type=int, default=2, help="books per speaker")
-    p.add_argument("--files", type=int, default=6, help="files per book")
-    p.add_argument("--seconds", type=float, default=12.0, help="longest file; lengths are uniform in [S/3, S]")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engine", choices=("auto", "espeak", "synth"), default="auto")
-    args = p.parse_args(argv)
-    t0 = time.time()
-    make_corpus(
-        args.out,
-        speakers=args.speakers,
-        books=args.books,
-        files=args.files,
-        seconds=args.seconds,
-        seed=args.seed,
-        engine=args.engine,
-    )
-    print(f"done in {time.time() - t0:.1f} s")
-    return 0
-
+from istack_ds.commands.make_demo_corpus import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

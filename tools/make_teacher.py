@@ -1,46 +1,6 @@
-"""Save a RANDOMLY INITIALISED teacher with the real HF classes, for tests and the demo.
+"""`istack make-teacher` as a script; its usage and code: istack_ds/commands/make_teacher.py."""
 
-Usage:
-    python tools/make_teacher.py --out data/demo/teacher                 # tiny HuBERT (8 x 96)
-    python tools/make_teacher.py --out /tmp/hubert-base-random --size base
-    python tools/make_teacher.py --out /tmp/wavlm-tiny --model-type wavlm
-
-The weights are random: the teacher exercises the distillation machinery, it is
-not a trained model (the directory holds RANDOM_WEIGHTS.txt saying so). For real
-runs point `teacher.path` at a local `save_pretrained` copy of e.g. HuBERT Base.
-Idempotent: an existing teacher directory is left as it is.
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
-import sys
-from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def main(argv=None) -> int:
-    from istack_ds.models.teacher import SUPPORTED_TEACHERS, make_random_teacher, read_teacher_info
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="directory to write (save_pretrained layout)")
-    parser.add_argument("--size", default="tiny", choices=["tiny", "base"])
-    parser.add_argument("--model-type", default="hubert", choices=SUPPORTED_TEACHERS)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="overwrite an existing teacher")
-    args = parser.parse_args(argv)
-
-    out = Path(args.out)
-    if (out / "config.json").exists() and not args.force:
-        print(f"teacher already at {out} (use --force to rebuild)")
-        return 0
-    make_random_teacher(out, size=args.size, model_type=args.model_type, seed=args.seed)
-    info = read_teacher_info(out)
-    print(f"wrote a RANDOM {info.model_type} teacher ({info.num_layers} layers x {info.hidden_size}) to {out}")
-    return 0
-
+from istack_ds.commands.make_teacher import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -17,7 +17,7 @@ and scales down only what CPU forces (through --set, so the recipes stay the sou
   16 s of audio per rank and step; fp32, ZeRO 2 on `--nproc` gloo ranks; the same number of
   steps for every schedule.
 
-Writes RUN_DIR/<schedule>/ (a normal run directory each) and, through tools/compare_runs.py,
+Writes RUN_DIR/<schedule>/ (a normal run directory each) and, through `istack compare` (istack_ds/commands/compare.py),
 DOCS/comparison.{png,md,json}. Idempotent: the corpus, shards and teacher are reused, and a run
 whose summary.json says it finished with the same settings is not run again (--force reruns).
 """
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
             flush=True,
         )
 
-    import compare_runs  # a sibling: this file's folder is on sys.path when it runs as a script
+    from istack_ds.commands import compare as compare_runs
 
     compare_runs.main([*map(str, run_dirs), "--out", str(args.docs)])
     print(f"experiment done in {time.time() - t0:.0f} s: runs in {args.out}, comparison in {args.docs}")

@@ -51,3 +51,33 @@ class Progress:
             f"{self.done_s / 3600:.2f}/{self.total / 3600:.2f} h, {rate:.0f} audio s/s, ETA {eta}"
             + (f", {self.skipped} cuts skipped" if self.skipped else "")
         )
+
+
+class Ticker:
+    """A count of items done (files read, shards checked), a line every `every` seconds and at the end.
+
+    `total` None: the count alone (a stream of unknown length, e.g. files found while walking a tree).
+    """
+
+    def __init__(self, label: str, unit: str, total: int | None = None, stream=None, every: float = 5.0):
+        self.label, self.unit, self.total = label, unit, total
+        self.stream = stream if stream is not None else sys.stderr
+        self.every, self.t0, self.last = every, time.monotonic(), time.monotonic()
+        self.done = 0
+
+    def tick(self, note: str = "") -> None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self.last >= self.every or self.done == self.total:
+            self.last = now
+            self.stream.write(self.line(now, note) + "\n")
+            self.stream.flush()
+
+    def line(self, now: float, note: str = "") -> str:
+        elapsed = max(1e-6, now - self.t0)
+        rate = self.done / elapsed
+        of = f"/{self.total}" if self.total is not None else ""
+        eta = ""
+        if self.total is not None and rate > 0:
+            eta = ", ETA " + time.strftime("%H:%M:%S", time.gmtime(max(0, self.total - self.done) / rate))
+        return f"{self.label}: {self.done}{of} {self.unit}, {rate:.1f}/s{eta}" + (f", {note}" if note else "")

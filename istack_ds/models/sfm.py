@@ -86,9 +86,31 @@ def attention_mask(audio: torch.Tensor, audio_lens: torch.Tensor) -> torch.Tenso
     return length_mask(audio_lens.to(audio.device), audio.shape[1]).long()
 
 
-def save_feature_extractor(out, feat_extract_norm: str, sampling_rate: int = 16000) -> None:
+def normalize_waveform(
+    audio: torch.Tensor, audio_lens: torch.Tensor, padding_value: float = 0.0, eps: float = 1e-7
+) -> torch.Tensor:
+    """Each utterance of a padded batch `audio` [B, T] to zero mean and unit variance over its `audio_lens` samples;
+    padding set to `padding_value`. On `audio`'s device, in its dtype.
+
+    The formula of ``Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm`` with an attention mask:
+    ``(x - mean) / sqrt(var + 1e-7)``, population variance of the valid samples.
+    """
+    valid = length_mask(audio_lens.to(audio.device), audio.shape[1])
+    count = valid.sum(1, keepdim=True).clamp(min=1).to(torch.float64)
+    # NOTE: sums in float64: a float32 sum over minutes of audio loses the digits the variance needs.
+    mean = torch.where(valid, audio, 0).sum(1, keepdim=True, dtype=torch.float64) / count
+    centered = audio - mean.to(audio.dtype)
+    var = torch.where(valid, centered * centered, 0).sum(1, keepdim=True, dtype=torch.float64) / count
+    normed = centered / torch.sqrt(var + eps).to(audio.dtype)
+    return torch.where(valid, normed, torch.full_like(normed, padding_value))
+
+
+def save_feature_extractor(
+    out, feat_extract_norm: str, sampling_rate: int = 16000, *, do_normalize: bool = False
+) -> None:
     """Writes the ``preprocessor_config.json`` of a raw-waveform SFM (what ``AutoFeatureExtractor`` loads).
 
+    For a model whose teacher has none (a teacher's own is copied where it exists: ``export.py``).
     HF convention: models with a layer-norm CNN were trained with attention masks.
     """
     from transformers import Wav2Vec2FeatureExtractor
@@ -97,7 +119,7 @@ def save_feature_extractor(out, feat_extract_norm: str, sampling_rate: int = 160
         feature_size=1,
         sampling_rate=sampling_rate,
         padding_value=0.0,
-        do_normalize=False,
+        do_normalize=do_normalize,
         return_attention_mask=feat_extract_norm == "layer",
     ).save_pretrained(out)
 

@@ -3,20 +3,25 @@
 Parameters of transformer layer i are named ``sfm.encoder.layers.<i>.*``
 (:data:`LAYER_PREFIX`): the growth manager clones layers by renaming along a
 lineage, so this module knows nothing about growth or DeepSpeed.
+:func:`init_student` gives a fresh student its first weights (``student.init``).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import LossConfig, StudentConfig
+from ..config import ConfigError, LossConfig, StudentConfig
 from . import sfm
-from .teacher import TeacherInfo
+from .teacher import Teacher, TeacherError, TeacherInfo, resolve_teacher_path
 
 LAYER_PREFIX = "sfm.encoder.layers."
+#: The distillation heads of an export (safetensors): {"L<t>.weight", "L<t>.bias"} per teacher target t.
+HEADS_FILE = "heads.safetensors"
 log = logging.getLogger(__name__)
 
 
@@ -33,6 +38,14 @@ def initial_supervised_layers(depth: int, num_targets: int) -> list[int]:
 def hubert_config(student: StudentConfig, teacher: TeacherInfo, depth: int):
     from transformers import HubertConfig
 
+    if student.init == "teacher_layers" and student.hidden_size == teacher.hidden_size:
+        # The teacher's positional convolution, so that it can be copied too.
+        pos_conv = (teacher.num_conv_pos_embeddings, teacher.num_conv_pos_embedding_groups)
+    else:
+        pos_conv = (
+            128 if teacher.hidden_size >= 256 else 16,
+            16 if student.hidden_size % 16 == 0 else 4,
+        )
     return HubertConfig(
         hidden_size=student.hidden_size,
         num_hidden_layers=depth,
@@ -44,8 +57,8 @@ def hubert_config(student: StudentConfig, teacher: TeacherInfo, depth: int):
         conv_stride=teacher.conv_stride,
         conv_bias=teacher.conv_bias,
         feat_extract_norm=teacher.feat_extract_norm,
-        num_conv_pos_embeddings=128 if teacher.hidden_size >= 256 else 16,
-        num_conv_pos_embedding_groups=16 if student.hidden_size % 16 == 0 else 4,
+        num_conv_pos_embeddings=pos_conv[0],
+        num_conv_pos_embedding_groups=pos_conv[1],
         hidden_dropout=student.dropout,
         attention_dropout=student.dropout,
         activation_dropout=student.dropout,
@@ -55,6 +68,66 @@ def hubert_config(student: StudentConfig, teacher: TeacherInfo, depth: int):
         mask_feature_prob=0.0,
         layerdrop=0.0,
     )
+
+
+#: Settings of two HF configs that must be equal for a layer of one to compute what a layer of the other does.
+LAYER_SETTINGS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "hidden_act",
+    "layer_norm_eps",
+    "num_conv_pos_embeddings",
+    "num_conv_pos_embedding_groups",
+)
+
+
+def layer_mismatch(student_config, source_config) -> str:
+    """Why the layers of the HF model configured by `source_config` cannot be copied into a student configured
+    by `student_config` (a ``HubertConfig``); "" when they can."""
+    model_type = source_config.model_type
+    if model_type not in ("hubert", "wav2vec2") or getattr(source_config, "do_stable_layer_norm", False):
+        kind = "pre-norm (do_stable_layer_norm) " if model_type in ("hubert", "wav2vec2") else ""
+        return (
+            f"a {kind}{model_type} model's layers compute something else than the student's HuBERT layers: copy "
+            "from a HuBERT or wav2vec 2.0 model with post-norm layers"
+        )
+    differ = [
+        f"{k} {getattr(student_config, k)} (student) != {getattr(source_config, k)}"
+        for k in LAYER_SETTINGS
+        if getattr(student_config, k) != getattr(source_config, k)
+    ]
+    if differ:
+        return f"its layers are not the student's: {'; '.join(differ)}"
+    if student_config.num_hidden_layers > source_config.num_hidden_layers:
+        return f"it has {source_config.num_hidden_layers} layers, the student {student_config.num_hidden_layers}"
+    return ""
+
+
+def check_init(cfg: StudentConfig, teacher: TeacherInfo, depth: int) -> None:
+    """Checks, before any process group, that ``student.init`` can copy what it names into a student of
+    `depth` layers (reads configs, no weights); raises ``ConfigError`` naming the key."""
+    if cfg.init not in ("teacher_layers", "pretrained"):
+        return
+    from transformers import AutoConfig
+
+    source = cfg.init_from or teacher.path
+    try:
+        path = resolve_teacher_path(source)
+    except TeacherError as e:
+        raise ConfigError(f"student.init_from={source}: {e}") from None
+    if cfg.init == "pretrained" and not (path / HEADS_FILE).is_file():
+        raise ConfigError(
+            f"student.init=pretrained: {path / HEADS_FILE} does not exist; student.init_from must be an istack_ds "
+            "export"
+        )
+    try:
+        source_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"student.init_from={source}: no readable HF config.json ({e})") from None
+    problem = layer_mismatch(hubert_config(cfg, teacher, depth), source_config)
+    if problem:
+        raise ConfigError(f"student.init={cfg.init} from {source}: {problem}")
 
 
 class Student(nn.Module):
@@ -95,7 +168,7 @@ class Student(nn.Module):
         self.heads = nn.ModuleDict(
             {f"L{t}": nn.Linear(student.hidden_size, teacher.hidden_size) for t in self.teacher_layers}
         )
-        self.use_attention_mask = teacher.feat_extract_norm == "layer"
+        self.use_attention_mask = teacher.attention_mask
         self.frontend = student.frontend
         if self.frontend == "shared":
             self.sfm.feature_extractor = None  # type: ignore[assignment]  # no parameters, no state, no memory
@@ -113,6 +186,52 @@ class Student(nn.Module):
             return False
         self.sfm.feature_extractor.load_state_dict({k: v.float() for k, v in src.items()})
         return True
+
+    def copy_layers_from(self, source: nn.Module) -> int:
+        """Copies every transformer weight of the student from the HF model `source`, student layer i from its
+        layer i (DistilHuBERT's initialisation), with the CNN front end when the student has one; returns how many
+        tensors it copied. The heads stay as they are.
+
+        `source` must compute what the student computes: a HuBERT or wav2vec 2.0 model (post-norm layers) of the
+        student's widths, attention heads and positional convolution; anything else raises ``ValueError``.
+        """
+        config: Any = source.config
+        where = getattr(config, "name_or_path", "") or type(source).__name__
+        problem = layer_mismatch(self.sfm.config, config)
+        if problem:
+            raise ValueError(f"{where}: {problem}")
+        return self._copy_sfm(source.state_dict(), where)
+
+    def load_export(self, sfm_state: dict[str, torch.Tensor], heads: dict[str, torch.Tensor], where: str) -> int:
+        """Copies an istack_ds export (its HubertModel's state and its heads) into the student, layer i from
+        layer i and every head of the same target; returns how many tensors it copied. Raises ``ValueError`` when
+        a tensor of the student has no counterpart of its shape."""
+        copied = self._copy_sfm(sfm_state, where)
+        own = self.heads.state_dict()
+        wrong = [k for k in own if k not in heads or heads[k].shape != own[k].shape]
+        if wrong:
+            raise ValueError(
+                f"{where}: heads {sorted(wrong)} are missing or of another shape (the export's targets and "
+                f"widths must be the student's: loss.teacher_layers {self.teacher_layers})"
+            )
+        self.heads.load_state_dict({k: heads[k].float() for k in own})
+        return copied + len(own)
+
+    def _copy_sfm(self, state: dict[str, torch.Tensor], where: str) -> int:
+        own = self.sfm.state_dict()
+        missing = [k for k in own if k not in state]
+        shapes = [
+            f"{k} {tuple(own[k].shape)} vs {tuple(state[k].shape)}"
+            for k in own
+            if k in state and state[k].shape != own[k].shape
+        ]
+        if missing or shapes:
+            raise ValueError(
+                f"{where} does not fit the student: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                f"other shapes {shapes[:5]}"
+            )
+        self.sfm.load_state_dict({k: state[k].float() for k in own})
+        return len(own)
 
     def frame_lengths(self, audio_lens: torch.Tensor) -> torch.Tensor:
         return self.sfm._get_feat_extract_output_lengths(audio_lens).long()  # type: ignore[arg-type]
@@ -147,3 +266,52 @@ class Student(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def init_student(student: Student, cfg: StudentConfig, teacher: Teacher) -> str:
+    """Gives a fresh `student` its first weights as ``student.init`` says; returns a line for the log.
+
+    `random`: as built. `teacher_cnn`: the teacher's CNN front end when shapes match. `teacher_layers`:
+    :meth:`Student.copy_layers_from` the model at ``student.init_from`` (default the teacher), read from disk
+    in fp32. `pretrained`: :meth:`Student.load_export` of the istack_ds export at ``student.init_from``.
+    """
+    if cfg.init == "random":
+        return "random"
+    if cfg.init == "teacher_cnn":
+        copied = student.copy_frontend_from(teacher.model)
+        return "CNN front end copied from the teacher" if copied else "random (student CNN shapes differ)"
+    from transformers import AutoModel
+
+    source = cfg.init_from or teacher.info.path
+    try:
+        path = resolve_teacher_path(source)
+    except TeacherError as e:
+        raise ConfigError(f"student.init_from={source}: {e}") from None
+    model = AutoModel.from_pretrained(str(path), local_files_only=True)
+    if cfg.init == "teacher_layers":
+        try:
+            n = student.copy_layers_from(model)
+        except ValueError as e:
+            raise ConfigError(f"student.init=teacher_layers: {e}") from None
+        return (
+            f"{n} tensors from {source}: its CNN, feature projection, positional convolution and layers "
+            f"0-{student.depth - 1} of its {model.config.num_hidden_layers} (student layer i = its layer i)"
+        )
+    from safetensors.torch import load_file
+
+    heads_file = Path(path) / HEADS_FILE
+    if not heads_file.is_file():
+        raise ConfigError(
+            f"student.init=pretrained: {heads_file} does not exist; student.init_from must be an istack_ds export"
+        )
+    problem = layer_mismatch(student.sfm.config, model.config)
+    if problem:
+        raise ConfigError(f"student.init=pretrained from {source}: {problem}")
+    try:
+        n = student.load_export(model.state_dict(), load_file(str(heads_file)), str(path))
+    except ValueError as e:
+        raise ConfigError(f"student.init=pretrained: {e}") from None
+    return (
+        f"{n} tensors from the export {source}: layers 0-{student.depth - 1} of its "
+        f"{model.config.num_hidden_layers} and the heads"
+    )

@@ -1,13 +1,17 @@
-"""The teacher: a frozen speech foundation model loaded from a local directory.
+"""The teacher: a frozen speech foundation model loaded from a local directory or the local HF cache.
 
 Any HF ``HubertModel``, ``WavLMModel`` or ``Wav2Vec2Model`` saved with
-``save_pretrained`` works. Nothing is ever downloaded: the path must exist,
-and loading runs with ``local_files_only=True``.
+``save_pretrained`` works, named by its directory or by a Hub id already in the
+local HF cache. Nothing is ever downloaded: loading runs with ``local_files_only=True``.
+Its feature extractor (``preprocessor_config.json``, read by ``AutoFeatureExtractor``)
+says how audio is prepared for it; :meth:`Teacher.prepare_input` applies that to the
+audio that teacher and student both hear.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,12 +34,45 @@ class TeacherError(ValueError):
     """A teacher directory that is missing, unreadable or of an unsupported model type."""
 
 
+#: A Hub id as ``teacher.path`` may give it: ``name`` or ``org/name`` (no other slash).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_teacher_path(path: str | Path) -> Path:
+    """The local directory of a teacher named by a directory or by a Hub id in the local HF cache.
+
+    Never downloads: a Hub id resolves through ``snapshot_download(local_files_only=True)``.
+    """
+    local = Path(path)
+    if local.is_dir():
+        return local
+    name = str(path)
+    if not local.exists() and _HUB_ID.match(name):
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(name, local_files_only=True))
+        except (LocalEntryNotFoundError, HFValidationError, OSError):
+            raise TeacherError(
+                f"teacher.path={name!r} is neither a directory nor a Hub id in the local HF cache "
+                f"({constants.HF_HUB_CACHE}); nothing is downloaded during a run: fetch it once with "
+                f"`huggingface-cli download {name}` (or `snapshot_download`) where there is network, or "
+                "point teacher.path to a local save_pretrained directory"
+            ) from None
+    raise TeacherError(
+        f"teacher directory {path} does not exist (teacher.path); make one with "
+        f"`python tools/make_teacher.py --out {path}` or point to a local save_pretrained dir"
+    )
+
+
 @dataclass(frozen=True)
 class TeacherInfo:
     """What the student, the losses and preflight need to know about the teacher, read from config.json and
     preprocessor_config.json."""
 
     path: str
+    """The teacher's local directory (a Hub id's snapshot directory in the HF cache)."""
     model_type: str
     hidden_size: int
     num_layers: int
@@ -46,17 +83,22 @@ class TeacherInfo:
     feat_extract_norm: str
     sample_rate: int | None = None
     """``sampling_rate`` of the feature extractor's ``preprocessor_config.json``; None when the directory has none."""
+    do_normalize: bool = False
+    """The feature extractor's ``do_normalize``: each utterance to zero mean and unit variance
+    (:meth:`Teacher.prepare_input`)."""
+    padding_value: float = 0.0
+    """The feature extractor's ``padding_value``: what padded samples hold after :meth:`Teacher.prepare_input`."""
+    attention_mask: bool = False
+    """Whether teacher and student get an attention mask: the feature extractor's ``return_attention_mask``, or
+    without a feature extractor HF's convention (models with a layer-norm CNN were trained with masks)."""
+    num_conv_pos_embeddings: int = 128
+    num_conv_pos_embedding_groups: int = 16
 
 
 def read_teacher_info(path: str | Path) -> TeacherInfo:
-    """Reads and checks ``<path>/config.json`` (and ``preprocessor_config.json`` if present) without importing a
-    model (cheap, pre-launch check)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise TeacherError(
-            f"teacher directory {path} does not exist (teacher.path); make one with "
-            f"`python tools/make_teacher.py --out {path}` or point to a local save_pretrained dir"
-        )
+    """Reads and checks ``config.json`` and the feature extractor (``AutoFeatureExtractor``, when the directory
+    has a ``preprocessor_config.json``) of the teacher a directory or cached Hub id names, without loading a model."""
+    path = resolve_teacher_path(path)
     cfg_file = path / "config.json"
     try:
         raw = json.loads(cfg_file.read_text())
@@ -73,16 +115,13 @@ def read_teacher_info(path: str | Path) -> TeacherInfo:
         (path / name).exists() for name in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
     ):
         raise TeacherError(f"teacher directory {path} has no weights (model.safetensors or pytorch_model.bin)")
-    sample_rate = None
-    preprocessor = path / "preprocessor_config.json"
-    if preprocessor.exists():
-        try:
-            rate = json.loads(preprocessor.read_text()).get("sampling_rate")
-        except (OSError, json.JSONDecodeError, AttributeError) as e:
-            raise TeacherError(f"teacher feature extractor config {preprocessor} is unreadable: {e}") from None
-        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0):
-            raise TeacherError(f"teacher {preprocessor}: sampling_rate={rate!r} is not a positive integer")
-        sample_rate = rate
+    feat_extract_norm = raw.get("feat_extract_norm", "group")
+    extractor = read_feature_extractor(path)
+    if extractor is None:
+        sample_rate, do_normalize, padding_value, mask = None, False, 0.0, feat_extract_norm == "layer"
+    else:
+        sample_rate, do_normalize = extractor.sampling_rate, bool(extractor.do_normalize)
+        padding_value, mask = float(extractor.padding_value), bool(extractor.return_attention_mask)
     return TeacherInfo(
         path=str(path),
         model_type=model_type,
@@ -92,9 +131,38 @@ def read_teacher_info(path: str | Path) -> TeacherInfo:
         conv_kernel=tuple(raw["conv_kernel"]),
         conv_stride=tuple(raw["conv_stride"]),
         conv_bias=bool(raw.get("conv_bias", False)),
-        feat_extract_norm=raw.get("feat_extract_norm", "group"),
+        feat_extract_norm=feat_extract_norm,
         sample_rate=sample_rate,
+        do_normalize=do_normalize,
+        padding_value=padding_value,
+        attention_mask=mask,
+        num_conv_pos_embeddings=int(raw.get("num_conv_pos_embeddings", 128)),
+        num_conv_pos_embedding_groups=int(raw.get("num_conv_pos_embedding_groups", 16)),
     )
+
+
+def read_feature_extractor(path: str | Path):
+    """The teacher's feature extractor as ``AutoFeatureExtractor`` loads it (local only); None when the directory
+    has no ``preprocessor_config.json``. Only a raw-waveform extractor (``Wav2Vec2FeatureExtractor``) is accepted."""
+    path = Path(path)
+    preprocessor = path / "preprocessor_config.json"
+    if not preprocessor.exists():
+        return None
+    from transformers import AutoFeatureExtractor, Wav2Vec2FeatureExtractor
+
+    try:
+        extractor = AutoFeatureExtractor.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise TeacherError(f"teacher feature extractor config {preprocessor} is unreadable: {e}") from None
+    if not isinstance(extractor, Wav2Vec2FeatureExtractor) or extractor.feature_size != 1:
+        raise TeacherError(
+            f"teacher {preprocessor}: {type(extractor).__name__} (feature_size={extractor.feature_size}) is not a "
+            "raw-waveform feature extractor (Wav2Vec2FeatureExtractor, feature_size 1)"
+        )
+    rate = extractor.sampling_rate
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0):
+        raise TeacherError(f"teacher {preprocessor}: sampling_rate={rate!r} is not a positive integer")
+    return extractor
 
 
 def check_teacher_layers(info: TeacherInfo, layers: list[int]) -> None:
@@ -115,7 +183,7 @@ class Teacher(nn.Module):
         self.info = read_teacher_info(path)
         check_teacher_layers(self.info, layers)
         model = AutoModel.from_pretrained(
-            str(path), local_files_only=True, mask_time_prob=0.0, mask_feature_prob=0.0, layerdrop=0.0
+            self.info.path, local_files_only=True, mask_time_prob=0.0, mask_feature_prob=0.0, layerdrop=0.0
         )
         # Run only up to the deepest layer a loss uses. With do_stable_layer_norm the last
         # hidden state carries the encoder's final norm, so truncating would change it there.
@@ -126,8 +194,7 @@ class Teacher(nn.Module):
         self.int8_linears = quantize_linear_int8(self.model) if int8 else 0
         self.layers = list(layers)
         self.dtype_ = dtype
-        # HF convention: only models with layer-norm feature extractors were trained with masks.
-        self.use_attention_mask = model.config.feat_extract_norm == "layer"
+        self.use_attention_mask = self.info.attention_mask
 
     @classmethod
     def from_config(cls, cfg, layers: list[int]) -> Teacher:
@@ -145,7 +212,9 @@ class Teacher(nn.Module):
         )
         return (
             f"{self.info.model_type} {self.info.num_layers} x {self.info.hidden_size} from {self.info.path}, "
-            f"{precision}, run up to layer {len(self.model.encoder.layers)}, targets {self.layers}"
+            f"{precision}, run up to layer {len(self.model.encoder.layers)}, targets {self.layers}, input "
+            f"{'normalized per utterance' if self.info.do_normalize else 'raw'}"
+            f"{', attention mask' if self.use_attention_mask else ''}"
         )
 
     def train(self, mode: bool = True):  # the teacher never leaves eval mode
@@ -153,6 +222,17 @@ class Teacher(nn.Module):
 
     def frame_lengths(self, audio_lens: torch.Tensor) -> torch.Tensor:
         return self.model._get_feat_extract_output_lengths(audio_lens).long()
+
+    def prepare_input(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> torch.Tensor:
+        """The zero-padded batch `audio` [B, T] as the teacher's feature extractor prepares it, on its device.
+
+        With ``do_normalize`` every utterance gets zero mean and unit variance over its `audio_lens`
+        samples and padding becomes ``padding_value`` (:func:`sfm.normalize_waveform`); otherwise
+        `audio` is returned as it is. Teacher and student both hear the result.
+        """
+        if not self.info.do_normalize:
+            return audio
+        return sfm.normalize_waveform(audio, audio_lens, self.info.padding_value)
 
     @torch.no_grad()
     def cnn(self, audio: torch.Tensor) -> torch.Tensor:
@@ -211,8 +291,20 @@ def quantize_linear_int8(model: nn.Module) -> int:
     return len(linears)
 
 
-def make_random_teacher(out: str | Path, size: str = "tiny", model_type: str = "hubert", seed: int = 0) -> Path:
-    """Saves a RANDOMLY INITIALISED teacher of the real HF class (it exercises the machinery; it knows nothing)."""
+def make_random_teacher(
+    out: str | Path,
+    size: str = "tiny",
+    model_type: str = "hubert",
+    seed: int = 0,
+    *,
+    do_normalize: bool = False,
+    feat_extract_norm: str = "group",
+) -> Path:
+    """Saves a RANDOMLY INITIALISED teacher of the real HF class (it exercises the machinery; it knows nothing).
+
+    `do_normalize` and `feat_extract_norm` ("group" as HuBERT Base, "layer" as the large models) set its
+    feature extractor's normalization and its CNN's norm.
+    """
     import transformers
 
     if model_type not in TEACHER_CLASSES:
@@ -235,11 +327,11 @@ def make_random_teacher(out: str | Path, size: str = "tiny", model_type: str = "
         raise ValueError(f"size={size!r}: choose one of {list(shapes)}")
     config_cls, model_cls = (getattr(transformers, name) for name in TEACHER_CLASSES[model_type])
     torch.manual_seed(seed)
-    config = config_cls(**shapes[size], mask_time_prob=0.0, layerdrop=0.0)
+    config = config_cls(**shapes[size], feat_extract_norm=feat_extract_norm, mask_time_prob=0.0, layerdrop=0.0)
     model = model_cls(config).eval()
     out = Path(out)
     model.save_pretrained(out)
-    sfm.save_feature_extractor(out, config.feat_extract_norm)
+    sfm.save_feature_extractor(out, config.feat_extract_norm, do_normalize=do_normalize)
     (out / "RANDOM_WEIGHTS.txt").write_text(
         f"This {model_type} teacher ({size}) has RANDOM weights made by istack_ds tools/make_teacher.py "
         f"(seed {seed}).\nIt exercises the distillation machinery; it is not a trained model.\n"

@@ -55,6 +55,7 @@ def main(teacher_dir: str, out_dir: str, zero_stage: int, frontend: str, out_jso
     shared = frontend == "shared"
     g = torch.Generator().manual_seed(100 + dist.get_rank())
     audio, lens = torch.randn(2, 16000, generator=g), torch.tensor([16000, 11000])
+    audio = teacher.prepare_input(audio, lens)  # as the trainer does: what teacher and student hear
     features = teacher.cnn(audio) if shared else None
     targets = teacher(audio, lens, features) if shared else teacher(audio, lens)
     mask = length_mask(teacher.frame_lengths(lens), targets[4].shape[1])

@@ -1,15 +1,14 @@
-"""Data throughput: audio seconds delivered per second by one loader worker, raw and fbank, against a bare decode.
+"""Data throughput: audio seconds delivered per second by one loader worker against a bare decode.
 
 Usage:
     python tools/bench/bench_data.py                                   # builds a bench corpus in data/bench-data (once)
     python tools/bench/bench_data.py --index /data/ll-shards/train/index.json --shards 4
     python tools/bench/bench_data.py --trainer-rate 100 --workers 2    # the goal: >= 5x what a rank's trainer consumes
 
-Three loops over the same shards, each in this one process (= one DataLoader worker):
+Two loops over the same shards, each in this one process (= one DataLoader worker):
   bare     read the tars with tarfile and decode every FLAC with soundfile, nothing else
-  raw      istack_ds.data.build_loader(num_workers=0, features=raw): header checks, crop plan,
+  raw      istack_ds.data.build_loader(num_workers=0): header checks, crop plan,
            shuffle buffer, buckets, decode of the cropped frames, padding into a batch tensor
-  fbank    the same with lhotse's 80-bin log-mel fbank added to each batch
 and prints audio seconds per wall second for each, the ratio to `bare` (goal >= 0.7), and
 per rank (x --workers) against --trainer-rate, the audio seconds per second a rank's
 trainer consumes (goal >= 5x). Each loop runs --repeats times; the best run counts
@@ -67,14 +66,13 @@ def bare(paths: list[str]) -> float:
     return seconds
 
 
-def pipeline(index: str, features: str, crop_seconds: float, batch_seconds: float) -> float:
+def pipeline(index: str, crop_seconds: float, batch_seconds: float) -> float:
     from istack_ds.config import DataConfig
     from istack_ds.data.stream import build_loader
 
     data = DataConfig(
         train_index=index,
         num_workers=0,
-        features=features,
         crop_seconds=crop_seconds,
         batch_seconds=batch_seconds,
         shuffle_buffer=1000,
@@ -133,9 +131,8 @@ def main(argv=None) -> int:
     )
     bare(paths)  # warm the page cache
     rows = [("bare", *timed(lambda: bare(paths), args.repeats))]
-    for features in ("raw", "fbank"):
-        run = functools.partial(pipeline, index_path, features, args.crop_seconds, args.batch_seconds)
-        rows.append((features, *timed(run, args.repeats)))
+    run = functools.partial(pipeline, index_path, args.crop_seconds, args.batch_seconds)
+    rows.append(("raw", *timed(run, args.repeats)))
     base = rows[0][1]
     print(
         f"{'loop':6} {'audio s/s':>10} {'x bare':>7} {'per rank (x' + str(args.workers) + ')':>16} "

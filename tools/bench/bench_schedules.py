@@ -44,7 +44,8 @@ def reference_targets(teacher_path: Path, batch: dict) -> dict:
     from istack_ds.models.teacher import Teacher
 
     teacher = Teacher(teacher_path, LossConfig().teacher_layers)
-    audio, lens = batch["audio"], batch["audio_lens"]
+    lens = batch["audio_lens"]
+    audio = teacher.prepare_input(batch["audio"], lens)  # Trainer.held_out_loss prepares the raw batch the same way
     features = teacher.cnn(audio)
     return {**batch, "features": features, "targets": teacher(audio, lens, features)}
 

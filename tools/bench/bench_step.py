@@ -59,6 +59,7 @@ class BareStep:
 
         audio, lens = batch["audio"], batch["audio_lens"]
         t0 = time.perf_counter()
+        audio = self.teacher.prepare_input(audio, lens)  # as Trainer.train_step
         features = self.teacher.cnn(audio) if self.cfg.student.frontend == "shared" else None
         targets = self.teacher(audio, lens, features)
         self.teacher_s += time.perf_counter() - t0

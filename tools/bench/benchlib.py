@@ -71,6 +71,7 @@ def fixed_batches(count: int, utterances: int, seconds: float, seed: int = 0) ->
             "audio": 0.1 * torch.randn(utterances, n, generator=g),
             "audio_lens": torch.full((utterances,), n),
             "seconds": utterances * seconds,
+            "pad_frac": 0.0,  # equal lengths: no padding (the stream's batches carry theirs)
             "cut_ids": [],
         }
         for _ in range(count)

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from istack_ds.data.corpora import BadSource, PreparedCorpus, Skipped
 from istack_ds.data.index import DataError, write_json_atomic
+from istack_ds.data.progress import Ticker
 
 LIBRILIGHT_PARTS = ("small", "medium", "large")
 
@@ -238,9 +239,11 @@ def _write_part_manifests(
                     sups.write(s)
                 n += 1
 
+        ticker = Ticker(f"manifests {part}", "files")  # a line every few seconds on a long walk
         for flac in iter_flacs(corpus_dir / part):  # bounded window of in-flight files, in order
             pending.append((flac, pool.submit(parse_file, corpus_dir, flac)))
             drain(4 * max(1, jobs))
+            ticker.tick(f"{skipped.count} skipped" if skipped.count else "")
         drain(0)
     return n
 

@@ -1,0 +1,21 @@
+"""The subcommands of `istack`: one module each, with its argparse and ``main(argv) -> exit code``.
+
+``COMMANDS`` maps a subcommand to its module here and its one-line summary; :mod:`istack_ds.cli`
+dispatches to them. The scripts in tools/ are three-line wrappers around the same ``main``.
+"""
+
+from __future__ import annotations
+
+#: subcommand -> (module of this package, one-line summary). A module that is not there is not offered.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("train", "train a student (also --print-config, --dry-run); every rank runs this"),
+    "prepare": ("prepare", "LibriLight layout -> lhotse manifests -> VAD-window cuts per split"),
+    "shard": ("shard", "a corpus -> WebDataset shards + index.json per split (resumable)"),
+    "check": ("check", "check every shard of an index: sizes, sha256, decoding, duplicate keys"),
+    "export": ("export", "a checkpoint -> a Hugging Face directory AutoModel loads"),
+    "convert": ("convert", "a checkpoint -> a universal one that resumes on any number of ranks"),
+    "compare": ("compare", "compare runs from their TensorBoard logs: a plot and a table"),
+    "probe": ("probe", "probe a student's layers"),
+    "make-teacher": ("make_teacher", "save a RANDOM teacher with the real HF classes (tests, demo)"),
+    "make-demo-corpus": ("make_demo_corpus", "write a small synthetic corpus in LibriLight layout (demo, tests)"),
+}

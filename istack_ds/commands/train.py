@@ -1,0 +1,301 @@
+"""`istack train` (also `istack-train` and `launchers/train.py`): parse, check, build, train, close.
+
+One machine, 2 CPU ranks (the demo):
+    deepspeed --num_gpus 2 launchers/train.py --config configs/demo.yaml
+One node, 8 GPUs:
+    deepspeed --num_gpus 8 launchers/train.py --config configs/paper_interleaved_eql.yaml
+Four nodes (hostfile lists each node and its slots):
+    deepspeed --num_nodes 4 --num_gpus 8 --hostfile launchers/hostfile.example \\
+        launchers/train.py --config configs/paper_interleaved_eql.yaml
+torchrun works too (free port, good for tests):
+    torchrun --standalone --nproc_per_node 2 launchers/train.py --config configs/demo.yaml
+Any config value can be overridden:  --set optim.total_steps=1000 --set growth.alpha=1
+DeepSpeed options the config does not model:  --set deepspeed.extra.zero_optimization.overlap_comm=true
+
+Before launching (one process, no process group, no launcher):
+    istack train --config configs/demo.yaml --print-config     # resolved YAML + the DeepSpeed JSON
+    istack train --config configs/demo.yaml --dry-run --nodes 4 --ranks-per-node 8
+                                     # every pre-launch check, topology, shards, schedule, memory
+
+Exit codes: 0 done, 2 bad config or input (nothing started), 3 too many non-finite losses
+(a checkpoint was saved), 4 a collective failed (another rank died or stopped answering; the
+message names it), 5 the data stream failed on a rank (every rank stops; the message names it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+from ..config import Config, ConfigError, load_config
+
+
+def build_parser(prog: str = "istack train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.total_steps=1000 (repeatable)",
+    )
+    before = parser.add_mutually_exclusive_group()
+    before.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved YAML and the generated DeepSpeed JSON, then exit (nothing is started)",
+    )
+    before.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run every pre-launch check, print topology, shards per worker, the growth schedule and a memory "
+        "estimate, then exit (nothing is started)",
+    )
+    parser.add_argument(
+        "--nodes", type=int, default=None, help="with --print-config / --dry-run: plan for this many nodes"
+    )
+    parser.add_argument(
+        "--ranks-per-node",
+        type=int,
+        default=None,
+        help="with --print-config / --dry-run: plan for this many ranks per node (default: the launcher's, else 1)",
+    )
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    return parser
+
+
+def parse_args(argv=None, prog: str = "istack train") -> argparse.Namespace:
+    args = build_parser(prog).parse_args(argv)
+    planned = args.nodes is not None or args.ranks_per_node is not None
+    if planned and not (args.print_config or args.dry_run):
+        build_parser(prog).error("--nodes / --ranks-per-node plan a job: use them with --print-config or --dry-run")
+    for name in ("nodes", "ranks_per_node"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            build_parser(prog).error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def _collective_failed(e: RuntimeError) -> bool:
+    text = str(e).lower()
+    return "gloo" in text or "nccl" in text or "timed out" in text or type(e).__name__ == "DistBackendError"
+
+
+@contextlib.contextmanager
+def _planned_topology(args: argparse.Namespace):
+    """--nodes / --ranks-per-node as the launcher variables preflight and the estimates read, while inside."""
+    if args.nodes is None and args.ranks_per_node is None:
+        yield
+        return
+    from ..dist import normalize_launcher_env, topology
+
+    saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    normalize_launcher_env()
+    now = topology()
+    per_node = args.ranks_per_node if args.ranks_per_node is not None else now["ranks_per_node"]
+    nodes = args.nodes if args.nodes is not None else now["nodes"]
+    os.environ.update(WORLD_SIZE=str(nodes * per_node), LOCAL_WORLD_SIZE=str(per_node))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def main(argv=None, prog: str = "istack train") -> int:
+    # No hub access at run time, ever: teachers load from local directories.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = parse_args(argv, prog)
+    try:
+        with _planned_topology(args):
+            cfg = load_config(args.config, args.overrides)
+            if args.print_config:
+                print_config(cfg, args.config)
+                return 0
+            from ..preflight import preflight  # torch: imported once the arguments are known good
+
+            # Bad paths stop the run here, before any process group starts.
+            preflight(cfg)
+            from ..dist import world_size
+            from ..engine import deepspeed_config
+
+            # deepspeed.extra: a conflicting or unknown key stops the run here too.
+            deepspeed_config(cfg, world_size())
+            if args.dry_run:
+                dry_run(cfg, args.config)
+                return 0
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"istack_ds: {e}", file=sys.stderr)
+        return 2
+    return train(cfg)
+
+
+def train(cfg: Config) -> int:
+    """Starts the process group and trains; the exit code says how it ended."""
+    from ..data import DataError
+    from ..dist import init_distributed, rank, setup_logging, unresponsive_ranks
+    from ..trainer import NonFiniteLossError, Trainer
+
+    setup_logging()
+    init_distributed(cfg.deepspeed.dist_timeout_s)
+    setup_logging()  # again: the rank is known only now
+    try:
+        Trainer(cfg).train()
+    except NonFiniteLossError as e:
+        print(f"istack_ds: rank {rank()}: {e}", file=sys.stderr)
+        return 3
+    except DataError as e:  # raised on every rank together, naming the rank whose data failed
+        print(f"istack_ds: rank {rank()}: {e}", file=sys.stderr)
+        return 5
+    except RuntimeError as e:
+        # A peer that died or hangs surfaces here as a failed collective (at the latest after
+        # deepspeed.dist_timeout_s, which every process group has): say so plainly, naming the
+        # rank whose heartbeat stopped, instead of leaving a bare backend trace.
+        # NOTE: under NCCL the watchdog may abort the process first (TORCH_NCCL_ASYNC_ERROR_HANDLING);
+        # the job still stops, with NCCL's own message instead of this one.
+        if _collective_failed(e):
+            print(
+                f"istack_ds: rank {rank()}: a collective failed; {unresponsive_ranks()} "
+                f"(deepspeed.dist_timeout_s={cfg.deepspeed.dist_timeout_s}): {e}",
+                file=sys.stderr,
+            )
+            return 4
+        raise
+    return 0
+
+
+# ---- --print-config ---------------------------------------------------------------------------
+
+
+def print_config(cfg: Config, path: str) -> None:
+    """The resolved YAML (as the run writes config.yaml) and the DeepSpeed JSON of this topology."""
+    import yaml
+
+    from ..dist import topology
+    from ..engine import deepspeed_config
+
+    world = topology()["world_size"]
+    print(f"# resolved config: {path} with its base chain and --set overrides (the run's config.yaml)")
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    print(f"# DeepSpeed JSON on {world} rank(s) (the run's deepspeed.json)")
+    print(json.dumps(deepspeed_config(cfg, world), indent=1))
+
+
+# ---- --dry-run --------------------------------------------------------------------------------
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 1024:.2f} KiB"
+
+
+def shards_per_worker(shards: int, nodes: int, ranks_per_node: int, workers: int) -> list[int]:
+    """How many shards each worker of each rank reads per epoch, as the loader splits them
+    (data/stream.py: every nodes-th shard to a node, every ranks_per_node-th to a rank, every workers-th to a
+    worker)."""
+    order = list(range(shards))
+    return [
+        len(order[node::nodes][local::ranks_per_node][worker::workers])
+        for node in range(nodes)
+        for local in range(ranks_per_node)
+        for worker in range(workers)
+    ]
+
+
+def model_state_bytes(params: int, precision: str, zero_stage: int, world: int) -> dict[str, float]:
+    """Bytes per rank of weights, gradients, fp32 master weights and Adam moments of `params` trainable
+    parameters, partitioned as ZeRO `zero_stage` does over `world` ranks (the ZeRO paper's accounting)."""
+    low = 2 if precision == "bf16" else 4
+    return {
+        "weights": low * params / (world if zero_stage >= 3 else 1),
+        "grads": low * params / (world if zero_stage >= 2 else 1),
+        "fp32 master": 4 * params / world,
+        "adam moments": 8 * params / world,
+    }
+
+
+def student_parameters(cfg: Config, depths: list[int]) -> dict[int, int]:
+    """Trainable parameters of the student at each depth, built on the meta device (no memory, no weights)."""
+    import torch
+
+    from ..models.student import Student
+    from ..models.teacher import read_teacher_info
+
+    info = read_teacher_info(cfg.teacher.path)
+    counts = {}
+    with torch.device("meta"):
+        for depth in depths:
+            student = Student(cfg.student, cfg.loss, info, depth)
+            counts[depth] = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    return counts
+
+
+def dry_run(cfg: Config, path: str) -> None:
+    """Prints what the job would run on (after preflight passed): topology, data split, schedule, memory."""
+    from ..data import check_shard_count, read_index
+    from ..dist import topology
+    from ..growth import Schedule
+
+    topo = topology()
+    world, nodes, per_node = topo["world_size"], topo["nodes"], topo["ranks_per_node"]
+    train = read_index(cfg.data.train_index)
+    workers = check_shard_count(train, world, cfg.data.num_workers, local_world_size=per_node)
+    readers = max(1, workers)
+    print(f"config: {path} -> run `{cfg.run.name}` in {cfg.run.out_dir}")
+    launched = "WORLD_SIZE" in os.environ
+    print(
+        f"topology: {nodes} node(s) x {per_node} rank(s) = {world} rank(s); {cfg.data.num_workers} DataLoader "
+        f"worker(s) per rank (data.num_workers) -> {world * readers} shard readers"
+        + ("" if launched else " (no launcher variables: plan a job with --nodes and --ranks-per-node)")
+    )
+    counts = shards_per_worker(len(train.shards), nodes, per_node, readers)
+    print(
+        f"train: {len(train.shards)} shards, {train.seconds / 3600:.2f} h in {train.path}; shards per worker and "
+        f"epoch: {min(counts)}..{max(counts)}; {cfg.data.batch_seconds:g} s of audio per rank and micro-batch"
+    )
+    if cfg.data.valid_index:
+        valid = read_index(cfg.data.valid_index)
+        per_rank = shards_per_worker(len(valid.shards), nodes, per_node, 1)
+        print(f"valid: {len(valid.shards)} shards in {valid.path}; shards per rank: {min(per_rank)}..{max(per_rank)}")
+    else:
+        print("valid: none (data.valid_index is null)")
+
+    schedule = Schedule.from_config(cfg.growth, cfg.optim.total_steps)
+    g = cfg.growth
+    how = f"boundaries {g.boundaries}" if g.boundaries is not None else f"alpha {g.alpha:g}"
+    print(f"growth schedule: operator {g.operator}, {how}, {cfg.optim.total_steps} steps")
+    print(f"  {'stage':>5}  {'depth':>5}  {'first step':>10}  {'steps':>8}")
+    ends = [*schedule.boundaries, schedule.total_steps]
+    for i, (depth, start, end) in enumerate(zip(schedule.depths, schedule.starts, ends)):
+        print(f"  {i + 1:>5}  {depth:>5}  {start:>10}  {end - start:>8}")
+
+    ds = cfg.deepspeed
+    params = student_parameters(cfg, schedule.depths)
+    print(
+        f"memory estimate per rank, model states only (weights, gradients, fp32 master weights, Adam moments; "
+        f"no activations, teacher, buffers or allocator overhead): {ds.precision}, ZeRO {ds.zero_stage} on "
+        f"{world} rank(s)"
+    )
+    names = list(model_state_bytes(0, ds.precision, ds.zero_stage, world))
+    print(f"  {'depth':>5}  {'params':>12}  " + "  ".join(f"{n:>12}" for n in [*names, "total"]))
+    for depth, n in params.items():
+        parts = model_state_bytes(n, ds.precision, ds.zero_stage, world)
+        cells = "  ".join(f"{_size(v):>12}" for v in [*parts.values(), sum(parts.values())])
+        print(f"  {depth:>5}  {n:>12,}  {cells}")
+    print("dry run: every pre-launch check passed; nothing was started")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

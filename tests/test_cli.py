@@ -1,0 +1,155 @@
+"""The command line (issue 15 item 3): the `istack` and `istack-train` console scripts, `istack train
+--print-config` and `--dry-run` without any process group, and `deepspeed.extra` merged into the DeepSpeed JSON,
+its conflicts and typos refused before launch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from istack_ds import cli
+from istack_ds.commands import COMMANDS
+from istack_ds.config import ConfigError, load_config
+from istack_ds.engine import deepspeed_config
+from istack_ds.models.teacher import make_random_teacher
+from tests.helpers import ROOT, child_env
+
+BIN = Path(sys.executable).parent
+DEMO = str(ROOT / "configs/demo.yaml")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return make_random_teacher(tmp_path_factory.mktemp("teacher") / "hubert", size="tiny")
+
+
+def demo_args(teacher_dir, demo_shards, tmp_path, *sets: str) -> list[str]:
+    args = ["--config", DEMO]
+    for s in (
+        f"run.out_dir={tmp_path / 'run'}",
+        f"teacher.path={teacher_dir}",
+        f"data.train_index={demo_shards / 'train/index.json'}",
+        f"data.valid_index={demo_shards / 'valid/index.json'}",
+        *sets,
+    ):
+        args += ["--set", s]
+    return args
+
+
+@pytest.mark.parametrize("script", ["istack", "istack-train"])
+def test_console_scripts_installed_and_answer_help(script):
+    """`pip install -e .` installs both scripts; `istack --help` lists every command."""
+    proc = subprocess.run([str(BIN / script), "--help"], capture_output=True, text=True, env=child_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    if script == "istack":
+        for name in cli.available():
+            assert name in proc.stdout
+    else:
+        assert "--print-config" in proc.stdout and "--dry-run" in proc.stdout
+
+
+def test_every_command_answers_help(capsys):
+    available = cli.available()
+    assert set(COMMANDS) - set(available) <= {"probe"}  # the slot for `istack probe`
+    for name in available:
+        with pytest.raises(SystemExit) as e:
+            cli.istack([name, "--help"])
+        assert e.value.code == 0, name
+        assert "usage:" in capsys.readouterr().out, name
+    with pytest.raises(SystemExit) as e:
+        cli.istack(["nonsense"])
+    assert e.value.code == 2
+
+
+def test_tool_scripts_are_the_commands():
+    """tools/<x>.py runs `istack <x>`'s main (the README's `python tools/...` commands keep working)."""
+    for tool, module in [
+        ("check_shards", "check"),
+        ("shard_corpus", "shard"),
+        ("prepare_librilight", "prepare"),
+        ("export_student", "export"),
+        ("convert_checkpoint", "convert"),
+        ("make_teacher", "make_teacher"),
+        ("make_demo_corpus", "make_demo_corpus"),
+    ]:
+        text = (ROOT / "tools" / f"{tool}.py").read_text()
+        assert f"from istack_ds.commands.{module} import main" in text and "sys.path" not in text, tool
+
+
+def test_print_config_prints_the_resolved_yaml_and_the_deepspeed_json(tmp_path, capsys):
+    argv = ["train", "--config", DEMO, "--set", "optim.total_steps=90", "--print-config", "--nodes", "2"]
+    argv += ["--ranks-per-node", "4", "--set", "deepspeed.extra.zero_optimization.overlap_comm=true"]
+    assert cli.istack(argv) == 0
+    out = capsys.readouterr().out
+    head, _, ds_json = out.partition("# DeepSpeed JSON on 8 rank(s)")
+    cfg = load_config(DEMO, ["optim.total_steps=90", "deepspeed.extra.zero_optimization.overlap_comm=true"])
+    assert yaml.safe_load(head) == cfg.to_dict()
+    ds = json.loads(ds_json.split("\n", 1)[1])
+    assert ds == deepspeed_config(cfg, 8)
+    assert ds["train_batch_size"] == 8 and ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert not (tmp_path / "run").exists() and not torch.distributed.is_initialized()
+
+
+def test_dry_run_checks_and_prints_the_plan_without_a_process_group(teacher_dir, demo_shards, tmp_path, capsys):
+    argv = demo_args(teacher_dir, demo_shards, tmp_path, "data.num_workers=1", "optim.total_steps=30")
+    assert cli.istack(["train", *argv, "--dry-run", "--nodes", "1", "--ranks-per-node", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "topology: 1 node(s) x 2 rank(s) = 2 rank(s)" in out
+    assert "shards per worker and epoch: 4..4" in out  # 8 training shards over 2 ranks x 1 worker
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert rows[:3] == [["1", "2", "0", "10"], ["2", "4", "10", "10"], ["3", "8", "20", "10"]]  # EQL over 30 steps
+    assert "model states only" in out and "fp32, ZeRO 2 on 2 rank(s)" in out
+    memory = {int(r[0]): int(r[1].replace(",", "")) for r in rows[3:]}
+    assert sorted(memory) == [2, 4, 8] and memory[2] < memory[4] < memory[8]
+    assert not (tmp_path / "run").exists() and not torch.distributed.is_initialized()
+
+    # a check that needs the data stops the dry run like the run: 2 nodes x 8 ranks need more shards
+    argv = demo_args(teacher_dir, demo_shards, tmp_path, "data.valid_index=null")
+    assert cli.istack(["train", *argv, "--dry-run", "--nodes", "2", "--ranks-per-node", "8"]) == 2
+    assert "(2 node(s) x 8 ranks x 1 workers each read their own shards)" in capsys.readouterr().err
+
+
+def test_deepspeed_extra_is_merged_and_checked():
+    cfg = load_config(
+        DEMO,
+        [
+            "deepspeed.extra={zero_optimization: {overlap_comm: true, reduce_bucket_size: 5.0e+7}, "
+            "communication_data_type: fp32, flops_profiler: {enabled: true, profile_step: 3}}",
+            "deepspeed.extra.zero_optimization.stage=2",  # the same value as deepspeed.zero_stage: allowed
+        ],
+    )
+    ds = deepspeed_config(cfg, 2)
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 5.0e7}
+    assert ds["flops_profiler"] == {"enabled": True, "profile_step": 3} and ds["communication_data_type"] == "fp32"
+    assert ds["train_batch_size"] == 2 and ds["gradient_accumulation_steps"] == 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("zero_optimization.overlap_com=true", r"overlap_com\n.*Extra inputs are not permitted"),
+        ("flops_profiler={enabled: true, profile_stp: 1}", r"does not know the key `flops_profiler\.profile_stp`"),
+        ("flops_profilr={enabled: true}", r"does not know the key `flops_profilr`"),
+        ("zero_optimization.stage=3", r"extra\.zero_optimization\.stage=3 conflicts .*deepspeed\.zero_stage"),
+        ("bf16.enabled=true", r"deepspeed\.extra\.bf16\.enabled=True conflicts .*deepspeed\.precision"),
+        ("train_batch_size=64", r"deepspeed\.extra\.train_batch_size=64 conflicts"),
+        ("optimizer={type: Adam}", r"deepspeed\.extra\.optimizer=.* conflicts .*optim section"),
+    ],
+)
+def test_deepspeed_extra_refuses_typos_and_conflicts(extra, message):
+    cfg = load_config(DEMO, [f"deepspeed.extra.{extra}"])
+    with pytest.raises(ConfigError, match=message):
+        deepspeed_config(cfg, 2)
+
+
+def test_a_bad_extra_stops_train_before_any_process_group(teacher_dir, demo_shards, tmp_path, capsys):
+    argv = demo_args(teacher_dir, demo_shards, tmp_path, "deepspeed.extra.zero_optimization.overlap_com=true")
+    assert cli.main(argv) == 2
+    assert "overlap_com" in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()
