@@ -333,3 +333,25 @@ def gather_all(obj) -> list:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def run_on_main(key: str, fn, wait_s: float) -> str:
+    """Rank 0 runs `fn` (which returns "" or an error message); every rank returns rank 0's result.
+
+    The other ranks wait on the job's store, for up to `wait_s`, not in a collective: a long
+    single-process job (a checkpoint conversion) must not run into deepspeed.dist_timeout_s.
+    `key` names this job in the store (unique per job).
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    store = dist.distributed_c10d._get_default_store()
+    key = f"istack/run_on_main/{key}"
+    if rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 -- every rank must hear how it ended
+            result = f"{type(e).__name__}: {e}"
+        store.set(key, result)
+        return result
+    store.wait([key], datetime.timedelta(seconds=wait_s))
+    return store.get(key).decode()

@@ -270,7 +270,9 @@ class Metrics:
     `resume_step`: the step of the checkpoint the run resumed from, None for a fresh run. Events at
     later steps (what the resumed run logs again) are purged: TensorBoard's ``purge_step`` is
     ``resume_step + 1``; a fresh run purges from step 0, hiding what an earlier run left in the
-    same directory. Events at the checkpoint's step were written before it was saved and stay.
+    same directory. Events at the checkpoint's step (and before) were written before it was saved
+    and stay; what the resumed run would log at those steps again (the model line at start, a
+    growth re-done at the resume step) is not written, so TensorBoard and the CSVs hold each step once.
     """
 
     def __init__(
@@ -346,6 +348,8 @@ class Metrics:
         self.writer.add_custom_scalars(CUSTOM_SCALARS)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
+        if step < self.purge_step:  # logged before the checkpoint this run resumed from
+            return
         if self.writer is not None:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
@@ -355,7 +359,7 @@ class Metrics:
                 monitor.write_events(events)
 
     def text(self, tag: str, text: str, step: int) -> None:
-        if self.writer is not None:
+        if self.writer is not None and step >= self.purge_step:
             self.writer.add_text(tag, text, step)
 
     def progress(self, step: int) -> None:

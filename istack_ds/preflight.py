@@ -80,7 +80,7 @@ def check_resume(cfg: Config) -> None:
         check_compatible,
         check_depth,
         gradient_accumulation_for,
-        read_meta,
+        verify,
     )
     from .growth import Schedule
 
@@ -88,10 +88,15 @@ def check_resume(cfg: Config) -> None:
     if resume == "none":
         return
     if resume == "auto":
-        latest = Checkpointer(Path(cfg.run.out_dir) / "checkpoints", cfg.checkpoint.keep).latest(world_size())
-        if latest is None:
+        good, notes = Checkpointer(Path(cfg.run.out_dir) / "checkpoints", cfg.checkpoint.keep).candidates(world_size())
+        if notes and not good:
+            raise ConfigError(
+                f"checkpoint.resume=auto: no checkpoint verifies ({'; '.join(notes)}); to start the run over, set "
+                "checkpoint.resume=none (the old checkpoints are then set aside, not deleted)"
+            )
+        if not good:
             return
-        path = latest
+        path = good[0]
     else:
         path = Path(resume)
         if not path.is_dir():
@@ -100,7 +105,7 @@ def check_resume(cfg: Config) -> None:
                 "checkpoint directory (<out_dir>/checkpoints/stepNNNNNNNN)"
             )
     try:
-        meta = read_meta(path)
+        meta = verify(path)  # the marker, and every file it lists at its size
         check_compatible(meta, cfg.to_dict(), path)
         check_depth(meta, Schedule.from_config(cfg.growth, cfg.optim.total_steps).depth_at(meta["step"]), path)
         gradient_accumulation_for(meta, world_size(), cfg.deepspeed.gradient_accumulation)

@@ -42,6 +42,7 @@ from .dist import (
     is_main,
     log0,
     rank,
+    run_on_main,
     topology,
     world_size,
 )
@@ -53,6 +54,9 @@ from .models.losses import distilhubert_loss, l2l_loss
 from .models.sfm import length_mask, receptive_field
 from .models.student import LAYER_PREFIX, Student, init_student
 from .models.teacher import Teacher
+
+#: How long the other ranks wait for rank 0 to convert a checkpoint of another world size.
+CONVERT_WAIT_S = 6 * 3600
 
 
 class NonFiniteLossError(RuntimeError):
@@ -145,10 +149,15 @@ class Trainer:
         resume = self.cfg.checkpoint.resume
         plan = None
         if is_main():
-            plan = self._candidates(resume)
-        paths, notes = broadcast_from_main(plan)
+            try:
+                plan = (*self._candidates(resume), "")
+            except (CheckpointError, OSError) as e:  # raised on every rank below, not on rank 0 alone
+                plan = ([], [], str(e))
+        paths, notes, error = broadcast_from_main(plan)
         for note in notes:
             log0("checkpoint: %s", note)
+        if error:
+            raise CheckpointError(error)
         failures = []
         for candidate in map(Path, paths):
             meta = read_meta(candidate)
@@ -183,6 +192,13 @@ class Trainer:
             return [], []
         if resume == "auto":
             good, notes = self.checkpointer.candidates(world_size())
+            if notes and not good:
+                # NOTE: never a silent restart from step 0 over a run's checkpoints (and its TensorBoard history)
+                raise CheckpointError(
+                    "no checkpoint in "
+                    f"{self.checkpointer.dir} verifies ({'; '.join(notes)}); to start the run over, set "
+                    "checkpoint.resume=none (the old checkpoints are then set aside, not deleted)"
+                )
             return [str(p) for p in good], notes
         verify(resume)  # an explicit choice: no fallback, the error names what is wrong with it
         return [resume], []
@@ -194,16 +210,16 @@ class Trainer:
         log0(
             "checkpoint %s was saved by %d rank(s), this run has %d: converting", path, meta["world_size"], world_size()
         )
-        error = ""
-        if is_main():
-            try:
-                convert_to_universal(path, log=lambda msg: log0("%s", msg))
-            except CheckpointError as e:
-                error = str(e)
-        # NOTE: the other ranks wait here, bounded by deepspeed.dist_timeout_s.
-        errors = [e for e in gather_all(error) if e]
-        if errors:
-            raise CheckpointError(errors[0])
+
+        def convert() -> str:
+            convert_to_universal(path, log=lambda msg: log0("%s", msg))
+            return ""
+
+        # NOTE: the other ranks wait on the store (up to CONVERT_WAIT_S), not in a collective bounded by
+        # deepspeed.dist_timeout_s: converting a large model takes longer.
+        error = run_on_main(f"convert:{path}", convert, CONVERT_WAIT_S)
+        if error:
+            raise CheckpointError(f"converting {path} failed: {error}")
         return universal_path(path)
 
     def _build(self, meta: dict | None) -> None:
@@ -258,10 +274,12 @@ class Trainer:
         self.nonfinite_total = meta.get("nonfinite_steps", 0)
         if rank_state is not None:  # rank files written before the loader kept its own state hold its keys at the top
             self.loader.load_state_dict(rank_state.get("data", rank_state))
-            # NOTE: a collective on every rank: where the position was not used, all ranks restart at one epoch.
-            restart = min(gather_all(self.loader.restart_epoch if self.loader.restart_epoch is not None else -1))
-            if restart >= 0 and not self.loader.resumed:
-                self.loader.start_at_epoch(restart, self.loader.position_note)
+            # NOTE: a collective on every rank. A position is used on every rank or on none: if any rank
+            # restarts its stream, every rank restarts at the lowest epoch the restarting ranks keep.
+            restarts = [e for e in gather_all(self.loader.restart_epoch) if e is not None]
+            if restarts and (self.loader.resumed or self.loader.restart_epoch != min(restarts)):
+                note = self.loader.position_note or "another rank's data position could not be used"
+                self.loader.start_at_epoch(min(restarts), f"{note} (every rank restarts at epoch {min(restarts)})")
             data_note = self.loader.position_note or "resumed at the saved position"
         else:  # another world size: fresh per-rank randomness; the shard assignment changed
             seed_everything(self.cfg.run.seed + 1000 * rank() + self.step)
@@ -290,7 +308,7 @@ class Trainer:
             )
         log0("data: %s", data_note)
         planned = self.schedule.depth_at(self.step)
-        if planned > self.student.depth:
+        if planned > self.student.depth and planned != self._saved_plan(meta):
             log0(
                 "schedule re-planned: the checkpoint has depth %d at step %d, this config's schedule has depth %d "
                 "there; growing before the next step",
@@ -298,6 +316,18 @@ class Trainer:
                 self.step,
                 planned,
             )
+
+    def _saved_plan(self, meta: dict) -> int | None:
+        """The depth the checkpoint's own schedule has at its step (None when its config no longer loads).
+
+        A checkpoint saved at a growth boundary before that growth is behind its own schedule too:
+        only a depth that differs from this one is a re-plan.
+        """
+        try:
+            saved = Config.from_dict(meta["config"])
+            return Schedule.from_config(saved.growth, saved.optim.total_steps).depth_at(meta["step"])
+        except (KeyError, TypeError, ValueError):
+            return None
 
     # ---- the loop --------------------------------------------------------------------
 

@@ -29,14 +29,15 @@ def teacher_dir(tmp_path_factory):
     return make_random_teacher(tmp_path_factory.mktemp("teacher") / "hubert", size="tiny")
 
 
-#: Two shards a group: each rank's epoch (4 shards) has two groups, so a checkpoint can fall inside a group.
-GROUPS = "data.interleave_shards=2"
+#: Two shards a group: each rank's epoch (4 shards) has two groups, so a checkpoint can fall inside a group;
+#: dropout on, so every resume must give back each rank's RNG exactly.
+RESUMABLE = ("data.interleave_shards=2", "student.dropout=0.1")
 
 
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory, teacher_dir, demo_shards):
     out = tmp_path_factory.mktemp("unbroken")
-    torchrun(ROOT / "launchers/train.py", *run_args(out, teacher_dir, demo_shards, GROUPS), timeout=400)
+    torchrun(ROOT / "launchers/train.py", *run_args(out, teacher_dir, demo_shards, *RESUMABLE), timeout=400)
     return out
 
 
@@ -143,7 +144,7 @@ def test_kill9_at_a_seeded_random_step_then_resume_ends_with_the_unbroken_runs_w
     tmp_path, teacher_dir, demo_shards, unbroken
 ):
     out = tmp_path / "run"
-    args = run_args(out, teacher_dir, demo_shards, GROUPS)
+    args = run_args(out, teacher_dir, demo_shards, *RESUMABLE)
     # Checkpoints at steps 3, 5 (growth), 6, 9 (growth), 12; growth boundaries after steps 4 and 8.
     seed = int(os.environ.get("ISTACK_TEST_SEED", random.randrange(2**31)))
     step = random.Random(seed).randint(4, TOTAL - 1)
@@ -154,13 +155,29 @@ def test_kill9_at_a_seeded_random_step_then_resume_ends_with_the_unbroken_runs_w
     assert_same_course(out, unbroken)
     assert_no_shard_skipped(out, unbroken, demo_shards)
     assert_same_weights_and_moments(out, unbroken)
+    assert_tensorboard_shows_the_run_once(out)
+
+
+def assert_tensorboard_shows_the_run_once(out):
+    """What `tensorboard --logdir out/tb` shows of a resumed run: each step once (purge_step), hparams, the config."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata as hp
+
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == list(range(1, TOTAL + 1)), steps
+    start = hp.parse_session_start_info_plugin_data(acc.PluginTagToContent(hp.PLUGIN_NAME)[hp.SESSION_START_INFO_TAG])
+    assert start.hparams["optim.total_steps"].number_value == TOTAL
+    assert any(tag.startswith("config/yaml") for tag in acc.Tags()["tensors"]), acc.Tags()["tensors"]
+    assert json.loads((out / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
 
 
 def test_one_rank_crashing_in_the_middle_of_a_save_resumes_inside_a_shard_group_on_the_unbroken_course(
     tmp_path, teacher_dir, demo_shards, unbroken
 ):
     out = tmp_path / "run"
-    args = run_args(out, teacher_dir, demo_shards, GROUPS)
+    args = run_args(out, teacher_dir, demo_shards, *RESUMABLE)
     # rank 1 dies in the save of step 9, after DeepSpeed wrote its partition, before its rank file; rank 0 is
     # left waiting in the save's barrier
     crashed = torchrun(
@@ -203,7 +220,7 @@ def test_a_corrupt_newest_checkpoint_is_reported_and_the_previous_one_resumes(
     # step 12: rank 1's partition cut short (fails verification before anything loads)
     part = out / "checkpoints/step00000012/zero_pp_rank_1_mp_rank_00_optim_states.pt"
     part.write_bytes(part.read_bytes()[:100])
-    resumed = torchrun(ROOT / "launchers/train.py", *run_args(out, teacher_dir, demo_shards, GROUPS), timeout=400)
+    resumed = torchrun(ROOT / "launchers/train.py", *run_args(out, teacher_dir, demo_shards, *RESUMABLE), timeout=400)
     assert "step00000014 did not load" in resumed.stderr, resumed.stderr[-3000:]
     assert (
         "passed over" in resumed.stderr and "zero_pp_rank_1_mp_rank_00_optim_states.pt has 100 bytes" in resumed.stderr
@@ -221,7 +238,7 @@ def test_a_resume_from_an_older_checkpoint_starts_a_new_timeline(tmp_path, teach
     """
     out = tmp_path / "run"
     copy_run(unbroken, out)
-    args = run_args(out, teacher_dir, demo_shards, GROUPS, "optim.lr=1e-3", "growth.boundaries=[2,5]")
+    args = run_args(out, teacher_dir, demo_shards, *RESUMABLE, "optim.lr=1e-3", "growth.boundaries=[2,5]")
     resumed = torchrun(
         ROOT / "launchers/train.py", *args, "--set", f"checkpoint.resume={out}/checkpoints/step00000006", timeout=400
     )
@@ -242,7 +259,9 @@ def test_a_resume_from_an_older_checkpoint_starts_a_new_timeline(tmp_path, teach
 def test_a_run_on_another_world_size_converts_and_resumes_by_itself(tmp_path, teacher_dir, demo_shards, unbroken):
     out = tmp_path / "run"
     copy_run(unbroken, out, drop=(12, 14))
-    one = torchrun(ROOT / "launchers/train.py", *run_args(out, teacher_dir, demo_shards, GROUPS), nproc=1, timeout=400)
+    one = torchrun(
+        ROOT / "launchers/train.py", *run_args(out, teacher_dir, demo_shards, *RESUMABLE), nproc=1, timeout=400
+    )
     log = one.stderr
     assert "saved by 2 rank(s), this run has 1: converting" in log, log[-3000:]
     assert "global batch is kept with gradient accumulation 2" in log

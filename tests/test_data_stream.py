@@ -12,6 +12,7 @@ from itertools import islice
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from istack_ds.config import ConfigError, DataConfig, load_config
 from istack_ds.data.index import DataError, read_index
@@ -260,11 +261,12 @@ def test_resume_two_ranks_two_workers_gloo(demo_shards):
     assert any(p["batches_in_group"] for r in per_rank for p in r["position"].values()), "saved inside a group (K)"
     for rank, r in enumerate(per_rank):
         assert sorted(r["position"]) == ["0", "1"]
-        assert r["state"] == {**r["binding"], "positions": r["position"]}, "the loader kept what its batches said"
+        assert r["state"] == {**r["binding"], "positions": r["position"], "next_worker": 1}, "what its batches said"
         assert (r["binding"]["rank"], r["binding"]["world_size"], r["binding"]["num_workers"]) == (rank, 2, 2)
         assert r["resumed"] and r["note"] == ""
         for w, full in r["full_by_worker"].items():
             assert r["first_by_worker"][w] + r["after_by_worker"][w] == full, f"rank {rank} worker {w}"
+        assert r["order"] == r["full_order"], f"rank {rank}: the order across workers"
 
 
 def test_resume_two_workers_in_groups_of_two(demo_shards):
@@ -286,7 +288,7 @@ def test_resume_two_workers_in_groups_of_two(demo_shards):
     # (K, seed): one worker saved inside its first group, the other at the end of it
     assert sorted((p["shards_done"], p["batches_in_group"] > 0) for p in position.values()) == [(0, True), (2, False)]
     state = json.loads(json.dumps(loader.state_dict()))
-    assert state == {**loader.binding(), "positions": position}
+    assert state == {**loader.binding(), "positions": position, "next_worker": 0}
     resumed = build_loader(data, data.train_index, rank=0, world_size=1, seed=4, epochs=1)
     resumed.load_state_dict(state)
     assert resumed.resumed and resumed.position_note == ""
@@ -295,6 +297,47 @@ def test_resume_two_workers_in_groups_of_two(demo_shards):
         got = before[w] + after[w]
         assert [c for c, _ in got] == [c for c, _ in full[w]], f"worker {w}"
         assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, full[w])), f"worker {w}: same crops"
+
+
+def test_a_resume_after_an_odd_number_of_batches_keeps_the_order_across_workers(demo_shards):
+    """The DataLoader serves workers in turn from worker 0: a resumed stream must go on with the worker after the
+    last one taken, or every pair of batches after the resume is swapped."""
+    index = demo_shards / "train" / "index.json"
+    data = config(index, num_workers=2, interleave_shards=2, batch_seconds=2.0, shuffle_buffer=4)
+    unbroken = build_loader(data, data.train_index, rank=0, world_size=1, seed=4)
+    full = [(b["worker"], b["cut_ids"]) for b in islice(unbroken, 12)]
+    loader = build_loader(data, data.train_index, rank=0, world_size=1, seed=4)
+    first = [(b["worker"], b["cut_ids"]) for b in islice(loader, 3)]
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert state["next_worker"] == 1
+    resumed = build_loader(data, data.train_index, rank=0, world_size=1, seed=4)
+    resumed.load_state_dict(state)
+    after = [(b["worker"], b["cut_ids"]) for b in islice(resumed, 9)]
+    assert first + after == full
+
+
+def test_a_save_before_every_worker_handed_out_a_batch_keeps_every_position(demo_shards):
+    index = demo_shards / "train" / "index.json"
+    data = config(index, num_workers=2, interleave_shards=2, batch_seconds=2.0, shuffle_buffer=4)
+    loader = build_loader(data, data.train_index, rank=0, world_size=1, seed=4)
+    next(iter(loader))  # worker 0's first batch only
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert sorted(state["positions"]) == ["0", "1"] and state["positions"]["1"]["shards_done"] == 0
+    resumed = build_loader(data, data.train_index, rank=0, world_size=1, seed=4)
+    resumed.load_state_dict(state)
+    assert resumed.resumed and resumed.position_note == ""
+
+
+def test_iterating_the_loader_leaves_the_global_torch_rng_alone(demo_shards):
+    """A resume restores the RNG, then makes the iterator: a draw there would change every dropout mask after."""
+    index = demo_shards / "train" / "index.json"
+    data = config(index, num_workers=0)
+    loader = build_loader(data, data.train_index, rank=0, world_size=1, seed=4)
+    torch.manual_seed(0)
+    want = torch.rand(1).item()
+    torch.manual_seed(0)
+    iter(loader)
+    assert torch.rand(1).item() == want
 
 
 def test_interleaved_shards_mix_in_a_batch_and_every_cut_comes_once(demo_shards):
@@ -420,7 +463,9 @@ def test_state_dict_load_state_dict_and_the_old_rank_file(demo_shards):
     full, states = [], []
     run = loader()
     binding = run.binding()
-    assert run.state_dict() == {**binding, "positions": {}}
+    start = {"worker": 0, "epoch": 0, "shards_done": 0, "batches_in_group": 0}
+    assert run.state_dict() == {**binding, "positions": {"0": {**run.state_dict()["positions"]["0"], **start}},
+                                "next_worker": 0}  # fmt: skip
     assert binding == {
         "index": read_index(data.train_index).digest,
         "seed": 9,
@@ -442,7 +487,7 @@ def test_state_dict_load_state_dict_and_the_old_rank_file(demo_shards):
         full.append(batch)
         states.append(json.loads(json.dumps(run.state_dict())))
     for j in (0, len(full) // 2, len(full) - 2):
-        assert states[j] == {**binding, "positions": {"0": full[j]["position"]}}
+        assert states[j] == {**binding, "positions": {"0": full[j]["position"]}, "next_worker": 0}
         old = {"num_workers": 0, "positions": states[j]["positions"]}
         older = {"data_position": states[j]["positions"], "num_workers": 0}
         for state in (states[j], old, older):
@@ -456,7 +501,11 @@ def test_state_dict_load_state_dict_and_the_old_rank_file(demo_shards):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         other.load_state_dict({"num_workers": 2, "positions": states[3]["positions"]})
-    assert not other.resumed and other.state_dict()["positions"] == {} and other.restart_epoch == 0
+    assert not other.resumed and other.restart_epoch == 0
+    assert {k: other.state_dict()["positions"]["0"][k] for k in ("epoch", "shards_done")} == {
+        "epoch": 0,
+        "shards_done": 0,
+    }
     assert other.position_note.startswith("data.num_workers 2 -> 0 ") and "starts at epoch 0" in other.position_note
     assert same_batches(list(other), full)
 

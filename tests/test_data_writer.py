@@ -322,3 +322,18 @@ def test_check_shards_names_duplicate_keys_across_shards(demo_shards, tmp_path, 
         for key in keys:
             assert f"BAD {copy}: {key}: duplicate key, first in {tmp_path / 'valid' / 'shard-000000.tar'}" in out
         assert f"{len(keys)} duplicate keys, {len(keys)} bad" in out
+
+
+def test_ticker_prints_counts_rate_and_eta_at_the_end():
+    """The progress line of check_shards and manifest preparation."""
+    import io
+
+    from istack_ds.data.progress import Ticker
+
+    stream = io.StringIO()
+    ticker = Ticker("check", "shards", total=3, stream=stream, every=1e9)
+    for _ in range(3):
+        ticker.tick("1 bad")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("check: 3/3 shards, ") and "ETA 00:00:00" in lines[0]
+    assert lines[0].endswith(", 1 bad")

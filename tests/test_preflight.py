@@ -140,3 +140,18 @@ def test_student_conv_dim_must_match_the_teacher_cnn(teacher_dir, demo_shards):
     with pytest.raises(ConfigError, match=r"student\.conv_dim=\[16, 16, 16, 16, 16, 16\] has 6 conv layers") as e:
         preflight(demo_config(teacher_dir, demo_shards, "student.conv_dim=[16,16,16,16,16,16]"))
     assert str(teacher_dir) in str(e.value)
+
+
+def test_auto_refuses_to_start_over_when_no_checkpoint_verifies(tmp_path, teacher_dir, demo_shards):
+    """A requeued job whose only checkpoints are damaged must not silently restart from step 0."""
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints" / "step00000150"
+    ckpt.mkdir(parents=True)
+    (ckpt / "rank0.pt").write_bytes(b"cut short")
+    config = demo_config(teacher_dir, demo_shards).to_dict()
+    meta = {"step": 150, "depth": 4, "config": config, "world_size": 1, "files": {"rank0.pt": 4096}}
+    (ckpt / "istack_meta.json").write_text(json.dumps(meta))
+    for resume in ("auto", str(ckpt)):
+        with pytest.raises(ConfigError, match=r"rank0\.pt has 9 bytes, the marker lists 4096"):
+            preflight(demo_config(teacher_dir, demo_shards, f"run.out_dir={out}", f"checkpoint.resume={resume}"))
+    preflight(demo_config(teacher_dir, demo_shards, f"run.out_dir={out}", "checkpoint.resume=none"))

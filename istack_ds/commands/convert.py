@@ -5,8 +5,8 @@ Usage (`python tools/convert_checkpoint.py` takes the same arguments):
     istack convert CKPT_DIR --out runs/demo/checkpoints/step00000200_universal
 
 A run does this by itself when it resumes on another world size (rank 0 converts, the
-others wait); convert beforehand when the conversion of a large model would take longer
-than ``deepspeed.dist_timeout_s``. Then resume on the new world size as usual (the global
+others wait on the job's store for up to 6 h); converting beforehand keeps the GPUs of a
+large job from idling meanwhile. Then resume on the new world size as usual (the global
 batch is kept: gradient accumulation becomes old_ranks x old_accumulation / new_ranks,
 and is reported).
 

@@ -19,7 +19,8 @@ Before launching (one process, no process group, no launcher):
 
 Exit codes: 0 done, 2 bad config or input (nothing started), 3 too many non-finite losses
 (a checkpoint was saved), 4 a collective failed (another rank died or stopped answering; the
-message names it), 5 the data stream failed on a rank (every rank stops; the message names it).
+message names it), 5 the data stream failed on a rank (every rank stops; the message names it),
+6 no checkpoint to resume could be used (every rank stops; the message says why for each).
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ def main(argv=None, prog: str = "istack train") -> int:
 
 def train(cfg: Config) -> int:
     """Starts the process group and trains; the exit code says how it ended."""
+    from ..checkpoint import CheckpointError
     from ..data import DataError
     from ..dist import init_distributed, rank, setup_logging, unresponsive_ranks
     from ..trainer import NonFiniteLossError, Trainer
@@ -157,6 +159,9 @@ def train(cfg: Config) -> int:
     except DataError as e:  # raised on every rank together, naming the rank whose data failed
         print(f"istack_ds: rank {rank()}: {e}", file=sys.stderr)
         return 5
+    except CheckpointError as e:  # raised on every rank together: no checkpoint to resume can be used
+        print(f"istack_ds: rank {rank()}: {e}", file=sys.stderr)
+        return 6
     except RuntimeError as e:
         # A peer that died or hangs surfaces here as a failed collective (at the latest after
         # deepspeed.dist_timeout_s, which every process group has): say so plainly, naming the

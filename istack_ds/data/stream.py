@@ -81,7 +81,7 @@ import io
 import math
 import random
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -141,21 +141,46 @@ class ShardLoader(torch.utils.data.DataLoader):
         super().__init__(dataset, **kwargs)
         self._positions: dict[str, dict] = {}  # str(worker) -> its latest batch["position"]
         self._latest: dict[int, dict] = {}  # worker -> its latest epoch / shards_done / skipped
+        self._next_worker = 0  # whose batch the caller takes next (the DataLoader serves workers in turn)
+        self._first_worker = 0  # whose batch comes first from this iterator (a resume goes on where it was)
 
     def __iter__(self) -> Iterator[dict]:  # type: ignore[override]  # batches, noted on the way
-        # NOTE: the DataLoader iterator is made here, not at the first batch: it draws its base seed
-        # from the global torch RNG, and a training run's RNG stream must not move.
+        # NOTE: the DataLoader draws its base seed from the loader's own generator (build_loader), never
+        # from the global torch RNG, so iterating does not move a training run's RNG stream.
         return self._noted(super().__iter__())
 
     def _noted(self, batches) -> Iterator[dict]:
+        """The DataLoader's batches in the order an uninterrupted iterator would have given them.
+
+        The DataLoader serves its workers in turn from worker 0; a resumed stream must go on from
+        the worker after the last one taken, so the batches of workers before it are held back
+        (at most one each) until their turn. Finite streams end by handing out what is held.
+        """
+        n = max(1, self.num_workers)
+        expected = self._first_worker
+        held: dict[int, deque] | None = {w: deque() for w in range(n)} if expected else None
+        for batch in batches:
+            if held is None:
+                yield self._note(batch)
+                continue
+            held[int(batch.get("worker", 0))].append(batch)
+            while held[expected]:
+                yield self._note(held[expected].popleft())
+                expected = (expected + 1) % n
+        while held is not None and any(held.values()):
+            if held[expected]:
+                yield self._note(held[expected].popleft())
+            expected = (expected + 1) % n
+
+    def _note(self, batch: dict) -> dict:
         # NOTE: noted as the caller takes them, so the state is what the trainer consumed, never what
         # the workers prefetched.
-        for batch in batches:
-            worker = int(batch.get("worker", 0))
-            self._latest[worker] = {k: batch[k] for k in ("epoch", "shards_done", "skipped") if k in batch}
-            if "position" in batch:
-                self._positions[str(worker)] = dict(batch["position"])
-            yield batch
+        worker = int(batch.get("worker", 0))
+        self._latest[worker] = {k: batch[k] for k in ("epoch", "shards_done", "skipped") if k in batch}
+        if "position" in batch:
+            self._positions[str(worker)] = dict(batch["position"])
+        self._next_worker = (worker + 1) % max(1, self.num_workers)
+        return batch
 
     def binding(self) -> dict:
         """What a position counts in: index digest, seed, world size, rank, ranks per node, workers, batching."""
@@ -171,8 +196,9 @@ class ShardLoader(torch.utils.data.DataLoader):
         }
 
     def state_dict(self) -> dict:
-        """What a checkpoint stores (JSON-safe): :meth:`binding` and each worker's latest position."""
-        return {**self.binding(), "positions": copy.deepcopy(self._positions)}
+        """What a checkpoint stores (JSON-safe): :meth:`binding`, each worker's latest position (a worker that
+        has handed out nothing yet: where it starts) and the worker whose batch comes next."""
+        return {**self.binding(), "positions": copy.deepcopy(self._positions), "next_worker": self._next_worker}
 
     def load_state_dict(self, state: dict) -> None:
         """Resumes each worker from `state` (a :meth:`state_dict`) where it fits; call before iterating.
@@ -238,6 +264,8 @@ class ShardLoader(torch.utils.data.DataLoader):
                 )
         else:
             self.resume_from(positions)
+            if self.resumed:
+                self._first_worker = self._next_worker = int(state.get("next_worker", 0)) % max(1, self.num_workers)
 
     def resume_from(self, position: dict | None) -> None:
         """Starts each worker at `position` (str(worker) -> its latest ``batch["position"]``) when it fits.
@@ -263,9 +291,21 @@ class ShardLoader(torch.utils.data.DataLoader):
                 if c.interleave_shards != interleave:
                     c.batches_in_group = 0  # counted in other groups
         self.dataset.start = start
-        self._positions = {str(int(w)): dict(p) for w, p in (position or {}).items()} if start else {}
+        # Every worker has a position from the start, so a save before some worker handed out a batch
+        # still holds them all.
+        self._positions = {str(int(w)): dict(p) for w, p in (position or {}).items()} if start else self._epoch_start(0)
         self.resumed, self.position_note = bool(start), note
         self.restart_epoch = None if start else 0
+        self._first_worker = self._next_worker = 0
+
+    def _epoch_start(self, epoch: int) -> dict[str, dict]:
+        """Each worker's position at the beginning of `epoch`."""
+        positions = {}
+        for w in range(max(1, self.num_workers)):
+            counters = WorkerCounters(worker=w, interleave_shards=self.dataset.data.interleave_shards)
+            counters.reached(epoch, 0)
+            positions[str(w)] = dict(counters.position)
+        return positions
 
     def start_at_epoch(self, epoch: int, note: str) -> None:
         """Starts every worker at the beginning of `epoch`, with counters at 0; call before iterating.
@@ -282,9 +322,9 @@ class ShardLoader(torch.utils.data.DataLoader):
                 start[w] = WorkerCounters(worker=w, interleave_shards=self.dataset.data.interleave_shards)
                 start[w].reached(epoch, 0)
         self.dataset.start = start
-        # a save before the first batch keeps the epoch
-        self._positions = {str(w): dict(c.position) for w, c in start.items()}
+        self._positions = self._epoch_start(epoch)  # a save before the first batch keeps the epoch
         self.resumed, self.position_note, self.restart_epoch = False, note, epoch
+        self._first_worker = self._next_worker = 0
 
     def counters(self) -> DataCounters:
         """Epoch (lowest), shards done and skips (summed) over the workers' latest batches."""
@@ -370,6 +410,8 @@ def build_loader(
         num_workers=data.num_workers,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
+        # its own generator: the workers' base seed (unused by the stream) must not draw from the global RNG
+        generator=torch.Generator().manual_seed(seed),
     )
     loader.resume_from(position)
     return loader

@@ -69,6 +69,8 @@ def main(index_path: str, out_json: str, k: int) -> None:
             "first_by_worker": per_worker(first_batches),
             "after_by_worker": per_worker(after_batches),
             "full_by_worker": per_worker(full),
+            "order": [b["cut_ids"] for b in first_batches + after_batches],
+            "full_order": [b["cut_ids"] for b in full],
         },
     )
 
