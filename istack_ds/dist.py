@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -151,14 +152,21 @@ class Heartbeat(threading.Thread):
         self.store = store
         self.key = HEARTBEAT_KEY.format(rank=rank)
         self.failures = 0
+        self.stopped = threading.Event()
 
     def run(self) -> None:
-        while True:
+        while not self.stopped.is_set():
             try:
                 self.store.set(self.key, f"{time.time():.3f}")
             except Exception:  # noqa: BLE001 -- any store failure counts; the next failed collective reports it
                 self.failures += 1
-            time.sleep(HEARTBEAT_S)
+            self.stopped.wait(HEARTBEAT_S)
+
+    def stop(self) -> None:
+        """Ends the beat and waits for the thread (at exit: a store call cut off by the interpreter's
+        shutdown, its server on rank 0 possibly gone already, aborts the process)."""
+        self.stopped.set()
+        self.join(timeout=2 * _STORE_TIMEOUT.total_seconds())
 
 
 _heartbeat: Heartbeat | None = None
@@ -189,6 +197,7 @@ def start_heartbeat() -> None:
         return
     _heartbeat = Heartbeat(_store_client(address), rank())
     _heartbeat.start()
+    atexit.register(_heartbeat.stop)
 
 
 def silent_ranks(store: dist.Store, ranks: list[int], wait_s: float) -> dict[int, float | None]:

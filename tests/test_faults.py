@@ -97,7 +97,7 @@ def _wait_until_stopped(proc: subprocess.Popen, timeout: float) -> float:
 
 def test_a_dead_rank_makes_the_other_exit_in_time_naming_it(tmp_path, teacher_dir, demo_shards):
     """Rank 1 is SIGKILLed at step 4 and rank 0 must leave on its own, naming rank 1."""
-    procs = _start_two_ranks(tmp_path / "run", teacher_dir, demo_shards, "die@4:1", "deepspeed.dist_timeout_s=30")
+    procs = _start_two_ranks(tmp_path / "run", teacher_dir, demo_shards, "die@4:1", "deepspeed.dist_timeout_s=15")
     try:
         start = time.time()
         _, err0 = procs[0].communicate(timeout=240)
@@ -113,7 +113,7 @@ def test_a_dead_rank_makes_the_other_exit_in_time_naming_it(tmp_path, teacher_di
 # A hung rank (SIGSTOP) keeps its sockets open: its peer sees no error, only the timeout ends its wait.
 # Before every group got deepspeed.dist_timeout_s, ZeRO's and growth's collectives waited torch's default
 # (30 min under gloo); the survivor must now leave within the timeout, plus the heartbeat check and the exit.
-HANG_TIMEOUT_S = 20
+HANG_TIMEOUT_S = 15
 HANG_MARGIN_S = 60
 
 
