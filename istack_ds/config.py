@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .growth.operators import Carry, Operator, OptimizerState, check_depths
+from .growth.operators import Carry, Operator, OptimizerState, Pick, check_depths
 from .growth.schedule import Schedule
 
 
@@ -76,9 +76,25 @@ class DataConfig:
     sample_rate: int = 16000
     """Sample rate the models expect; audio at another rate is resampled."""
     crop_seconds: float = 15.6
-    """Longer cuts are randomly cropped to this many seconds."""
+    """Longest cut a batch holds, in seconds; what `long_cuts` does with longer ones."""
+    long_cuts: Literal["crop", "skip"] = "crop"
+    """Training cuts longer than `crop_seconds`: `crop` (a random window of crop_seconds) or `skip` (left out and
+    counted as `too_long`: whole utterances only, as the paper's batches of utterances are)."""
     batch_seconds: float = 200.0
-    """Most audio seconds (unpadded) in one batch of a rank; duration buckets fill batches up to it."""
+    """Most audio seconds (unpadded) in one micro-batch of a rank when `global_batch` is null; duration buckets
+    fill batches up to it."""
+    global_batch: float | None = None
+    """Batch of one optimizer step over all ranks and micro-batches, in `batch_unit` (the paper: 64 utterances).
+    Each rank's micro-batch and the gradient accumulation are derived from it and the world size
+    (istack_ds.batching.plan_batches, printed at start), so a config means the same on 1 or 32 GPUs;
+    deepspeed.gradient_accumulation must then stay 1. Null: `batch_seconds` per rank and micro-batch, times
+    deepspeed.gradient_accumulation x world size per step."""
+    batch_unit: Literal["seconds", "utterances"] = "seconds"
+    """What `global_batch` and `max_micro_batch` count: `seconds` of audio or `utterances` (cuts); an utterance
+    micro-batch holds exactly that many cuts of one duration bucket."""
+    max_micro_batch: float | None = None
+    """Most one rank's micro-batch may hold, in `batch_unit` (what fits in memory): gradient accumulation grows
+    until each rank's share of `global_batch` fits. Null: no bound for utterances, `batch_seconds` for seconds."""
     num_buckets: int = 20
     """Duration buckets of the stream's batcher (istack_ds.data.stream.Batcher); their bounds split the index's
     duration histogram into equal audio seconds."""
@@ -100,6 +116,19 @@ class DataConfig:
         _positive("data.shuffle_buffer", self.shuffle_buffer)
         _positive("data.interleave_shards", self.interleave_shards)
         _positive("data.sample_rate", self.sample_rate)
+        if self.global_batch is not None:
+            _positive("data.global_batch", self.global_batch)
+            if self.batch_unit == "utterances" and not float(self.global_batch).is_integer():
+                raise ConfigError(f"data.global_batch={self.global_batch} must be a whole number of utterances")
+        if self.max_micro_batch is not None:
+            _positive("data.max_micro_batch", self.max_micro_batch)
+            if self.global_batch is None:
+                raise ConfigError("data.max_micro_batch bounds the micro-batches of data.global_batch: set that too")
+        if self.global_batch is None and self.batch_unit != "seconds":
+            raise ConfigError(
+                f"data.batch_unit={self.batch_unit} counts data.global_batch: set data.global_batch (without it a "
+                "rank's micro-batch is data.batch_seconds)"
+            )
         if self.batch_seconds < self.crop_seconds:
             raise ConfigError(
                 f"data.batch_seconds={self.batch_seconds} is smaller than data.crop_seconds="
@@ -179,15 +208,22 @@ class StudentConfig:
 
 @dataclass
 class LossConfig:
-    kind: Literal["l2l", "distilhubert"] = "l2l"
-    """`l2l` (the paper: layer-to-layer MSE through projections) or `distilhubert` (heads on the top layer,
-    L1 - log sigmoid cos)."""
+    kind: Literal["l2l", "output_heads", "distilhubert"] = "l2l"
+    """`l2l` (the paper's interleaved runs: each target from its own supervised student layer through a Linear,
+    MSE); `output_heads` (the paper's GradStack and MIDAS runs: the last target from the top layer through a Linear,
+    MSE, the other targets from prediction heads (Linear -> GELU -> Linear) on the top layer, MSE, so no
+    intermediate student layer has a target of its own); `distilhubert` (s3prl's distiller: prediction heads on the
+    top layer for every target, L1 - log sigmoid cos)."""
     teacher_layers: list[int] = field(default_factory=lambda: [4, 8, 12])
     """Teacher hidden-state indices used as targets (i = output of transformer layer i, as in HF hidden_states)."""
     inter_weight: float = 0.5
-    """l2l: weight of the intermediate-layer terms; the last teacher layer is the output term with weight 1."""
+    """l2l and output_heads: multiplies the SUM over the intermediate targets (every target but the last) of their
+    MSE, each a mean over valid frames and channels; the last target is the output term, weight 1. So
+    total = MSE(last) + inter_weight x (MSE(4) + MSE(8)) for targets [4, 8, 12]. The paper's value: 0.5.
+    0 trains on the output term alone (the ablation configs). distilhubert: not used (it averages its targets)."""
     cos_weight: float = 1.0
-    """distilhubert: lambda of the -log sigmoid(cos) term."""
+    """distilhubert: lambda of the -log sigmoid(cos) term (s3prl: 1); its total is the MEAN over targets of
+    L1 + cos_weight x -log sigmoid(cos)."""
 
     def __post_init__(self):
         _check_fields(self, "loss")
@@ -215,6 +251,9 @@ class GrowthConfig:
     """Which copy of a supervised layer keeps its target after growth: `last` or `first`."""
     optimizer_state: OptimizerState = "copy"
     """Adam moments of a cloned layer: `copy` from its source, or `reset` to zero."""
+    pick: Pick = "last"
+    """interleaved: which layer of each group of d/n layers is cloned, `last` (idx_j = floor((j+1)d/n) - 1) or
+    `first` (idx_j = floor(j d/n)); the paper does not say. Other operators ignore it."""
 
     def __post_init__(self):
         _check_fields(self, "growth")
@@ -253,8 +292,13 @@ class OptimConfig:
     """AdamW epsilon."""
     warmup_fraction: float = 0.07
     """Linear warmup over this fraction of total_steps, then linear decay to 0."""
-    total_steps: int = 330000
-    """Optimizer steps of the whole run, across all stages."""
+    total_steps: int | None = 330000
+    """Optimizer steps of the whole run, across all stages; null when `epochs` sets them."""
+    epochs: float | None = None
+    """Passes over the training index; when set, total_steps = ceil(epochs x the index's utterances (or seconds)
+    / data.global_batch), resolved when the run starts (istack_ds.batching.resolve_total_steps, printed with the
+    growth boundaries) and written into the run's config.yaml. Needs data.global_batch; optim.total_steps must be
+    null or the resolved value."""
     grad_clip: float = 5.0
     """Clip the global gradient norm to this value (0 disables)."""
     max_nonfinite: int = 10
@@ -264,7 +308,12 @@ class OptimConfig:
         _check_fields(self, "optim")
         _positive("optim.lr", self.lr)
         _positive("optim.eps", self.eps)
-        _positive("optim.total_steps", self.total_steps)
+        if self.total_steps is not None:
+            _positive("optim.total_steps", self.total_steps)
+        if self.epochs is not None:
+            _positive("optim.epochs", self.epochs)
+        if self.total_steps is None and self.epochs is None:
+            raise ConfigError("optim.total_steps is null: set it, or optim.epochs to derive it")
         _positive("optim.grad_clip", self.grad_clip, allow_zero=True)
         _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         _positive("optim.max_nonfinite", self.max_nonfinite)
@@ -274,8 +323,18 @@ class OptimConfig:
             raise ConfigError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
 
     @property
+    def steps(self) -> int:
+        """total_steps, which must be resolved (istack_ds.batching.resolve_total_steps sets it from `epochs`)."""
+        if self.total_steps is None:
+            raise ConfigError(
+                f"optim.total_steps is not resolved from optim.epochs={self.epochs} yet "
+                "(istack_ds.batching.resolve_total_steps)"
+            )
+        return self.total_steps
+
+    @property
     def warmup_steps(self) -> int:
-        return int(round(self.warmup_fraction * self.total_steps))
+        return int(round(self.warmup_fraction * self.steps))
 
 
 @dataclass
@@ -485,17 +544,30 @@ class Config:
                 f"loss.teacher_layers={self.loss.teacher_layers} needs {len(self.loss.teacher_layers)} supervised "
                 f"student layers but the student starts at depth {first_depth} (growth.depths)"
             )
-        if self.growth.boundaries and self.growth.boundaries[-1] >= self.optim.total_steps:
+        if self.data.global_batch is not None and self.deepspeed.gradient_accumulation != 1:
             raise ConfigError(
-                f"growth.boundaries={self.growth.boundaries} must lie below optim.total_steps={self.optim.total_steps}"
+                f"deepspeed.gradient_accumulation={self.deepspeed.gradient_accumulation}: with data.global_batch "
+                "the accumulation is derived from the world size (bound the micro-batch with data.max_micro_batch)"
             )
-        if self.growth.operator != "none" and len(self.growth.depths) > self.optim.total_steps:
+        if self.optim.epochs is not None and self.data.global_batch is None:
             raise ConfigError(
-                f"optim.total_steps={self.optim.total_steps} is fewer than the {len(self.growth.depths)} stages"
+                f"optim.epochs={self.optim.epochs:g} needs data.global_batch: without it a step's batch grows with the "
+                "world size, and so would the steps of an epoch"
             )
+        if self.optim.total_steps is not None:
+            self.check_schedule(self.optim.total_steps)
+
+    def check_schedule(self, total_steps: int) -> None:
+        """The growth schedule over `total_steps` steps is one the Trainer can run (ConfigError naming growth.*)."""
+        if self.growth.boundaries and self.growth.boundaries[-1] >= total_steps:
+            raise ConfigError(
+                f"growth.boundaries={self.growth.boundaries} must lie below optim.total_steps={total_steps}"
+            )
+        if self.growth.operator != "none" and len(self.growth.depths) > total_steps:
+            raise ConfigError(f"optim.total_steps={total_steps} is fewer than the {len(self.growth.depths)} stages")
         # NOTE: the schedule the Trainer builds, built here too: a degenerate one stops the run before launch.
         try:
-            Schedule.from_config(self.growth, self.optim.total_steps)
+            Schedule.from_config(self.growth, total_steps)
         except ValueError as e:
             g = self.growth
             chosen_by, fix = (
@@ -504,7 +576,7 @@ class Config:
                 else (f"growth.alpha={g.alpha}", "; use more steps, another growth.alpha or explicit growth.boundaries")
             )
             raise ConfigError(
-                f"{chosen_by} with growth.depths={g.depths} and optim.total_steps={self.optim.total_steps}: {e}{fix}"
+                f"{chosen_by} with growth.depths={g.depths} and optim.total_steps={total_steps}: {e}{fix}"
             ) from None
 
     @classmethod

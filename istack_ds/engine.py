@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .batching import plan_batches
 from .config import Config, OptimConfig
 from .dist import all_ranks, comm_device, init_distributed
 from .dist import rank as this_rank
@@ -118,7 +119,7 @@ def deepspeed_config(
     unknown key raises ConfigError naming it.
     """
     opt = cfg.optim
-    accumulation = gradient_accumulation or cfg.deepspeed.gradient_accumulation
+    accumulation = gradient_accumulation or plan_batches(cfg.data, cfg.deepspeed, world_size).accumulation
     ds: dict[str, Any] = {
         # Batches are built by duration, not count: DeepSpeed only needs a
         # consistent (micro=1) x accumulation x world_size for its bookkeeping.
@@ -135,7 +136,7 @@ def deepspeed_config(
                 "warmup_min_lr": 0.0,
                 "warmup_max_lr": opt.lr,
                 "warmup_num_steps": max(1, opt.warmup_steps),
-                "total_num_steps": opt.total_steps,
+                "total_num_steps": opt.steps,
                 "warmup_type": "linear",
             },
         },

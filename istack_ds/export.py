@@ -3,7 +3,7 @@
 The directory holds the HubertModel (config.json + model.safetensors), the
 teacher's feature-extractor config (``preprocessor_config.json``: the input the
 student was trained on), the distillation heads (``heads.safetensors``),
-``istack_student.json`` (depth, supervised layers, targets) and a model card
+``istack_student.json`` (depth, supervised layers, targets, the kind of each head) and a model card
 (``README.md``).
 """
 
@@ -64,6 +64,7 @@ def save_student(
         "supervised_layers": student.supervised,
         "teacher_layers": student.teacher_layers,
         "loss": student.loss_kind,
+        "heads": {f"L{t}": student.head_kind(t) for t in student.teacher_layers},
         "teacher": teacher_path,
         "step": step,
     }
@@ -73,7 +74,9 @@ def save_student(
 
 
 def read_heads(path: str | Path) -> dict[str, torch.Tensor]:
-    """The distillation heads of an export: {"L<t>.weight": [teacher_hidden, student_hidden], "L<t>.bias": ...}."""
+    """The distillation heads of an export, by parameter name: ``L<t>.weight`` [teacher_hidden, student_hidden] and
+    ``L<t>.bias`` for a Linear head; ``L<t>.0.*`` (student_hidden -> student_hidden) and ``L<t>.2.*``
+    (-> teacher_hidden) for a prediction head (Linear -> GELU -> Linear); ``istack_student.json`` names each kind."""
     from safetensors.torch import load_file
 
     return load_file(str(Path(path) / HEADS_FILE))
@@ -107,7 +110,13 @@ def model_card(info: dict, sfm, extractor, config=None) -> str:
         f"(loss `{info['loss']}`)",
         f"- supervised student layers: {pairs}"
         if info["loss"] == "l2l"
-        else f"- every head reads the top layer `hidden_states[{depth}]`",
+        else f"- every head reads the top layer `hidden_states[{depth}]`"
+        + (
+            f" (teacher layer {info['teacher_layers'][-1]} through a Linear, the others through prediction heads "
+            "Linear -> GELU -> Linear)"
+            if info["loss"] == "output_heads"
+            else " (prediction heads Linear -> GELU -> Linear)"
+        ),
         f"- steps: {info['step']}; final depth: {depth}",
         f"- input: {extractor.sampling_rate if extractor is not None else 16000} Hz raw waveform; "
         f"normalization: {norm} (`preprocessor_config.json`, copied from the teacher"
@@ -141,11 +150,17 @@ def model_card(info: dict, sfm, extractor, config=None) -> str:
         "with torch.no_grad():",
         "    hidden = model(**inputs, output_hidden_states=True).hidden_states  # depth + 1 tensors [B, T, H]",
         "",
-        f'heads = load_file(f"{{path}}/{HEADS_FILE}")  # the distillation heads, one Linear per teacher target',
+        f'heads = load_file(f"{{path}}/{HEADS_FILE}")  # the distillation heads, one per teacher target',
     ]
     t, s = info["teacher_layers"][0], info["supervised_layers"][0]
+    if info.get("heads", {}).get(f"L{t}", "linear") == "prediction":
+        lines += [
+            f'inner = torch.nn.functional.gelu(hidden[{s + 1}] @ heads["L{t}.0.weight"].T + heads["L{t}.0.bias"])',
+            f'prediction = inner @ heads["L{t}.2.weight"].T + heads["L{t}.2.bias"]  # teacher layer {t}',
+        ]
+    else:
+        lines.append(f'prediction = hidden[{s + 1}] @ heads["L{t}.weight"].T + heads["L{t}.bias"]  # teacher layer {t}')
     lines += [
-        f'prediction = hidden[{s + 1}] @ heads["L{t}.weight"].T + heads["L{t}.bias"]  # teacher layer {t}',
         "```",
         "",
         "## SUPERB with s3prl",

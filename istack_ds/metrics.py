@@ -8,8 +8,10 @@ What <out_dir>/tb holds besides the scalars (``tensorboard --logdir <out_dir>/tb
   with ``valid/loss`` and ``train/loss`` as its metrics;
 - TEXT ``run/name`` (the run name and directory) and ``config/yaml`` (the resolved config), at the
   first step this process writes;
-- CUSTOM SCALARS: losses per target, depth with LR, throughput, data counters, one chart set each
-  (:data:`CUSTOM_SCALARS`);
+- CUSTOM SCALARS: losses per target, depth with LR, throughput, data counters, layer similarity, one
+  chart set each (:data:`CUSTOM_SCALARS`);
+- IMAGES and TENSORS: the layer diagnostics' CKA heatmaps and the same maps as numbers
+  (:meth:`Metrics.image`, :meth:`Metrics.tensor`; istack_ds/diagnostics.py);
 - on resume, events written after the checkpoint's step are purged (``purge_step``): the steps the
   resumed run logs again replace the old ones instead of showing twice.
 """
@@ -93,11 +95,20 @@ class LogWindow:
     """Samples in the batch tensors, padding included."""
     padded: float = 0.0
     """Of those, padding (``perf/pad_frac`` = padded / samples)."""
+    utterances: int = 0
+    """Cuts trained on (``data/utterances_per_step`` = utterances summed over ranks / steps)."""
 
     def add_micro_batch(
-        self, loss: float, parts: dict[str, float], audio_s: float, samples: float = 0.0, pad_frac: float = 0.0
+        self,
+        loss: float,
+        parts: dict[str, float],
+        audio_s: float,
+        samples: float = 0.0,
+        pad_frac: float = 0.0,
+        utterances: int = 0,
     ) -> None:
         self.micro += 1
+        self.utterances += utterances
         self.loss += loss
         self.audio_s += audio_s
         self.samples += samples
@@ -184,6 +195,13 @@ CUSTOM_SCALARS: dict[str, dict[str, list]] = {
         "shards done": ["Multiline", [r"^data/shards_done$"]],
         "skipped samples": ["Multiline", [r"^data/skipped$"]],
         "epoch": ["Multiline", [r"^data/epoch$"]],
+    },
+    "layer similarity": {
+        "CKA, supervised student layer vs its teacher layer": ["Multiline", [r"^diag/cka_L\d+$"]],
+        "CKA between student layers": [
+            "Multiline",
+            [r"^diag/cka_student_adjacent$", r"^diag/cka_student_first_last$"],
+        ],
     },
 }
 """The TensorBoard custom-scalar layout (category -> chart title -> [kind, tag regexes]) of every run."""
@@ -317,7 +335,7 @@ class Metrics:
         """The metrics of a run of config `cfg` (:class:`istack_ds.config.Config`), resumed at `resume_step`."""
         return cls(
             cfg.run.out_dir,
-            cfg.optim.total_steps,
+            cfg.optim.steps,
             cfg.log.tensorboard,
             run_name=cfg.run.name,
             config=cfg.to_dict(),
@@ -361,6 +379,16 @@ class Metrics:
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer is not None and step >= self.purge_step:
             self.writer.add_text(tag, text, step)
+
+    def image(self, tag: str, image, step: int) -> None:
+        """An RGB image [H, W, 3] (uint8) into TensorBoard."""
+        if self.writer is not None and step >= self.purge_step:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+
+    def tensor(self, tag: str, tensor: torch.Tensor, step: int) -> None:
+        """A tensor into TensorBoard, as numbers (``EventAccumulator.Tensors(tag)`` reads it back)."""
+        if self.writer is not None and step >= self.purge_step:
+            self.writer.add_tensor(tag, tensor.detach().cpu(), step)
 
     def progress(self, step: int) -> None:
         if self.bar is not None:

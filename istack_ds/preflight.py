@@ -32,6 +32,9 @@ def preflight(cfg: Config) -> None:
     from .metrics import check_monitors
 
     check_monitors(cfg.log.monitors)  # wandb missing: refused here, not on rank 0 alone inside the run
+    from .batching import plan_batches
+
+    plan_batches(cfg.data, cfg.deepspeed, world_size())  # a global batch this world size cannot split
     info = read_teacher_info(cfg.teacher.path)
     check_teacher_layers(info, cfg.loss.teacher_layers)
     check_teacher_fits(cfg, info)
@@ -107,7 +110,8 @@ def check_resume(cfg: Config) -> None:
     try:
         meta = verify(path)  # the marker, and every file it lists at its size
         check_compatible(meta, cfg.to_dict(), path)
-        check_depth(meta, Schedule.from_config(cfg.growth, cfg.optim.total_steps).depth_at(meta["step"]), path)
-        gradient_accumulation_for(meta, world_size(), cfg.deepspeed.gradient_accumulation)
+        check_depth(meta, Schedule.from_config(cfg.growth, cfg.optim.steps).depth_at(meta["step"]), path)
+        if cfg.data.global_batch is None:  # with it, the accumulation is derived from the world size
+            gradient_accumulation_for(meta, world_size(), cfg.deepspeed.gradient_accumulation)
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError
         raise ConfigError(f"checkpoint.resume={resume!r}: {e}") from None

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import __version__, faults
+from .batching import plan_batches
 from .checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -50,7 +51,7 @@ from .engine import build_engine, deepspeed_config, destroy_engine
 from .export import export_engine
 from .growth import GrowthManager, Schedule
 from .metrics import DataAudit, LogWindow, Metrics, RegionTimer
-from .models.losses import distilhubert_loss, l2l_loss
+from .models.losses import distillation_loss
 from .models.sfm import length_mask, receptive_field
 from .models.student import LAYER_PREFIX, Student, init_student
 from .models.teacher import Teacher
@@ -103,7 +104,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out_dir / "config.yaml")
         self.teacher = Teacher.from_config(cfg.teacher, cfg.loss.teacher_layers).to(self.device)
-        self.schedule = Schedule.from_config(cfg.growth, cfg.optim.total_steps)
+        self.schedule = Schedule.from_config(cfg.growth, cfg.optim.steps)
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", cfg.checkpoint.keep)
         self.teacher_timer = RegionTimer(self.device)  # perf/teacher_frac
         self.diagnostics = LayerDiagnostics(cfg.data, self.device) if cfg.eval.diagnostics else None
@@ -117,6 +118,8 @@ class Trainer:
         # data position refers to. A resume on the same world size and workers continues where each worker was.
         # Shorter cuts would give the teacher no frame.
         self.min_samples = receptive_field(self.teacher.info.conv_kernel, self.teacher.info.conv_stride)
+        # The micro-batch and accumulation of this world size (derived from data.global_batch when it is set).
+        self.batches_plan = plan_batches(cfg.data, cfg.deepspeed, world_size())
         self.loader = build_loader(
             cfg.data,
             cfg.data.train_index,
@@ -124,6 +127,7 @@ class Trainer:
             world_size=world_size(),
             seed=cfg.run.seed,
             min_samples=self.min_samples,
+            plan=self.batches_plan,
         )
         # Resume builds the student at the checkpoint's depth first, then loads into it.
         self._resume()
@@ -133,6 +137,7 @@ class Trainer:
         self.batches = iter(self.loader if batches is None else batches)
         self.window = LogWindow()
         self.audio_seconds_total = 0.0
+        self.utterances_total = 0  # over all ranks, since this process started
         self.first_loss: float | None = None
         self.last_loss: float | None = None
 
@@ -225,11 +230,12 @@ class Trainer:
     def _build(self, meta: dict | None) -> None:
         """The engine for a fresh run (`meta` None) or at a checkpoint's depth, batch and format."""
         cfg = self.cfg
-        # A resume on another world size keeps the global batch through gradient accumulation.
+        # A resume on another world size keeps the global batch through gradient accumulation (with
+        # data.global_batch the plan of this world size already does).
         self.accumulation = (
             gradient_accumulation_for(meta, world_size(), cfg.deepspeed.gradient_accumulation)
-            if meta
-            else cfg.deepspeed.gradient_accumulation
+            if meta and not self.batches_plan.derived
+            else self.batches_plan.accumulation
         )
         self.ds_config = deepspeed_config(
             cfg, world_size(), self.accumulation, load_universal=bool(meta and meta.get("universal"))
@@ -245,6 +251,7 @@ class Trainer:
             operator=cfg.growth.operator,
             carry=cfg.growth.carry,
             optimizer_state=cfg.growth.optimizer_state,
+            pick=cfg.growth.pick,
         )
         self.student, self.engine = self._build_initial_student(meta)
 
@@ -297,14 +304,14 @@ class Trainer:
             self.student.depth,
             self.engine.get_lr()[0],
         )
-        if self.accumulation != self.cfg.deepspeed.gradient_accumulation:
+        if self.accumulation != self.batches_plan.accumulation:
             log0(
                 "checkpoint ran on %d rank(s); on %d the global batch is kept with gradient accumulation %d "
                 "(configured %d)",
                 meta["world_size"],
                 world_size(),
                 self.accumulation,
-                self.cfg.deepspeed.gradient_accumulation,
+                self.batches_plan.accumulation,
             )
         log0("data: %s", data_note)
         planned = self.schedule.depth_at(self.step)
@@ -325,7 +332,7 @@ class Trainer:
         """
         try:
             saved = Config.from_dict(meta["config"])
-            return Schedule.from_config(saved.growth, saved.optim.total_steps).depth_at(meta["step"])
+            return Schedule.from_config(saved.growth, saved.optim.steps).depth_at(meta["step"])
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -335,13 +342,13 @@ class Trainer:
         cfg = self.cfg
         start = time.time()
         summary_file = self.out_dir / "summary.json"
-        if self.step >= cfg.optim.total_steps and summary_file.exists():
-            log0("run already complete at step %d of %d: see %s", self.step, cfg.optim.total_steps, summary_file)
+        if self.step >= cfg.optim.steps and summary_file.exists():
+            log0("run already complete at step %d of %d: see %s", self.step, cfg.optim.steps, summary_file)
             self.close()
             return json.loads(summary_file.read_text())
         self.log_topology()
         self.log_model()
-        while self.step < cfg.optim.total_steps:
+        while self.step < cfg.optim.steps:
             self.advance()
             self.maybe_log()
             self.maybe_validate()
@@ -395,6 +402,7 @@ class Trainer:
                 float(batch["seconds"]),
                 samples=float(audio.numel()),
                 pad_frac=float(batch.get("pad_frac", 0.0)),
+                utterances=len(batch["cut_ids"]),
             )
         self.window.add_step(time.perf_counter() - t0)
 
@@ -431,9 +439,7 @@ class Trainer:
     def compute_loss(self, pred: dict, targets: dict, audio_lens: torch.Tensor):
         frames = self.teacher.frame_lengths(audio_lens)
         mask = length_mask(frames, max(t.shape[1] for t in targets.values()))
-        if self.cfg.loss.kind == "l2l":
-            return l2l_loss(pred, targets, mask, self.cfg.loss.inter_weight)
-        return distilhubert_loss(pred, targets, mask, self.cfg.loss.cos_weight)
+        return distillation_loss(self.cfg.loss, pred, targets, mask)
 
     @torch.no_grad()
     def held_out_loss(
@@ -478,7 +484,7 @@ class Trainer:
             self.save()
 
     def maybe_log(self) -> None:
-        if self.step % self.cfg.log.every and self.step != self.cfg.optim.total_steps:
+        if self.step % self.cfg.log.every and self.step != self.cfg.optim.steps:
             self.metrics.progress(self.step)
             return
         w = self.window
@@ -488,6 +494,7 @@ class Trainer:
             "audio_s": w.audio_s,
             "samples": w.samples,
             "padded": w.padded,
+            "utterances": float(w.utterances),
             "skipped": float(data.skipped),
             "shards_done": float(data.shards_done),
             "epoch": float(data.epoch),
@@ -506,6 +513,7 @@ class Trainer:
             "perf/audio_s_per_s": sums["audio_s"] / max(1e-9, w.step_s),
             "perf/teacher_frac": self.teacher_timer.collect() / max(1e-9, w.step_s),
             "perf/pad_frac": sums["padded"] / max(1.0, sums["samples"]),
+            "data/utterances_per_step": sums["utterances"] / max(1, w.steps),
             "data/skipped": sums["skipped"],
             "data/shards_done": sums["shards_done"],
             "data/epoch": epoch,
@@ -517,6 +525,7 @@ class Trainer:
         self.metrics.line(self.step, values, self.student.depth, step_s, values["perf/audio_s_per_s"])
         self.metrics.progress(self.step)
         self.audio_seconds_total += sums["audio_s"]
+        self.utterances_total += int(sums["utterances"])
         if self.first_loss is None:
             self.first_loss = means["loss"]
         self.last_loss = means["loss"]
@@ -524,12 +533,12 @@ class Trainer:
 
     def maybe_validate(self) -> None:
         every = self.cfg.eval.every
-        if self.cfg.data.valid_index and every and (self.step % every == 0 or self.step == self.cfg.optim.total_steps):
+        if self.cfg.data.valid_index and every and (self.step % every == 0 or self.step == self.cfg.optim.steps):
             self.validate()
 
     def maybe_save(self) -> None:
         every = self.cfg.checkpoint.every
-        if every and self.step % every == 0 and self.step != self.cfg.optim.total_steps:
+        if every and self.step % every == 0 and self.step != self.cfg.optim.steps:
             self.save()
 
     # ---- validation ----------------------------------------------------------------
@@ -623,6 +632,8 @@ class Trainer:
             "depth": self.student.depth,
             "wall_s": round(wall_s, 1),
             "audio_hours": round(self.audio_seconds_total / 3600, 4),
+            "utterances": self.utterances_total,
+            "batch": self.batches_plan.describe(),
             "loss_first": self.first_loss,
             "loss_last": self.last_loss,
             "tensorboard": str(self.out_dir / "tb"),
@@ -665,6 +676,7 @@ class Trainer:
             self.cfg.deepspeed.precision,
             self.accumulation,
         )
+        log0("batch: %s", self.batches_plan.describe())
         log0("teacher: %s", self.teacher.describe())
         log0(
             "schedule: %s (%s)",

@@ -132,3 +132,74 @@ def test_a_resumed_run_reads_as_tensorboard_shows_it_with_or_without_purge_step(
         assert matplotlib.get_backend() == "template"
     finally:
         matplotlib.use(before)
+
+
+def _diagnosed_run(path, operator, maps_by_step):
+    """A run directory whose CKA maps are logged as the trainer logs them: LayerDiagnostics.run through Metrics."""
+    import torch
+
+    from istack_ds.diagnostics import CkaMaps, LayerDiagnostics
+    from istack_ds.metrics import Metrics
+
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump({"run": {"name": path.name}, "growth": {"operator": operator}}))
+    metrics = Metrics(path, 100)
+    diagnostics = LayerDiagnostics(None, batch={"audio": None})
+    for step, self_map in maps_by_step.items():
+        depth = len(self_map) - 1
+        student = type(
+            "Student", (), {"depth": depth, "loss_kind": "l2l", "supervised": [depth - 1], "teacher_layers": [8]}
+        )
+        maps = CkaMaps(
+            torch.full((depth + 1, 9), 0.5, dtype=torch.float64), torch.tensor(self_map, dtype=torch.float64)
+        )
+        diagnostics.compute_maps = lambda *a, maps=maps, **k: maps
+        metrics.scalars(step, {"train/loss": 1.0, "valid/loss": 1.0})
+        diagnostics.run(student, None, metrics, step)
+    metrics.close()
+
+
+def _block_map(depth, within=0.95, across=0.3):
+    """Student x student CKA of an interleaved stack: hidden states 2k-1 and 2k (a clone and its source) alike."""
+    return [
+        [1.0 if i == j else within if i and j and (i + 1) // 2 == (j + 1) // 2 else across for j in range(depth + 1)]
+        for i in range(depth + 1)
+    ]
+
+
+def test_student_cka_figure_of_each_runs_last_validation(tmp_path, monkeypatch):
+    import numpy as np
+
+    from istack_ds import diagnostics
+
+    # The TensorBoard heatmaps are not what compare reads: skip drawing them.
+    monkeypatch.setattr(diagnostics, "cka_figure", lambda *a, **k: None)
+    monkeypatch.setattr(diagnostics, "figure_image", lambda fig: np.zeros((2, 2, 3), np.uint8))
+    grown = _block_map(4)
+    _diagnosed_run(tmp_path / "grow", "interleaved", {50: _block_map(2, within=0.1), 100: grown})
+    _diagnosed_run(tmp_path / "full", "none", {100: _block_map(4, within=0.5, across=0.5)})
+    _write_run(tmp_path / "old", "gradstack", 1.0, [(50, 3.0), (100, 1.2)], (2, 4))  # logged no CKA map
+    out = tmp_path / "cmp"
+    tool = _tool()
+    runs = [str(tmp_path / name) for name in ("grow", "full", "old")]
+    assert tool.main([*runs, "--out", str(out)]) == 0
+
+    # What compare reads is what the diagnostics wrote (the last validation's map), from TensorBoard alone.
+    run = tool.read_run(tmp_path / "grow")
+    assert run.matrices["student_student"] == (100, grown)
+    rows = {r["run"]: r for r in json.loads((out / "comparison.json").read_text())}
+    assert rows["grow"]["cka_student_student"] == grown and rows["grow"]["cka_student_student_step"] == 100
+    assert rows["grow"]["final_cka_student_adjacent"] == pytest.approx((0.95 + 0.3 + 0.95) / 3)  # (1,2) (2,3) (3,4)
+    assert "cka_student_student" not in rows["old"]
+    assert tool.supervised_at(run, 100) == {4: 8}
+
+    for name in ("cka_student.png", "cka_teacher.png"):
+        assert (out / name).stat().st_size > 10_000
+    table = (out / "comparison.md").read_text()
+    assert "`cka_student.png`: student layer x student layer linear CKA at each run's last validation" in table
+    assert "grow (step 100), full (step 100)" in table and "not logged, no panel: old" in table
+
+    # Re-run with only the run that logged no maps: the CKA figures go, and comparison.md says why.
+    assert tool.main([str(tmp_path / "old"), "--out", str(out)]) == 0
+    assert not (out / "cka_student.png").exists() and not (out / "cka_teacher.png").exists()
+    assert "no `cka_student.png`: no run logged" in (out / "comparison.md").read_text()

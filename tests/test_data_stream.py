@@ -476,7 +476,8 @@ def test_state_dict_load_state_dict_and_the_old_rank_file(demo_shards):
         "batching": {
             "crop": True,
             "crop_seconds": 2.0,
-            "batch_seconds": 4.0,
+            "micro_batch": "4 seconds",
+            "long_cuts": "crop",
             "shuffle_buffer": 4,
             "num_buckets": 3,
             "sample_rate": 16000,
@@ -562,7 +563,7 @@ def test_other_batching_settings_resume_at_the_group_start(demo_shards):
     loader = build_loader(other, str(index), rank=0, world_size=1, seed=9, epochs=1)
     loader.load_state_dict(state)
     assert loader.resumed and loader.position_note.startswith(
-        "data.batch_seconds 2.0 -> 3.0: each worker resumes at the start of its unfinished shard group"
+        "micro-batch 2 seconds -> 3 seconds: each worker resumes at the start of its unfinished shard group"
     )
     # from the unfinished group on: after the batch that completed the group before it
     group_start = (taken[-1]["position"]["shards_done"], 0)

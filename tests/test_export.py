@@ -174,3 +174,45 @@ def test_export_carries_the_teachers_input_heads_as_safetensors_and_a_card(tmp_p
     assert "export" in init_student(fresh, cfg.student, teacher)
     for name, value in student.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("kind", ["output_heads", "distilhubert"])
+def test_an_export_with_prediction_heads_loads_back_and_its_card_computes_them(tmp_path, teacher_dir, kind):
+    """Prediction heads (Linear -> GELU -> Linear) travel in heads.safetensors, istack_student.json names each
+    head's kind, the card's code computes the head's prediction, and `student.init: pretrained` restores them."""
+    from istack_ds.config import ConfigError, LossConfig, StudentConfig
+    from istack_ds.models.student import Student, init_student
+    from istack_ds.models.teacher import Teacher
+
+    teacher = Teacher(teacher_dir, [4, 8])
+    cfg = StudentConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, dropout=0.0)
+    loss = LossConfig(kind=kind, teacher_layers=[4, 8])
+    torch.manual_seed(0)
+    student = Student(cfg, loss, teacher.info, depth=2).eval()
+    out = save_student(student, student.state_dict(), tmp_path / "hf", teacher_path=str(teacher_dir), step=3)
+
+    info = json.loads((out / "istack_student.json").read_text())
+    kinds = {"L4": "prediction", "L8": "linear" if kind == "output_heads" else "prediction"}
+    assert info["loss"] == kind and info["heads"] == kinds and info["supervised_layers"] == [1, 1]
+    heads = read_heads(out)
+    assert set(heads) == set(student.heads.state_dict()) and "L4.2.weight" in heads
+    assert all(torch.equal(heads[k], v) for k, v in student.heads.state_dict().items())
+
+    card = (out / "README.md").read_text()
+    assert "every head reads the top layer `hidden_states[2]`" in card
+    code = [line for line in card.splitlines() if line.startswith(("inner =", "prediction ="))]
+    audio, lens = torch.randn(1, 8000), torch.tensor([8000])
+    with torch.no_grad():
+        hidden = student.hidden_states(audio, lens)
+        scope = {"torch": torch, "hidden": hidden, "heads": heads}
+        exec("\n".join(code), scope)  # the card's lines, as a user would run them
+        assert torch.allclose(scope["prediction"], student(audio, lens)["L4"], atol=1e-5)
+
+    cfg.init, cfg.init_from = "pretrained", str(out)
+    torch.manual_seed(1)
+    fresh = Student(cfg, loss, teacher.info, depth=2)
+    init_student(fresh, cfg, teacher)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in student.state_dict().items())
+    other = Student(cfg, LossConfig(kind="l2l", teacher_layers=[4, 8]), teacher.info, depth=2)
+    with pytest.raises(ConfigError, match="head kinds and widths must be the student's: loss.kind l2l"):
+        init_student(other, cfg, teacher)

@@ -50,3 +50,31 @@ def test_memory_flat_over_six_rebuilds(zero):
     r = result("growth_memory.py", "--zero", zero, "--rebuilds", 6)
     rss = r["rss_mib"]
     assert len(rss) == 6 and max(rss) <= 1.10 * rss[0], rss
+
+
+# ---- in process: the growth.* choices reach the lineage (issue 14, item 4) ----------------------
+
+
+def test_manager_grows_with_the_configured_pick_and_refuses_another():
+    from istack_ds.config import OptimConfig
+    from istack_ds.growth import GrowthManager
+
+    def build(depth, supervised):
+        raise AssertionError("not built here")
+
+    first = GrowthManager(build, {}, OptimConfig(), "layers.", "interleaved", pick="first")
+    assert first.lineage(6, 9) == [0, 0, 1, 2, 2, 3, 4, 4, 5]
+    assert GrowthManager(build, {}, OptimConfig(), "layers.", "interleaved").lineage(6, 9) == [
+        0,
+        1,
+        1,
+        2,
+        3,
+        3,
+        4,
+        5,
+        5,
+    ]
+    assert GrowthManager(build, {}, OptimConfig(), "layers.", "midas").lineage(6, 9) == [0, 1, 2, 0, 1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match=r"growth\.pick='middle' is not allowed"):
+        GrowthManager(build, {}, OptimConfig(), "layers.", pick="middle")  # type: ignore[arg-type]

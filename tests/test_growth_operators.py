@@ -23,9 +23,13 @@ LINEAGES = [
     ("gradstack", 6, 12, R(0, 6) * 2),
     ("gradstack", 1, 2, [0, 0]),
     ("gradstack", 2, 4, [0, 1, 0, 1]),
+    # MIDAS: k = d/n blocks of n layers; block ceil(k/2) (from the input) copied whole, right after itself.
     ("midas", 3, 6, [0, 1, 2, 0, 1, 2]),
-    ("midas", 6, 9, [0, 1, 2, 3, 1, 2, 3, 4, 5]),
-    ("midas", 9, 12, [0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7, 8]),
+    ("midas", 6, 9, [0, 1, 2, 0, 1, 2, 3, 4, 5]),  # k = 2: block 1 (layers 0-2), never a straddling 1-3
+    ("midas", 9, 12, [0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7, 8]),  # k = 3: block 2
+    ("midas", 12, 15, R(0, 6) + R(3, 6) + R(6, 12)),  # k = 4: block 2
+    ("midas", 4, 6, [0, 1, 0, 1, 2, 3]),
+    ("midas", 6, 8, [0, 1, 2, 3, 2, 3, 4, 5]),
     ("midas", 6, 12, R(0, 6) * 2),
     ("midas", 1, 2, [0, 0]),
     ("midas", 2, 4, [0, 1, 0, 1]),
@@ -36,12 +40,72 @@ LINEAGES = [
 ]
 
 
+# interleaved with pick: first clones the first layer of each group of d/n layers, idx_j = floor(j*d/n)
+PICK_FIRST = [
+    (3, 6, [0, 0, 1, 1, 2, 2]),
+    (6, 9, [0, 0, 1, 2, 2, 3, 4, 4, 5]),
+    (9, 12, [0, 0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 8]),
+    (6, 12, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]),
+    (4, 6, [0, 0, 1, 2, 2, 3]),
+    (2, 3, [0, 0, 1]),
+]
+
+
+def _is_a_growth(src, d, d_new):
+    assert len(src) == d_new and sorted(set(src)) == R(0, d)  # every old layer kept, each cloned at most once
+    assert all(src.count(i) <= 2 for i in range(d))
+
+
 @pytest.mark.parametrize("operator,d,d_new,expected", LINEAGES)
 def test_lineage(operator, d, d_new, expected):
     src = lineage(operator, d, d_new)
     assert src == expected
-    assert len(src) == d_new and sorted(set(src)) == R(0, d)  # every old layer kept, each cloned at most once
-    assert all(src.count(i) <= 2 for i in range(d))
+    _is_a_growth(src, d, d_new)
+
+
+@pytest.mark.parametrize("d,d_new,expected", PICK_FIRST)
+def test_interleaved_pick_first(d, d_new, expected):
+    src = lineage("interleaved", d, d_new, pick="first")
+    assert src == expected
+    _is_a_growth(src, d, d_new)
+    assert lineage("interleaved", d, d_new) == lineage("interleaved", d, d_new, pick="last")  # the default
+
+
+def test_paper_schedule_lineage_table():
+    """3 -> 6 -> 9 -> 12 as the operators' docstring table states it, growth by growth and back to the first
+    three layers."""
+    table = {
+        ("interleaved", "last"): (
+            [0, 0, 1, 1, 2, 2],
+            [0, 1, 1, 2, 3, 3, 4, 5, 5],
+            [0, 1, 2, 2, 3, 4, 5, 5, 6, 7, 8, 8],
+        ),
+        ("interleaved", "first"): (
+            [0, 0, 1, 1, 2, 2],
+            [0, 0, 1, 2, 2, 3, 4, 4, 5],
+            [0, 0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 8],
+        ),
+        ("gradstack", "last"): (R(0, 3) * 2, R(0, 6) + R(3, 6), R(0, 9) + R(6, 9)),
+        ("midas", "last"): (R(0, 3) * 2, R(0, 3) * 2 + R(3, 6), R(0, 6) + R(3, 6) + R(6, 9)),
+    }
+    depths = [3, 6, 9, 12]
+    for (operator, pick), growths in table.items():
+        assert [lineage(operator, a, b, pick) for a, b in zip(depths, depths[1:])] == list(growths), (operator, pick)
+    for pick in ("last", "first"):  # either pick ends with each first-stage layer as a block of 4
+        assert lineage_through("interleaved", depths, pick) == [0] * 4 + [1] * 4 + [2] * 4
+    # MIDAS copies whole blocks: back to the first three layers, the 12 layers are 4 copies of the block 0 1 2
+    assert lineage_through("midas", depths) == [0, 1, 2] * 4
+    assert lineage_through("gradstack", depths) == [0, 1, 2] * 4
+
+
+def test_pick_first_moves_the_targets_with_carry():
+    """With pick: first the paper's student still ends supervised at hidden states 4, 8, 12 under carry: last."""
+    sup = [0, 1, 2]
+    for d, d_new in ((3, 6), (6, 9), (9, 12)):
+        sup = carry_supervised(sup, lineage("interleaved", d, d_new, pick="first"), "last")
+    assert [i + 1 for i in sup] == [4, 8, 12]
+    with pytest.raises(ValueError, match="pick='middle' is not allowed"):
+        lineage("interleaved", 3, 6, pick="middle")  # type: ignore[arg-type]
 
 
 def test_design_examples_back_to_the_first_layers():
@@ -71,6 +135,8 @@ def test_design_examples_back_to_the_first_layers():
         ("none", 3, 6, "never grows"),
         ("bogus", 3, 6, "unknown growth operator"),
         ("midas", 0, 1, "at least one layer"),
+        ("midas", 3, 5, "must divide the depth 3"),
+        ("midas", 9, 13, "must divide the depth 9"),
     ],
 )
 def test_bad_growth_rejected(operator, d, d_new, message):
@@ -98,6 +164,15 @@ def test_paper_student_ends_supervised_at_4_8_12():
     for d, d_new in ((3, 6), (6, 9), (9, 12)):
         sup = carry_supervised(sup, lineage("interleaved", d, d_new), "last")
     assert [i + 1 for i in sup] == [4, 8, 12]
+
+
+def test_growth_config_takes_pick_and_refuses_a_midas_growth_that_is_not_a_block():
+    from istack_ds.config import ConfigError
+
+    assert GrowthConfig().pick == "last" and GrowthConfig(pick="first").pick == "first"
+    with pytest.raises(ConfigError, match=r"growth\.depths=\[3, 5\]: midas: growth 3 -> 5 adds a block of 2"):
+        GrowthConfig(operator="midas", depths=[3, 5])
+    GrowthConfig(operator="interleaved", depths=[3, 5])  # interleaved needs no blocks
 
 
 def test_schedule_eql_and_prop1():

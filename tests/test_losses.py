@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from istack_ds.models.losses import distilhubert_loss, l2l_loss
+from istack_ds.config import LossConfig
+from istack_ds.models.losses import distilhubert_loss, distillation_loss, l2l_loss
 from istack_ds.models.sfm import length_mask
 
 
@@ -44,7 +45,31 @@ def test_distilhubert_by_hand():
     expect4, expect8 = 1 + math.log(2), 1 + math.log(1 + math.exp(-1))
     assert math.isclose(parts["L4"].item(), expect4, rel_tol=1e-6)
     assert math.isclose(parts["L8"].item(), expect8, rel_tol=1e-6)
-    assert math.isclose(total.item(), expect4 + expect8, rel_tol=1e-6)
+    # s3prl's distiller averages over targets (its mean runs over B x N x T x D), so the MEAN of the heads
+    assert math.isclose(total.item(), (expect4 + expect8) / 2, rel_tol=1e-6)
+    again, _ = distillation_loss(
+        LossConfig(kind="distilhubert", teacher_layers=[4, 8], cos_weight=0.5), pred, target, mask
+    )
+    assert math.isclose(again.item(), (2 + 0.5 * (math.log(2) + math.log(1 + math.exp(-1)))) / 2, rel_tol=1e-6)
+
+
+def test_output_heads_is_output_mse_plus_inter_weight_times_the_sum_of_intermediate_mses():
+    """loss.kind output_heads: MSE(last) + inter_weight x (MSE(4) + MSE(8)), padded frames left out."""
+    mask = length_mask(torch.tensor([1]), 2)  # second frame is padding
+    pred = {
+        "L4": torch.tensor([[[1.0, 1.0], [7.0, 7.0]]]),
+        "L8": torch.tensor([[[2.0, 0.0], [7.0, 7.0]]]),
+        "L12": torch.tensor([[[0.0, 3.0], [7.0, 7.0]]]),
+    }
+    target = {4: torch.zeros(1, 2, 2), 8: torch.zeros(1, 2, 2), 12: torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])}
+    total, parts = distillation_loss(LossConfig(kind="output_heads", inter_weight=0.25), pred, target, mask)
+    # L4: mean(1, 1) = 1; L8: mean(4, 0) = 2; L12: mean(1, 9) = 5
+    assert [parts[k].item() for k in ("L4", "L8", "L12")] == [1.0, 2.0, 5.0]
+    assert total.item() == 5.0 + 0.25 * (1.0 + 2.0)
+    none, _ = distillation_loss(LossConfig(kind="output_heads", inter_weight=0.0), pred, target, mask)
+    assert none.item() == 5.0  # the ablation: the output term alone
+    l2l, _ = distillation_loss(LossConfig(kind="l2l", inter_weight=0.25), pred, target, mask)
+    assert l2l.item() == total.item()  # the same weighting as l2l; only where the predictions come from differs
 
 
 def test_losses_backpropagate_only_through_valid_frames():

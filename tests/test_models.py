@@ -338,3 +338,139 @@ def test_teacher_layers_init_refuses_other_widths_and_wavlm_layers(tmp_path, tea
     student = Student(wide, LossConfig(teacher_layers=[4]), teacher.info, depth=2)
     with pytest.raises(ConfigError, match="wavlm model's layers compute something else"):
         init_student(student, wide, teacher)
+
+
+# ---- heads on the top layer: output_heads and DistilHuBERT (issue 14, item 4) ------------------
+
+
+def _cut_below_the_top(student):
+    """Detaches the input of the student's top layer: what reaches the layers below then came through a direct
+    target of theirs, not through the top layer."""
+    top = student.sfm.encoder.layers[student.depth - 1]
+    return top.register_forward_pre_hook(lambda module, args, kwargs: ((args[0].detach(),), kwargs), with_kwargs=True)
+
+
+def test_output_heads_read_the_top_layer_and_no_intermediate_layer_has_a_target(teacher_dir):
+    from istack_ds.models.losses import distillation_loss
+    from istack_ds.models.sfm import length_mask
+
+    teacher = Teacher(teacher_dir, [2, 4, 8])
+    loss_cfg = LossConfig(kind="output_heads", teacher_layers=[2, 4, 8], inter_weight=0.5)
+    cfg = StudentConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, dropout=0.0)
+    torch.manual_seed(0)
+    student = Student(cfg, loss_cfg, teacher.info, depth=3, supervised=[0, 1, 2])
+    assert student.supervised == [2, 2, 2]  # the top layer, whatever a growth's carry would say
+    # the last target through a Linear (the output projection); the others through prediction heads
+    assert isinstance(student.heads["L8"], torch.nn.Linear) and student.heads["L8"].weight.shape == (96, 64)
+    for t in (2, 4):
+        head = student.heads[f"L{t}"]
+        assert [type(m) for m in head] == [torch.nn.Linear, torch.nn.GELU, torch.nn.Linear]
+        assert (head[0].in_features, head[0].out_features, head[2].in_features, head[2].out_features) == (
+            64,
+            64,
+            64,
+            96,
+        )
+
+    audio, lens = torch.randn(2, 8000), torch.tensor([8000, 6000])
+    pred, target = student(audio, lens), teacher(audio, lens)
+    top = student.hidden_states(audio, lens)[-1]
+    for t in (2, 4, 8):
+        assert torch.equal(pred[f"L{t}"], student.heads[f"L{t}"](top))
+    # the exact value on this case: MSE(L8) + 0.5 x (MSE(L2) + MSE(L4)) over the valid frames
+    mask = length_mask(teacher.frame_lengths(lens), pred["L8"].shape[1])
+    total, _ = distillation_loss(loss_cfg, pred, target, mask)
+
+    def mse(t):
+        return ((pred[f"L{t}"] - target[t]) ** 2).mean(-1)[mask].mean()
+
+    assert torch.allclose(total, mse(8) + 0.5 * (mse(2) + mse(4)), rtol=1e-6)
+
+    # cut below the top layer: the heads still learn, no layer below the top gets any gradient
+    hook = _cut_below_the_top(student)
+    total, _ = distillation_loss(loss_cfg, student(audio, lens), target, mask)
+    total.backward()
+    hook.remove()
+    for t in (2, 4, 8):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.heads[f"L{t}"].parameters()), t
+    assert student.sfm.encoder.layers[2].feed_forward.output_dense.weight.grad.abs().sum() > 0  # the top layer
+    for i in (0, 1):
+        grads = [p.grad for p in student.sfm.encoder.layers[i].parameters()]
+        assert all(g is None or g.abs().sum() == 0 for g in grads), f"layer {i} has a target of its own"
+
+    # the contrast: l2l gives layer 0 a target of its own, so the same cut leaves it a gradient
+    l2l = Student(cfg, LossConfig(kind="l2l", teacher_layers=[2, 4, 8]), teacher.info, depth=3)
+    hook = _cut_below_the_top(l2l)
+    distillation_loss(LossConfig(teacher_layers=[2, 4, 8]), l2l(audio, lens), target, mask)[0].backward()
+    hook.remove()
+    assert l2l.sfm.encoder.layers[0].attention.q_proj.weight.grad.abs().sum() > 0
+
+
+def _s3prl_expand_last(x, w1, b1, split_weight, split_bias):
+    """s3prl's distiller output layer (out_layer_type expand-last) as its definition reads: Linear(D, N x D) ->
+    GELU -> SplitLinear, whose weight is [N, D, Dout] and bias [1, 1, N, Dout]; returns [B, N, T, Dout]."""
+    b, t, _ = x.shape
+    n, d, _ = split_weight.shape
+    h = torch.nn.functional.gelu(x @ w1.T + b1).reshape(b, t, n, 1, d)
+    out = torch.einsum("btnod,nde->btnoe", h, split_weight).squeeze(3) + split_bias
+    return out.permute(0, 2, 1, 3)
+
+
+def test_distilhubert_config_heads_and_init_are_s3prls(teacher_dir):
+    """configs/distilhubert.yaml holds s3prl's distiller settings; its heads compute s3prl's output layer, and
+    student layer i starts as teacher layer i (init_teacher_conv_layers, init_teacher_encoder_layers)."""
+    from istack_ds.config import load_config
+    from istack_ds.models.student import init_student
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "distilhubert.yaml")
+    s = cfg.student
+    assert (s.hidden_size, s.intermediate_size, s.num_attention_heads) == (768, 3072, 12)
+    assert (s.init, s.dropout, s.cnn_grad_scale, s.frontend) == ("teacher_layers", 0.1, 0.1, "trainable")
+    assert (cfg.loss.kind, cfg.loss.teacher_layers, cfg.loss.cos_weight) == ("distilhubert", [4, 8, 12], 1.0)
+    assert (cfg.growth.operator, cfg.growth.stage_depths, cfg.teacher.dtype) == ("none", [2], "fp32")
+    o = cfg.optim
+    assert (o.lr, o.betas, o.eps, o.weight_decay, o.warmup_fraction, o.total_steps, o.grad_clip) == (
+        2e-4,
+        [0.9, 0.98],
+        1e-6,
+        0.01,
+        0.07,
+        200000,
+        5.0,
+    )
+    assert (cfg.data.global_batch, cfg.data.batch_unit, cfg.data.crop_seconds) == (24, "utterances", 15.625)
+
+    # the same student at the tiny teacher's width (the structure does not depend on it)
+    teacher = Teacher(teacher_dir, [2, 4, 8])
+    tiny = StudentConfig(hidden_size=96, intermediate_size=192, num_attention_heads=4, init="teacher_layers")
+    loss = LossConfig(kind="distilhubert", teacher_layers=[2, 4, 8])
+    torch.manual_seed(0)
+    student = Student(tiny, loss, teacher.info, depth=2)
+    init_student(student, tiny, teacher)
+    assert student.supervised == [1, 1, 1]
+    for t in (2, 4, 8):
+        head = student.heads[f"L{t}"]
+        assert [type(m) for m in head] == [torch.nn.Linear, torch.nn.GELU, torch.nn.Linear]
+        assert head[0].weight.shape == (96, 96) and head[2].weight.shape == (96, 96)  # inter dim = student width
+    heads = [student.heads[f"L{t}"] for t in (2, 4, 8)]
+    w1 = torch.cat([h[0].weight for h in heads])  # s3prl's Linear(768, 3 x 768)
+    b1 = torch.cat([h[0].bias for h in heads])
+    split_weight = torch.stack([h[2].weight.T for h in heads])  # SplitLinear.weight [N, D_in, D_out]
+    split_bias = torch.stack([h[2].bias for h in heads]).reshape(1, 1, 3, 96)
+    assert w1.shape == (3 * 96, 96) and split_weight.shape == (3, 96, 96)
+    audio, lens = torch.randn(2, 8000), torch.tensor([8000, 6000])
+    student.eval()
+    pred = student(audio, lens)
+    with torch.no_grad():
+        ref = _s3prl_expand_last(student.hidden_states(audio, lens)[-1], w1, b1, split_weight, split_bias)
+        mine = torch.stack([pred["L2"], pred["L4"], pred["L8"]], dim=1)
+    assert (mine - ref).abs().max().item() <= 1e-5
+
+    # initialisation: CNN, feature projection, positional convolution and layer i = the teacher's layer i
+    own, src = student.sfm.state_dict(), teacher.model.state_dict()
+    for i in (0, 1):
+        names = [n for n in own if n.startswith(f"encoder.layers.{i}.")]
+        assert names and all(torch.equal(own[n], src[n]) for n in names), i
+    for prefix in ("feature_extractor.", "feature_projection.projection.", "encoder.pos_conv_embed."):
+        names = [n for n in own if n.startswith(prefix)]
+        assert names and all(torch.equal(own[n], src[n]) for n in names), prefix

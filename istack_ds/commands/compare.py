@@ -1,4 +1,4 @@
-"""`istack compare`: compare training runs from their TensorBoard logs: one plot, one markdown table.
+"""`istack compare`: compare training runs from their TensorBoard logs: plots and one markdown table.
 
 Usage (`python tools/compare_runs.py` takes the same arguments):
     istack compare runs/paper_cpu/* --out docs/paper_cpu
@@ -8,8 +8,16 @@ Each RUN_DIR is a run directory (`<out_dir>` of a config: tb/ and config.yaml).
 Writes into --out:
     comparison.png   train / valid loss against wall time and against step, depth against step,
                      and the CKA of the last target's supervised layer (when logged)
-    comparison.md    the table below
-    comparison.json  the same numbers, machine-readable
+    cka_student.png  student layer x student layer linear CKA at each run's last validation, one panel
+                     per run, one colour scale (the paper's layer-similarity analysis: a clone and its
+                     source form a bright block)
+    cka_teacher.png  student layer x teacher layer linear CKA at the same validation (supervised pairs boxed)
+    comparison.md    the table below, then the figures and the step each CKA map is from
+    comparison.json  the same numbers (the CKA maps too), machine-readable
+The CKA maps are the tensors `diag/cka_student_matrix` and `diag/cka_matrix` that the layer
+diagnostics (istack_ds/diagnostics.py, `eval.diagnostics`) write into tb/ at each validation: the
+TensorBoard events are their only store. A run without them (diagnostics off, or a run older than
+them) gets no panel and is named in comparison.md; with none at all the two CKA figures are not written.
 
 Table columns, and how each number is computed:
     wall time       seconds from the run's first TensorBoard event to its last `train/loss` event
@@ -23,16 +31,18 @@ Table columns, and how each number is computed:
                     linearly between the two evaluations around the crossing ("not reached"
                     when it never does)
 The baseline is the run with growth.operator `none` (full depth from step 0), or --baseline.
-Idempotent: re-running overwrites the three files.
+Idempotent: re-running overwrites these files (and removes a CKA figure no run has data for).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -45,6 +55,8 @@ class Run:
     t0: float
     series: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
     """tag -> [(step, wall time since t0, value)], increasing steps, as TensorBoard shows them (:func:`shown`)."""
+    matrices: dict[str, tuple[int, list[list[float]]]] = field(default_factory=dict)
+    """CKA map name (``student_student``, ``student_teacher``) -> (step, rows) of its last shown event."""
 
     def get(self, tag: str) -> list[tuple[int, float, float]]:
         return self.series.get(tag, [])
@@ -77,14 +89,32 @@ def read_run(path: str | Path) -> Run:
     config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
     name = config.get("run", {}).get("name") or path.name
     operator = config.get("growth", {}).get("operator", "?")
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     raw = {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
     if not raw or not any(raw.values()):
         raise SystemExit(f"{tb} holds no scalars")
     t0 = min(e.wall_time for events in raw.values() for e in events)
     series = {tag: [(e.step, e.wall_time - t0, e.value) for e in shown(events)] for tag, events in raw.items()}
-    return Run(path=path, name=name, operator=operator, t0=t0, series=series)
+    return Run(path=path, name=name, operator=operator, t0=t0, series=series, matrices=read_matrices(acc))
+
+
+def read_matrices(acc) -> dict[str, tuple[int, list[list[float]]]]:
+    """The last shown CKA map of each name in :data:`istack_ds.diagnostics.MATRIX_TAGS`: (step, rows)."""
+    from tensorboard.util.tensor_util import make_ndarray
+
+    from istack_ds.diagnostics import MATRIX_TAGS
+
+    tags = set(acc.Tags().get("tensors", []))
+    out = {}
+    for name, tag in MATRIX_TAGS.items():
+        events = shown(acc.Tensors(tag)) if tag in tags else []
+        if events:
+            matrix = make_ndarray(events[-1].tensor_proto)
+            if matrix.ndim != 2:
+                raise SystemExit(f"{tag} at step {events[-1].step} is not a matrix: shape {matrix.shape}")
+            out[name] = (int(events[-1].step), matrix.tolist())
+    return out
 
 
 # ---- the arithmetic -------------------------------------------------------------------
@@ -123,7 +153,7 @@ def summarize(runs: list[Run], baseline: Run | None) -> list[dict]:
     for run in runs:
         train, valid = run.get("train/loss"), run.get("valid/loss")
         depth = run.get("model/depth")
-        row = {
+        row: dict[str, Any] = {
             "run": run.name,
             "path": str(run.path),
             "operator": run.operator,
@@ -136,6 +166,11 @@ def summarize(runs: list[Run], baseline: Run | None) -> list[dict]:
         }
         cka = [v[-1][2] for tag, v in run.series.items() if tag.startswith("diag/cka_L") and v]
         row["final_cka_supervised"] = sum(cka) / len(cka) if cka else None
+        adjacent = run.get("diag/cka_student_adjacent")
+        row["final_cka_student_adjacent"] = adjacent[-1][2] if adjacent else None
+        for name, (step, matrix) in run.matrices.items():
+            row[f"cka_{name}_step"] = step
+            row[f"cka_{name}"] = matrix
         if baseline is not None and train and base_train:
             n = min(train[-1][0], base_train[-1][0])
             t_run, t_base = time_at_step(train, n), time_at_step(base_train, n)
@@ -159,7 +194,8 @@ def markdown_table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["baseline"]), None)
     head = (
         "| run | operator | steps | final depth | wall time (s) | final train loss | final valid loss | "
-        "speed-up, equal steps | speed-up, equal valid loss | steps to baseline loss | CKA supervised |"
+        "speed-up, equal steps | speed-up, equal valid loss | steps to baseline loss | CKA supervised | "
+        "CKA neighbours |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -173,7 +209,8 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {r['run']}{' (baseline)' if r['baseline'] else ''} | {r['operator']} | {_fmt(r['steps'], 'd')} | "
             f"{_fmt(r['final_depth'], 'd')} | {_fmt(r['wall_s'], '.1f')} | {_fmt(r['final_train_loss'], '.4f')} | "
             f"{_fmt(r['final_valid_loss'], '.4f')} | {speed_steps} | {speed_loss} | "
-            f"{_fmt(r.get('steps_to_target'), '.0f')} | {_fmt(r['final_cka_supervised'], '.3f')} |"
+            f"{_fmt(r.get('steps_to_target'), '.0f')} | {_fmt(r['final_cka_supervised'], '.3f')} | "
+            f"{_fmt(r['final_cka_student_adjacent'], '.3f')} |"
         )
     if base is not None and "target_valid_loss" in base:
         lines.append("")
@@ -181,7 +218,69 @@ def markdown_table(rows: list[dict]) -> str:
             f"Baseline: `{base['run']}`. Equal valid loss: the time to reach the baseline's final valid "
             f"loss {base['target_valid_loss']:.4f}; equal steps: the time to step {base.get('equal_steps')}."
         )
+    lines.append("")
+    lines.append(
+        "CKA supervised: the mean of the last `diag/cka_L<t>`; CKA neighbours: the last "
+        "`diag/cka_student_adjacent`, the mean linear CKA of student layers s and s + 1."
+    )
     return "\n".join(lines) + "\n"
+
+
+CKA_FIGURES = {
+    "student_student": ("cka_student.png", "student layer x student layer linear CKA"),
+    "student_teacher": ("cka_teacher.png", "student layer x teacher layer linear CKA (supervised pairs boxed)"),
+}
+"""CKA map name -> (file written into --out, what it shows)."""
+
+
+def figures_section(runs: list[Run], written: list[str]) -> str:
+    """The markdown that lists the figures, the validation step each run's CKA maps are from, and the runs without."""
+    lines = ["", "## Figures", "", "- `comparison.png`: losses against wall time and step, depth, supervised CKA"]
+    for name, (filename, what) in CKA_FIGURES.items():
+        if filename not in written:
+            lines.append(f"- no `{filename}`: no run logged `{name}` CKA maps (`eval.diagnostics`)")
+            continue
+        have = [f"{r.name} (step {r.matrices[name][0]})" for r in runs if name in r.matrices]
+        lines.append(f"- `{filename}`: {what} at each run's last validation: {', '.join(have)}")
+        missing = [r.name for r in runs if name not in r.matrices]
+        if missing:
+            lines.append(f"  - not logged, no panel: {', '.join(missing)}")
+    return "\n".join(lines) + "\n"
+
+
+def supervised_at(run: Run, step: int) -> dict[int, int]:
+    """{student layer: teacher layer} of the ``diag/cka_<s>_<t>`` scalars logged at `step`."""
+    pairs = {}
+    for tag, points in run.series.items():
+        match = re.fullmatch(r"diag/cka_(\d+)_(\d+)", tag)
+        if match and any(p[0] == step for p in points):
+            pairs[int(match.group(1))] = int(match.group(2))
+    return pairs
+
+
+def plot_cka(runs: list[Run], out: Path) -> list[str]:
+    """Writes one figure per CKA map name that some run logged (a panel per run); returns the file names.
+
+    A figure no run has data for is removed from `out`, so the directory matches comparison.md.
+    """
+    from istack_ds.diagnostics import STUDENT_AXIS, TEACHER_AXIS, cka_panels
+
+    written = []
+    for name, (filename, _) in CKA_FIGURES.items():
+        panels = []
+        for run in runs:
+            if name not in run.matrices:
+                continue
+            step, matrix = run.matrices[name]
+            supervised = supervised_at(run, step) if name == "student_teacher" else {}
+            panels.append((f"{run.name} ({run.operator})\nstep {step}, depth {len(matrix) - 1}", matrix, supervised))
+        if not panels:
+            (out / filename).unlink(missing_ok=True)
+            continue
+        fig = cka_panels(panels, STUDENT_AXIS if name == "student_student" else TEACHER_AXIS)
+        fig.savefig(out / filename)
+        written.append(filename)
+    return written
 
 
 # ---- the plot -------------------------------------------------------------------------
@@ -249,12 +348,14 @@ def main(argv=None, prog: str | None = None) -> int:
             print("compare_runs: no run with growth.operator none: speed-ups are not computed", file=sys.stderr)
     rows = summarize(runs, baseline)
     args.out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(rows)
+    plot(runs, args.out / "comparison.png")
+    figures = plot_cka(runs, args.out)
+    table = markdown_table(rows) + figures_section(runs, figures)
     (args.out / "comparison.md").write_text(table)
     (args.out / "comparison.json").write_text(json.dumps(rows, indent=1))
-    plot(runs, args.out / "comparison.png")
     print(table)
-    print(f"wrote {args.out / 'comparison.md'}, {args.out / 'comparison.json'} and {args.out / 'comparison.png'}")
+    written = ["comparison.md", "comparison.json", "comparison.png", *figures]
+    print(f"wrote {', '.join(str(args.out / f) for f in written)}")
     return 0
 
 

@@ -1,9 +1,16 @@
-"""LibriLight layout -> lhotse manifests -> VAD-window cuts per split (no audio is decoded).
+"""A corpus -> lhotse manifests -> cuts per split (no audio is decoded): the first step of `istack shard`.
 
 Usage (`python tools/prepare_librilight.py` takes the same arguments):
     istack prepare --corpus /data/librilight --out /data/ll-shards --jobs 16
     istack prepare --corpus data/demo/corpus --out data/demo/shards \\
         --max-seconds 3 --valid-speakers 1
+    istack prepare --corpus /data/LibriSpeech --out /data/ls-shards --jobs 16
+    istack prepare --corpus /data/lhotse-manifests --out /data/shards --layout lhotse_manifest
+
+The layout of --corpus is recognised as `istack shard` recognises it (--layout names one). For
+LibriSpeech (OUT/manifests/librispeech_{recordings,supervisions}_<part>.jsonl.gz as lhotse's recipe
+names them, one cut per whole utterance: train-* -> train, dev-* -> valid) and lhotse manifests (one
+cut per supervision), see `istack shard --help`. For LibriLight:
 
 Reads CORPUS/{small,medium,large}/<speaker>/<book>/<name>.flac + <name>.json (any
 subset of the parts) and writes, lazily (file by file, never a whole part in memory):
@@ -31,7 +38,13 @@ import json
 import sys
 import time
 
-from istack_ds.data.corpora import add_preparation_args, valid_speakers_arg
+from istack_ds.data.corpora import (
+    add_preparation_args,
+    default_max_seconds,
+    detect_layout,
+    get_corpus,
+    valid_speakers_arg,
+)
 from istack_ds.data.corpora.librilight import prepare_librilight
 from istack_ds.data.index import DataError
 
@@ -44,19 +57,41 @@ def main(argv=None, prog: str | None = None) -> int:
     t0 = time.time()
     valid_speakers = valid_speakers_arg(args)
     try:
-        summary = prepare_librilight(
-            args.corpus,
-            args.out,
-            max_seconds=args.max_seconds,
-            min_seconds=args.min_seconds,
-            valid_speakers=valid_speakers,
-            valid_fraction=args.valid_fraction,
-            jobs=args.jobs,
-        )
+        layout = args.layout or detect_layout(args.corpus)
+        max_seconds = args.max_seconds if args.max_seconds is not None else default_max_seconds(layout)
+        if layout == "librilight":
+            summary = prepare_librilight(
+                args.corpus,
+                args.out,
+                max_seconds=max_seconds,
+                min_seconds=args.min_seconds,
+                valid_speakers=valid_speakers,
+                valid_fraction=args.valid_fraction,
+                jobs=args.jobs,
+            )
+            summary = {k: v for k, v in summary.items() if k != "valid_speakers"}
+        else:
+            prepared = get_corpus(layout).prepare(
+                args.corpus,
+                args.out,
+                max_seconds=max_seconds,
+                min_seconds=args.min_seconds,
+                valid_speakers=valid_speakers,
+                valid_fraction=args.valid_fraction,
+                jobs=args.jobs,
+                log=print,
+            )
+            print(prepared.skipped.line("source files"))
+            summary = {
+                "layout": layout,
+                "splits": {s: str(path) for s, path in prepared.splits.items()},
+                "settings": prepared.settings,
+                "skipped": prepared.skipped.to_dict(),
+            }
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "valid_speakers"}, indent=1))
+    print(json.dumps(summary, indent=1))
     print(f"done in {time.time() - t0:.1f} s")
     return 0
 

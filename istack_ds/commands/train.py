@@ -31,6 +31,7 @@ import json
 import os
 import sys
 
+from ..batching import plan_batches, resolve_total_steps
 from ..config import Config, ConfigError, load_config
 
 
@@ -120,6 +121,10 @@ def main(argv=None, prog: str = "istack train") -> int:
     try:
         with _planned_topology(args):
             cfg = load_config(args.config, args.overrides)
+            # optim.epochs -> optim.total_steps from the train index (the run's config.yaml holds the result)
+            cfg, steps_from = resolve_total_steps(cfg)
+            if steps_from and os.environ.get("RANK", "0") == "0":
+                print(f"istack_ds: {steps_from}", file=sys.stderr)
             if args.print_config:
                 print_config(cfg, args.config)
                 return 0
@@ -268,8 +273,9 @@ def dry_run(cfg: Config, path: str) -> None:
     counts = shards_per_worker(len(train.shards), nodes, per_node, readers)
     print(
         f"train: {len(train.shards)} shards, {train.seconds / 3600:.2f} h in {train.path}; shards per worker and "
-        f"epoch: {min(counts)}..{max(counts)}; {cfg.data.batch_seconds:g} s of audio per rank and micro-batch"
+        f"epoch: {min(counts)}..{max(counts)}"
     )
+    print(f"batch: {plan_batches(cfg.data, cfg.deepspeed, world).describe()}")
     if cfg.data.valid_index:
         valid = read_index(cfg.data.valid_index)
         per_rank = shards_per_worker(len(valid.shards), nodes, per_node, 1)
@@ -277,10 +283,11 @@ def dry_run(cfg: Config, path: str) -> None:
     else:
         print("valid: none (data.valid_index is null)")
 
-    schedule = Schedule.from_config(cfg.growth, cfg.optim.total_steps)
+    schedule = Schedule.from_config(cfg.growth, cfg.optim.steps)
     g = cfg.growth
     how = f"boundaries {g.boundaries}" if g.boundaries is not None else f"alpha {g.alpha:g}"
-    print(f"growth schedule: operator {g.operator}, {how}, {cfg.optim.total_steps} steps")
+    epochs = f" (optim.epochs={cfg.optim.epochs:g})" if cfg.optim.epochs is not None else ""
+    print(f"growth schedule: operator {g.operator}, {how}, {cfg.optim.steps} steps{epochs}")
     print(f"  {'stage':>5}  {'depth':>5}  {'first step':>10}  {'steps':>8}")
     ends = [*schedule.boundaries, schedule.total_steps]
     for i, (depth, start, end) in enumerate(zip(schedule.depths, schedule.starts, ends)):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,8 +167,12 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    """Writes `obj` as indented JSON under a temporary name, then renames it: a reader sees all of it or none."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Writes `obj` as indented JSON under a temporary name, then renames it: a reader sees all of it or none.
+
+    NOTE: the temporary name is this process's own (host, pid): jobs of a sharding split over
+    machines may write the same record (a corpus part's skipped files) at once.
+    """
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
     os.replace(tmp, path)
 

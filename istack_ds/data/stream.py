@@ -7,7 +7,8 @@
          its shards: tar members -> header check (flac + json, rate, channels, length)
          -> random crop plan (data.crop_seconds) -> at least `min_samples` samples at
          data.sample_rate after the crop -> shuffle buffer (data.shuffle_buffer cuts)
-         -> duration buckets (bins from the index's histogram) -> batches of <= data.batch_seconds
+         -> duration buckets (bins from the index's histogram) -> batches of <= data.batch_seconds,
+            or the micro-batch of istack_ds.batching.plan_batches (seconds, or exactly N cuts)
       -> decode only the cropped frames (soundfile), resample / downmix when needed
       -> batch dict of raw samples, zero-padded, with the batch's padded fraction
 
@@ -88,6 +89,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from istack_ds.batching import BatchPlan
 from istack_ds.config import DataConfig
 from istack_ds.data.index import DataError, ShardIndex, check_shard_count, read_index
 from istack_ds.data.tario import MIN_MEMBER_SAMPLES, BadMember, iter_tar_samples, member_meta, to_mono_rate
@@ -343,7 +345,7 @@ def _short(value) -> str:
 
 def _setting(key: str) -> str:
     """How a note names a batching setting: the config key where there is one."""
-    return key if key in ("crop", "min_samples") else f"data.{key}"
+    return {"crop": "crop", "min_samples": "min_samples", "micro_batch": "micro-batch"}.get(key, f"data.{key}")
 
 
 def state_epoch(state: dict) -> int:
@@ -367,6 +369,7 @@ def build_loader(
     position: dict | None = None,
     local_world_size: int | None = None,
     min_samples: int = MIN_SAMPLES,
+    plan: BatchPlan | None = None,
 ) -> ShardLoader:
     """The DataLoader of this rank over the shards of `index_path`.
 
@@ -377,7 +380,9 @@ def build_loader(
     through :meth:`ShardLoader.load_state_dict` instead. `local_world_size` (ranks per
     node; default $LOCAL_WORLD_SIZE, else all ranks on one node) splits the shards
     by node first. Cuts shorter than `min_samples` samples at data.sample_rate (after
-    the crop) are skipped and counted as ``too_short``. Raises DataError when the index
+    the crop) are skipped and counted as ``too_short``. `plan` (istack_ds.batching.plan_batches) sets the
+    micro-batch: `plan.micro` seconds, or exactly `plan.micro` cuts with a shard group's remainder left out
+    (``batch_remainder``); default `data.batch_seconds` seconds. Raises DataError when the index
     is unusable, a shard is missing on disk, or there are fewer shards than nodes x
     ranks x workers.
     """
@@ -402,6 +407,7 @@ def build_loader(
         crop=crop,
         duration_bins=duration_bins(index, data.num_buckets, data.crop_seconds if crop else None),
         min_samples=min_samples,
+        plan=plan,
     )
     # Workers prefetch batches while the trainer computes; on a GPU, pinned batches copy asynchronously.
     loader = ShardLoader(
@@ -541,13 +547,16 @@ class Item:
 
 
 class Batcher:
-    """Shuffle buffer -> duration buckets -> batches of at most `batch_seconds` (one shard group at a time).
+    """Shuffle buffer -> duration buckets -> batches of at most `limit` seconds, or of `limit` cuts with
+    `count` (one shard group at a time).
 
     A cut leaves the shuffle buffer (`buffer_size` cuts, a random one out once it is full) into
     the bucket of its duration (`bins`: upper bounds in seconds); a bucket that would overflow
-    `batch_seconds` is emitted first. :meth:`drain` empties it all at the group's end: the
-    buffer's cuts through their buckets, then every bucket's leftovers sorted by duration and
-    packed together. Every cut added is in exactly one batch; the batches depend only on the
+    `limit` is emitted first. :meth:`drain` empties it all at the group's end: the buffer's cuts
+    through their buckets, then every bucket's leftovers sorted by duration and packed together.
+    Every cut added is in exactly one batch, except with `count` and `drop_remainder`: there every
+    batch holds exactly `limit` cuts, and the leftovers that fill none (fewer than `limit`) are
+    drawn at random, not by length, and put in :attr:`dropped`. The batches depend only on the
     cuts' order and `rng`.
 
     NOTE: why not lhotse's ``DynamicBucketingSampler`` (lhotse 1.33; measured by
@@ -575,8 +584,18 @@ class Batcher:
       cropped frames (``start``, ``frames``).
     """
 
-    def __init__(self, bins: list[float], batch_seconds: float, buffer_size: int, rng: random.Random):
-        self.bins, self.batch_seconds, self.buffer_size, self.rng = bins, batch_seconds, max(1, buffer_size), rng
+    def __init__(
+        self,
+        bins: list[float],
+        limit: float,
+        buffer_size: int,
+        rng: random.Random,
+        count: bool = False,
+        drop_remainder: bool = False,
+    ):
+        self.bins, self.limit, self.buffer_size, self.rng = bins, limit, max(1, buffer_size), rng
+        self.count, self.drop_remainder = count, drop_remainder
+        self.dropped: list[Item] = []
         self.buffer: list[Item] = []
         self.buckets: list[list[Item]] = [[] for _ in range(len(bins) + 1)]
         self.filled = [0.0] * (len(bins) + 1)
@@ -592,12 +611,15 @@ class Batcher:
     def _place(self, item: Item) -> list[list[Item]]:
         b = bisect.bisect_left(self.bins, item.seconds)
         out = []
-        if self.buckets[b] and self.filled[b] + item.seconds > self.batch_seconds:
+        if self.buckets[b] and self.filled[b] + self._cost(item) > self.limit:
             out.append(self.buckets[b])
             self.buckets[b], self.filled[b] = [], 0.0
         self.buckets[b].append(item)
-        self.filled[b] += item.seconds
+        self.filled[b] += self._cost(item)
         return out
+
+    def _cost(self, item: Item) -> float:
+        return 1.0 if self.count else item.seconds
 
     def drain(self) -> list[list[Item]]:
         """Everything held: full buckets as they fill, then the leftovers of all buckets packed by length."""
@@ -607,14 +629,19 @@ class Batcher:
         rest = sorted((it for bucket in self.buckets for it in bucket), key=lambda it: it.seconds)
         self.buckets = [[] for _ in self.buckets]
         self.filled = [0.0] * len(self.buckets)
+        if self.count and self.drop_remainder:
+            # NOTE: drawn at random: the last of the sorted leftovers would always be the group's longest cuts
+            left_out = set(self.rng.sample(range(len(rest)), len(rest) % int(self.limit)))
+            self.dropped = [it for i, it in enumerate(rest) if i in left_out]
+            rest = [it for i, it in enumerate(rest) if i not in left_out]
         batch: list[Item] = []
         filled = 0.0
         for it in rest:
-            if batch and filled + it.seconds > self.batch_seconds:
+            if batch and filled + self._cost(it) > self.limit:
                 out.append(batch)
                 batch, filled = [], 0.0
             batch.append(it)
-            filled += it.seconds
+            filled += self._cost(it)
         if batch:
             out.append(batch)
         return out
@@ -638,8 +665,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         names: list[str] | None = None,
         index_digest: str = "",
         min_samples: int = MIN_SAMPLES,
+        plan: BatchPlan | None = None,
     ):
         super().__init__()
+        # What a micro-batch counts and holds at most: seconds of audio, or exactly `limit` cuts.
+        self.unit = plan.unit if plan is not None else "seconds"
+        self.limit = plan.micro if plan is not None else data.batch_seconds
         self.shards, self.data, self.rank, self.world_size = list(shards), data, rank, world_size
         self.local_world_size = local_world_size
         self.seed, self.epochs, self.crop, self.duration_bins = seed, epochs, crop, duration_bins
@@ -653,7 +684,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         return {
             "crop": self.crop,
             "crop_seconds": self.data.crop_seconds,
-            "batch_seconds": self.data.batch_seconds,
+            # data.batch_seconds, or the micro-batch data.global_batch gives this world size
+            "micro_batch": f"{self.limit:g} {self.unit}",
+            "long_cuts": self.data.long_cuts,
             "shuffle_buffer": self.data.shuffle_buffer,
             "num_buckets": self.data.num_buckets,
             "sample_rate": self.data.sample_rate,
@@ -727,11 +760,22 @@ class ShardStream(torch.utils.data.IterableDataset):
         """The batches of one shard group as planned cuts, each with whether it is the group's last."""
         # NOTE: seeded by the shard's name in the index, not its path on disk: moved data, same batches.
         rng = random.Random(f"batches:{self.seed}:{epoch}:{self.names[group[0][0]]}")
-        batcher = Batcher(self.duration_bins, self.data.batch_seconds, self.data.shuffle_buffer, rng)
+        batcher = Batcher(
+            self.duration_bins,
+            self.limit,
+            self.data.shuffle_buffer,
+            rng,
+            count=self.unit == "utterances",
+            # NOTE: training batches hold exactly `limit` cuts (the global batch a step holds); held-out
+            # batches keep every cut
+            drop_remainder=self.crop,
+        )
         for item in round_robin([self.read_shard(path, samples, rng, counters) for path, samples in group]):
             for cuts in batcher.add(item):
                 yield cuts, False
         ready = batcher.drain()
+        for _ in batcher.dropped:
+            counters.skip("batch_remainder")
         for i, cuts in enumerate(ready):
             yield cuts, i == len(ready) - 1
 
@@ -758,7 +802,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 continue
             sr, frames = info.samplerate, info.frames
             seconds = frames / sr
-            too_long = seconds > self.data.batch_seconds  # could never fit a batch: cut back like a crop
+            if self.crop and self.data.long_cuts == "skip" and seconds > self.data.crop_seconds:
+                counters.skip("longer_than_crop")
+                continue
+            # could never fit a batch of seconds: cut back like a crop
+            too_long = self.unit == "seconds" and seconds > self.limit
             start = 0
             if (self.crop or too_long) and seconds > self.data.crop_seconds:
                 if self.crop:

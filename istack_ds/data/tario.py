@@ -35,6 +35,8 @@ SKIP_REASONS = (
     "non_finite",
     "too_short",
     "too_large",  # above MAX_MEMBER_BYTES (tar header or FLAC header)
+    "longer_than_crop",  # data.long_cuts=skip: only whole utterances up to data.crop_seconds are trained on
+    "batch_remainder",  # utterance batches: a shard group's last cuts that fill no micro-batch (drawn at random)
 )
 #: What was repaired on the way: the keys of data/repaired_by_reason.
 REPAIR_REASONS = ("resampled", "downmixed", "too_long")

@@ -16,6 +16,15 @@ decoded whole. Re-running skips shards whose file still matches the index
 (checked by the writers, in parallel); an interrupted run leaves
 ``index.partial.json`` so the next run keeps what was finished.
 
+Across machines (``--part I/N``): every job plans every split the same way (same corpus and
+settings, same plan), walks all its cuts (so duplicate keys are found as in one run) and writes only
+the shards numbered ``k`` with ``k % N == I - 1`` (round robin: each job gets shards of every size),
+then ``OUT/<split>/index.part-I-of-N.json``: an index of its shards plus the plan every job made
+(``part``: index, of, and the planned ``keys_sha256`` of every shard). :func:`merge_parts` checks
+that all N are there, made with the same settings and plan, each shard present once, on disk with
+its size and holding the planned keys (so no key is in two shards), and writes the ``index.json`` one
+unsplit run writes, byte for byte.
+
 A cut is left out, never written in part, and counted by one of
 :data:`WRITE_SKIP_REASONS` when its source audio does not decode, it holds fewer
 than :data:`~istack_ds.data.tario.MIN_MEMBER_SAMPLES` samples, its FLAC is above
@@ -32,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -41,7 +51,7 @@ from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from istack_ds.data.corpora import DEFAULT_CORPUS, Corpus, Skipped, get_corpus
+from istack_ds.data.corpora import Corpus, Skipped, default_max_seconds, detect_layout, get_corpus
 from istack_ds.data.index import HISTOGRAM_BIN_SECONDS, DataError, ShardInfo, file_sha256, index_dict, write_json_atomic
 from istack_ds.data.progress import Progress
 from istack_ds.data.tario import (
@@ -60,6 +70,9 @@ if TYPE_CHECKING:
     import numpy as np
 
 SHARD_PATTERN = "shard-%06d.tar"
+#: The index of one job's part of a split sharded over machines (``--part I/N``).
+PART_INDEX = "index.part-{i}-of-{n}.json"
+PART_INDEX_RE = re.compile(r"^index\.part-(\d+)-of-(\d+)\.json$")
 #: Keys of a member's json that the writer sets; a cut's custom metadata cannot use them.
 MEMBER_KEYS = ("id", "offset", "duration", "sample_rate")
 #: Why the writer left a cut out (the keys of ``skipped.by_reason`` in index.json).
@@ -315,6 +328,8 @@ class SplitPlan:
     seconds: float
     keys: array
     """:func:`key_hashes` of the cut ids, for duplicate detection across splits."""
+    shard_seconds: list[float] = field(default_factory=list)
+    """Planned seconds of audio per shard."""
 
 
 def plan_split(
@@ -326,6 +341,7 @@ def plan_split(
     histogram: list[int] = []
     total = [0.0]
     keys = array("Q")
+    seen = array("f")  # 4 bytes a cut: the per-shard seconds a job of a --part run shows progress against
 
     def durations():
         for c in CutSet.from_jsonl_lazy(cuts_path):
@@ -334,6 +350,7 @@ def plan_split(
             histogram[b] += 1
             total[0] += c.duration
             keys.extend(key_hashes([c.id]))
+            seen.append(c.duration)
             yield c.duration
 
     sizes = plan_shards(
@@ -341,12 +358,22 @@ def plan_split(
     )
     if not sizes:
         raise DataError(f"split {split!r} has no cuts ({cuts_path}); lower --min-seconds or check the corpus")
-    return SplitPlan(split, Path(cuts_path), sizes, histogram, total[0], keys)
+    bounds = [0]
+    for n in sizes:
+        bounds.append(bounds[-1] + n)
+    shard_seconds = [float(sum(seen[a:b])) for a, b in zip(bounds, bounds[1:])]
+    return SplitPlan(split, Path(cuts_path), sizes, histogram, total[0], keys, shard_seconds)
 
 
 def _previous_entries(split_dir: Path) -> dict[str, dict]:
+    """Shard entries of the indexes already in a split's directory (whole, part and partial ones), by shard name.
+
+    NOTE: an entry is only a candidate: ensure_shard keeps a shard only when its file still
+    matches the entry (size, sha256) and the plan (keys_sha256), wherever the entry came from.
+    """
     entries: dict[str, dict] = {}
-    for name in ("index.json", "index.partial.json"):  # the partial one (newer) wins
+    whole = ["index.json", *sorted(p.name for p in split_dir.glob("index.part-*.json") if PART_INDEX_RE.match(p.name))]
+    for name in whole + [n.removesuffix(".json") + ".partial.json" for n in whole]:  # the partial ones (newer) win
         p = split_dir / name
         if p.is_file():
             try:
@@ -371,6 +398,19 @@ class _Inline:
         return False
 
 
+def parse_part(text: str) -> tuple[int, int]:
+    """``"3/8"`` -> (3, 8); raises DataError unless 1 <= I <= N."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not 1 <= int(m[1]) <= int(m[2]):
+        raise DataError(f"--part {text!r}: expected I/N with 1 <= I <= N, e.g. 3/8")
+    return int(m[1]), int(m[2])
+
+
+def part_of(number: int, parts: int) -> int:
+    """The part (1-based) that writes shard `number` when a split is sharded in `parts` parts: round robin."""
+    return number % parts + 1
+
+
 def shard_split(
     plan: SplitPlan,
     split_dir: Path,
@@ -380,6 +420,7 @@ def shard_split(
     max_member_bytes: int = MAX_MEMBER_BYTES,
     keys: KeyRegistry | None = None,
     jobs: int = 1,
+    part: tuple[int, int] | None = None,
     log=print,
     progress_stream=None,
 ) -> SplitReport:
@@ -387,7 +428,8 @@ def shard_split(
 
     A cut whose key `keys` has met before (in this split or an earlier one) is left out and
     counted as duplicate_key; `keys` defaults to this split's own keys. Raises DataError when
-    every cut was left out.
+    every cut was left out. With `part` (I, N) only the shards of part I are written, and
+    ``index.part-I-of-N.json`` instead of index.json (see the module docstring).
     """
     import multiprocessing
 
@@ -395,12 +437,20 @@ def shard_split(
 
     split = plan.split
     keys = keys if keys is not None else KeyRegistry([plan.keys])
-    report = SplitReport(split=split, index=str(split_dir / "index.json"))
+    mine = [k for k in range(len(plan.sizes)) if part is None or part_of(k, part[1]) == part[0]]
+    index_name = "index.json" if part is None else PART_INDEX.format(i=part[0], n=part[1])
+    partial_name = index_name.removesuffix(".json") + ".partial.json"
+    report = SplitReport(split=split, index=str(split_dir / index_name))
     previous = _previous_entries(split_dir)
     entries: dict[int, dict] = {}
-    progress = Progress(split, len(plan.sizes), plan.seconds, stream=progress_stream)
+    planned: list[str] = []  # keys_sha256 of every shard of the plan, this part's or not
+    label = split if part is None else f"{split} part {part[0]}/{part[1]}"
+    progress = Progress(
+        label, len(mine), sum(plan.shard_seconds[k] for k in mine) if part else plan.seconds, stream=progress_stream
+    )
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) if jobs > 1 else _Inline()
     pending: deque[tuple[int, Future]] = deque()
+    block = {} if part is None else {"part": {"index": part[0], "of": part[1], "keys_sha256": planned}}
 
     def collect(limit: int) -> None:
         while len(pending) > limit:
@@ -412,17 +462,18 @@ def shard_split(
             progress.update(entry["seconds"], written, entry.get("skipped", {}).get("count", 0))
             if written:  # progress survives an interrupted run: the next run skips what is here
                 write_json_atomic(
-                    split_dir / "index.partial.json",
+                    split_dir / partial_name,
                     index_dict(split, sample_rate, [entries[k] for k in sorted(entries)], plan.histogram, settings),
                 )
 
     with pool:
         cut_iter = iter(CutSet.from_jsonl_lazy(plan.cuts_path))
+        own = set(mine)
         for number, size in enumerate(plan.sizes):
             path = split_dir / (SHARD_PATTERN % number)
             where = f"{split}/{path.name}"
             group, dropped = [], []
-            for _ in range(size):
+            for _ in range(size):  # NOTE: every shard's cuts, so that keys are first met where one run meets them
                 spec = cut_spec(next(cut_iter))
                 before = keys.first_seen(spec["id"], where)
                 if before is None:
@@ -430,40 +481,50 @@ def shard_split(
                 else:
                     why = f"{spec['path']} from {spec['start']} s; the key is already in {before}"
                     dropped.append({"reason": "duplicate_key", "name": spec["id"], "why": why})
-            args = (str(path), group, _keys_digest(group, dropped), previous.get(path.name), sample_rate)
+            digest = _keys_digest(group, dropped)
+            planned.append(digest)
+            if number not in own:
+                continue
+            args = (str(path), group, digest, previous.get(path.name), sample_rate)
             pending.append((number, pool.submit(ensure_shard, *args, max_member_bytes, dropped)))
             collect(2 * jobs)
         collect(0)
-    ordered = [entries[k] for k in range(len(plan.sizes))]
+    ordered = [entries[k] for k in mine]
     for e in ordered:
         report.members_skipped.update(e.get("skipped"))
     report.samples = sum(e["samples"] for e in ordered)
-    if not report.samples:
+    if not report.samples and part is None:
         left_out = report.members_skipped.line("cuts")
         raise DataError(f"split {split!r}: no cut was written ({plan.cuts_path}); {left_out}")
-    # shards of an older, larger plan would be picked up by nothing, but confuse people
-    for stale in split_dir.glob("shard-[0-9][0-9][0-9][0-9][0-9][0-9].tar*"):
-        if int(stale.name[6:12]) >= len(plan.sizes) or stale.name.endswith(".tmp"):
-            stale.unlink()
+    if part is None:
+        _remove_stale_shards(split_dir, len(plan.sizes))
     settings = {**settings, "skipped_members": report.members_skipped.to_dict()}
-    write_json_atomic(split_dir / "index.json", index_dict(split, sample_rate, ordered, plan.histogram, settings))
-    (split_dir / "index.partial.json").unlink(missing_ok=True)
+    index = index_dict(split, sample_rate, ordered, plan.histogram, settings)
+    write_json_atomic(split_dir / index_name, {**index, **block})
+    (split_dir / partial_name).unlink(missing_ok=True)
     report.shards = len(ordered)
     report.seconds = sum(e["seconds"] for e in ordered)
     report.bytes = sum(e["bytes"] for e in ordered)
     log(
-        f"{split}: {report.shards} shards ({report.written} written, {report.skipped} already there), "
+        f"{label}: {report.shards} shards ({report.written} written, {report.skipped} already there), "
         f"{report.samples} cuts, {report.seconds / 3600:.3f} h, {report.bytes / 1e6:.1f} MB -> {report.index}"
     )
     return report
+
+
+def _remove_stale_shards(split_dir: Path, shards: int) -> None:
+    # shards of an older, larger plan would be picked up by nothing, but confuse people
+    for stale in split_dir.glob("shard-[0-9][0-9][0-9][0-9][0-9][0-9].tar*"):
+        if int(stale.name[6:12]) >= shards or stale.name.endswith(".tmp"):
+            stale.unlink()
 
 
 def shard_corpus(
     corpus_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    corpus: str | Corpus = DEFAULT_CORPUS,
-    max_seconds: float = 20.0,
+    corpus: str | Corpus | None = None,
+    max_seconds: float | None = None,
     min_seconds: float = 1.0,
     shard_mb: float = 1024.0,
     max_per_shard: int | None = None,
@@ -472,15 +533,31 @@ def shard_corpus(
     valid_fraction: float | None = None,
     sample_rate: int = 16000,
     jobs: int = 1,
+    part: tuple[int, int] | None = None,
     log: Callable = print,
     progress_stream=None,
 ) -> dict[str, SplitReport]:
     """The whole pipeline for `corpus` (a name under istack_ds/data/corpora/, or a corpus object) in `corpus_dir`.
 
-    Returns a report per split (`train`, and `valid` when speakers are held out); its last
-    log lines name what was left out: the source files and, per split, the cuts.
+    `corpus` None: :func:`~istack_ds.data.corpora.detect_layout` names it; `max_seconds` None: the
+    corpus module's default. `part` (I, N): only part I of N of every split's shards and
+    ``index.part-I-of-N.json`` (:func:`merge_parts` writes index.json once all N are done).
+    Returns a report per split (`train`, and `valid` when held out); its last log lines name
+    what was left out: the source files and, per split, the cuts.
     """
     out_dir = Path(out_dir)
+    if part is not None and not 1 <= part[0] <= part[1]:
+        raise DataError(f"part {part[0]}/{part[1]}: expected I/N with 1 <= I <= N")
+    if max_seconds is not None and 2 * max_seconds * sample_rate > MAX_MEMBER_BYTES:
+        raise DataError(
+            f"max_seconds={max_seconds}: a window would hold more than {MAX_MEMBER_BYTES} bytes of 16-bit PCM at "
+            f"{sample_rate} Hz, above what a shard reader takes (tario.MAX_MEMBER_BYTES); use shorter windows"
+        )
+    if corpus is None:
+        corpus = detect_layout(corpus_dir)
+        log(f"layout: {corpus} (recognised in {corpus_dir}; --layout names another)")
+    if max_seconds is None:
+        max_seconds = default_max_seconds(corpus)
     if 2 * max_seconds * sample_rate > MAX_MEMBER_BYTES:
         raise DataError(
             f"max_seconds={max_seconds}: a window would hold more than {MAX_MEMBER_BYTES} bytes of 16-bit PCM at "
@@ -528,6 +605,7 @@ def shard_corpus(
             max_member_bytes=member_byte_cap(max_seconds, sample_rate),
             keys=keys,
             jobs=jobs,
+            part=part,
             log=log,
             progress_stream=progress_stream,
         )
@@ -535,7 +613,115 @@ def shard_corpus(
     log(prepared.skipped.line("source files"))
     for split, report in reports.items():
         log(f"{split}: " + report.members_skipped.line("cuts"))
+    if part is not None:
+        log(f"part {part[0]}/{part[1]} done; once every part is: istack shard --merge --out {out_dir}")
     return reports
+
+
+def merge_parts(out_dir: str | os.PathLike, *, log: Callable = print) -> dict[str, SplitReport]:
+    """OUT/<split>/index.json from the part indexes of a sharding split over machines; returns a report per split.
+
+    Raises DataError naming the part file when a part is missing or unfinished, was made with
+    other settings or another plan, or one of its shards is missing, changed or claimed twice.
+    """
+    out_dir = Path(out_dir)
+    split_dirs = sorted({p.parent for p in out_dir.glob("*/index.part-*.json") if PART_INDEX_RE.match(p.name)})
+    if not split_dirs:
+        raise DataError(f"{out_dir}: no part index (<split>/index.part-I-of-N.json) to merge; run istack shard --part")
+    split_dirs.sort(key=lambda d: ({"train": 0, "valid": 1}.get(d.name, 2), d.name))
+    reports = {}
+    sources = Skipped()
+    for split_dir in split_dirs:
+        reports[split_dir.name], sources = _merge_split(split_dir, log)
+    log(sources.line("source files"))
+    for split, report in reports.items():
+        log(f"{split}: " + report.members_skipped.line("cuts"))
+    return reports
+
+
+def _merge_split(split_dir: Path, log: Callable) -> tuple[SplitReport, Skipped]:
+    found = {p.name: PART_INDEX_RE.match(p.name) for p in split_dir.glob("index.part-*.json")}
+    counts = sorted({int(m[2]) for m in found.values() if m})
+    if len(counts) != 1:
+        names = sorted(n for n, m in found.items() if m)
+        raise DataError(
+            f"{split_dir}: part indexes of {len(counts)} different part counts {counts} ({', '.join(names)}); "
+            "delete those of the split you no longer use"
+        )
+    n = counts[0]
+    raws = []
+    for i in range(1, n + 1):
+        path = split_dir / PART_INDEX.format(i=i, n=n)
+        if not path.is_file():
+            unfinished = path.with_name(path.name.removesuffix(".json") + ".partial.json").is_file()
+            raise DataError(
+                f"{path}: part {i} of {n} is missing"
+                + (" (unfinished: its partial index is there)" if unfinished else "")
+                + f"; run istack shard ... --part {i}/{n} (a rerun keeps its finished shards)"
+            )
+        try:
+            raw = json.loads(path.read_text())
+            block = raw["part"]
+            assert (block["index"], block["of"]) == (i, n), f"it says part {block['index']}/{block['of']}"
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as err:
+            raise DataError(f"{path}: not a part index written by istack shard --part ({err})") from None
+        raws.append((path, raw))
+    ref_path, ref = raws[0]
+    same = ("format", "split", "sample_rate", "duration_histogram")
+    planned = ref["part"]["keys_sha256"]
+    for path, raw in raws[1:]:
+        differ = [k for k in same if raw.get(k) != ref.get(k)]
+        mine, theirs = ({k: v for k, v in r["settings"].items() if k != "skipped_members"} for r in (raw, ref))
+        differ += [f"settings.{k}" for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+        if raw["part"]["keys_sha256"] != planned:
+            differ.append("the shard plan (another corpus, manifests or sharding settings)")
+        if differ:
+            raise DataError(
+                f"{path} was made with other settings than {ref_path.name}: {', '.join(differ)}; rerun the parts "
+                "that differ with the same corpus and settings"
+            )
+    entries: dict[int, dict] = {}
+    for path, raw in raws:
+        i = raw["part"]["index"]
+        for e in raw["shards"]:
+            m = re.fullmatch(r"shard-(\d{6})\.tar", str(e.get("path", "")))
+            k = int(m[1]) if m else -1
+            if not 0 <= k < len(planned) or part_of(k, n) != i or k in entries:
+                raise DataError(f"{path}: shard {e.get('path')} is not part {i}'s (or is listed twice)")
+            shard = split_dir / e["path"]
+            if not shard.is_file() or shard.stat().st_size != e["bytes"]:
+                raise DataError(f"{path}: shard {shard} is missing or not the size the part wrote; rerun part {i}/{n}")
+            if e.get("keys_sha256") != planned[k]:
+                raise DataError(f"{path}: shard {e['path']} does not hold the planned keys; rerun part {i}/{n}")
+            entries[k] = e
+    missing = [k for k in range(len(planned)) if k not in entries]
+    if missing:
+        k = missing[0]
+        raise DataError(
+            f"{split_dir / PART_INDEX.format(i=part_of(k, n), n=n)} lacks shard {SHARD_PATTERN % k} "
+            f"({len(missing)} planned shards missing); rerun part {part_of(k, n)}/{n}"
+        )
+    ordered = [entries[k] for k in range(len(planned))]
+    split = str(ref["split"])
+    report = SplitReport(split=split, index=str(split_dir / "index.json"))
+    for e in ordered:
+        report.members_skipped.update(e.get("skipped"))
+    report.samples = sum(e["samples"] for e in ordered)
+    if not report.samples:
+        raise DataError(f"split {split!r}: no cut was written in any of the {n} parts ({split_dir})")
+    _remove_stale_shards(split_dir, len(planned))
+    settings = {**ref["settings"], "skipped_members": report.members_skipped.to_dict()}
+    counts_hist = ref["duration_histogram"]["counts"]
+    write_json_atomic(split_dir / "index.json", index_dict(split, ref["sample_rate"], ordered, counts_hist, settings))
+    report.shards = len(ordered)
+    report.seconds = sum(e["seconds"] for e in ordered)
+    report.bytes = sum(e["bytes"] for e in ordered)
+    log(
+        f"{split}: merged {n} parts: {report.shards} shards, {report.samples} cuts, {report.seconds / 3600:.3f} h, "
+        f"{report.bytes / 1e6:.1f} MB -> {report.index}"
+    )
+    report.sources_skipped = Skipped.from_dict(ref["settings"].get("skipped_sources") or {})
+    return report, report.sources_skipped
 
 
 # ---- checking shards back ------------------------------------------------------------

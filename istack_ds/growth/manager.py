@@ -32,7 +32,7 @@ from istack_ds import faults
 from istack_ds.config import OptimConfig
 from istack_ds.engine import GrowthStateError, ParamState
 from istack_ds.growth import operators
-from istack_ds.growth.operators import Carry, Operator, OptimizerState
+from istack_ds.growth.operators import Carry, Operator, OptimizerState, Pick
 
 
 @dataclass
@@ -70,6 +70,7 @@ class GrowthManager:
         operator: Operator = "interleaved",
         carry: Carry = "last",
         optimizer_state: OptimizerState = "copy",
+        pick: Pick = "last",
     ):
         """
         build_model: ``(depth, supervised) -> nn.Module``, the student at a depth; called on every
@@ -77,9 +78,9 @@ class GrowthManager:
         ds_config, optim: what every engine is built from (``build_engine(model, ds_config, optim)``):
             the DeepSpeed JSON (:func:`istack_ds.engine.deepspeed_config`) and the ``optim`` section.
         layer_prefix: name prefix of the transformer layers, ending in ``.``: ``"sfm.encoder.layers."``.
-        operator / carry / optimizer_state: as in ``growth.*`` of the run config.
+        operator / carry / optimizer_state / pick: as in ``growth.*`` of the run config.
         """
-        operators.check_choices(operator, carry, optimizer_state)
+        operators.check_choices(operator, carry, optimizer_state, pick)
         if not layer_prefix.endswith("."):
             raise ValueError(f"layer_prefix={layer_prefix!r} must end with '.' (e.g. 'sfm.encoder.layers.')")
         self.build_model = build_model
@@ -89,6 +90,7 @@ class GrowthManager:
         self.operator = operator
         self.carry = carry
         self.optimizer_state = optimizer_state
+        self.pick = pick
 
     # ---- pure parts --------------------------------------------------------------------------
 
@@ -96,7 +98,7 @@ class GrowthManager:
         """The growth's lineage; ``depth == new_depth`` is a rebuild (identity)."""
         if new_depth == depth:
             return operators.identity(depth)
-        return operators.lineage(self.operator, depth, new_depth)
+        return operators.lineage(self.operator, depth, new_depth, self.pick)
 
     def layer_index(self, name: str) -> tuple[int, str] | None:
         """(layer index, rest of the name) for a layer parameter, None for any other parameter."""
@@ -171,6 +173,8 @@ class GrowthManager:
         src = self.lineage(depth, new_depth)
         new_supervised = operators.carry_supervised(supervised, src, self.carry)
         new_model = self.build_model(new_depth, new_supervised)
+        # A model may place its targets itself (a student whose heads read the top layer): report where they are.
+        new_supervised = list(getattr(new_model, "supervised", new_supervised))
         new_names = [n for n, p in new_model.named_parameters() if p.requires_grad]
         mapping = self.source_names(new_names, src, set(old_states))
         new_states = self.grown_states(old_states, mapping, src)

@@ -20,8 +20,12 @@ from . import sfm
 from .teacher import Teacher, TeacherError, TeacherInfo, resolve_teacher_path
 
 LAYER_PREFIX = "sfm.encoder.layers."
-#: The distillation heads of an export (safetensors): {"L<t>.weight", "L<t>.bias"} per teacher target t.
+#: The distillation heads of an export (safetensors), the state of ``Student.heads``: per teacher target t,
+#: {"L<t>.weight", "L<t>.bias"} for a Linear head, {"L<t>.0.weight", "L<t>.0.bias", "L<t>.2.weight", "L<t>.2.bias"}
+#: for a prediction head (:func:`prediction_head`).
 HEADS_FILE = "heads.safetensors"
+#: Loss kinds whose heads all read the student's top layer (no intermediate student layer has a target).
+TOP_LAYER_KINDS = ("output_heads", "distilhubert")
 log = logging.getLogger(__name__)
 
 
@@ -33,6 +37,18 @@ def initial_supervised_layers(depth: int, num_targets: int) -> list[int]:
     if num_targets > depth:
         raise ValueError(f"{num_targets} supervised layers do not fit in a student of depth {depth}")
     return [(j + 1) * depth // num_targets - 1 for j in range(num_targets)]
+
+
+def prediction_head(in_size: int, out_size: int) -> nn.Sequential:
+    """DistilHuBERT's prediction head for one target: Linear(in, in) -> GELU -> Linear(in, out).
+
+    s3prl's distiller (``out_layer_type: expand-last``) computes all N targets with one
+    ``Linear(in, N * in)`` -> GELU -> ``SplitLinear`` (N Linear(in, out) side by side); GELU acts per
+    element, so that is N of these heads, head j holding rows ``[j * in, (j + 1) * in)`` of the shared
+    first Linear and slice j of the SplitLinear, with the same initial distributions (uniform with bound
+    ``in ** -0.5``, as nn.Linear's defaults for fan-in ``in``).
+    """
+    return nn.Sequential(nn.Linear(in_size, in_size), nn.GELU(), nn.Linear(in_size, out_size))
 
 
 def hubert_config(student: StudentConfig, teacher: TeacherInfo, depth: int):
@@ -131,10 +147,12 @@ def check_init(cfg: StudentConfig, teacher: TeacherInfo, depth: int) -> None:
 
 
 class Student(nn.Module):
-    """HubertModel (``sfm``) + one linear head per teacher target (``heads.L<t>``).
+    """HubertModel (``sfm``) + one head per teacher target (``heads.L<t>``).
 
-    ``l2l``: head ``L<t>`` reads the student layer in ``supervised[j]`` for target t = teacher_layers[j].
-    ``distilhubert``: every head reads the top layer (DistilHuBERT's prediction heads).
+    ``l2l``: head ``L<t>``, a Linear, reads the student layer in ``supervised[j]`` for target t = teacher_layers[j].
+    ``output_heads``: every head reads the top layer; the last target's is a Linear (the output projection), the
+    others are prediction heads (:func:`prediction_head`).
+    ``distilhubert``: every head is a prediction head on the top layer (s3prl's distiller).
     With ``frontend: shared`` the student has no CNN of its own (``sfm.feature_extractor`` is None):
     it consumes the teacher's CNN output, and the export puts the teacher's CNN back in.
     """
@@ -153,12 +171,12 @@ class Student(nn.Module):
         self.depth = depth
         self.loss_kind = loss.kind
         self.teacher_layers = list(loss.teacher_layers)
-        if supervised is None:
-            supervised = (
-                initial_supervised_layers(depth, len(self.teacher_layers))
-                if loss.kind == "l2l"
-                else [depth - 1] * len(self.teacher_layers)
-            )
+        if loss.kind in TOP_LAYER_KINDS:
+            # NOTE: heads on the top layer stay on the top layer: a growth's carry (which copy of a layer keeps
+            # its target) and a checkpoint's record do not move them.
+            supervised = [depth - 1] * len(self.teacher_layers)
+        elif supervised is None:
+            supervised = initial_supervised_layers(depth, len(self.teacher_layers))
         if len(supervised) != len(self.teacher_layers) or any(not 0 <= s < depth for s in supervised):
             raise ValueError(
                 f"supervised layers {supervised} do not fit depth {depth} and targets {self.teacher_layers}"
@@ -166,7 +184,12 @@ class Student(nn.Module):
         self.supervised = list(supervised)
         self.sfm = HubertModel(hubert_config(student, teacher, depth))
         self.heads = nn.ModuleDict(
-            {f"L{t}": nn.Linear(student.hidden_size, teacher.hidden_size) for t in self.teacher_layers}
+            {
+                f"L{t}": prediction_head(student.hidden_size, teacher.hidden_size)
+                if self.head_kind(t) == "prediction"
+                else nn.Linear(student.hidden_size, teacher.hidden_size)
+                for t in self.teacher_layers
+            }
         )
         self.use_attention_mask = teacher.attention_mask
         self.frontend = student.frontend
@@ -174,6 +197,12 @@ class Student(nn.Module):
             self.sfm.feature_extractor = None  # type: ignore[assignment]  # no parameters, no state, no memory
         else:
             sfm.scale_frontend_grad(self.sfm, student.cnn_grad_scale)
+
+    def head_kind(self, t: int) -> str:
+        """`linear` or `prediction` (:func:`prediction_head`): the head of teacher target t under this loss."""
+        if self.loss_kind == "distilhubert" or (self.loss_kind == "output_heads" and t != self.teacher_layers[-1]):
+            return "prediction"
+        return "linear"
 
     def copy_frontend_from(self, teacher_model: nn.Module) -> bool:
         """Copies the teacher's CNN feature extractor when every shape matches; returns whether it did."""
@@ -211,8 +240,9 @@ class Student(nn.Module):
         wrong = [k for k in own if k not in heads or heads[k].shape != own[k].shape]
         if wrong:
             raise ValueError(
-                f"{where}: heads {sorted(wrong)} are missing or of another shape (the export's targets and "
-                f"widths must be the student's: loss.teacher_layers {self.teacher_layers})"
+                f"{where}: heads {sorted(wrong)} are missing or of another shape (the export's targets, head kinds "
+                f"and widths must be the student's: loss.kind {self.loss_kind}, loss.teacher_layers "
+                f"{self.teacher_layers})"
             )
         self.heads.load_state_dict({k: heads[k].float() for k in own})
         return copied + len(own)

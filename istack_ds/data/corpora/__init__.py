@@ -23,13 +23,17 @@ the writer records those counts, with the first few files named, in each split's
 index.json (``settings.skipped_sources``) and prints them. A re-run reports the same
 skips. `log` takes one line of progress; errors are :class:`~istack_ds.data.index.DataError`
 naming the path. Adding a corpus is one module here plus its test; ``tools/shard_corpus.py
---layout <name>`` picks it by module name (:data:`DEFAULT_CORPUS` when not given).
+--layout <name>`` picks it by module name; without ``--layout`` :func:`detect_layout` looks at the
+directory. A module may set ``DEFAULT_MAX_SECONDS`` (the longest cut when ``--max-seconds`` is not given).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
+import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +42,24 @@ from typing import ClassVar, Protocol
 from istack_ds.data.index import DataError
 
 DEFAULT_CORPUS = "librilight"
-#: Why a corpus's `prepare` left a source file out of its manifests.
-SOURCE_SKIP_REASONS = ("missing_json", "bad_json", "bad_vad", "undecodable_flac")
+#: The corpus modules in the order :func:`detect_layout` tries them: the most specific layout first.
+DETECTION_ORDER = ("librilight", "librispeech", "lhotse_manifest")
+#: The longest cut (seconds) when neither the caller nor the corpus module says.
+DEFAULT_MAX_SECONDS = 20.0
+#: Why a corpus's `prepare` left a source (a file, an utterance, a supervision) out of its manifests.
+SOURCE_SKIP_REASONS = (
+    "missing_json",  # LibriLight: no <name>.json beside the FLAC
+    "bad_json",
+    "bad_vad",
+    "undecodable_flac",  # the audio header does not decode
+    "no_transcript",  # LibriSpeech: a FLAC no *.trans.txt line names
+    "missing_audio",  # a transcript line or a recording whose audio file is not there
+    "no_file_source",  # a lhotse recording whose audio is not exactly one file (url, command, several files)
+    "no_recording",  # a supervision whose recording is not in the recordings manifest (or not adjacent to it)
+    "unsupported_cut",  # a lhotse cut that is not one recording (a MixedCut, a PaddingCut)
+    "too_long",  # an utterance longer than max_seconds: a batch holds whole utterances, never a crop
+    "too_short",  # an utterance shorter than min_seconds
+)
 
 
 class BadSource(DataError):
@@ -127,8 +147,85 @@ class Corpus(Protocol):
 
 
 def available() -> list[str]:
-    """Names of the corpus modules in this package."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    """Names of the corpus modules in this package: those :func:`detect_layout` tries, in its order, then the rest."""
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    return [n for n in DETECTION_ORDER if n in names] + [n for n in names if n not in DETECTION_ORDER]
+
+
+#: A LibriSpeech part directory: train-clean-100, dev-other, test-clean, train-clean-5 (Mini LibriSpeech), ...
+LIBRISPEECH_PART = re.compile(r"^(train|dev|test)-[A-Za-z0-9-]+$")
+#: A lhotse manifest file name: <prefix>_cuts_<part>.jsonl.gz, recordings.jsonl.gz, ... (the kind, then the part).
+LHOTSE_MANIFEST = re.compile(
+    r"^(?:(?P<prefix>.*?)_)?(?P<kind>cuts|recordings|supervisions)(?:_(?P<part>.+?))?\.jsonl(?:\.gz)?$"
+)
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        with os.scandir(path) as it:
+            return sorted(Path(e.path) for e in it if e.is_dir())
+    except OSError:
+        return []
+
+
+def _has_file(path: Path, suffix: str, depth: int) -> bool:
+    """Whether a file ending in `suffix` lies exactly `depth` directories below `path` (first hit ends the walk)."""
+    if depth == 0:
+        try:
+            with os.scandir(path) as it:
+                return any(e.name.endswith(suffix) and e.is_file() for e in it)
+        except OSError:
+            return False
+    return any(_has_file(d, suffix, depth - 1) for d in _subdirs(path))
+
+
+def detect_layout(corpus_dir: str | os.PathLike) -> str:
+    """The corpus module that reads `corpus_dir`, from what lies in it; raises DataError saying what it looked for.
+
+    In :data:`DETECTION_ORDER`, the first that matches:
+
+    - ``librilight``: ``small/``, ``medium/`` or ``large/`` holding ``<speaker>/<book>/*.flac``;
+    - ``librispeech``: ``LibriSpeech/<part>/`` or ``<part>/`` (train-*, dev-*, test-*) holding
+      ``<speaker>/<chapter>/*.trans.txt``;
+    - ``lhotse_manifest``: ``*cuts*.jsonl.gz`` or ``*recordings*.jsonl.gz`` files in the directory itself.
+    """
+    root = Path(corpus_dir)
+    if not root.is_dir():
+        raise DataError(f"corpus directory {root} does not exist")
+    if any(_has_file(root / part, ".flac", 2) for part in ("small", "medium", "large")):
+        return "librilight"
+    for base in (root / "LibriSpeech", root):
+        if any(LIBRISPEECH_PART.match(d.name) and _has_file(d, ".trans.txt", 2) for d in _subdirs(base)):
+            return "librispeech"
+    try:
+        names = [e.name for e in os.scandir(root) if e.is_file()]
+    except OSError:
+        names = []
+    if any((m := LHOTSE_MANIFEST.match(n)) and m["kind"] in ("cuts", "recordings") for n in names):
+        return "lhotse_manifest"
+    raise DataError(
+        f"{root}: no corpus layout recognised. Looked for: LibriLight ({root}/{{small,medium,large}}/<speaker>/"
+        f"<book>/*.flac), LibriSpeech ({root}/[LibriSpeech/]{{train,dev,test}}-*/<speaker>/<chapter>/*.trans.txt), "
+        f"lhotse manifests ({root}/*cuts*.jsonl.gz, or *recordings*.jsonl.gz + *supervisions*.jsonl.gz); "
+        f"name one with --layout ({', '.join(available())})"
+    )
+
+
+def default_max_seconds(corpus: str | Corpus) -> float:
+    """The corpus module's ``DEFAULT_MAX_SECONDS`` (:data:`DEFAULT_MAX_SECONDS` when it sets none)."""
+    return float(getattr(get_corpus(corpus), "DEFAULT_MAX_SECONDS", DEFAULT_MAX_SECONDS))
+
+
+def private_tmp(path: Path) -> Path:
+    """A temporary name for `path` that no other process uses (host and pid in it), same suffixes.
+
+    NOTE: jobs of one sharding split over machines (``--part I/N``) may prepare the same
+    manifests at once; each writes its own file and renames it into place (the contents are
+    the same), so no reader ever sees two writers' lines interleaved.
+    """
+    name = path.name
+    stem, dot, rest = name.partition(".")
+    return path.with_name(f"{stem}.tmp-{socket.gethostname()}-{os.getpid()}{dot}{rest}")
 
 
 def get_corpus(corpus: str | Corpus) -> Corpus:
@@ -140,24 +237,45 @@ def get_corpus(corpus: str | Corpus) -> Corpus:
     return importlib.import_module(f"{__name__}.{corpus}")
 
 
-def add_preparation_args(parser) -> None:
+def add_preparation_args(parser, corpus_required: bool = True) -> None:
     """The command-line options of the preparation step, shared by tools/prepare_librilight.py and shard_corpus.py."""
-    parser.add_argument("--corpus", required=True, help="directory holding small/ (and optionally medium/, large/)")
+    parser.add_argument(
+        "--corpus",
+        required=corpus_required,
+        help="the corpus: a LibriLight tree (small/ ...), a LibriSpeech tree (LibriSpeech/train-clean-100/ ...) "
+        "or a lhotse manifest directory",
+    )
     parser.add_argument("--out", required=True, help="output directory: manifests/, train/, valid/")
+    parser.add_argument(
+        "--layout",
+        choices=available(),
+        default=None,
+        help="the corpus module that reads --corpus (istack_ds/data/corpora/); recognised from the directory when "
+        "not given",
+    )
     parser.add_argument(
         "--max-seconds",
         type=float,
-        default=20.0,
-        help="longest VAD window; a member's FLAC is capped at twice its 16-bit PCM",
+        default=None,
+        help="longest cut: a LibriLight VAD window (default 20), a whole utterance (LibriSpeech, lhotse manifests: "
+        "default 36; longer ones are skipped and counted as too_long); a member's FLAC is capped at twice its "
+        "16-bit PCM",
     )
     parser.add_argument(
         "--min-seconds",
         type=float,
         default=1.0,
-        help="shorter windows are dropped (shard members are never under 400 samples, whatever this says)",
+        help="shorter windows are dropped, shorter utterances skipped and counted as too_short (shard members are "
+        "never under 400 samples, whatever this says)",
     )
     held = parser.add_mutually_exclusive_group()
-    held.add_argument("--valid-speakers", type=int, default=None, help="speakers held out for validation (default 1)")
+    held.add_argument(
+        "--valid-speakers",
+        type=int,
+        default=None,
+        help="speakers held out for validation (default 1) when the corpus names no held-out part (LibriSpeech "
+        "dev-*, a lhotse manifest part named dev/valid)",
+    )
     held.add_argument("--valid-fraction", type=float, default=None, help="fraction of the speakers held out")
 
 

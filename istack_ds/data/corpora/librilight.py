@@ -38,11 +38,13 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
-from istack_ds.data.corpora import BadSource, PreparedCorpus, Skipped
+from istack_ds.data.corpora import BadSource, PreparedCorpus, Skipped, private_tmp
 from istack_ds.data.index import DataError, write_json_atomic
 from istack_ds.data.progress import Ticker
 
 LIBRILIGHT_PARTS = ("small", "medium", "large")
+#: The longest VAD window when --max-seconds is not given.
+DEFAULT_MAX_SECONDS = 20.0
 
 
 # ---- LibriLight -> manifests -----------------------------------------------------------
@@ -183,7 +185,7 @@ def prepare_manifests(
         if rec_path.is_file() and sup_path.is_file() and rec_path.stat().st_size > 20:
             report.skipped.update(_read_skipped(skipped_path(manifest_dir, part)))
             continue
-        tmp_rec, tmp_sup = (p.with_name(p.name.replace(".jsonl.gz", ".tmp.jsonl.gz")) for p in (rec_path, sup_path))
+        tmp_rec, tmp_sup = private_tmp(rec_path), private_tmp(sup_path)
         skipped = Skipped()
         n = _write_part_manifests(corpus_dir, part, tmp_rec, tmp_sup, skipped, jobs=jobs, log=log)
         write_json_atomic(skipped_path(manifest_dir, part), skipped.to_dict())
@@ -372,13 +374,13 @@ def write_split_cuts(
     writers = {}
     for split in splits:
         (out_dir / split).mkdir(parents=True, exist_ok=True)
-        writers[split] = CutSet.open_writer(out_dir / split / "cuts.tmp.jsonl.gz")
+        writers[split] = CutSet.open_writer(private_tmp(paths[split]))
     for cut in window_cuts(manifest_dir, parts, max_seconds, min_seconds):
         split = "valid" if cut.custom["speaker"] in valid_set else "train"
         writers[split].write(cut)
     for split, w in writers.items():
         w.close()
-        os.replace(out_dir / split / "cuts.tmp.jsonl.gz", paths[split])  # complete: publish
+        os.replace(private_tmp(paths[split]), paths[split])  # complete: publish
     return paths
 
 

@@ -1,0 +1,257 @@
+"""LibriSpeech as it unpacks -> lhotse manifests -> one cut per utterance (whole), train-* / dev-* splits. Lazy.
+
+    DIR/LibriSpeech/<part>/<speaker>/<chapter>/<speaker>-<chapter>-<n>.flac + <speaker>-<chapter>.trans.txt
+        (DIR may be LibriSpeech/ itself; parts: train-clean-100, train-clean-360, train-other-500, dev-clean,
+        dev-other, test-*, and Mini LibriSpeech's train-clean-5, dev-clean-2; any subset)
+      -> MANIFESTS/librispeech_recordings_<part>.jsonl.gz     one Recording per utterance file (header only)
+         MANIFESTS/librispeech_supervisions_<part>.jsonl.gz   one supervision per utterance: text, speaker
+      -> OUT/<split>/cuts.jsonl.gz                           one MonoCut per utterance, whole (no VAD windows)
+
+``train-*`` parts are the ``train`` split, ``dev-*`` parts the ``valid`` split (when there is none, speakers
+are held out as for LibriLight), ``test-*`` parts are left out (the log says so). cut.custom holds the
+member json's labels: text, speaker, language ("English", as lhotse's recipe sets it) and chapter.
+
+The manifests have the file names, ids and fields of ``lhotse.recipes.prepare_librispeech`` but are
+written here, file by file, with lhotse's sequential writers, because the recipe gets in the way: it
+holds a whole part in memory, reads the FLAC header of every transcript line and raises on the first
+undecodable file, and only logs (does not count) a line without its file; a FLAC without a transcript
+line it never sees. Here each chapter directory is listed once, headers are read by ``jobs`` threads,
+and a FLAC no transcript line names (no_transcript), a transcript line whose FLAC is not there
+(missing_audio) and a FLAC whose header does not decode (undecodable_flac) are left out and counted
+(:data:`~istack_ds.data.corpora.SOURCE_SKIP_REASONS`), kept per part in
+``MANIFESTS/librispeech_skipped_<part>.json`` so a re-run reports the same. A part counts as prepared
+once both its manifests exist. The cuts come from :mod:`~istack_ds.data.corpora.lhotse_manifest`: an
+utterance longer than `max_seconds` is left out and counted (too_long), never cut, since a batch holds
+whole utterances (the paper's batches are 64 utterances); LibriSpeech's are at most 35 s, so the
+default keeps every one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from istack_ds.data.corpora import LIBRISPEECH_PART, BadSource, PreparedCorpus, Skipped, private_tmp
+from istack_ds.data.corpora.lhotse_manifest import ManifestPart, write_split_cuts
+from istack_ds.data.index import DataError, write_json_atomic
+from istack_ds.data.progress import Ticker
+
+#: Every utterance of LibriSpeech (segmented to at most 35 s) is kept whole.
+DEFAULT_MAX_SECONDS = 36.0
+
+
+def corpus_root(corpus_dir: str | os.PathLike) -> Path:
+    """The directory holding the parts: DIR/LibriSpeech when it is there, else DIR."""
+    root = Path(corpus_dir)
+    return root / "LibriSpeech" if (root / "LibriSpeech").is_dir() else root
+
+
+def split_of(part: str) -> str | None:
+    """``train`` for train-*, ``valid`` for dev-*, None (left out) for test-* and anything else."""
+    return {"train": "train", "dev": "valid"}.get(part.split("-", 1)[0])
+
+
+def find_parts(root: Path) -> list[str]:
+    """The LibriSpeech part directories under `root`, sorted."""
+    with os.scandir(root) as it:
+        return sorted(e.name for e in it if e.is_dir() and LIBRISPEECH_PART.match(e.name))
+
+
+def manifest_paths(manifest_dir: Path, part: str) -> tuple[Path, Path]:
+    return (
+        manifest_dir / f"librispeech_recordings_{part}.jsonl.gz",
+        manifest_dir / f"librispeech_supervisions_{part}.jsonl.gz",
+    )
+
+
+def skipped_path(manifest_dir: Path, part: str) -> Path:
+    return manifest_dir / f"librispeech_skipped_{part}.json"
+
+
+def _sorted_dirs(path: Path) -> list[Path]:
+    with os.scandir(path) as it:
+        return sorted(Path(e.path) for e in it if e.is_dir())
+
+
+def read_transcripts(chapter_dir: Path) -> dict[str, str]:
+    """utterance id -> text from the chapter's ``*.trans.txt`` (``<id> <TEXT>`` per line; empty lines ignored)."""
+    texts: dict[str, str] = {}
+    with os.scandir(chapter_dir) as it:
+        for trans in sorted(e.path for e in it if e.name.endswith(".trans.txt")):
+            try:
+                lines = Path(trans).read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise DataError(f"{trans}: unreadable transcript ({e})") from None
+            for line in lines:
+                utt, _, text = line.strip().partition(" ")
+                if utt:
+                    texts[utt] = text.strip()
+    return texts
+
+
+def iter_utterances(part_dir: Path) -> Iterator[tuple[str, Path, str | None, bool]]:
+    """(utterance id, FLAC path, transcript text or None, whether the FLAC is there) per utterance of a part, sorted.
+
+    Each chapter directory is listed once; an id is there when it has a FLAC or a transcript line.
+    """
+    for speaker in _sorted_dirs(part_dir):
+        for chapter in _sorted_dirs(speaker):
+            texts = read_transcripts(chapter)
+            with os.scandir(chapter) as it:
+                flacs = {e.name[: -len(".flac")] for e in it if e.name.endswith(".flac")}
+            for utt in sorted(flacs | set(texts)):
+                yield utt, chapter / f"{utt}.flac", texts.get(utt), utt in flacs
+
+
+def parse_utterance(utt: str, flac: Path, text: str | None, has_flac: bool):
+    """(Recording, SupervisionSegment) of one utterance, as lhotse's recipe makes them; raises BadSource
+    (missing_audio, no_transcript, undecodable_flac) for one to leave out."""
+    from lhotse import Recording, SupervisionSegment
+
+    if not has_flac:
+        raise BadSource("missing_audio", f"{flac.name}: named in the transcript, not there")
+    if text is None:
+        raise BadSource("no_transcript", f"{flac.name}: no line in {flac.parent.name}'s *.trans.txt")
+    try:
+        recording = Recording.from_file(flac, recording_id=utt)
+    except Exception as e:  # noqa: BLE001 -- soundfile raises several types on junk
+        from istack_ds.data.corpora.librilight import _audio_error
+
+        raise BadSource("undecodable_flac", f"{flac.name}: unreadable audio header ({_audio_error(flac, e)})") from None
+    segment = SupervisionSegment(
+        id=utt,
+        recording_id=utt,
+        start=0.0,
+        duration=recording.duration,
+        channel=0,
+        language="English",
+        speaker=utt.split("-", 1)[0],
+        text=text,
+    )
+    return recording, segment
+
+
+def _write_part_manifests(
+    root: Path, part: str, rec_path: Path, sup_path: Path, skipped: Skipped, *, jobs: int, log: Callable
+) -> int:
+    """Writes one part's two manifests (headers read by `jobs` threads), in utterance order; returns the utterances
+    written. What is left out is added to `skipped`, named relative to the corpus root."""
+    from lhotse import RecordingSet, SupervisionSet
+
+    n = 0
+    with (
+        RecordingSet.open_writer(rec_path) as recs,
+        SupervisionSet.open_writer(sup_path) as sups,
+        ThreadPoolExecutor(max(1, jobs)) as pool,
+    ):
+        pending: deque = deque()
+
+        def drain(limit: int) -> None:
+            nonlocal n
+            while len(pending) > limit:
+                flac, fut = pending.popleft()
+                try:
+                    recording, segment = fut.result()
+                except BadSource as e:
+                    log(f"skipped ({e.reason}): {flac}")
+                    skipped.add(e.reason, flac.relative_to(root).as_posix(), str(e))
+                    continue
+                recs.write(recording)
+                sups.write(segment)
+                n += 1
+
+        ticker = Ticker(f"manifests {part}", "utterances")
+        for utt, flac, text, has_flac in iter_utterances(root / part):
+            pending.append((flac, pool.submit(parse_utterance, utt, flac, text, has_flac)))
+            drain(4 * max(1, jobs))
+            ticker.tick(f"{skipped.count} skipped" if skipped.count else "")
+        drain(0)
+    return n
+
+
+def prepare_manifests(
+    corpus_dir: str | os.PathLike, manifest_dir: str | os.PathLike, *, jobs: int = 4, log: Callable = print
+) -> tuple[list[str], Skipped]:
+    """Writes the recordings + supervisions manifests of every train-* and dev-* part present (skipping prepared
+    ones); returns those parts and the utterances left out of all of them (recorded ones included)."""
+    import json
+
+    root = corpus_root(corpus_dir)
+    if not root.is_dir():
+        raise DataError(f"corpus directory {root} does not exist")
+    parts = find_parts(root)
+    tests = [p for p in parts if split_of(p) is None]
+    parts = [p for p in parts if split_of(p) is not None]
+    if tests:
+        log(f"LibriSpeech parts left out (test sets): {', '.join(tests)}")
+    if not parts:
+        raise DataError(
+            f"{root}: no LibriSpeech train-* or dev-* part (e.g. train-clean-100/<speaker>/<chapter>/*.trans.txt)"
+            + (f"; only test parts {tests}" if tests else "")
+        )
+    manifest_dir = Path(manifest_dir)
+    manifest_dir.mkdir(parents=True, exist_ok=True)
+    total = Skipped()
+    for part in parts:
+        rec_path, sup_path = manifest_paths(manifest_dir, part)
+        record = skipped_path(manifest_dir, part)
+        if rec_path.is_file() and sup_path.is_file():
+            if record.is_file():
+                try:
+                    total.update(Skipped.from_dict(json.loads(record.read_text())))
+                except (OSError, ValueError, TypeError, AttributeError) as e:
+                    raise DataError(f"{record}: unreadable ({e}); delete it and the part's manifests") from None
+            continue
+        tmp_rec, tmp_sup = private_tmp(rec_path), private_tmp(sup_path)
+        skipped = Skipped()
+        n = _write_part_manifests(root, part, tmp_rec, tmp_sup, skipped, jobs=jobs, log=log)
+        write_json_atomic(record, skipped.to_dict())
+        os.replace(tmp_sup, sup_path)
+        os.replace(tmp_rec, rec_path)  # last: the recordings manifest marks the part as complete
+        total.update(skipped)
+        log(f"manifests {part}: {n} utterances ({skipped.count} skipped) -> {manifest_dir}")
+    return parts, total
+
+
+def prepare(
+    corpus_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    max_seconds: float,
+    min_seconds: float,
+    valid_speakers: int | None,
+    valid_fraction: float | None,
+    jobs: int,
+    log: Callable,
+) -> PreparedCorpus:
+    """The corpus contract (:mod:`istack_ds.data.corpora`): manifests under OUT/manifests, one cut per utterance.
+
+    `skipped` holds the utterances left out of the manifests and of the cuts (too_long, too_short).
+    """
+    manifest_dir = Path(out_dir) / "manifests"
+    parts, skipped = prepare_manifests(corpus_dir, manifest_dir, jobs=jobs, log=log)
+    manifests = [ManifestPart(p, None, *manifest_paths(manifest_dir, p)) for p in parts]
+    prepared = write_split_cuts(
+        manifests,
+        out_dir,
+        max_seconds=max_seconds,
+        min_seconds=min_seconds,
+        valid_speakers=valid_speakers,
+        valid_fraction=valid_fraction,
+        log=log,
+        extra_labels=lambda sup: {"chapter": sup.id.split("-")[1]} if sup.id.count("-") >= 2 else {},
+        split_rule=split_of,
+    )
+    skipped.update(prepared.skipped)
+    return PreparedCorpus(
+        splits=prepared.splits,
+        settings={
+            "parts": {s: [p for p in parts if split_of(p) == s] for s in prepared.splits},
+            **prepared.settings,
+            "parts_left_out": [p for p in find_parts(corpus_root(corpus_dir)) if split_of(p) is None],
+        },
+        skipped=skipped,
+    )
