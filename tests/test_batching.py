@@ -107,21 +107,52 @@ def test_the_stream_hands_out_exact_utterance_batches_and_skips_long_cuts_when_a
     )
 
 
-def test_one_rank_with_accumulation_and_two_ranks_take_the_same_utterances_per_step(tmp_path, demo_shards):
-    """The same config on 1 rank (accumulation 2) and 2 ranks (accumulation 1): the same steps from epochs, and
-    every step of both trains on exactly data.global_batch utterances."""
+#: A LibriSpeech tree of 24 whole utterances for training (3 speakers) and one held-out speaker.
+LIBRISPEECH = {
+    "train-clean-100": {
+        "19": {"198": [1.2, 1.6, 2.0, 1.1], "199": [1.4, 1.8, 1.3, 1.5]},
+        "26": {"495": [1.7, 1.2, 1.9, 1.4], "496": [1.1, 1.6, 2.1, 1.3]},
+        "32": {"21": [1.5, 1.8, 1.2, 1.6, 1.9, 1.0, 1.4, 1.7]},
+    },
+    "dev-clean": {"84": {"121": [1.3, 1.5, 1.2, 1.6]}},
+}
+
+
+def test_one_rank_with_accumulation_and_two_ranks_take_the_same_utterances_per_step(tmp_path):
+    """A LibriSpeech tree through `istack shard`, then the same config on 1 rank (accumulation 2) and 2 ranks
+    (accumulation 1): the same steps from optim.epochs, and every step of both trains on exactly
+    data.global_batch utterances."""
+    from istack_ds.commands.shard import main as shard_main
+    from tests.test_data_librispeech import make_librispeech
+
+    make_librispeech(tmp_path / "corpus", LIBRISPEECH, oddities=False)
+    shards = tmp_path / "shards"
+    assert shard_main(["--corpus", str(tmp_path / "corpus"), "--out", str(shards), "--min-shards", "4"]) == 0
     teacher = make_random_teacher(tmp_path / "teacher", size="tiny")
     sets = ["data.global_batch=4", "data.batch_unit=utterances", "data.max_micro_batch=2", "optim.epochs=1"]
     sets += ["optim.total_steps=null", "checkpoint.every=0", "log.data_audit=false", "data.interleave_shards=1"]
+    sets += ["data.long_cuts=skip", "data.crop_seconds=2.5", f"data.valid_index={shards / 'valid/index.json'}"]
+    sets += ["eval.every=0"]
     summaries = {}
     for nproc in (1, 2):
         out = tmp_path / f"run{nproc}"
-        proc = torchrun(ROOT / "launchers/train.py", *run_args(out, teacher, demo_shards, *sets), nproc=nproc)
+        proc = torchrun(ROOT / "launchers/train.py", *run_args(out, teacher, shards, *sets), nproc=nproc)
         accumulation = 3 - nproc
         line = f"4 utterances per step (data.global_batch) = {nproc} rank(s) x {accumulation} micro-batch(es)"
         assert line in proc.stdout + proc.stderr
         summaries[nproc] = json.loads((out / "summary.json").read_text())
-    expected = math.ceil(read_index(demo_shards / "train/index.json").samples / 4)  # one epoch of 4 a step
-    assert summaries[1]["steps"] == summaries[2]["steps"] == expected
+    assert read_index(shards / "train/index.json").samples == 24
+    assert summaries[1]["steps"] == summaries[2]["steps"] == 6  # one epoch of 24 utterances, 4 a step
     for summary in summaries.values():
         assert summary["utterances"] == 4 * summary["steps"]
+
+
+def test_the_paper_recipe_is_64_utterances_a_step_on_1_8_and_32_gpus():
+    cfg = load_config(ROOT / "configs/paper_interleaved_eql.yaml")
+    assert (cfg.optim.epochs, cfg.optim.total_steps) == (75, None)
+    splits = {world: plan_batches(cfg.data, cfg.deepspeed, world) for world in (1, 8, 32)}
+    assert {w: (p.accumulation, p.micro, p.global_batch) for w, p in splits.items()} == {
+        1: (4, 16, 64),
+        8: (1, 8, 64),
+        32: (1, 2, 64),
+    }
