@@ -29,7 +29,7 @@ demo: $(STAMP)
 	bash launchers/demo.sh
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 # ruff (lint + format check) on the whole repo, mypy on istack_ds/; configured in pyproject.toml.
 lint: $(STAMP)

@@ -122,12 +122,14 @@ def test_one_rank_with_accumulation_and_two_ranks_take_the_same_utterances_per_s
     """A LibriSpeech tree through `istack shard`, then the same config on 1 rank (accumulation 2) and 2 ranks
     (accumulation 1): the same steps from optim.epochs, and every step of both trains on exactly
     data.global_batch utterances."""
+    from istack_ds.commands.check import main as check_main
     from istack_ds.commands.shard import main as shard_main
     from tests.test_data_librispeech import make_librispeech
 
     make_librispeech(tmp_path / "corpus", LIBRISPEECH, oddities=False)
     shards = tmp_path / "shards"
     assert shard_main(["--corpus", str(tmp_path / "corpus"), "--out", str(shards), "--min-shards", "4"]) == 0
+    assert check_main([str(shards / "train/index.json")]) == 0
     teacher = make_random_teacher(tmp_path / "teacher", size="tiny")
     sets = ["data.global_batch=4", "data.batch_unit=utterances", "data.max_micro_batch=2", "optim.epochs=1"]
     sets += ["optim.total_steps=null", "checkpoint.every=0", "log.data_audit=false", "data.interleave_shards=1"]
