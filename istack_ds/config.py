@@ -79,7 +79,7 @@ class DataConfig:
     """Longest cut a batch holds, in seconds; what `long_cuts` does with longer ones."""
     long_cuts: Literal["crop", "skip"] = "crop"
     """Training cuts longer than `crop_seconds`: `crop` (a random window of crop_seconds) or `skip` (left out and
-    counted as `too_long`: whole utterances only, as the paper's batches of utterances are)."""
+    counted as `longer_than_crop`: whole utterances only, as the paper's batches of utterances are)."""
     batch_seconds: float = 200.0
     """Most audio seconds (unpadded) in one micro-batch of a rank when `global_batch` is null; duration buckets
     fill batches up to it."""
