@@ -17,5 +17,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "compare runs from their TensorBoard logs: a plot and a table"),
     "probe": ("probe", "probe a student's layers"),
     "make-teacher": ("make_teacher", "save a RANDOM teacher with the real HF classes (tests, demo)"),
+    "train-teacher": ("train_teacher", "train a small HuBERT teacher on a labelled espeak-ng corpus (CPU, cached)"),
     "make-demo-corpus": ("make_demo_corpus", "write a small synthetic corpus in LibriLight layout (demo, tests)"),
 }
