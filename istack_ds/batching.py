@@ -7,9 +7,9 @@ Without it a rank's micro-batch is ``data.batch_seconds`` and a step's batch gro
 world size (x ``deepspeed.gradient_accumulation``).
 
 :func:`resolve_total_steps` turns ``optim.epochs`` into ``optim.total_steps`` from the train
-index: the cuts (or seconds) the loader hands out in one pass over it, divided by the
-global batch. It depends on the index and the batch only, never on the world size, so a
-run resized by a resume keeps its steps and growth boundaries.
+index: its cuts (or seconds) in one pass, divided by the global batch. It depends on the index
+and the batch only, never on the world size, so a run resized by a resume keeps its steps and
+growth boundaries.
 
 This module reads index.json (no audio, no torch).
 """
@@ -33,8 +33,9 @@ class BatchPlan:
     accumulation: int
     """Micro-batches per rank and optimizer step."""
     micro: float
-    """Most one rank's micro-batch holds, in `unit` (utterances: exactly that many, but a rank's last cuts of
-    a shard group that do not fill one are left out and counted as `batch_remainder`)."""
+    """Most one rank's micro-batch holds, in `unit`. Utterances: exactly that many (a shard group's last cuts
+    that fill no micro-batch are left out, counted as `batch_remainder`), except that a cut whose audio fails to
+    decode once read leaves its micro-batch one short (counted as `undecodable_flac`)."""
     derived: bool
     """True when derived from data.global_batch; False for the per-rank data.batch_seconds."""
 
@@ -87,8 +88,9 @@ def plan_batches(data: DataConfig, deepspeed: DeepSpeedConfig, world_size: int) 
 
 
 def epoch_size(data: DataConfig, histogram: list[int], bin_seconds: float) -> float:
-    """Utterances (or seconds) one pass over an index hands out, from its duration histogram: `skip` leaves out
-    cuts longer than crop_seconds, `crop` counts them at crop_seconds."""
+    """Utterances (or seconds) of one pass over an index, from its duration histogram (by bin centre): `skip`
+    leaves out cuts longer than crop_seconds, `crop` counts them at crop_seconds. What the loader hands out is a
+    little less: the `batch_remainder` of every shard group and the cuts under the teacher's receptive field."""
     total = 0.0
     for i, count in enumerate(histogram):
         center = (i + 0.5) * bin_seconds

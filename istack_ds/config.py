@@ -81,8 +81,8 @@ class DataConfig:
     """Training cuts longer than `crop_seconds`: `crop` (a random window of crop_seconds) or `skip` (left out and
     counted as `longer_than_crop`: whole utterances only, as the paper's batches of utterances are)."""
     batch_seconds: float = 200.0
-    """Most audio seconds (unpadded) in one micro-batch of a rank when `global_batch` is null; duration buckets
-    fill batches up to it."""
+    """Most audio seconds (unpadded) in one micro-batch of a rank when `global_batch` is null, and in every
+    held-out (validation) batch whatever `global_batch` says; duration buckets fill batches up to it."""
     global_batch: float | None = None
     """Batch of one optimizer step over all ranks and micro-batches, in `batch_unit` (the paper: 64 utterances).
     Each rank's micro-batch and the gradient accumulation are derived from it and the world size
@@ -93,8 +93,9 @@ class DataConfig:
     """What `global_batch` and `max_micro_batch` count: `seconds` of audio or `utterances` (cuts); an utterance
     micro-batch holds exactly that many cuts of one duration bucket."""
     max_micro_batch: float | None = None
-    """Most one rank's micro-batch may hold, in `batch_unit` (what fits in memory): gradient accumulation grows
-    until each rank's share of `global_batch` fits. Null: no bound for utterances, `batch_seconds` for seconds."""
+    """Most one rank's training micro-batch may hold, in `batch_unit` (what fits in memory; validation batches
+    are bounded by `batch_seconds`): gradient accumulation grows until each rank's share of `global_batch` fits.
+    Null: no bound for utterances, `batch_seconds` for seconds."""
     num_buckets: int = 20
     """Duration buckets of the stream's batcher (istack_ds.data.stream.Batcher); their bounds split the index's
     duration histogram into equal audio seconds."""
@@ -124,6 +125,8 @@ class DataConfig:
             _positive("data.max_micro_batch", self.max_micro_batch)
             if self.global_batch is None:
                 raise ConfigError("data.max_micro_batch bounds the micro-batches of data.global_batch: set that too")
+            if self.batch_unit == "utterances" and not float(self.max_micro_batch).is_integer():
+                raise ConfigError(f"data.max_micro_batch={self.max_micro_batch} must be a whole number of utterances")
         if self.global_batch is None and self.batch_unit != "seconds":
             raise ConfigError(
                 f"data.batch_unit={self.batch_unit} counts data.global_batch: set data.global_batch (without it a "

@@ -379,7 +379,7 @@ def mel_filters(n_fft: int = 400, n_mels: int = N_MELS, sample_rate: int = 16000
 
 def log_mel(audio: torch.Tensor, frames: int) -> torch.Tensor:
     """[B, T] -> [B, frames, N_MELS]: log-mel of 25 ms windows every 20 ms, the CNN front end's frames (receptive
-    field 400 samples, stride 320), each mel channel standardized per utterance over its first `frames` frames."""
+    field 400 samples, stride 320), zero-padded to `frames` (mel_loss standardizes it per utterance)."""
     window = torch.hann_window(400)
     spec = torch.stft(audio, 400, hop_length=320, window=window, center=False, return_complex=True).abs() ** 2
     feats = torch.log(spec.transpose(1, 2) @ mel_filters() + 1e-6)

@@ -632,7 +632,7 @@ class Trainer:
             "depth": self.student.depth,
             "wall_s": round(wall_s, 1),
             "audio_hours": round(self.audio_seconds_total / 3600, 4),
-            "utterances": self.utterances_total,
+            "utterances_this_process": self.utterances_total,
             "batch": self.batches_plan.describe(),
             "loss_first": self.first_loss,
             "loss_last": self.last_loss,

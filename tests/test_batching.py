@@ -44,8 +44,10 @@ def test_global_batch_and_epochs_rules():
         load_config(None, ["data.global_batch=64", "data.batch_unit=utterances", "deepspeed.gradient_accumulation=2"])
     with pytest.raises(ConfigError, match="optim.epochs=2 needs data.global_batch"):
         load_config(None, ["optim.epochs=2", "optim.total_steps=null"])
-    with pytest.raises(ConfigError, match="whole number of utterances"):
+    with pytest.raises(ConfigError, match="data.global_batch=6.5 must be a whole number of utterances"):
         load_config(None, ["data.global_batch=6.5", "data.batch_unit=utterances"])
+    with pytest.raises(ConfigError, match="data.max_micro_batch=12.5 must be a whole number of utterances"):
+        load_config(None, ["data.global_batch=64", "data.batch_unit=utterances", "data.max_micro_batch=12.5"])
     with pytest.raises(ConfigError, match="optim.total_steps is null"):
         load_config(None, ["optim.total_steps=null"])
 
@@ -146,7 +148,7 @@ def test_one_rank_with_accumulation_and_two_ranks_take_the_same_utterances_per_s
     assert read_index(shards / "train/index.json").samples == 24
     assert summaries[1]["steps"] == summaries[2]["steps"] == 6  # one epoch of 24 utterances, 4 a step
     for summary in summaries.values():
-        assert summary["utterances"] == 4 * summary["steps"]
+        assert summary["utterances_this_process"] == 4 * summary["steps"]
 
 
 def test_the_paper_recipe_is_64_utterances_a_step_on_1_8_and_32_gpus():

@@ -77,6 +77,9 @@ def test_tool_scripts_are_the_commands():
         ("convert_checkpoint", "convert"),
         ("make_teacher", "make_teacher"),
         ("make_demo_corpus", "make_demo_corpus"),
+        ("prepare_corpus", "prepare"),
+        ("train_teacher", "train_teacher"),
+        ("probe", "probe"),
     ]:
         text = (ROOT / "tools" / f"{tool}.py").read_text()
         assert f"from istack_ds.commands.{module} import main" in text and "sys.path" not in text, tool

@@ -113,13 +113,14 @@ def test_recordings_and_supervisions_shard_held_out_by_speaker_and_bad_entries_a
         _sup(recs["r1"], 0, 0.0, 1.0, "alice"),
         _sup(recs["r1"], 1, 1.2, 1.5, "bob"),
         _sup(url, 0, 0.0, 1.0, "alice"),
+        _sup(url, 1, 1.0, 1.0, "alice"),  # both utterances of the unreadable recording are counted
         _sup(recs["r2"], 0, 0.0, 2.5, "alice"),  # above max_seconds 2.2
         _sup(recs["r3"], 0, 0.5, 1.0, "carol"),
     ]
     ghost = _sup(recs["r3"], 9, 0.0, 1.0, "bob")
     ghost.recording_id = "ghost"
     RecordingSet.from_recordings([recs["r1"], url, recs["r2"], recs["r3"]]).to_file(manifests / "recordings.jsonl.gz")
-    SupervisionSet.from_segments(sups[:3] + [ghost] + sups[3:]).to_file(manifests / "supervisions.jsonl.gz")
+    SupervisionSet.from_segments(sups[:4] + [ghost] + sups[4:]).to_file(manifests / "supervisions.jsonl.gz")
     out = tmp_path / "out"
     lines: list[str] = []
     reports = shard_corpus(
@@ -132,17 +133,18 @@ def test_recordings_and_supervisions_shard_held_out_by_speaker_and_bad_entries_a
     (valid,) = members(out / "valid" / "index.json")
     assert (valid["id"], valid["speaker"], valid["text"], valid["offset"]) == ("r3_s0", "carol", "text r3 0", 0.5)
     skipped = read_index(out / "train" / "index.json").settings["skipped_sources"]
-    assert skipped["by_reason"] == {"no_file_source": 1, "no_recording": 1, "too_long": 1}
+    assert skipped["by_reason"] == {"no_file_source": 2, "no_recording": 1, "too_long": 1}
     assert [f["name"] for f in skipped["first"]] == ["web", "r3_s9", "r2_s0"]
     assert any(
-        line.startswith("skipped 3 source files: no_file_source 1, no_recording 1, too_long 1") for line in lines
+        line.startswith("skipped 4 source files: no_file_source 2, no_recording 1, too_long 1") for line in lines
     )
 
 
 @pytest.mark.parametrize(
     "part, split",
     [("train-clean-100", "train"), ("XL", "train"), ("", "train"), ("dev-other", "valid"), ("DEV", "valid")]
-    + [("validation", "valid"), ("test", None), ("eval_2000", None)],
+    + [("validation", "valid"), ("test", None), ("eval_2000", None), ("validated", None), ("invalidated", None)]
+    + [("train-other-500", "train")],
 )
 def test_part_names_pick_the_split(part, split):
     assert split_of(part) == split

@@ -417,8 +417,10 @@ def _s3prl_expand_last(x, w1, b1, split_weight, split_bias):
 
 
 def test_distilhubert_config_heads_and_init_are_s3prls(teacher_dir):
-    """configs/distilhubert.yaml holds s3prl's distiller settings; its heads compute s3prl's output layer, and
-    student layer i starts as teacher layer i (init_teacher_conv_layers, init_teacher_encoder_layers)."""
+    """configs/distilhubert.yaml holds s3prl's distiller settings; its heads compute what s3prl's fused output layer
+    (Linear(D, N*D) -> GELU -> SplitLinear) computes with the same weights (the structure, not the initial
+    distributions), and student layer i starts as teacher layer i (init_teacher_conv_layers,
+    init_teacher_encoder_layers)."""
     from istack_ds.config import load_config
     from istack_ds.models.student import init_student
 

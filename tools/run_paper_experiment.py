@@ -67,17 +67,21 @@ GLOBAL_BATCH = 8  # utterances a step (the paper: 64 on 8 GPUs)
 
 
 def make_data(data: Path, tiny: bool, log=print) -> tuple[Path, Path]:
-    """The labelled corpus (lhotse manifests) and its shards (train + 2 held-out speakers); both reused."""
+    """The labelled corpus (lhotse manifests) and its shards (train + 2 held-out speakers); both reused while the
+    corpus is the one they were made from."""
     from istack_ds.data.speech_corpus import SpeechCorpusSettings, make_speech_corpus
     from istack_ds.data.writer import shard_corpus
+    from istack_ds.teacher_training import corpus_digest
 
     settings = SpeechCorpusSettings(speakers=4, utterances=8) if tiny else SpeechCorpusSettings()
     corpus = data / "corpus"
     make_speech_corpus(corpus, settings, log=log)
-    shards = data / "shards"
-    if not (shards / "valid" / "index.json").is_file():
+    shards, stamp = data / "shards", {"corpus_sha256": corpus_digest(corpus)}
+    made_from = shards / "experiment.json"
+    if not made_from.is_file() or json.loads(made_from.read_text()) != stamp:
         import io
 
+        shutil.rmtree(shards, ignore_errors=True)
         shard_corpus(
             corpus,
             shards,
@@ -89,6 +93,7 @@ def make_data(data: Path, tiny: bool, log=print) -> tuple[Path, Path]:
             log=lambda *_: None,
             progress_stream=io.StringIO(),
         )
+        made_from.write_text(json.dumps(stamp))
     return corpus, shards
 
 
@@ -100,15 +105,16 @@ def make_teacher(corpus: Path, out: Path, tiny: bool, log=print) -> dict:
     return train_teacher(corpus, out, settings, log=log)
 
 
-def probe(model: Path, shards: Path, out: Path, tiny: bool) -> dict:
-    """`istack probe` of one model (reused when out/probe.json exists)."""
-    report_file = out / "probe.json"
-    if report_file.is_file():
+def probe(model: Path, shards: Path, out: Path, tiny: bool, made_from: dict) -> dict:
+    """`istack probe` of one model, reused when out/probe.json was made from the same model (`made_from`)."""
+    report_file, stamp = out / "probe.json", out / "experiment.json"
+    if report_file.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == made_from:
         return json.loads(report_file.read_text())
+    shutil.rmtree(out, ignore_errors=True)
     from istack_ds.probe import run_probes
 
     steps = 20 if tiny else 400
-    return run_probes(
+    report = run_probes(
         model,
         shards / "train" / "index.json",
         valid_index=shards / "valid" / "index.json",
@@ -117,6 +123,8 @@ def probe(model: Path, shards: Path, out: Path, tiny: bool) -> dict:
         out=out,
         log=lambda *_: None,
     )
+    stamp.write_text(json.dumps(made_from))
+    return report
 
 
 def overrides(name: str, seed: int, run_dir: Path, teacher: Path, shards: Path, args) -> list[str]:
@@ -263,10 +271,13 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     say = lambda msg: print(msg, flush=True)  # noqa: E731
-    corpus, shards = make_data(args.data, args.tiny, log=say)
-    teacher_dir = args.data / ("teacher_tiny" if args.tiny else "teacher")
+    data = args.data / "tiny" if args.tiny else args.data  # a smoke run never reuses the real run's data
+    corpus, shards = make_data(data, args.tiny, log=say)
+    teacher_dir = data / "teacher"
     teacher = make_teacher(corpus, teacher_dir, args.tiny, log=say)
-    teacher_probe = probe(teacher_dir, shards, teacher_dir / "probe", args.tiny)
+    # What the teacher is: its settings, its corpus and when it was trained (a retrained teacher is another one).
+    made_by = {k: teacher.get(k) for k in ("settings", "corpus_sha256", "train_seconds")}
+    teacher_probe = probe(teacher_dir, shards, teacher_dir / "probe", args.tiny, made_by)
     say(
         f"data: {shards} | teacher {teacher_dir} | {args.steps} steps per run on {args.nproc} rank(s), "
         f"seeds {args.seeds}"
@@ -291,7 +302,7 @@ def main(argv=None) -> int:
                 "sets": SCHEDULES[name][1],
                 "student": STUDENT,
                 "global_batch": GLOBAL_BATCH,
-                "teacher": str(teacher_dir),
+                "teacher": made_by,
             }
             if finished(run_dir, settings) and not args.force:
                 say(f"{name} seed {seed}: finished earlier, reused ({run_dir})")
@@ -303,7 +314,7 @@ def main(argv=None) -> int:
                 (run_dir / "experiment.json").write_text(json.dumps(settings, indent=1))
                 shutil.rmtree(run_dir / "probe", ignore_errors=True)
                 say(f"{name} seed {seed}: {args.steps} steps in {seconds:.0f} s (process)")
-            report = probe(run_dir / "student", shards, run_dir / "probe", args.tiny)
+            report = probe(run_dir / "student", shards, run_dir / "probe", args.tiny, settings)
             summary = json.loads((run_dir / "summary.json").read_text())
             rows[name][seed] = {
                 "wall_s": summary["wall_s"],

@@ -65,7 +65,9 @@ def main(argv=None, prog: str | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-utterances", type=int, default=None, help="read at most this many per index")
     parser.add_argument("--teacher", default=None, help="teacher dir for a checkpoint's export (default: its config's)")
-    parser.add_argument("--device", default="cpu", help="torch device for the model and the probes (default cpu)")
+    parser.add_argument(
+        "--device", default="cpu", help="torch device of the model (default cpu); the probes train on CPU"
+    )
     args = parser.parse_args(argv)
 
     import logging

@@ -12,6 +12,8 @@ data.interleave_shards shards (istack_ds.data.stream.ShardStream.shards_for):
                the default batching (crop 15.6 s, 200 s batches, 20 buckets, 1000-cut buffer)
 and, per corpus, these batchers over exactly the same cut stream (durations only, nothing decoded):
   batcher              istack_ds.data.stream.Batcher, one per shard group (what the stream does)
+  batcher, 8 utt.      the same counting utterances: exactly 8 a batch (the paper's 64 on 8 GPUs), a group's
+                       remainder left out at random (`lost`)
   lhotse/group         lhotse DynamicBucketingSampler(shuffle, duration_bins = the stream's), one per shard group,
                        sync_buckets on / off, and with quadratic_duration=30
   lhotse/epoch         one DynamicBucketingSampler over the rank's whole epoch (no group boundary: what
@@ -113,6 +115,18 @@ def batcher(groups: list[list[Item]], bins: list[float], data: DataConfig, seed:
     return out
 
 
+def utterance_batcher(groups: list[list[Item]], bins: list[float], data: DataConfig, seed: int, n: int):
+    """istack_ds's Batcher counting utterances (data.batch_unit: utterances): exactly n cuts a batch, a group's
+    remainder left out at random (what the stream does for training batches)."""
+    out = []
+    for g, items in enumerate(groups):
+        b = Batcher(bins, n, data.shuffle_buffer, random.Random(f"batches:{seed}:{g}"), count=True, drop_remainder=True)
+        for it in items:
+            out += [[c.seconds for c in batch] for batch in b.add(it)]
+        out += [[c.seconds for c in batch] for batch in b.drain()]
+    return out
+
+
 def lhotse_batches(
     streams: list[list[Item]], bins: list[float], data: DataConfig, seed: int, sync: bool, quadratic: float | None
 ) -> list[list[float]]:
@@ -179,6 +193,8 @@ def measure(per_rank: list[list[list[float]]], batch_seconds: float) -> dict:
 def rows(ranks: list[list[list[Item]]], bins: list[float], data: DataConfig, seed: int) -> list[tuple[str, dict]]:
     runs = {
         "batcher (per group)": lambda groups: batcher(groups, bins, data, seed),
+        # the paper's 64 utterances on 8 GPUs: 8 a rank
+        "batcher, 8 utterances": lambda groups: utterance_batcher(groups, bins, data, seed, 8),
         "lhotse/group sync": lambda groups: lhotse_batches(groups, bins, data, seed, True, None),
         "lhotse/group nosync": lambda groups: lhotse_batches(groups, bins, data, seed, False, None),
         "lhotse/group sync q30": lambda groups: lhotse_batches(groups, bins, data, seed, True, 30.0),

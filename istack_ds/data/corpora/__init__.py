@@ -83,9 +83,10 @@ class Skipped:
     def count(self) -> int:
         return sum(self.by_reason.values())
 
-    def add(self, reason: str, name: str, why: str = "") -> None:
-        """Counts one thing left out; `why` is kept on one line."""
-        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+    def add(self, reason: str, name: str, why: str = "", count: int = 1) -> None:
+        """Counts `count` things left out for one reason (e.g. every utterance of a recording that cannot be read);
+        `why` is kept on one line."""
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + count
         if len(self.first) < self.KEEP:
             self.first.append({"name": name, "reason": reason, "why": " ".join(why.split())})
 

@@ -13,14 +13,17 @@ one by one.
 
 Splits, by the part name (the text after ``cuts_`` / ``recordings_``, cut at ``-``, ``_`` and ``.``,
 lowercase): a part holding the word ``dev``, ``valid``, ``validation`` or ``val`` is held out
-(``valid``); one holding ``test`` or ``eval`` is left out (said in the log); every other part
+(``valid``); one holding ``test``, ``eval`` or Common Voice's ``validated`` or ``invalidated`` is left out
+(said in the log); every other part
 (``train-clean-100``, ``XL``, an unnamed part) is ``train``. When no part is held out, the last
 `valid_speakers` speakers (sorted), or `valid_fraction` of them, are (as for LibriLight).
 
 A cut of a CutSet with supervisions gives one cut per supervision; one without supervisions is
 taken whole. Supervisions of one recording must come together (every lhotse recipe writes them
-so, in the recordings' order); the recordings manifest is walked in step with them, never loaded
-whole. Left out and counted by reason (:data:`~istack_ds.data.corpora.SOURCE_SKIP_REASONS`), not
+so, in the recordings' order); the recordings manifest is walked in step with them, so it is not loaded
+whole, except that recordings read past while looking for a supervision's (the two manifests in different
+orders) are held in memory until used. Left out and counted by reason, per utterance lost
+(:data:`~istack_ds.data.corpora.SOURCE_SKIP_REASONS`), not
 raised: a recording whose audio is not exactly one file (no_file_source) or whose file is not there
 (missing_audio), a supervision whose recording is not found (no_recording), a cut that is not one
 recording (unsupported_cut), an utterance longer than `max_seconds` (too_long: a batch holds whole
@@ -46,7 +49,10 @@ from istack_ds.data.index import DataError
 DEFAULT_MAX_SECONDS = 36.0
 #: Words of a part name that make it the held-out split, and those that leave it out.
 VALID_WORDS = ("dev", "valid", "validation", "val")
-TEST_WORDS = ("test", "eval")
+#: Common Voice's `validated` holds its train, dev and test clips (training on it would leak dev and test);
+#: `invalidated` holds clips its listeners rejected. (Not `other`: LibriSpeech's train-other-500 is training data;
+#: Common Voice's unrated `other` part is trained on unless it is left out of the directory.)
+TEST_WORDS = ("test", "eval", "validated", "invalidated")
 #: Keys the writer sets in every member json; a label of that name would overwrite one.
 _RESERVED = ("id", "offset", "duration", "sample_rate")
 
@@ -114,19 +120,20 @@ def _lazy(path: Path):
     return load_manifest_lazy(path) if path.stat().st_size > 20 else []
 
 
-def _audio_path(recording, manifest_dir: Path, skipped: Skipped, what: str) -> str | None:
-    """The absolute path of a recording's one audio file, or None (counted) when it has not exactly one, or it is
-    not there."""
+def _audio_path(recording, manifest_dir: Path, skipped: Skipped, what: str, utterances: int = 1) -> str | None:
+    """The absolute path of a recording's one audio file, or None when it has not exactly one, or it is not
+    there: then its `utterances` are counted as left out."""
     sources = recording.sources
     if len(sources) != 1 or sources[0].type != "file":
         kinds = ", ".join(s.type for s in sources) or "none"
-        skipped.add("no_file_source", what, f"recording {recording.id}: audio sources {kinds}, not one file")
+        why = f"recording {recording.id}: audio sources {kinds}, not one file"
+        skipped.add("no_file_source", what, why, utterances)
         return None
     path = Path(sources[0].source)
     if not path.is_absolute():
         path = next((p for p in (Path.cwd() / path, manifest_dir / path) if p.exists()), Path.cwd() / path)
     if not path.exists():
-        skipped.add("missing_audio", what, f"recording {recording.id}: {path} is not there")
+        skipped.add("missing_audio", what, f"recording {recording.id}: {path} is not there", utterances)
         return None
     return str(path.resolve())
 
@@ -208,7 +215,7 @@ def iter_utterances(
             if not isinstance(cut, MonoCut) or cut.recording is None:
                 skipped.add("unsupported_cut", cut.id, f"a {type(cut).__name__} without one recording")
                 continue
-            audio = _audio_path(cut.recording, manifest_dir, skipped, cut.id)
+            audio = _audio_path(cut.recording, manifest_dir, skipped, cut.id, max(1, len(cut.supervisions or [])))
             if audio is None:
                 continue
             for sup in cut.supervisions or [None]:
@@ -243,7 +250,7 @@ def iter_utterances(
                 why = f"recording {rec_id} is not in {part.recordings.name} (or its supervisions are not together)"
                 skipped.add("no_recording", cut_key(sup.id), why)
             continue
-        audio = _audio_path(rec, manifest_dir, skipped, rec.id)
+        audio = _audio_path(rec, manifest_dir, skipped, rec.id, len(sups))
         if audio is None:
             continue
         for sup in sups:
