@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 
 #: schedule name -> (recipe under configs/, its own --set on top of the common ones).
@@ -228,18 +230,23 @@ def _cell(values: list, spec: str, suffix: str = "") -> str:
 def results(rows: dict[str, dict[int, dict]], teacher: dict, teacher_probe: dict) -> tuple[str, dict]:
     """The side-by-side table (markdown) and its data: per schedule the mean over seeds and each seed's values."""
     header = (
-        "| schedule | seeds | train wall s | final valid loss | PER (probe) | SID acc (probe) | "
-        "speed-up, equal steps | speed-up, equal valid loss |\n|---|---|---|---|---|---|---|---|\n"
+        "| schedule | loss | seeds | train wall s | final valid loss | PER (probe) | SID acc (probe) | "
+        "speed-up, equal steps | speed-up, equal valid loss |\n|---|---|---|---|---|---|---|---|---|\n"
     )
+    base_loss = next((by_seed[s]["loss"] for name, by_seed in rows.items() if name == BASELINE for s in by_seed), None)
     lines, data = [], {}
     for name, by_seed in rows.items():
         seeds = sorted(by_seed)
         col = {k: [by_seed[s].get(k) for s in seeds] for k in next(iter(by_seed.values()))}
-        data[name] = {"seeds": seeds, **{k: {"mean": _mean(v), "each": v} for k, v in col.items() if k != "run"}}
+        loss = by_seed[seeds[0]]["loss"]
+        data[name] = {"seeds": seeds, "loss": loss}
+        data[name].update({k: {"mean": _mean(v), "each": v} for k, v in col.items() if k != "loss"})
+        # NOTE: valid losses of different loss kinds are different quantities: no speed-up at equal valid loss
+        equal_loss = _cell(col["speedup_equal_loss"], ".2f", "x") if loss == base_loss else "— (another loss)"
         lines.append(
-            f"| {name} | {', '.join(map(str, seeds))} | {_cell(col['wall_s'], '.0f')} | "
+            f"| {name} | {loss} | {', '.join(map(str, seeds))} | {_cell(col['wall_s'], '.0f')} | "
             f"{_cell(col['valid_loss'], '.4f')} | {_cell(col['per'], '.3f')} | {_cell(col['sid'], '.3f')} | "
-            f"{_cell(col['speedup_equal_steps'], '.2f', 'x')} | {_cell(col['speedup_equal_loss'], '.2f', 'x')} |"
+            f"{_cell(col['speedup_equal_steps'], '.2f', 'x')} | {equal_loss} |"
         )
     pr, sid = teacher_probe.get("pr", {}), teacher_probe.get("sid", {})
     teacher_line = (
@@ -317,6 +324,7 @@ def main(argv=None) -> int:
             report = probe(run_dir / "student", shards, run_dir / "probe", args.tiny, settings)
             summary = json.loads((run_dir / "summary.json").read_text())
             rows[name][seed] = {
+                "loss": yaml.safe_load((run_dir / "config.yaml").read_text())["loss"]["kind"],
                 "wall_s": summary["wall_s"],
                 "per": report["pr"]["per"],
                 "sid": report["sid"]["accuracy"],
