@@ -3,12 +3,14 @@ refusals, the manager's name mapping."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from istack_ds.batching import plan_batches
 from istack_ds.config import OptimConfig, load_config
 from istack_ds.engine import GrowthStateError, build_engine, deepspeed_config, fused_adamw, param_groups
 from istack_ds.growth import GrowthManager
@@ -28,9 +30,13 @@ class Tiny(nn.Module):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_shipped_config_gives_a_deepspeed_json(path):
     cfg = load_config(path)
+    if cfg.optim.total_steps is None:  # optim.epochs: resolved from the train index at start (not here)
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, total_steps=1000))
     ds = deepspeed_config(cfg, world_size=8)
     assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
-    assert ds["train_batch_size"] == 8 * cfg.deepspeed.gradient_accumulation
+    plan = plan_batches(cfg.data, cfg.deepspeed, 8)
+    assert ds["train_batch_size"] == 8 * plan.accumulation == 8 * ds["gradient_accumulation_steps"]
+    assert ds["scheduler"]["params"]["total_num_steps"] == cfg.optim.total_steps
 
 
 def test_override_changes_deepspeed_json():
