@@ -63,6 +63,7 @@ from torch import nn
 from istack_ds.data.speech_corpus import Utterance, read_speech_corpus
 from istack_ds.diagnostics import cka_figure, cka_matrix, subsample
 from istack_ds.models import sfm
+from istack_ds.probe import edit_distance
 
 if TYPE_CHECKING:
     from transformers import HubertModel
@@ -251,16 +252,6 @@ def greedy_ctc(log_probs: torch.Tensor, n: int) -> list[int]:
             out.append(t)
         prev = t
     return out
-
-
-def edit_distance(a: list, b: list) -> int:
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i] + [0] * len(b)
-        for j, y in enumerate(b, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
-        prev = cur
-    return prev[-1]
 
 
 def ridge_probe_accuracy(
