@@ -1,4 +1,5 @@
-"""`istack compare` (istack_ds/commands/compare.py) on two tiny runs with known wall times: its arithmetic."""
+"""`istack compare` (istack_ds/commands/compare.py, its logic istack_ds/evidence/compare.py) on two tiny runs with
+known wall times: its arithmetic."""
 
 import json
 import time
@@ -9,6 +10,12 @@ import yaml
 
 def _tool():
     from istack_ds.commands import compare
+
+    return compare
+
+
+def _logic():
+    from istack_ds.evidence import compare
 
     return compare
 
@@ -68,7 +75,7 @@ def test_speedups_at_equal_steps_and_equal_valid_loss(tmp_path):
 
 
 def test_interpolation_helpers():
-    tool = _tool()
+    tool = _logic()
     points = [(10, 5.0, 3.0), (20, 15.0, 2.0), (30, 20.0, 1.0)]
     assert tool.time_at_step(points, 15) == pytest.approx(10.0)
     assert tool.time_at_step(points, 30) == pytest.approx(20.0)
@@ -120,7 +127,7 @@ def test_a_resumed_run_reads_as_tensorboard_shows_it_with_or_without_purge_step(
     for purge in (True, False):
         _resumed_run(tmp_path / f"purge_{purge}", purge)
         # Old runs too: the orphaned steps 90 and 100 (after the resume point, never logged again) are gone.
-        assert tool.read_run(tmp_path / f"purge_{purge}").get("train/loss") == expected
+        assert _logic().read_run(tmp_path / f"purge_{purge}").get("train/loss") == expected
 
     # The plot leaves the caller's matplotlib backend as it was (a notebook keeps its own).
     before = matplotlib.get_backend()
@@ -185,13 +192,13 @@ def test_student_cka_figure_of_each_runs_last_validation(tmp_path, monkeypatch):
     assert tool.main([*runs, "--out", str(out)]) == 0
 
     # What compare reads is what the diagnostics wrote (the last validation's map), from TensorBoard alone.
-    run = tool.read_run(tmp_path / "grow")
+    run = _logic().read_run(tmp_path / "grow")
     assert run.matrices["student_student"] == (100, grown)
     rows = {r["run"]: r for r in json.loads((out / "comparison.json").read_text())}
     assert rows["grow"]["cka_student_student"] == grown and rows["grow"]["cka_student_student_step"] == 100
     assert rows["grow"]["final_cka_student_adjacent"] == pytest.approx((0.95 + 0.3 + 0.95) / 3)  # (1,2) (2,3) (3,4)
     assert "cka_student_student" not in rows["old"]
-    assert tool.supervised_at(run, 100) == {4: 8}
+    assert _logic().supervised_at(run, 100) == {4: 8}
 
     for name in ("cka_student.png", "cka_teacher.png"):
         assert (out / name).stat().st_size > 10_000

@@ -1,4 +1,5 @@
-"""SUPERB-style probes (istack_ds/probe.py, `istack probe`): outputs, labels that carry vs noise, the real model path.
+"""SUPERB-style probes (istack_ds/evidence/probe.py, `istack probe`): outputs, labels that carry vs noise, the real
+model path.
 
 The labelled index is synthetic: each phoneme is a tone below 1.9 kHz (20 ms pauses between), each speaker a
 steady tone above 4 kHz.
@@ -16,7 +17,9 @@ import torch
 
 from istack_ds.data.index import DataError, file_sha256, index_dict
 from istack_ds.data.tario import MemberWriter
-from istack_ds.probe import JSON_FILE, PLOT_FILE, edit_distance, held_out_ids, run_probes
+from istack_ds.evidence.ctc import edit_distance
+from istack_ds.evidence.probe import JSON_FILE, PLOT_FILE, run_probes
+from istack_ds.evidence.probe_data import held_out_ids
 
 SR = 16000
 HOP = 320  # 20 ms frames, as HuBERT's CNN
@@ -143,7 +146,7 @@ def test_index_without_the_label_is_an_error_naming_it(tmp_path):
 
 
 def test_held_out_split_is_per_speaker_and_independent_of_order():
-    from istack_ds.probe import Utterance
+    from istack_ds.evidence.probe_data import Utterance
 
     utts = [Utterance(f"s{s}-{i}", f"s{s}", None) for s, n in enumerate((1, 2, 4)) for i in range(n)]
     held = held_out_ids(utts, 0.5, seed=3)

@@ -1,4 +1,4 @@
-"""The labelled espeak-ng corpus (data/speech_corpus.py) and the trained teacher (teacher_training.py)."""
+"""The labelled espeak-ng corpus (evidence/speech_corpus.py) and the trained teacher (evidence/teacher_training.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from istack_ds.data import speech_corpus as sc
+from istack_ds.evidence import speech_corpus as sc
 
 needs_espeak = pytest.mark.skipif(
     not sc.espeak_available(), reason="espeak-ng is not installed: the labelled speech corpus is spoken by it"
@@ -130,8 +130,9 @@ def test_parse_phonemes_drops_stress_and_word_boundaries():
 def test_trained_teacher_loads_through_the_teacher_path_with_its_report(speech_corpus, tmp_path):
     import torch
 
+    from istack_ds.evidence.teacher_eval import FIGURE, REPORT
+    from istack_ds.evidence.teacher_training import TeacherTrainingSettings, train_teacher
     from istack_ds.models.teacher import Teacher
-    from istack_ds.teacher_training import FIGURE, REPORT, TeacherTrainingSettings, train_teacher
 
     settings = TeacherTrainingSettings(**TINY_TEACHER)
     lines: list[str] = []
@@ -160,7 +161,7 @@ def test_trained_teacher_loads_through_the_teacher_path_with_its_report(speech_c
 
 @needs_espeak
 def test_teacher_training_is_deterministic_for_a_seed(speech_corpus, tmp_path):
-    from istack_ds.teacher_training import TeacherTrainingSettings, train_teacher
+    from istack_ds.evidence.teacher_training import TeacherTrainingSettings, train_teacher
 
     def weights(name, seed):
         train_teacher(

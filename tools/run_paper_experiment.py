@@ -8,11 +8,11 @@ Usage:
 
 What it runs, all of it cached (a rerun reuses what exists; --force reruns the students):
 
-1. the labelled espeak-ng corpus (istack_ds/data/speech_corpus.py: voices as speakers, text, phonemes; 12
+1. the labelled espeak-ng corpus (istack_ds/evidence/speech_corpus.py: voices as speakers, text, phonemes; 12
    speakers x 50 sentences) as lhotse manifests, sharded through the lhotse_manifest corpus module (the last
    2 speakers held out: `valid`);
 2. the teacher: a 12-layer HuBERT (hidden 96) trained here on the training speakers with CTC on phonemes
-   and masked log-mel regression (istack_ds/teacher_training.py; `istack train-teacher` makes the same);
+   and masked log-mel regression (istack_ds/evidence/teacher_training.py; `istack train-teacher` makes the same);
 3. each schedule's shipped recipe (configs/paper_*.yaml, configs/distilhubert.yaml) unchanged in its method
    (operator, stages 3 -> 6 -> 9 -> 12, alpha, loss kind and targets 4/8/12, carry, pick, optimizer state
    copy, warmup + linear decay), scaled down only where CPU forces it, through --set: a 12 x 48 student
@@ -71,9 +71,9 @@ GLOBAL_BATCH = 8  # utterances a step (the paper: 64 on 8 GPUs)
 def make_data(data: Path, tiny: bool, log=print) -> tuple[Path, Path]:
     """The labelled corpus (lhotse manifests) and its shards (train + 2 held-out speakers); both reused while the
     corpus is the one they were made from."""
-    from istack_ds.data.speech_corpus import SpeechCorpusSettings, make_speech_corpus
     from istack_ds.data.writer import shard_corpus
-    from istack_ds.teacher_training import corpus_digest
+    from istack_ds.evidence.speech_corpus import SpeechCorpusSettings, make_speech_corpus
+    from istack_ds.evidence.teacher_data import corpus_digest
 
     settings = SpeechCorpusSettings(speakers=4, utterances=8) if tiny else SpeechCorpusSettings()
     corpus = data / "corpus"
@@ -101,7 +101,7 @@ def make_data(data: Path, tiny: bool, log=print) -> tuple[Path, Path]:
 
 def make_teacher(corpus: Path, out: Path, tiny: bool, log=print) -> dict:
     """Trains (or reuses) the teacher; returns its report (PER, CKA, speaker probe, wall time)."""
-    from istack_ds.teacher_training import TeacherTrainingSettings, train_teacher
+    from istack_ds.evidence.teacher_training import TeacherTrainingSettings, train_teacher
 
     settings = TeacherTrainingSettings(steps=6, held_out_speakers=1, probe_sentences=2) if tiny else None
     return train_teacher(corpus, out, settings, log=log)
@@ -113,7 +113,7 @@ def probe(model: Path, shards: Path, out: Path, tiny: bool, made_from: dict) -> 
     if report_file.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == made_from:
         return json.loads(report_file.read_text())
     shutil.rmtree(out, ignore_errors=True)
-    from istack_ds.probe import run_probes
+    from istack_ds.evidence.probe import run_probes
 
     steps = 20 if tiny else 400
     report = run_probes(

@@ -20,7 +20,7 @@ Writes into --out (re-running overwrites them):
     probe.json         PER, SID accuracy and chance, the learned layer weights per task, data counts, timings
     probe_layers.png   the layer weights per task, one bar per hidden state
 
-A bounded-step proxy (istack_ds/probe.py says what it is and is not), deterministic for --seed: it ranks
+A bounded-step proxy (istack_ds/evidence/probe.py says what it is and is not), deterministic for --seed: it ranks
 models probed with the same index, steps and seed; it is not SUPERB.
 """
 
@@ -38,7 +38,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 def resolve_model(path: Path) -> Path:
     """A save_pretrained or checkpoint dir as it is; a run dir (or its checkpoints/) -> its latest checkpoint."""
-    from istack_ds.probe import is_checkpoint
+    from istack_ds.evidence.probe_data import is_checkpoint
 
     if (path / "config.json").is_file() or is_checkpoint(path):
         return path
@@ -78,8 +78,8 @@ def main(argv=None, prog: str | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     from istack_ds.data.index import DataError
+    from istack_ds.evidence.probe import run_probes
     from istack_ds.models.teacher import TeacherError
-    from istack_ds.probe import run_probes
 
     try:
         run_probes(

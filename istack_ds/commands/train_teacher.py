@@ -5,10 +5,10 @@ Usage (`python tools/train_teacher.py` takes the same arguments):
     istack train-teacher --out /tmp/t --corpus /tmp/c --speakers 4 --utterances 6 --steps 5   # a smoke run
     OMP_NUM_THREADS=2 istack train-teacher --out data/teacher --steps 600 --seed 1
 
-First writes (or reuses) the labelled corpus (istack_ds/data/speech_corpus.py: espeak-ng voices
+First writes (or reuses) the labelled corpus (istack_ds/evidence/speech_corpus.py: espeak-ng voices
 as speakers, text, phonemes) unless --corpus already holds lhotse manifests, then trains a
 12-layer HuBERT (hidden 96, 4 heads, FFN 384, 32-channel CNN) with CTC on phonemes
-(istack_ds/teacher_training.py says why) and saves it where `teacher.path` can point:
+(istack_ds/evidence/teacher_training.py says why) and saves it where `teacher.path` can point:
 OUT/config.json, model.safetensors, preprocessor_config.json, plus the CTC head
 (ctc_head.safetensors, phonemes.json), teacher_report.json (PER and speaker probe on held-out
 speakers, layer x layer CKA, training time) and layer_cka.png. Re-running with the same
@@ -26,8 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    from istack_ds.data.speech_corpus import EspeakMissing, SpeechCorpusSettings, make_speech_corpus
-    from istack_ds.teacher_training import TeacherTrainingSettings, train_teacher
+    from istack_ds.evidence.speech_corpus import EspeakMissing, SpeechCorpusSettings, make_speech_corpus
+    from istack_ds.evidence.teacher_training import TeacherTrainingSettings, train_teacher
 
     t, c = TeacherTrainingSettings(), SpeechCorpusSettings()
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

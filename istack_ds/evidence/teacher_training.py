@@ -2,7 +2,7 @@
 
 The distillation demo's random teacher has 13 hidden states that are nearly one representation, so
 the place a student layer takes cannot matter. This trains a ``HubertModel`` of the paper's depth
-(12 layers) at reduced width on :mod:`istack_ds.data.speech_corpus` and saves it as a plain
+(12 layers) at reduced width on :mod:`istack_ds.evidence.speech_corpus` and saves it as a plain
 ``save_pretrained`` directory with its feature extractor: :mod:`istack_ds.models.teacher` loads it
 like any HF teacher.
 
@@ -47,33 +47,37 @@ Usage: ``istack train-teacher --out data/teacher --corpus data/speech_corpus`` (
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from istack_ds.data.speech_corpus import Utterance, read_speech_corpus
-from istack_ds.diagnostics import cka_figure, cka_matrix, subsample
+from istack_ds.evidence.ctc import ctc_loss
+from istack_ds.evidence.speech_corpus import read_speech_corpus
+from istack_ds.evidence.teacher_data import (
+    attention_mask,
+    collate,
+    corpus_digest,
+    frame_lengths,
+    length_batches,
+    span_mask,
+    split_corpus,
+)
+from istack_ds.evidence.teacher_eval import REPORT, evaluate, write_report
 from istack_ds.models import sfm
-from istack_ds.probe import edit_distance
 
 if TYPE_CHECKING:
     from transformers import HubertModel
 
-REPORT = "teacher_report.json"
-FIGURE = "layer_cka.png"
 HEAD = "ctc_head.safetensors"
 VOCAB = "phonemes.json"
 BLANK = "<blank>"
-EVAL_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -160,114 +164,6 @@ class TeacherTrainingSettings:
         return {k: v for k, v in asdict(self).items() if k != "log_every"}
 
 
-@dataclass
-class Split:
-    train: list[Utterance]
-    probe: list[Utterance]
-    """The training speakers' left-out sentences (speaker probe)."""
-    held_out: list[Utterance]
-    """The held-out speakers' sentences (PER, CKA)."""
-
-
-def split_corpus(utts: list[Utterance], held_out_speakers: int, probe_sentences: int) -> Split:
-    speakers = sorted({u.speaker for u in utts})
-    if len(speakers) <= held_out_speakers:
-        raise ValueError(
-            f"the corpus has {len(speakers)} speakers: cannot hold out {held_out_speakers} and train on the rest"
-        )
-    held = set(speakers[-held_out_speakers:])
-    split = Split([], [], [])
-    by_speaker: dict[str, list[Utterance]] = {}
-    for u in utts:
-        if u.speaker in held:
-            split.held_out.append(u)
-        else:
-            by_speaker.setdefault(u.speaker, []).append(u)
-    for spk in sorted(by_speaker):
-        mine = by_speaker[spk]
-        n_probe = min(probe_sentences, len(mine) - 1)
-        split.train.extend(mine[: len(mine) - n_probe])
-        split.probe.extend(mine[len(mine) - n_probe :])
-    return split
-
-
-def corpus_digest(corpus: Path) -> str:
-    """sha256 of the manifests: a teacher is reused only on the corpus it was trained on."""
-    h = hashlib.sha256()
-    for name in ("recordings.jsonl.gz", "supervisions.jsonl.gz"):
-        with open(corpus / name, "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()[:16]
-
-
-# ---- batches -----------------------------------------------------------------------------
-
-
-def length_batches(
-    utts: list[Utterance], batch_size: int, gen: torch.Generator, shuffle: bool = True
-) -> list[list[int]]:
-    """Indices of `utts` in batches of similar length (little padding), in random order or, with `shuffle` False,
-    longest first (the list is consumed from its end: shortest first, SortaGrad's first epoch)."""
-    order = sorted(range(len(utts)), key=lambda i: (len(utts[i].audio), utts[i].id))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if not shuffle:
-        return batches[::-1]
-    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
-
-
-def collate(utts: list[Utterance]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-padded audio [B, T] and lengths [B], normalized per utterance as the saved feature extractor says.
-
-    The model gets an attention mask when its CNN has layer norm (what the saved feature extractor says), as
-    the teacher path runs it: :func:`attention_mask`."""
-    lens = torch.tensor([len(u.audio) for u in utts])
-    audio = torch.zeros(len(utts), int(lens.max()))
-    for i, u in enumerate(utts):
-        audio[i, : len(u.audio)] = torch.from_numpy(u.audio)
-    return sfm.normalize_waveform(audio, lens), lens
-
-
-def span_mask(frame_lens: torch.Tensor, prob: float, length: int, gen: torch.Generator) -> torch.Tensor:
-    """[B, T] bool: spans of `length` frames starting at a `prob` fraction of each utterance's frames."""
-    size = int(frame_lens.max())
-    mask = torch.zeros(len(frame_lens), size, dtype=torch.bool)
-    for b, n in enumerate(frame_lens.tolist()):
-        starts = max(1, round(prob * n))
-        if n <= length:
-            continue
-        for s in torch.randint(0, n - length, (starts,), generator=gen).tolist():
-            mask[b, s : s + length] = True
-    return mask
-
-
-# ---- decoding and scoring -------------------------------------------------------------------
-
-
-def greedy_ctc(log_probs: torch.Tensor, n: int) -> list[int]:
-    """Best path of [T, C] over its first `n` frames: repeats merged, blanks (0) removed."""
-    best = log_probs[:n].argmax(-1).tolist()
-    out, prev = [], 0
-    for t in best:
-        if t != prev and t != 0:
-            out.append(t)
-        prev = t
-    return out
-
-
-def ridge_probe_accuracy(
-    train_x: np.ndarray, train_y: list[str], test_x: np.ndarray, test_y: list[str], alpha: float = 10.0
-) -> float:
-    """Accuracy of a ridge classifier (one-hot targets, standardized features) fitted on train, scored on test."""
-    classes = sorted(set(train_y))
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    xa, xb = (train_x - mean) / std, (test_x - mean) / std
-    xa, xb = np.hstack([xa, np.ones((len(xa), 1))]), np.hstack([xb, np.ones((len(xb), 1))])
-    onehot = np.eye(len(classes))[[classes.index(y) for y in train_y]]
-    w = np.linalg.solve(xa.T @ xa + alpha * np.eye(xa.shape[1]), xa.T @ onehot)
-    pred = [classes[i] for i in (xb @ w).argmax(1)]
-    return float(np.mean([p == y for p, y in zip(pred, test_y)]))
-
-
 # ---- the model ---------------------------------------------------------------------------
 
 
@@ -278,81 +174,6 @@ def build(settings: TeacherTrainingSettings, vocab_size: int) -> tuple[HubertMod
     model = HubertModel(settings.hf_config())
     head = nn.Linear(settings.hidden_size, vocab_size)
     return model, head
-
-
-def frame_lengths(model: HubertModel, lens: torch.Tensor) -> torch.Tensor:
-    """Frames the transformer gets for `lens` audio samples."""
-    return model._get_feat_extract_output_lengths(cast(torch.LongTensor, lens.long())).long()
-
-
-def attention_mask(model: HubertModel, audio: torch.Tensor, lens: torch.Tensor) -> torch.Tensor | None:
-    return sfm.attention_mask(audio, lens) if model.config.feat_extract_norm == "layer" else None
-
-
-@torch.no_grad()
-def hidden_states(model: HubertModel, utts: list[Utterance], batch_size: int = EVAL_BATCH):
-    """Per batch of `utts` (in order, similar lengths): (hidden states tuple, frame lengths)."""
-    model.eval()
-    for i in range(0, len(utts), batch_size):
-        audio, lens = collate(utts[i : i + batch_size])
-        states = model(
-            audio, attention_mask=attention_mask(model, audio, lens), output_hidden_states=True
-        ).hidden_states
-        yield states, frame_lengths(model, lens)
-
-
-def evaluate(
-    model: HubertModel, head: nn.Linear, split: Split, vocab: list[str], settings: TeacherTrainingSettings
-) -> dict:
-    """PER of the CTC head and the layer x layer CKA on held-out speakers; per-layer speaker-ID probe accuracy."""
-    index = {p: i for i, p in enumerate(vocab)}
-    held = sorted(split.held_out, key=lambda u: (len(u.audio), u.id))
-    errors = total = 0
-    frames: list[list[torch.Tensor]] = []
-    for k, (states, flens) in enumerate(hidden_states(model, held)):
-        log_probs = head(states[-1]).log_softmax(-1)
-        for b, n in enumerate(flens.tolist()):
-            u = held[k * EVAL_BATCH + b]
-            ref = [index[p] for p in u.phonemes]
-            errors += edit_distance(greedy_ctc(log_probs[b], n), ref)
-            total += len(ref)
-            frames.append([h[b, :n] for h in states])
-    layers = len(frames[0])
-    pooled = [torch.cat([f[i] for f in frames]) for i in range(layers)]
-    pick = subsample(len(pooled[0]), settings.cka_frames)
-    cka = cka_matrix([p[pick] for p in pooled], [p[pick] for p in pooled])
-
-    # Speaker probe: mean- and std-pooled states of sentences the teacher never trained on, half fit / half score.
-    feats: list[list[np.ndarray]] = [[] for _ in range(layers)]
-    probe = sorted(split.probe, key=lambda u: (len(u.audio), u.id))
-    for states, flens in hidden_states(model, probe):
-        for b, n in enumerate(flens.tolist()):
-            for i in range(layers):
-                h = states[i][b, :n]
-                feats[i].append(torch.cat([h.mean(0), h.std(0)]).numpy())
-    speakers = [u.speaker for u in probe]
-    seen: dict[str, int] = {}
-    fit = []
-    for s in speakers:  # alternate sentences of each speaker between fit and score
-        fit.append(seen.get(s, 0) % 2 == 0)
-        seen[s] = seen.get(s, 0) + 1
-    fit_arr = np.array(fit)
-    sid = []
-    for i in range(layers):
-        x = np.stack(feats[i])
-        y = np.array(speakers)
-        if fit_arr.all() or not fit_arr.any():
-            sid.append(float("nan"))
-            continue
-        sid.append(ridge_probe_accuracy(x[fit_arr], list(y[fit_arr]), x[~fit_arr], list(y[~fit_arr])))
-    return {
-        "per": errors / max(1, total),
-        "held_out_utterances": len(held),
-        "held_out_phonemes": total,
-        "cka": [[round(float(v), 4) for v in row] for row in cka],
-        "speaker_probe_accuracy": [round(a, 4) for a in sid],
-        "speaker_probe_chance": round(1 / max(1, len(set(speakers))), 4),
-    }
 
 
 N_MELS = 40
@@ -388,14 +209,6 @@ def mel_loss(pred: torch.Tensor, audio: torch.Tensor, frame_lens: torch.Tensor) 
     std = (((target - mean) ** 2 * valid).sum(1, keepdim=True) / count).sqrt() + 1e-3
     err = (pred - (target - mean) / std) ** 2 * valid
     return err.sum() / (valid.sum() * pred.shape[-1]).clamp(min=1)
-
-
-def ctc_loss(
-    head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, frame_lens: torch.Tensor, target_lens: torch.Tensor
-) -> torch.Tensor:
-    """CTC (blank 0) of the head on `hidden` [B, T, H] against the concatenated `targets`."""
-    log_probs = head(hidden).log_softmax(-1).transpose(0, 1)
-    return F.ctc_loss(log_probs, targets, frame_lens, target_lens, blank=0, zero_infinity=True)
 
 
 def lr_at(step: int, settings: TeacherTrainingSettings) -> float:
@@ -522,17 +335,7 @@ def train_teacher(
         "cka_4_12": metrics["cka"][min(4, layers)][layers],
         "cka_first_last": metrics["cka"][1][layers],
     }
-    (out / REPORT).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    fig = cka_figure(torch.tensor(metrics["cka"]), {}, title="trained teacher: linear CKA on held-out speakers")
-    ax = fig.axes[0]
-    ax.set_xlabel("hidden state (0 = CNN features)")
-    ax.set_ylabel("hidden state")
-    fig.savefig(out / FIGURE)
-    log(
-        f"teacher {out}: PER {report['per']:.3f} on held-out speakers {report['held_out_speakers']}, "
-        f"CKA(4, {layers}) {report['cka_4_12']:.3f}, speaker probe by layer "
-        f"{' '.join(f'{a:.2f}' for a in report['speaker_probe_accuracy'])}, trained in {train_seconds:.0f} s"
-    )
+    write_report(out, report, train_seconds, log)
     return report
 
 
