@@ -35,7 +35,9 @@ class ProbeSettings:
     held_out: float = 0.2
     """Fraction of each speaker's utterances of the train index held out for scoring."""
     seed: int = 0
+    """Seeds the heads' initial weights, the batches drawn and the held-out split."""
     log_every: int = 100
+    """Steps between progress lines."""
 
     def __post_init__(self):
         if self.steps < 1 or self.batch < 1:
@@ -59,13 +61,31 @@ class WeightedSum(nn.Module):
         return [round(float(w), 6) for w in self.weights.detach().softmax(0)]
 
 
-def _progress(log, task: str, step: int, steps: int, loss: float, t0: float) -> None:
-    dt = time.perf_counter() - t0
-    eta = dt / step * (steps - step)
-    log(
-        f"probe {task}: step {step}/{steps} ({100 * step / steps:.0f}%) | loss {loss:.4f} | {dt:.1f} s "
-        f"| eta {eta:.0f} s"
-    )
+def _fit(
+    featurizer: WeightedSum,
+    head: nn.Module,
+    batch_loss: Callable[[], torch.Tensor],
+    settings: ProbeSettings,
+    task: str,
+    log: Callable[[str], None],
+) -> float:
+    """`settings.steps` Adam steps of featurizer and head on `batch_loss()` (which draws its batch); the last loss."""
+    opt = torch.optim.Adam([*featurizer.parameters(), *head.parameters()], lr=settings.lr)
+    t0, loss_value = time.perf_counter(), float("nan")
+    for step in range(1, settings.steps + 1):
+        loss = batch_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss_value = float(loss.detach())
+        if step % settings.log_every == 0 or step == settings.steps:
+            dt = time.perf_counter() - t0
+            eta = dt / step * (settings.steps - step)
+            log(
+                f"probe {task}: step {step}/{settings.steps} ({100 * step / settings.steps:.0f}%) | loss "
+                f"{loss_value:.4f} | {dt:.1f} s | eta {eta:.0f} s"
+            )
+    return loss_value
 
 
 def probe_pr(
@@ -87,21 +107,16 @@ def probe_pr(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         featurizer, head = WeightedSum(layers), nn.Linear(hidden, len(vocab) + 1)
-    opt = torch.optim.Adam([*featurizer.parameters(), *head.parameters()], lr=settings.lr)
-    t0, loss_value = time.perf_counter(), float("nan")
-    for step in range(1, settings.steps + 1):
+
+    def batch_loss() -> torch.Tensor:
         batch = [fit[int(i)] for i in torch.randint(len(fit), (settings.batch,), generator=g)]
         frames = nn.utils.rnn.pad_sequence([f.float() for f, _ in batch], batch_first=True)
         lens = torch.tensor([len(f) for f, _ in batch])
         targets = torch.tensor([ids[p] for _, phonemes in batch for p in phonemes])
         target_lens = torch.tensor([len(phonemes) for _, phonemes in batch])
-        loss = ctc_loss(head, featurizer(frames), targets, lens, target_lens)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        loss_value = float(loss.detach())
-        if step % settings.log_every == 0 or step == settings.steps:
-            _progress(log, "pr", step, settings.steps, loss_value, t0)
+        return ctc_loss(head, featurizer(frames), targets, lens, target_lens)
+
+    loss_value = _fit(featurizer, head, batch_loss, settings, "pr", log)
     common = Counter(p for _, phonemes in fit for p in phonemes).most_common(1)[0][0]
     rate = sum(len(phonemes) for _, phonemes in fit) / sum(len(f) for f, _ in fit)
     errors = blind = length = unknown = 0
@@ -143,17 +158,12 @@ def probe_sid(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         featurizer, head = WeightedSum(layers), nn.Linear(hidden, len(speakers))
-    opt = torch.optim.Adam([*featurizer.parameters(), *head.parameters()], lr=settings.lr)
-    t0, loss_value = time.perf_counter(), float("nan")
-    for step in range(1, settings.steps + 1):
+
+    def batch_loss() -> torch.Tensor:
         pick = torch.randint(len(fit), (settings.batch,), generator=g)
-        loss = F.cross_entropy(head(featurizer(x_fit[pick])), y_fit[pick])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        loss_value = float(loss.detach())
-        if step % settings.log_every == 0 or step == settings.steps:
-            _progress(log, "sid", step, settings.steps, loss_value, t0)
+        return F.cross_entropy(head(featurizer(x_fit[pick])), y_fit[pick])
+
+    loss_value = _fit(featurizer, head, batch_loss, settings, "sid", log)
     y_test = torch.tensor([ids[s] for _, s in test])
     with torch.no_grad():
         predicted = head(featurizer(torch.stack([x for x, _ in test]))).argmax(-1)
