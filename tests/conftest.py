@@ -33,6 +33,7 @@ def _no_process_group_in_an_unmarked_test(request):
     dist = sys.modules.get("torch.distributed")
     marked = request.node.get_closest_marker(helpers.PROCGROUP) is not None
     if not marked and dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # the next tests start clean
         pytest.fail(f"{request.node.nodeid} initialised a process group but is not marked @pytest.mark.procgroup")
 
 
