@@ -1,6 +1,7 @@
 # istack_ds: `make demo` runs the CPU demo end to end, `make test` runs the test suite.
 # Both bootstrap .venv on a fresh machine: torch is installed FIRST and pinned
 # (constraints.txt); without the pin a dependency can pull a multi-GB CUDA build.
+# `make test-fast` leaves out the tests that start process groups (marked procgroup): a loop while developing.
 # `make lint` runs ruff (lint + format check) and mypy, as CI does.
 
 SHELL := /bin/bash
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format clean-demo
+.PHONY: venv demo test test-fast lint format clean-demo
 
 venv: $(STAMP)
 
@@ -30,6 +31,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra --durations=25
+
+# Every test but those marked procgroup (torchrun, launchers, DeepSpeed engines on real ranks); `make test` runs all.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra --durations=10 -m "not procgroup"
 
 # ruff (lint + format check) on the whole repo, mypy on istack_ds/; configured in pyproject.toml.
 lint: $(STAMP)

@@ -1,4 +1,9 @@
-"""Shared test utilities: workers on N real gloo ranks in fresh processes, tool scripts as modules, run logs."""
+"""Shared test utilities: workers on N real gloo ranks in fresh processes, tool scripts as modules, run logs.
+
+Every test that starts a process group carries the `procgroup` marker, so `make test-fast` (-m "not procgroup")
+can leave it out. The helpers here that start ranks (torchrun, run_worker, ranks_env) refuse to run in a test
+without it, so the marker cannot be forgotten.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,31 @@ from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = Path(__file__).resolve().parent / "workers"
+
+
+#: The marker of tests that start process groups (registered in pyproject.toml); `make test-fast` deselects it.
+PROCGROUP = "procgroup"
+
+#: The test that runs now, as tests/conftest.py records it before each test's setup: (node id, marked?).
+#: None outside pytest (a helper used from a script checks nothing).
+_running: tuple[str, bool] | None = None
+
+
+def record_running_test(item) -> None:
+    """Records the test `item` (a pytest.Item, or None when it ended) whose fixtures and body run now."""
+    global _running
+    _running = None if item is None else (item.nodeid, item.get_closest_marker(PROCGROUP) is not None)
+
+
+def require_procgroup_marker(what: str) -> None:
+    """Raises unless the running test is marked `procgroup`: `what` is about to start a process group."""
+    if _running is not None and not _running[1]:
+        nodeid = _running[0]
+        raise AssertionError(
+            f"{nodeid} starts a process group ({what}) but is not marked @pytest.mark.{PROCGROUP}: "
+            f"mark the test (or its module: pytestmark = pytest.mark.{PROCGROUP}), so that `make test-fast` "
+            f"(pytest -m 'not {PROCGROUP}') leaves it out"
+        )
 
 
 def free_port() -> int:
@@ -39,14 +69,24 @@ def child_env(**extra: str) -> dict:
     return env
 
 
+def ranks_env(**extra: str) -> dict:
+    """child_env() for a process that starts a process group by itself (a launcher, a rank started by hand).
+
+    Only a test marked `procgroup` may ask for it.
+    """
+    require_procgroup_marker("a child process that starts a process group")
+    return child_env(**extra)
+
+
 def torchrun(
     script: str | Path, *args: str, nproc: int = 2, timeout: float = 300, env: dict | None = None, check: bool = True
 ) -> subprocess.CompletedProcess:
     """Runs `script` (a path, or a name under tests/workers/) on `nproc` ranks with torchrun.
 
     Each call is its own process group on a free port, so engine tests never
-    share state. Raises with the combined output when a rank fails.
+    share state. Raises with the combined output when a rank fails. Only a test marked `procgroup` may call it.
     """
+    require_procgroup_marker(f"torchrun of {Path(script).name} on {nproc} rank(s)")
     script = Path(script)
     if not script.is_absolute():
         script = WORKERS / script

@@ -11,7 +11,6 @@ from istack_ds.batching import epoch_size, plan_batches, resolve_total_steps
 from istack_ds.config import ConfigError, DataConfig, DeepSpeedConfig, load_config
 from istack_ds.data import build_loader, read_index
 from istack_ds.data.stream import Batcher, Item
-from istack_ds.models.teacher import make_random_teacher
 from tests.helpers import ROOT, run_args, torchrun
 
 
@@ -120,7 +119,8 @@ LIBRISPEECH = {
 }
 
 
-def test_one_rank_with_accumulation_and_two_ranks_take_the_same_utterances_per_step(tmp_path):
+@pytest.mark.procgroup
+def test_one_rank_with_accumulation_and_two_ranks_take_the_same_utterances_per_step(tmp_path, teacher_dir):
     """A LibriSpeech tree through `istack shard`, then the same config on 1 rank (accumulation 2) and 2 ranks
     (accumulation 1): the same steps from optim.epochs, and every step of both trains on exactly
     data.global_batch utterances."""
@@ -132,7 +132,6 @@ def test_one_rank_with_accumulation_and_two_ranks_take_the_same_utterances_per_s
     shards = tmp_path / "shards"
     assert shard_main(["--corpus", str(tmp_path / "corpus"), "--out", str(shards), "--min-shards", "4"]) == 0
     assert check_main([str(shards / "train/index.json")]) == 0
-    teacher = make_random_teacher(tmp_path / "teacher", size="tiny")
     sets = ["data.global_batch=4", "data.batch_unit=utterances", "data.max_micro_batch=2", "optim.epochs=1"]
     sets += ["optim.total_steps=null", "checkpoint.every=0", "log.data_audit=false", "data.interleave_shards=1"]
     sets += ["data.long_cuts=skip", "data.crop_seconds=2.5", f"data.valid_index={shards / 'valid/index.json'}"]
@@ -140,7 +139,7 @@ def test_one_rank_with_accumulation_and_two_ranks_take_the_same_utterances_per_s
     summaries = {}
     for nproc in (1, 2):
         out = tmp_path / f"run{nproc}"
-        proc = torchrun(ROOT / "launchers/train.py", *run_args(out, teacher, shards, *sets), nproc=nproc)
+        proc = torchrun(ROOT / "launchers/train.py", *run_args(out, teacher_dir, shards, *sets), nproc=nproc)
         accumulation = 3 - nproc
         line = f"4 utterances per step (data.global_batch) = {nproc} rank(s) x {accumulation} micro-batch(es)"
         assert line in proc.stdout + proc.stderr

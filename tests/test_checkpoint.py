@@ -20,13 +20,9 @@ import time
 import pytest
 import torch
 
-from istack_ds.models.teacher import make_random_teacher
-from tests.helpers import ROOT, TOTAL, child_env, run_args, run_worker, scalars, shard_of_cut, torchrun
+from tests.helpers import ROOT, TOTAL, child_env, ranks_env, run_args, run_worker, scalars, shard_of_cut, torchrun
 
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return make_random_teacher(tmp_path_factory.mktemp("teacher") / "hubert", size="tiny")
+pytestmark = pytest.mark.procgroup
 
 
 #: Two shards a group: each rank's epoch (4 shards) has two groups, so a checkpoint can fall inside a group;
@@ -82,7 +78,7 @@ def kill_at_step(args, step, env=None, timeout=300):
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env=env or child_env(),
+        env=env or ranks_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

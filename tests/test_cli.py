@@ -17,16 +17,10 @@ from istack_ds import cli
 from istack_ds.commands import COMMANDS
 from istack_ds.config import ConfigError, load_config
 from istack_ds.engine import deepspeed_config
-from istack_ds.models.teacher import make_random_teacher
 from tests.helpers import ROOT, child_env
 
 BIN = Path(sys.executable).parent
 DEMO = str(ROOT / "configs/demo.yaml")
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return make_random_teacher(tmp_path_factory.mktemp("teacher") / "hubert", size="tiny")
 
 
 def demo_args(teacher_dir, demo_shards, tmp_path, *sets: str) -> list[str]:

@@ -50,6 +50,7 @@ def rewrite_shard(shard, extra: dict[str, bytes] | None = None, keep=lambda name
     return files
 
 
+@pytest.mark.procgroup
 def test_partition_two_ranks_two_workers_gloo(demo_shards):
     """THE partition test: 2 gloo ranks x 2 workers, one epoch: every cut exactly once."""
     index = demo_shards / "train" / "index.json"
@@ -253,6 +254,7 @@ def test_other_rate_and_stereo_members_are_resampled_and_downmixed(demo_shards, 
 # ---- data position: resume ----------------------------------------------------------------
 
 
+@pytest.mark.procgroup
 def test_resume_two_ranks_two_workers_gloo(demo_shards):
     """2 gloo ranks x 2 workers, one epoch: each worker's first batches + its batches after loading the loader's
     saved state = its uninterrupted batches, cut ids and audio, with the save inside a shard group."""

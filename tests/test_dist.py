@@ -5,10 +5,11 @@ import sys
 import threading
 import time
 
+import pytest
 import torch.distributed as tdist
 
 from istack_ds.dist import HEARTBEAT_KEY, silent_ranks
-from tests.helpers import ROOT, child_env, free_port
+from tests.helpers import ROOT, free_port, ranks_env
 
 # One process, one rank: the timeouts of the default group, of DeepSpeed's data-parallel group (ZeRO's
 # gradient reduce and growth's gathers run on it) and of any later new_group.
@@ -23,8 +24,9 @@ print(timeout(dist.group.WORLD), timeout(groups._get_data_parallel_group()), tim
 """
 
 
+@pytest.mark.procgroup
 def test_every_process_group_gets_the_configured_timeout():
-    env = child_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env = ranks_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     proc = subprocess.run(
         [sys.executable, "-c", GROUP_TIMEOUTS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )

@@ -17,13 +17,7 @@ import pytest
 import torch
 
 from istack_ds.export import HEADS_FILE, read_heads, save_student
-from istack_ds.models.teacher import make_random_teacher
 from tests.helpers import ROOT, child_env, load_tool, run_worker
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return make_random_teacher(tmp_path_factory.mktemp("teacher") / "hubert", size="tiny")
 
 
 def _hidden_states(model_dir, audio):
@@ -37,6 +31,7 @@ def _hidden_states(model_dir, audio):
         return model(inputs["input_values"], output_hidden_states=True).hidden_states
 
 
+@pytest.mark.procgroup
 @pytest.mark.parametrize(
     "zero_stage, frontend, universal", [(2, "trainable", True), (3, "trainable", False), (2, "shared", False)]
 )
@@ -96,11 +91,9 @@ def test_export_names_a_missing_checkpoint(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def normalizing_teacher(tmp_path_factory):
+def normalizing_teacher(make_teacher):
     """A teacher as the large SFMs are: `do_normalize: true`, layer-norm CNN, trained with attention masks."""
-    return make_random_teacher(
-        tmp_path_factory.mktemp("teacher") / "norm", do_normalize=True, feat_extract_norm="layer"
-    )
+    return make_teacher(do_normalize=True, feat_extract_norm="layer")
 
 
 def test_export_carries_the_teachers_input_heads_as_safetensors_and_a_card(tmp_path, normalizing_teacher):

@@ -12,13 +12,9 @@ import time
 
 import pytest
 
-from istack_ds.models.teacher import make_random_teacher
-from tests.helpers import ROOT, TOTAL, child_env, free_port, run_args, scalars, torchrun
+from tests.helpers import ROOT, TOTAL, child_env, free_port, ranks_env, run_args, scalars, torchrun
 
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return make_random_teacher(tmp_path_factory.mktemp("teacher") / "hubert", size="tiny")
+pytestmark = pytest.mark.procgroup
 
 
 def test_a_nonfinite_loss_on_one_rank_is_skipped_on_every_rank_and_counted(tmp_path, teacher_dir, demo_shards):
@@ -55,7 +51,7 @@ def _start_two_ranks(out, teacher_dir, demo_shards, faults: str, *extra: str) ->
     port = free_port()
     procs = []
     for r in (0, 1):
-        env = child_env(
+        env = ranks_env(
             RANK=str(r),
             LOCAL_RANK=str(r),
             WORLD_SIZE="2",

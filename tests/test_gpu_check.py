@@ -9,18 +9,19 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, child_env, load_tool
+from tests.helpers import ROOT, load_tool, ranks_env
 
 gpu_check = load_tool("tools/bench/gpu_check.py")
 
 
+@pytest.mark.procgroup
 def test_gpu_check_smoke_run_on_cpu(tmp_path):
     """--tiny on the CPU: every front end x depth timed through the real Trainer, the report written."""
     out = tmp_path / "gpu_check.md"
     proc = subprocess.run(
         [sys.executable, "tools/bench/gpu_check.py", "--tiny", "--fp32", "--steps", "1", "--out", str(out)],
         cwd=ROOT,
-        env=child_env(),
+        env=ranks_env(),
         capture_output=True,
         text=True,
         timeout=300,

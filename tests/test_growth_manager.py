@@ -17,6 +17,7 @@ def result(script: str, *args) -> dict:
     return run_worker(script, *args)[0]
 
 
+@pytest.mark.procgroup
 @pytest.mark.parametrize("zero", [1, 2, 3])
 def test_growth_copies_states_first_step_matches_adamw_lr_unbroken(zero):
     """3 -> 6 (copy) -> 9 (reset): states equal their sources (clones' moments zero under reset),
@@ -26,12 +27,14 @@ def test_growth_copies_states_first_step_matches_adamw_lr_unbroken(zero):
     assert r["depth"] == 9 and len(r["lrs"]) == 9
 
 
+@pytest.mark.procgroup
 def test_growth_hubert_student_zero3():
     """The same on a tiny HF HubertModel wrapped as `sfm` (weight-norm pos-conv), 2 -> 4 -> 6 on ZeRO 3."""
     r = result("growth_states.py", "--zero", 3, "--model", "hubert", "--depths", "2,4,6")
     assert r["ref_max_diff"] <= 1e-6
 
 
+@pytest.mark.procgroup
 @pytest.mark.parametrize("zero", [1, 2, 3])
 def test_growth_bf16_reads_back(zero):
     """bf16 (HF Hubert student): growth works, fp32 masters/moments read back exactly, bf16 weights hold the master."""
@@ -39,12 +42,14 @@ def test_growth_bf16_reads_back(zero):
     assert r["ref_max_diff"] is None and r["depth"] == 6
 
 
+@pytest.mark.procgroup
 def test_rebuild_same_depth_continues_loss_curve_and_readback_names_bad_param():
     r = result("growth_rebuild.py", "--zero", "1,2,3")
     assert r["zero1"] == r["zero2"] == r["zero3"]
     assert "layers.1.fc1.weight" in r["readback_error"]
 
 
+@pytest.mark.procgroup
 @pytest.mark.parametrize("zero", [2, 3])
 def test_memory_flat_over_six_rebuilds(zero):
     r = result("growth_memory.py", "--zero", zero, "--rebuilds", 6)

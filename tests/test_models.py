@@ -12,14 +12,8 @@ from istack_ds.models.teacher import (
     SUPPORTED_TEACHERS,
     Teacher,
     TeacherError,
-    make_random_teacher,
     read_teacher_info,
 )
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return make_random_teacher(tmp_path_factory.mktemp("teacher") / "hubert", size="tiny")
 
 
 def test_missing_teacher_dir_is_named(tmp_path):
@@ -43,10 +37,10 @@ def test_teacher_layer_out_of_range(teacher_dir):
 
 
 @pytest.mark.parametrize("model_type", SUPPORTED_TEACHERS)
-def test_teacher_frozen_and_matches_full_model(tmp_path, model_type):
+def test_teacher_frozen_and_matches_full_model(make_teacher, model_type):
     from transformers import AutoModel
 
-    path = make_random_teacher(tmp_path / model_type, size="tiny", model_type=model_type)
+    path = make_teacher(model_type)
     teacher = Teacher(path, [2, 4])
     assert all(not p.requires_grad for p in teacher.parameters())
     teacher.train()
@@ -63,10 +57,10 @@ def test_teacher_frozen_and_matches_full_model(tmp_path, model_type):
 
 
 @pytest.mark.parametrize("model_type", SUPPORTED_TEACHERS)
-def test_int8_teacher_targets_stay_close_to_fp32(tmp_path, model_type):
+def test_int8_teacher_targets_stay_close_to_fp32(make_teacher, model_type):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
-    path = make_random_teacher(tmp_path / model_type, size="tiny", model_type=model_type)
+    path = make_teacher(model_type)
     fp32, int8 = Teacher(path, [4, 8]), Teacher(path, [4, 8], int8=True)
     kinds = {
         name.rsplit(".", 1)[-1]: type(m)
@@ -190,13 +184,9 @@ def test_receptive_field_is_the_shortest_input_that_gives_a_frame():
 
 
 @pytest.fixture(scope="module")
-def normalizing_teachers(tmp_path_factory):
+def normalizing_teachers(make_teacher):
     """One tiny random teacher per family, saved with `do_normalize: true` and a layer-norm CNN (as the large SFMs)."""
-    root = tmp_path_factory.mktemp("normalizing")
-    return {
-        kind: make_random_teacher(root / kind, model_type=kind, do_normalize=True, feat_extract_norm="layer")
-        for kind in SUPPORTED_TEACHERS
-    }
+    return {kind: make_teacher(kind, do_normalize=True, feat_extract_norm="layer") for kind in SUPPORTED_TEACHERS}
 
 
 def _hf_reference(path, waves):
@@ -308,7 +298,7 @@ def test_teacher_layers_init_copies_the_teachers_first_layers(teacher_dir):
     assert max((a - b).abs().max().item() for a, b in zip(mine, ref[:3])) <= 1e-5
 
 
-def test_teacher_layers_init_refuses_other_widths_and_wavlm_layers(tmp_path, teacher_dir):
+def test_teacher_layers_init_refuses_other_widths_and_wavlm_layers(make_teacher, teacher_dir):
     from istack_ds.config import ConfigError
     from istack_ds.models.student import check_init, init_student
 
@@ -332,7 +322,7 @@ def test_teacher_layers_init_refuses_other_widths_and_wavlm_layers(tmp_path, tea
         )
     with pytest.raises(ConfigError, match=r"heads.safetensors does not exist; student.init_from must be an istack_ds"):
         check_init(StudentConfig(init="pretrained", init_from=str(teacher_dir)), teacher.info, depth=2)
-    wavlm = make_random_teacher(tmp_path / "wavlm", model_type="wavlm")
+    wavlm = make_teacher("wavlm")
     wide = StudentConfig(hidden_size=96, intermediate_size=192, num_attention_heads=4, init="teacher_layers")
     wide.init_from = str(wavlm)
     student = Student(wide, LossConfig(teacher_layers=[4]), teacher.info, depth=2)

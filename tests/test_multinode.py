@@ -14,15 +14,9 @@ import time
 
 import pytest
 
-from istack_ds.models.teacher import make_random_teacher
-from tests.helpers import ROOT, child_env, free_port
+from tests.helpers import ROOT, free_port, ranks_env
 
 STEPS = 12  # EQL over depths 2, 4, 8: growths before steps 5 and 9 (1-based)
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return make_random_teacher(tmp_path_factory.mktemp("teacher") / "hubert", size="tiny")
 
 
 def readme_command() -> list[str]:
@@ -64,7 +58,7 @@ def run_two_nodes(overrides: list[str], timeout: float = 400) -> list[subprocess
         subprocess.Popen(
             rehearsal_command(r, port, overrides),
             cwd=ROOT,
-            env=child_env(),
+            env=ranks_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -81,6 +75,7 @@ def audit(out_dir, rank):
     return [json.loads(line) for line in (out_dir / f"data_audit/rank{rank}.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.procgroup
 def test_two_node_rehearsal_disjoint_data_same_growth_step_and_resume(tmp_path, teacher_dir, demo_shards):
     out = tmp_path / "run"
     overrides = [
@@ -139,6 +134,7 @@ def test_two_node_rehearsal_disjoint_data_same_growth_step_and_resume(tmp_path, 
     assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
 
 
+@pytest.mark.procgroup
 def test_slurm_variables_alone_start_a_job(tmp_path, teacher_dir, demo_shards):
     """srun gives each task only SLURM_* (and the batch script MASTER_*): the trainer maps them itself."""
     out = tmp_path / "run"
@@ -171,7 +167,7 @@ def test_slurm_variables_alone_start_a_job(tmp_path, teacher_dir, demo_shards):
     ]
     procs = []
     for task in (0, 1):
-        env = child_env(
+        env = ranks_env(
             SLURM_PROCID=str(task),
             SLURM_NTASKS="2",
             SLURM_LOCALID=str(task),

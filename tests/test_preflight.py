@@ -7,14 +7,8 @@ import json
 import pytest
 
 from istack_ds.config import ConfigError, load_config
-from istack_ds.models.teacher import make_random_teacher
 from istack_ds.preflight import preflight
 from tests.helpers import ROOT
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return make_random_teacher(tmp_path_factory.mktemp("teacher") / "hubert", size="tiny")
 
 
 @pytest.fixture(autouse=True)

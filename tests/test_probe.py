@@ -157,11 +157,10 @@ def test_held_out_split_is_per_speaker_and_independent_of_order():
     assert edit_distance(list("kitten"), list("sitting")) == 3
 
 
-def test_probe_command_on_a_saved_hf_model(labelled_index, tmp_path):
+def test_probe_command_on_a_saved_hf_model(labelled_index, tmp_path, teacher_dir):
     from istack_ds.commands.probe import main
-    from istack_ds.models.teacher import make_random_teacher
 
-    model = make_random_teacher(tmp_path / "teacher", size="tiny", seed=0)
+    model = teacher_dir
     out = tmp_path / "probe"
     main([str(model), "--train-index", str(labelled_index), "--out", str(out), "--steps", "20", "--held-out", "0.5"])
 

@@ -7,15 +7,10 @@ import json
 import pytest
 import torch
 
-from istack_ds.models.teacher import make_random_teacher
 from tests.helpers import ROOT, run_worker, torchrun
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return make_random_teacher(tmp_path_factory.mktemp("teacher") / "hubert", size="tiny")
-
-
+@pytest.mark.procgroup
 @pytest.mark.parametrize("zero_stage, precision", [(2, "fp32"), (2, "bf16"), (3, "fp32")])
 def test_fixed_batch_loss_falls_and_teacher_is_frozen(teacher_dir, zero_stage, precision):
     result = run_worker(
@@ -42,6 +37,7 @@ def _events(tb_dir):
     return acc
 
 
+@pytest.mark.procgroup
 def test_demo_pipeline_end_to_end(tmp_path, teacher_dir, demo_shards):
     """Shards -> 2 ranks with two growths -> TensorBoard tags, checkpoints, an AutoModel-loadable student."""
     out = tmp_path / "run"

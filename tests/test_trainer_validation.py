@@ -3,15 +3,10 @@ one-process computations, and what they log to TensorBoard."""
 
 import pytest
 
-from istack_ds.models.teacher import make_random_teacher
 from tests.helpers import run_worker
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return make_random_teacher(tmp_path_factory.mktemp("teacher") / "hubert", size="tiny")
-
-
+@pytest.mark.procgroup
 def test_validation_equals_single_process_computation_and_cka_is_logged(tmp_path, teacher_dir, demo_shards):
     out = tmp_path / "run"
     result = run_worker(
