@@ -17,35 +17,23 @@ from typing import Any
 import yaml
 
 from ..growth.schedule import Schedule
-from .sections import (
-    CheckpointConfig,
-    DataConfig,
-    DeepSpeedConfig,
-    EvalConfig,
-    GrowthConfig,
-    LogConfig,
-    LossConfig,
-    OptimConfig,
-    RunConfig,
-    StudentConfig,
-    TeacherConfig,
-)
+from . import sections
 from .values import ConfigError, _build
 
 
 @dataclass
 class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    growth: GrowthConfig = field(default_factory=GrowthConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: sections.RunConfig = field(default_factory=sections.RunConfig)
+    data: sections.DataConfig = field(default_factory=sections.DataConfig)
+    teacher: sections.TeacherConfig = field(default_factory=sections.TeacherConfig)
+    student: sections.StudentConfig = field(default_factory=sections.StudentConfig)
+    loss: sections.LossConfig = field(default_factory=sections.LossConfig)
+    growth: sections.GrowthConfig = field(default_factory=sections.GrowthConfig)
+    optim: sections.OptimConfig = field(default_factory=sections.OptimConfig)
+    deepspeed: sections.DeepSpeedConfig = field(default_factory=sections.DeepSpeedConfig)
+    log: sections.LogConfig = field(default_factory=sections.LogConfig)
+    checkpoint: sections.CheckpointConfig = field(default_factory=sections.CheckpointConfig)
+    eval: sections.EvalConfig = field(default_factory=sections.EvalConfig)
 
     def __post_init__(self):
         self.validate()
