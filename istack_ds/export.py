@@ -192,7 +192,7 @@ def export_engine(
     engine, student: Student, teacher_cnn: nn.Module, out: str | Path, *, teacher_path: str, step: int, config=None
 ) -> Path:
     """The student inside a live engine -> an HF directory, written by rank 0. COLLECTIVE (every rank calls it)."""
-    from .engine import gather_full_states
+    from .zero_states import gather_full_states
 
     states = gather_full_states(engine)
     if is_main():

@@ -33,6 +33,7 @@ from .checkpoint import (
 from .config import Config
 from .data import DataError, build_loader, check_shard_count, read_index
 from .data.stream import state_epoch
+from .deepspeed_json import deepspeed_json
 from .diagnostics import LayerDiagnostics
 from .dist import (
     all_ranks,
@@ -47,7 +48,7 @@ from .dist import (
     topology,
     world_size,
 )
-from .engine import build_engine, deepspeed_config, destroy_engine
+from .engine import build_engine, destroy_engine
 from .export import export_engine
 from .growth import GrowthManager, Schedule
 from .metrics import DataAudit, LogWindow, Metrics, RegionTimer
@@ -237,8 +238,10 @@ class Trainer:
             if meta and not self.batches_plan.derived
             else self.batches_plan.accumulation
         )
-        self.ds_config = deepspeed_config(
-            cfg, world_size(), self.accumulation, load_universal=bool(meta and meta.get("universal"))
+        self.ds_config = deepspeed_json(
+            cfg,
+            dataclasses.replace(self.batches_plan, accumulation=self.accumulation),
+            load_universal=bool(meta and meta.get("universal")),
         )
         if is_main():
             # The JSON DeepSpeed runs with (deepspeed.extra merged, a resume's accumulation), beside config.yaml.

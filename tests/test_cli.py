@@ -14,9 +14,10 @@ import torch
 import yaml
 
 from istack_ds import cli
+from istack_ds.batching import plan_batches
 from istack_ds.commands import COMMANDS
 from istack_ds.config import ConfigError, load_config
-from istack_ds.engine import deepspeed_config
+from istack_ds.deepspeed_json import deepspeed_json
 from tests.helpers import ROOT, child_env
 
 BIN = Path(sys.executable).parent
@@ -88,7 +89,7 @@ def test_print_config_prints_the_resolved_yaml_and_the_deepspeed_json(tmp_path, 
     cfg = load_config(DEMO, ["optim.total_steps=90", "deepspeed.extra.zero_optimization.overlap_comm=true"])
     assert yaml.safe_load(head) == cfg.to_dict()
     ds = json.loads(ds_json.split("\n", 1)[1])
-    assert ds == deepspeed_config(cfg, 8)
+    assert ds == deepspeed_json(cfg, plan_batches(cfg.data, cfg.deepspeed, 8))
     assert ds["train_batch_size"] == 8 and ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
     assert not (tmp_path / "run").exists() and not torch.distributed.is_initialized()
 
@@ -121,7 +122,7 @@ def test_deepspeed_extra_is_merged_and_checked():
             "deepspeed.extra.zero_optimization.stage=2",  # the same value as deepspeed.zero_stage: allowed
         ],
     )
-    ds = deepspeed_config(cfg, 2)
+    ds = deepspeed_json(cfg, plan_batches(cfg.data, cfg.deepspeed, 2))
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 5.0e7}
     assert ds["flops_profiler"] == {"enabled": True, "profile_step": 3} and ds["communication_data_type"] == "fp32"
     assert ds["train_batch_size"] == 2 and ds["gradient_accumulation_steps"] == 1
@@ -142,7 +143,7 @@ def test_deepspeed_extra_is_merged_and_checked():
 def test_deepspeed_extra_refuses_typos_and_conflicts(extra, message):
     cfg = load_config(DEMO, [f"deepspeed.extra.{extra}"])
     with pytest.raises(ConfigError, match=message):
-        deepspeed_config(cfg, 2)
+        deepspeed_json(cfg, plan_batches(cfg.data, cfg.deepspeed, 2))
 
 
 def test_a_bad_extra_stops_train_before_any_process_group(teacher_dir, demo_shards, tmp_path, capsys):

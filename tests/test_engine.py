@@ -12,8 +12,10 @@ from torch import nn
 
 from istack_ds.batching import plan_batches
 from istack_ds.config import OptimConfig, load_config
-from istack_ds.engine import GrowthStateError, build_engine, deepspeed_config, fused_adamw, param_groups
+from istack_ds.deepspeed_json import deepspeed_json
+from istack_ds.engine import build_engine, fused_adamw, param_groups
 from istack_ds.growth import GrowthManager
+from istack_ds.zero_states import GrowthStateError
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
@@ -32,7 +34,7 @@ def test_every_shipped_config_gives_a_deepspeed_json(path):
     cfg = load_config(path)
     if cfg.optim.total_steps is None:  # optim.epochs: resolved from the train index at start (not here)
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, total_steps=1000))
-    ds = deepspeed_config(cfg, world_size=8)
+    ds = deepspeed_json(cfg, plan_batches(cfg.data, cfg.deepspeed, 8))
     assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
     plan = plan_batches(cfg.data, cfg.deepspeed, 8)
     assert ds["train_batch_size"] == 8 * plan.accumulation == 8 * ds["gradient_accumulation_steps"]
@@ -40,7 +42,8 @@ def test_every_shipped_config_gives_a_deepspeed_json(path):
 
 
 def test_override_changes_deepspeed_json():
-    base = deepspeed_config(load_config(None), 2)
+    base_cfg = load_config(None)
+    base = deepspeed_json(base_cfg, plan_batches(base_cfg.data, base_cfg.deepspeed, 2))
     cfg = load_config(
         None,
         [
@@ -51,7 +54,7 @@ def test_override_changes_deepspeed_json():
             "deepspeed.gradient_accumulation=4",
         ],
     )
-    ds = deepspeed_config(cfg, 2)
+    ds = deepspeed_json(cfg, plan_batches(cfg.data, cfg.deepspeed, 2))
     assert base["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["stage"] == 3
     assert "optimizer" not in ds  # build_engine builds it from cfg.optim
     assert ds["scheduler"]["params"] == {
@@ -117,7 +120,7 @@ def test_growth_manager_refuses_unknown_choices_when_built(choice):
 
 
 def test_grown_states_reset_zeroes_only_clones():
-    from istack_ds.engine import ParamState
+    from istack_ds.zero_states import ParamState
 
     m = GrowthManager(lambda d, s: Tiny(d), {}, OptimConfig(), "layers.", "interleaved", optimizer_state="reset")
     old = {f"layers.{i}.w": ParamState(torch.full((2,), float(i)), torch.ones(2), torch.ones(2), 5) for i in range(2)}

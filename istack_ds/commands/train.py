@@ -132,11 +132,11 @@ def main(argv=None, prog: str = "istack train") -> int:
 
             # Bad paths stop the run here, before any process group starts.
             preflight(cfg)
+            from ..deepspeed_json import deepspeed_json
             from ..dist import world_size
-            from ..engine import deepspeed_config
 
             # deepspeed.extra: a conflicting or unknown key stops the run here too.
-            deepspeed_config(cfg, world_size())
+            deepspeed_json(cfg, plan_batches(cfg.data, cfg.deepspeed, world_size()))
             if args.dry_run:
                 dry_run(cfg, args.config)
                 return 0
@@ -191,14 +191,14 @@ def print_config(cfg: Config, path: str) -> None:
     """The resolved YAML (as the run writes config.yaml) and the DeepSpeed JSON of this topology."""
     import yaml
 
+    from ..deepspeed_json import deepspeed_json
     from ..dist import topology
-    from ..engine import deepspeed_config
 
     world = topology()["world_size"]
     print(f"# resolved config: {path} with its base chain and --set overrides (the run's config.yaml)")
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     print(f"# DeepSpeed JSON on {world} rank(s) (the run's deepspeed.json)")
-    print(json.dumps(deepspeed_config(cfg, world), indent=1))
+    print(json.dumps(deepspeed_json(cfg, plan_batches(cfg.data, cfg.deepspeed, world)), indent=1))
 
 
 # ---- --dry-run --------------------------------------------------------------------------------

@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from istack_ds import engine as ds_engine
-from istack_ds import faults
+from istack_ds import faults, zero_states
 from istack_ds.config import OptimConfig
-from istack_ds.engine import GrowthStateError, ParamState
 from istack_ds.growth import operators
 from istack_ds.growth.operators import Carry, Operator, OptimizerState, Pick
+from istack_ds.zero_states import GrowthStateError, ParamState
 
 
 @dataclass
@@ -76,7 +76,7 @@ class GrowthManager:
         build_model: ``(depth, supervised) -> nn.Module``, the student at a depth; called on every
             rank, its initial values do not matter (every parameter is overwritten).
         ds_config, optim: what every engine is built from (``build_engine(model, ds_config, optim)``):
-            the DeepSpeed JSON (:func:`istack_ds.engine.deepspeed_config`) and the ``optim`` section.
+            the DeepSpeed JSON (:func:`istack_ds.deepspeed_json.deepspeed_json`) and the ``optim`` section.
         layer_prefix: name prefix of the transformer layers, ending in ``.``: ``"sfm.encoder.layers."``.
         operator / carry / optimizer_state / pick: as in ``growth.*`` of the run config.
         """
@@ -162,7 +162,7 @@ class GrowthManager:
             timings[key] = timings.get(key, 0.0) + now - tick
             tick = now
 
-        old_states = ds_engine.gather_full_states(engine)
+        old_states = zero_states.gather_full_states(engine)
         counters = ds_engine.engine_counters(engine)
         # Fault tests: a rank lost here (ISTACK_FAULTS=die_in_growth / hang_in_growth), between the
         # gathers and the new engine, leaves its peers in the new engine's first collectives.
@@ -195,10 +195,10 @@ class GrowthManager:
 
         new_engine = ds_engine.build_engine(new_model, self.ds_config, self.optim)
         lap("build_s")
-        ds_engine.scatter_full_states(new_engine, new_states, verify=False)
+        zero_states.scatter_full_states(new_engine, new_states, verify=False)
         ds_engine.carry_counters(counters, new_engine)
         lap("set_s")
-        ds_engine.verify_full_states(new_engine, new_states)
+        zero_states.verify_full_states(new_engine, new_states)
         lap("verify_s")
         return GrowthResult(
             new_engine, new_model, new_depth, new_supervised, src, timings, time.perf_counter() - t_start

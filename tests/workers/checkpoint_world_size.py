@@ -11,15 +11,18 @@ Rank r's batch at step s is a fixed function of (r, s); on 1 rank the micro-batc
 step s are rank 0's then rank 1's, so both runs see the same global batch.
 """
 
+import dataclasses
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from istack_ds.batching import plan_batches
 from istack_ds.checkpoint import Checkpointer, gradient_accumulation_for, read_meta
 from istack_ds.config import load_config
+from istack_ds.deepspeed_json import deepspeed_json
 from istack_ds.dist import init_distributed
-from istack_ds.engine import build_engine, deepspeed_config
+from istack_ds.engine import build_engine
 from istack_ds.models.losses import l2l_loss
 from istack_ds.models.sfm import length_mask
 from istack_ds.models.student import Student
@@ -62,7 +65,7 @@ def main(phase: str, teacher_dir: str, out_dir: str, out_json: str) -> None:
     student = Student(cfg.student, cfg.loss, teacher.info, depth=2)
     losses = {}
     if phase == "save":
-        engine = build_engine(student, deepspeed_config(cfg, world), cfg.optim)
+        engine = build_engine(student, deepspeed_json(cfg, plan_batches(cfg.data, cfg.deepspeed, world)), cfg.optim)
         for step in range(1, 6):
             if step == 4:
                 ckpt.save(
@@ -86,7 +89,8 @@ def main(phase: str, teacher_dir: str, out_dir: str, out_json: str) -> None:
         meta = read_meta(Path(out_dir) / "checkpoints/step00000003_universal")
         accumulation = gradient_accumulation_for(meta, world, 1)
         assert accumulation == 2, accumulation
-        engine = build_engine(student, deepspeed_config(cfg, world, accumulation, load_universal=True), cfg.optim)
+        plan = dataclasses.replace(plan_batches(cfg.data, cfg.deepspeed, world), accumulation=accumulation)
+        engine = build_engine(student, deepspeed_json(cfg, plan, load_universal=True), cfg.optim)
         ckpt.load(engine, Path(out_dir) / "checkpoints/step00000003_universal")
         assert engine.global_steps == 3, engine.global_steps
         for step in (4, 5):

@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from istack_ds.batching import plan_batches
 from istack_ds.checkpoint import Checkpointer
 from istack_ds.config import load_config
+from istack_ds.deepspeed_json import deepspeed_json
 from istack_ds.dist import init_distributed
-from istack_ds.engine import build_engine, deepspeed_config
+from istack_ds.engine import build_engine
 from istack_ds.models.losses import l2l_loss
 from istack_ds.models.sfm import length_mask
 from istack_ds.models.student import Student
@@ -51,7 +53,9 @@ def main(teacher_dir: str, out_dir: str, zero_stage: int, frontend: str, out_jso
     supervised = [2, 3]  # not the default spread ([1, 3]): the export must take it from the checkpoint
     student = Student(cfg.student, cfg.loss, teacher.info, depth=4, supervised=supervised)
     student.copy_frontend_from(teacher.model)
-    engine = build_engine(student, deepspeed_config(cfg, dist.get_world_size()), cfg.optim)
+    engine = build_engine(
+        student, deepspeed_json(cfg, plan_batches(cfg.data, cfg.deepspeed, dist.get_world_size())), cfg.optim
+    )
     shared = frontend == "shared"
     g = torch.Generator().manual_seed(100 + dist.get_rank())
     audio, lens = torch.randn(2, 16000, generator=g), torch.tensor([16000, 11000])

@@ -11,9 +11,10 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from torch import nn
 
+from istack_ds.batching import plan_batches
 from istack_ds.config import Config, DeepSpeedConfig, OptimConfig
+from istack_ds.deepspeed_json import deepspeed_json
 from istack_ds.dist import skip_shm_build
-from istack_ds.engine import deepspeed_config
 
 skip_shm_build()
 
@@ -47,7 +48,7 @@ def engine_config(
         ),
         deepspeed=DeepSpeedConfig(zero_stage=zero_stage, precision=precision),
     )
-    return deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1))), cfg.optim
+    return deepspeed_json(cfg, plan_batches(cfg.data, cfg.deepspeed, int(os.environ.get("WORLD_SIZE", 1)))), cfg.optim
 
 
 class Block(nn.Module):

@@ -13,8 +13,9 @@ Each rank's result: the loss curve per stage (`zero1`, ...) and the read-back's 
 import deepspeed.utils
 import torch
 
-from istack_ds.engine import GrowthStateError, build_engine, destroy_engine, gather_full_states, scatter_full_states
+from istack_ds.engine import build_engine, destroy_engine
 from istack_ds.growth import GrowthManager
+from istack_ds.zero_states import GrowthStateError, gather_full_states, scatter_full_states
 from tests.workers.growth_common import TOY_PREFIX, build_toy, engine_config, log0, toy_batch, train_step
 from tests.workers.protocol import worker_parser, write_all_ranks
 

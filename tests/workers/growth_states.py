@@ -14,8 +14,9 @@ the growth pauses, the largest difference to torch AdamW, the LRs, the losses, t
 import torch
 from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
-from istack_ds.engine import build_engine, gather_full_states, param_groups
+from istack_ds.engine import build_engine, param_groups
 from istack_ds.growth import GrowthManager, carry_supervised, lineage
+from istack_ds.zero_states import gather_full_states
 from tests.workers.growth_common import (
     DEVICE,
     HUBERT_PREFIX,

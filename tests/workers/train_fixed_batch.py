@@ -10,9 +10,11 @@ Each rank's result: its losses, how far the teacher's weights moved, the engine'
 import torch
 import torch.distributed as dist
 
+from istack_ds.batching import plan_batches
 from istack_ds.config import load_config
+from istack_ds.deepspeed_json import deepspeed_json
 from istack_ds.dist import init_distributed
-from istack_ds.engine import build_engine, deepspeed_config
+from istack_ds.engine import build_engine
 from istack_ds.models.losses import l2l_loss
 from istack_ds.models.sfm import length_mask
 from istack_ds.models.student import Student
@@ -44,7 +46,9 @@ def main(teacher_dir: str, out_json: str, zero_stage: int, precision: str) -> No
     torch.manual_seed(0)
     student = Student(cfg.student, cfg.loss, teacher.info, depth=2)
     student.copy_frontend_from(teacher.model)
-    engine = build_engine(student, deepspeed_config(cfg, dist.get_world_size()), cfg.optim)
+    engine = build_engine(
+        student, deepspeed_json(cfg, plan_batches(cfg.data, cfg.deepspeed, dist.get_world_size())), cfg.optim
+    )
     g = torch.Generator().manual_seed(100 + dist.get_rank())  # each rank its own fixed batch
     audio = torch.randn(2, 16000, generator=g)
     lens = torch.tensor([16000, 12000])

@@ -19,8 +19,8 @@ from istack_ds.config import load_config
 from istack_ds.data import build_loader
 from istack_ds.diagnostics import LayerDiagnostics
 from istack_ds.dist import init_distributed
-from istack_ds.engine import gather_full_states
 from istack_ds.trainer import Trainer
+from istack_ds.zero_states import gather_full_states
 from tests.workers.protocol import worker_parser, write_all_ranks
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -78,8 +78,10 @@ def main() -> None:
     from torch import nn
     from transformers import HubertConfig, HubertModel
 
+    from istack_ds.batching import plan_batches
     from istack_ds.config import Config, DeepSpeedConfig, OptimConfig
-    from istack_ds.engine import build_engine, deepspeed_config, rss_bytes
+    from istack_ds.deepspeed_json import deepspeed_json
+    from istack_ds.engine import build_engine, rss_bytes
     from istack_ds.growth import GrowthManager
     from istack_ds.models.student import LAYER_PREFIX
 
@@ -114,7 +116,7 @@ def main() -> None:
     cfg = Config(
         optim=OptimConfig(total_steps=1000), deepspeed=DeepSpeedConfig(zero_stage=args.zero, precision=args.precision)
     )
-    ds_config = deepspeed_config(cfg, world)
+    ds_config = deepspeed_json(cfg, plan_batches(cfg.data, cfg.deepspeed, world))
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     g = torch.Generator().manual_seed(rank)
     from deepspeed.accelerator import get_accelerator
