@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from istack_ds.checkpoint import Checkpointer, gradient_accumulation_for, read_meta
+from istack_ds.batching import keep_global_batch
+from istack_ds.checkpoint import Checkpointer, read_meta
 from istack_ds.config import load_config
 from istack_ds.dist import init_distributed
 from istack_ds.engine import build_engine, deepspeed_config
@@ -84,7 +85,7 @@ def main(phase: str, teacher_dir: str, out_dir: str, out_json: str) -> None:
             losses[step] = t.item() / world
     else:
         meta = read_meta(Path(out_dir) / "checkpoints/step00000003_universal")
-        accumulation = gradient_accumulation_for(meta, world, 1)
+        accumulation = keep_global_batch(meta["world_size"], meta["gradient_accumulation"], world)
         assert accumulation == 2, accumulation
         engine = build_engine(student, deepspeed_config(cfg, world, accumulation, load_universal=True), cfg.optim)
         ckpt.load(engine, Path(out_dir) / "checkpoints/step00000003_universal")
