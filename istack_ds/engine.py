@@ -156,10 +156,6 @@ def deepspeed_config(
     return ds
 
 
-def deepspeed_json(cfg: Config, plan, load_universal: bool = False) -> dict:  # TEMPORARY until the merge
-    return deepspeed_config(cfg, plan.world_size, plan.accumulation, load_universal)
-
-
 def build_engine(model: nn.Module, ds_config: dict, optim: OptimConfig):
     """``deepspeed.initialize`` on the trainable parameters of ``model`` with torch's fused AdamW
     from ``optim`` (weight decay on matrices only) and the JSON ``ds_config`` (:func:`deepspeed_config`).

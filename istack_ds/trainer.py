@@ -30,7 +30,8 @@ from .dist import (
     rank,
     world_size,
 )
-from .engine import build_engine, deepspeed_json, destroy_engine
+from .deepspeed_json import deepspeed_json
+from .engine import build_engine, destroy_engine
 from .export import export_engine
 from .growth import GrowthManager, Schedule
 from .metrics import DataAudit, LogWindow, Metrics, RegionTimer
