@@ -55,14 +55,24 @@ class BatchPlan:
         )
 
 
-def plan_batches(data: DataConfig, deepspeed: DeepSpeedConfig, world_size: int) -> BatchPlan:
+def plan_batches(
+    data: DataConfig, deepspeed: DeepSpeedConfig, world_size: int, saved: tuple[int, int] | None = None
+) -> BatchPlan:
     """The micro-batch and accumulation of `world_size` ranks: the fewest micro-batches per rank whose share of
     data.global_batch fits data.max_micro_batch (utterances: a whole number that divides evenly). Raises
-    ConfigError naming the numbers when no split exists."""
+    ConfigError naming the numbers when no split exists.
+
+    `saved`: (world size, accumulation) of the checkpoint a run resumes from. Without data.global_batch the
+    global batch is ranks x accumulation micro-batches, so a resume on another world size keeps the saved one
+    through the accumulation (:func:`keep_global_batch`); with it, the plan of `world_size` already does.
+    """
     if world_size < 1:
         raise ConfigError(f"world size {world_size} must be >= 1")
     if data.global_batch is None:
-        return BatchPlan("seconds", world_size, deepspeed.gradient_accumulation, data.batch_seconds, derived=False)
+        accumulation = deepspeed.gradient_accumulation
+        if saved is not None and saved[0] != world_size:
+            accumulation = keep_global_batch(*saved, world_size)
+        return BatchPlan("seconds", world_size, accumulation, data.batch_seconds, derived=False)
     total = data.global_batch
     if data.batch_unit == "utterances":
         utterances = int(total)
@@ -85,6 +95,18 @@ def plan_batches(data: DataConfig, deepspeed: DeepSpeedConfig, world_size: int) 
             f"{micro:g} s a micro-batch, less than data.crop_seconds={data.crop_seconds:g}: a longest cut would not fit"
         )
     return BatchPlan("seconds", world_size, accumulation, micro, derived=True)
+
+
+def keep_global_batch(saved_world: int, saved_accumulation: int, world_size: int) -> int:
+    """The accumulation on `world_size` ranks that keeps a step of `saved_world` x `saved_accumulation`
+    micro-batches; ConfigError when `world_size` does not divide it."""
+    micro_batches = saved_world * saved_accumulation
+    if micro_batches % world_size:
+        raise ConfigError(
+            f"the checkpoint ran {saved_world} rank(s) x {saved_accumulation} accumulation = {micro_batches} "
+            f"micro-batches a step; {world_size} rank(s) cannot keep that global batch (not a divisor)"
+        )
+    return micro_batches // world_size
 
 
 def epoch_size(data: DataConfig, histogram: list[int], bin_seconds: float) -> float:

@@ -53,23 +53,19 @@ META_FILE = "istack_meta.json"
 SET_ASIDE = "set_aside"
 _NAME = re.compile(r"^step(\d{8})(_universal)?$")
 
-#: Config fields that fix the shapes of the student's parameters: a checkpoint made with other values
-#: cannot be loaded into the model this config builds.
-SHAPE_FIELDS = (
-    ("student", "hidden_size"),
-    ("student", "intermediate_size"),
-    ("student", "num_attention_heads"),
-    ("student", "conv_dim"),
-    ("loss", "kind"),
-    ("loss", "teacher_layers"),
-)
-
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, corrupt, or does not fit this run; the message names it."""
 
 
 # ---- per-rank state ---------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds every RNG this rank draws from (Python, numpy, torch)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict:
@@ -141,28 +137,6 @@ def verify(path: str | Path) -> dict:
         if f.stat().st_size != size:
             raise CheckpointError(f"{path}: {name} has {f.stat().st_size} bytes, the marker lists {size}")
     return meta
-
-
-def check_compatible(meta: dict, config: dict, path: str | Path) -> None:
-    """Refuses a checkpoint whose model shape differs from what `config` builds, naming the field."""
-    saved = meta.get("config", {})
-    for section, key in SHAPE_FIELDS:
-        old, new = saved.get(section, {}).get(key), config[section][key]
-        if old != new:
-            raise CheckpointError(
-                f"checkpoint {path} was made with {section}.{key}={old!r} but this run has {section}.{key}={new!r}: "
-                "the student's shapes differ; resume with the checkpoint's value or set checkpoint.resume=none"
-            )
-
-
-def check_depth(meta: dict, planned: int, path: str | Path) -> None:
-    """Refuses a checkpoint deeper than the depth the run's schedule has at its step (a student cannot shrink)."""
-    if planned < meta["depth"]:
-        raise CheckpointError(
-            f"checkpoint {path} (step {meta['step']}) has depth {meta['depth']}, but this config's schedule has "
-            f"depth {planned} at step {meta['step']}: a student cannot shrink; restore the growth.* settings the "
-            "checkpoint was made with, or resume from an earlier checkpoint"
-        )
 
 
 def _files(path: Path) -> dict[str, int]:
@@ -408,18 +382,3 @@ def convert_to_universal(checkpoint: Path, out: Path | None = None, log=print) -
         f"saved by {meta.get('world_size')} rank(s) x accumulation {meta.get('gradient_accumulation')}"
     )
     return out
-
-
-def gradient_accumulation_for(meta: dict, world_size: int, configured: int) -> int:
-    """Gradient accumulation that keeps the checkpoint's global batch on `world_size` ranks."""
-    old_world = meta.get("world_size", world_size)
-    old_accum = meta.get("gradient_accumulation", configured)
-    if old_world == world_size:
-        return configured
-    global_micro = old_world * old_accum
-    if global_micro % world_size:
-        raise CheckpointError(
-            f"the checkpoint ran {old_world} rank(s) x {old_accum} accumulation = {global_micro} micro-batches a step; "
-            f"{world_size} rank(s) cannot keep that global batch (not a divisor)"
-        )
-    return global_micro // world_size

@@ -8,9 +8,12 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+
+from .data.index import DataError
 
 log = logging.getLogger("istack_ds")
 
@@ -364,3 +367,23 @@ def run_on_main(key: str, fn, wait_s: float) -> str:
         return result
     store.wait([key], datetime.timedelta(seconds=wait_s))
     return store.get(key).decode()
+
+
+def next_on_all_ranks(batches: Iterator[dict], inject: bool = False) -> dict | None:
+    """Every rank's next batch, or None on every rank when any rank's stream ended (a collective).
+
+    A data failure on any rank raises DataError on every rank, naming each failed rank and its
+    error. NOTE: called before the forward, which under ZeRO-3 is itself a collective: a rank that
+    raised alone would leave the others waiting in it. `inject`: fault injection (ISTACK_FAULTS).
+    """
+    batch, error = None, ""
+    try:
+        if inject:
+            raise DataError("injected by ISTACK_FAULTS")
+        batch = next(batches, None)
+    except DataError as e:
+        error = f"rank {rank()}: {e}"
+    status = all_reduce_sum({"ended": float(batch is None and not error), "failed": float(bool(error))})
+    if status["failed"]:
+        raise DataError("the data stream failed: " + " | ".join(e for e in gather_all(error) if e))
+    return None if status["ended"] else batch

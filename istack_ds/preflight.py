@@ -76,42 +76,15 @@ def check_teacher_fits(cfg: Config, info: TeacherInfo) -> None:
 
 
 def check_resume(cfg: Config) -> None:
-    """`checkpoint.resume` is `auto`, `none`, or the directory of a complete checkpoint; the checkpoint it
-    names (for `auto`: the newest that verifies) fits the config's shapes, schedule and this world size."""
-    from .checkpoint import (
-        Checkpointer,
-        check_compatible,
-        check_depth,
-        gradient_accumulation_for,
-        verify,
-    )
-    from .growth import Schedule
+    """The checkpoint `checkpoint.resume` names (for `auto`: the newest that verifies) fits the config's shapes,
+    schedule and this world size (:mod:`istack_ds.resume`, the rules the trainer applies)."""
+    from .checkpoint import read_meta
+    from .resume import candidates, check_fits
 
     resume = cfg.checkpoint.resume
-    if resume == "none":
-        return
-    if resume == "auto":
-        good, notes = Checkpointer(Path(cfg.run.out_dir) / "checkpoints", cfg.checkpoint.keep).candidates(world_size())
-        if notes and not good:
-            raise ConfigError(
-                f"checkpoint.resume=auto: no checkpoint verifies ({'; '.join(notes)}); to start the run over, set "
-                "checkpoint.resume=none (the old checkpoints are then set aside, not deleted)"
-            )
-        if not good:
-            return
-        path = good[0]
-    else:
-        path = Path(resume)
-        if not path.is_dir():
-            raise ConfigError(
-                f"checkpoint.resume={resume!r}: {path} is not a directory; use `auto`, `none` or the path of a "
-                "checkpoint directory (<out_dir>/checkpoints/stepNNNNNNNN)"
-            )
     try:
-        meta = verify(path)  # the marker, and every file it lists at its size
-        check_compatible(meta, cfg.to_dict(), path)
-        check_depth(meta, Schedule.from_config(cfg.growth, cfg.optim.steps).depth_at(meta["step"]), path)
-        if cfg.data.global_batch is None:  # with it, the accumulation is derived from the world size
-            gradient_accumulation_for(meta, world_size(), cfg.deepspeed.gradient_accumulation)
+        paths, _ = candidates(cfg, world_size())
+        if paths:
+            check_fits(read_meta(paths[0]), cfg, paths[0], world_size())
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError
         raise ConfigError(f"checkpoint.resume={resume!r}: {e}") from None

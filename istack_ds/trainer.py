@@ -8,44 +8,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
-from . import __version__, faults
-from .batching import plan_batches
-from .checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    check_compatible,
-    check_depth,
-    convert_to_universal,
-    gradient_accumulation_for,
-    read_meta,
-    saved_rank_states,
-    universal_path,
-    verify,
-)
+from . import __version__, faults, report, resume
+from .checkpoint import Checkpointer, CheckpointError, read_meta, saved_rank_states, seed_everything
 from .config import Config
-from .data import DataError, build_loader, check_shard_count, read_index
-from .data.stream import state_epoch
+from .data import build_loader, check_shard_count, read_index
 from .deepspeed_json import deepspeed_json
 from .diagnostics import LayerDiagnostics
 from .dist import (
     all_ranks,
     all_reduce_sum,
     barrier,
-    broadcast_from_main,
-    gather_all,
     is_main,
     log0,
+    next_on_all_ranks,
     rank,
-    run_on_main,
-    topology,
     world_size,
 )
 from .engine import build_engine, destroy_engine
@@ -57,38 +40,9 @@ from .models.sfm import length_mask, receptive_field
 from .models.student import LAYER_PREFIX, Student, init_student
 from .models.teacher import Teacher
 
-#: How long the other ranks wait for rank 0 to convert a checkpoint of another world size.
-CONVERT_WAIT_S = 6 * 3600
-
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row: the run saved a checkpoint and stopped."""
-
-
-def next_on_all_ranks(batches: Iterator[dict], inject: bool = False) -> dict | None:
-    """Every rank's next batch, or None on every rank when any rank's stream ended (a collective).
-
-    A data failure on any rank raises DataError on every rank, naming each failed rank and its
-    error. NOTE: called before the forward, which under ZeRO-3 is itself a collective: a rank that
-    raised alone would leave the others waiting in it. `inject`: fault injection (ISTACK_FAULTS).
-    """
-    batch, error = None, ""
-    try:
-        if inject:
-            raise DataError("injected by ISTACK_FAULTS")
-        batch = next(batches, None)
-    except DataError as e:
-        error = f"rank {rank()}: {e}"
-    status = all_reduce_sum({"ended": float(batch is None and not error), "failed": float(bool(error))})
-    if status["failed"]:
-        raise DataError("the data stream failed: " + " | ".join(e for e in gather_all(error) if e))
-    return None if status["ended"] else batch
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -119,8 +73,9 @@ class Trainer:
         # data position refers to. A resume on the same world size and workers continues where each worker was.
         # Shorter cuts would give the teacher no frame.
         self.min_samples = receptive_field(self.teacher.info.conv_kernel, self.teacher.info.conv_stride)
-        # The micro-batch and accumulation of this world size (derived from data.global_batch when it is set).
-        self.batches_plan = plan_batches(cfg.data, cfg.deepspeed, world_size())
+        # The micro-batch and accumulation of this world size (derived from data.global_batch when it is set);
+        # a resume on another world size replaces it by one that keeps the checkpoint's global batch.
+        self.plan = resume.batch_plan(cfg, world_size())
         self.loader = build_loader(
             cfg.data,
             cfg.data.train_index,
@@ -128,220 +83,125 @@ class Trainer:
             world_size=world_size(),
             seed=cfg.run.seed,
             min_samples=self.min_samples,
-            plan=self.batches_plan,
+            plan=self.plan,
         )
-        # Resume builds the student at the checkpoint's depth first, then loads into it.
-        self._resume()
-        # NOTE: built after _resume: TensorBoard and the CSV monitor purge what was logged after the checkpoint
-        # resumed from (saved_step; None for a fresh run), which only _resume knows.
-        self.metrics = Metrics.from_config(cfg, resume_step=self.saved_step)
-        self.batches = iter(self.loader if batches is None else batches)
+        self.feed = batches
+        self.engine: Any = None  # built by start()
         self.window = LogWindow()
         self.audio_seconds_total = 0.0
         self.utterances_total = 0  # over all ranks, since this process started
         self.first_loss: float | None = None
         self.last_loss: float | None = None
 
-    # ---- resume ------------------------------------------------------------------------
+    # ---- start: fresh or resumed ----------------------------------------------------------
 
-    def _resume(self) -> None:
-        """Builds the student and engine, fresh or from the first checkpoint that loads on every rank.
-
-        Rank 0 chooses the candidates (``checkpoint.resume``: `auto` = every complete checkpoint that
-        verifies, newest first; a path = that one only) and broadcasts them. One that fails to load
-        is reported and the previous one tried; a checkpoint of another world size is converted
-        first (rank 0; the others wait). What was newer than the one resumed is set aside.
-        """
-        resume = self.cfg.checkpoint.resume
-        plan = None
-        if is_main():
-            try:
-                plan = (*self._candidates(resume), "")
-            except (CheckpointError, OSError) as e:  # raised on every rank below, not on rank 0 alone
-                plan = ([], [], str(e))
-        paths, notes, error = broadcast_from_main(plan)
-        for note in notes:
-            log0("checkpoint: %s", note)
-        if error:
-            raise CheckpointError(error)
+    def start(self) -> None:
+        """Builds the student and its engine: resumed from the first candidate checkpoint that loads on every
+        rank (:func:`istack_ds.resume.agreed_candidates`; one that fails is reported and the previous one
+        tried), or fresh. Then the monitors, which drop what was logged after the step resumed from."""
+        if self.engine is not None:
+            return
         failures = []
-        for candidate in map(Path, paths):
-            meta = read_meta(candidate)
-            check_compatible(meta, self.cfg.to_dict(), candidate)
-            check_depth(meta, self.schedule.depth_at(meta["step"]), candidate)
-            path = self._loadable_copy(candidate, meta)
-            meta = read_meta(path)
-            self._build(meta)
-            rank_state, errors = self._load(path)
-            if not errors:
-                if is_main():
-                    self.checkpointer.start_timeline(candidate, meta)
-                barrier()
-                self._restore(path, meta, rank_state)
-                return
-            failures.append(f"{path}: {'; '.join(errors)}")
-            log0("checkpoint %s did not load (%s): trying the previous one", path, "; ".join(errors))
-            destroy_engine(self.engine)
-            del self.engine, self.student
-        if failures:
-            raise CheckpointError("no checkpoint could be loaded: " + " | ".join(failures))
-        if is_main():  # a fresh run: what a run before it left in this directory is set aside
+        for candidate in resume.agreed_candidates(self.cfg, world_size()):
+            failure = self.resume_from(candidate)
+            if not failure:
+                break
+            failures.append(failure)
+        else:
+            if failures:
+                raise CheckpointError("no checkpoint could be loaded: " + " | ".join(failures))
+            self.start_fresh()
+        # NOTE: after the resume: the monitors drop what was logged after the step resumed from (saved_step),
+        # and the loader's iterator starts at its restored position.
+        self.metrics = Metrics.from_config(self.cfg, resume_step=self.saved_step)
+        self.batches = iter(self.loader if self.feed is None else self.feed)
+
+    def start_fresh(self) -> None:
+        if is_main():  # what a run before it left in this directory is set aside
             self.checkpointer.start_timeline(None, None)
         barrier()
-        self._build(None)
+        self.build(None)
         # Dropout differs per rank from here on (a resume restores each rank's RNG instead).
         seed_everything(self.cfg.run.seed + 1000 * rank())
 
-    def _candidates(self, resume: str) -> tuple[list[str], list[str]]:
-        """Rank 0: the checkpoints to try, newest first, and why others were passed over."""
-        if resume == "none":
-            return [], []
-        if resume == "auto":
-            good, notes = self.checkpointer.candidates(world_size())
-            if notes and not good:
-                # NOTE: never a silent restart from step 0 over a run's checkpoints (and its TensorBoard history)
-                raise CheckpointError(
-                    "no checkpoint in "
-                    f"{self.checkpointer.dir} verifies ({'; '.join(notes)}); to start the run over, set "
-                    "checkpoint.resume=none (the old checkpoints are then set aside, not deleted)"
-                )
-            return [str(p) for p in good], notes
-        verify(resume)  # an explicit choice: no fallback, the error names what is wrong with it
-        return [resume], []
+    def resume_from(self, candidate: Path) -> str:
+        """Loads `candidate` (converted first when another world size saved it) on every rank; "" when it
+        loaded, else every rank's error (the engine built for it is destroyed again)."""
+        meta = read_meta(candidate)
+        resume.check_fits(meta, self.cfg, candidate, world_size())
+        path = resume.loadable_copy(candidate, meta, world_size())
+        meta = read_meta(path)
+        self.plan = resume.batch_plan(self.cfg, world_size(), meta, path)
+        self.build(meta)
+        rank_state, errors = resume.load_on_every_rank(self.checkpointer, self.engine, path)
+        if errors:
+            log0("checkpoint %s did not load (%s): trying the previous one", path, "; ".join(errors))
+            destroy_engine(self.engine)
+            self.engine = None
+            return f"{path}: {'; '.join(errors)}"
+        if is_main():
+            self.checkpointer.start_timeline(candidate, meta)
+        barrier()
+        self.load_state_dict(meta)
+        self.saved_step, self.saved_path = self.step, path
+        if rank_state is None:  # another world size: fresh per-rank randomness
+            seed_everything(self.cfg.run.seed + 1000 * rank() + self.step)
+        data_note = self.loader.restore(rank_state, saved_rank_states(path) if rank_state is None else [])
+        report.log_resumed(self, path, meta, data_note)
+        return ""
 
-    def _loadable_copy(self, path: Path, meta: dict) -> Path:
-        """`path`, or its universal conversion when it was saved by another world size (made by rank 0)."""
-        if meta.get("world_size", world_size()) == world_size() or meta.get("universal"):
-            return path
-        log0(
-            "checkpoint %s was saved by %d rank(s), this run has %d: converting", path, meta["world_size"], world_size()
-        )
-
-        def convert() -> str:
-            convert_to_universal(path, log=lambda msg: log0("%s", msg))
-            return ""
-
-        # NOTE: the other ranks wait on the store (up to CONVERT_WAIT_S), not in a collective bounded by
-        # deepspeed.dist_timeout_s: converting a large model takes longer.
-        error = run_on_main(f"convert:{path}", convert, CONVERT_WAIT_S)
-        if error:
-            raise CheckpointError(f"converting {path} failed: {error}")
-        return universal_path(path)
-
-    def _build(self, meta: dict | None) -> None:
-        """The engine for a fresh run (`meta` None) or at a checkpoint's depth, batch and format."""
-        cfg = self.cfg
-        # A resume on another world size keeps the global batch through gradient accumulation (with
-        # data.global_batch the plan of this world size already does).
-        self.accumulation = (
-            gradient_accumulation_for(meta, world_size(), cfg.deepspeed.gradient_accumulation)
-            if meta and not self.batches_plan.derived
-            else self.batches_plan.accumulation
-        )
-        self.ds_config = deepspeed_json(
-            cfg,
-            dataclasses.replace(self.batches_plan, accumulation=self.accumulation),
-            load_universal=bool(meta and meta.get("universal")),
-        )
+    def build(self, meta: dict | None) -> None:
+        """The student and its engine (the DeepSpeed JSON of this run's batch plan): fresh (`meta` None, the
+        student initialised per student.init) or at a checkpoint's depth, to load into."""
+        self.ds_config = deepspeed_json(self.cfg, self.plan, load_universal=bool(meta and meta.get("universal")))
         if is_main():
             # The JSON DeepSpeed runs with (deepspeed.extra merged, a resume's accumulation), beside config.yaml.
             (self.out_dir / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=1) + "\n")
         self.growth = GrowthManager(
             build_model=self.build_student,
             ds_config=self.ds_config,
-            optim=cfg.optim,
+            optim=self.cfg.optim,
             layer_prefix=LAYER_PREFIX,
-            operator=cfg.growth.operator,
-            carry=cfg.growth.carry,
-            optimizer_state=cfg.growth.optimizer_state,
-            pick=cfg.growth.pick,
+            operator=self.cfg.growth.operator,
+            carry=self.cfg.growth.carry,
+            optimizer_state=self.cfg.growth.optimizer_state,
+            pick=self.cfg.growth.pick,
         )
-        self.student, self.engine = self._build_initial_student(meta)
-
-    def _load(self, path: Path) -> tuple[dict | None, list[str]]:
-        """This rank's state and, when any rank failed, every rank's error (the same list on all ranks)."""
-        rank_state, error = None, ""
-        try:
-            rank_state = self.checkpointer.load(self.engine, path)
-        except Exception as e:  # noqa: BLE001 -- a corrupt file raises whatever its reader raises
-            error = f"rank {rank()}: {type(e).__name__}: {e}"
-        return rank_state, [e for e in gather_all(error) if e]
-
-    def _build_initial_student(self, meta: dict | None):
         # NOTE: the same seed on every rank: every rank must build the same initial student.
         seed_everything(self.cfg.run.seed)
-        if meta:
-            student = self.build_student(meta["depth"], meta["supervised"])
+        if meta is not None:
+            self.student = self.build_student(meta["depth"], meta["supervised"])
         else:
-            student = self.build_student(self.schedule.depth_at(0), None)
-            log0("student init (%s): %s", self.cfg.student.init, init_student(student, self.cfg.student, self.teacher))
-        return student, build_engine(student, self.ds_config, self.cfg.optim)
+            self.student = self.build_student(self.schedule.depth_at(0), None)
+            log0(
+                "student init (%s): %s",
+                self.cfg.student.init,
+                init_student(self.student, self.cfg.student, self.teacher),
+            )
+        self.engine = build_engine(self.student, self.ds_config, self.cfg.optim)
 
-    def _restore(self, path: Path, meta: dict, rank_state: dict | None) -> None:
-        """Step, counters, this rank's RNG and data position (or, from another world size, its epoch)."""
+    def state_dict(self) -> dict:
+        """What a checkpoint records of the run beside the engine's state and each rank's file (its marker)."""
+        return {
+            "step": self.step,
+            "depth": self.student.depth,
+            "supervised": self.student.supervised,
+            "stage": self.schedule.stage_at(max(0, self.step - 1)),
+            "gradient_accumulation": self.plan.accumulation,
+            "nonfinite_steps": self.nonfinite_total,
+            "config": self.cfg.to_dict(),
+            "version": __version__,
+        }
+
+    def load_state_dict(self, meta: dict) -> None:
+        """The run's counters from a checkpoint's marker (depth and batch were set when the engine was built)."""
         self.step = meta["step"]
-        self.saved_step, self.saved_path = self.step, path
         self.nonfinite_total = meta.get("nonfinite_steps", 0)
-        if rank_state is not None:  # rank files written before the loader kept its own state hold its keys at the top
-            self.loader.load_state_dict(rank_state.get("data", rank_state))
-            # NOTE: a collective on every rank. A position is used on every rank or on none: if any rank
-            # restarts its stream, every rank restarts at the lowest epoch the restarting ranks keep.
-            restarts = [e for e in gather_all(self.loader.restart_epoch) if e is not None]
-            if restarts and (self.loader.resumed or self.loader.restart_epoch != min(restarts)):
-                note = self.loader.position_note or "another rank's data position could not be used"
-                self.loader.start_at_epoch(min(restarts), f"{note} (every rank restarts at epoch {min(restarts)})")
-            data_note = self.loader.position_note or "resumed at the saved position"
-        else:  # another world size: fresh per-rank randomness; the shard assignment changed
-            seed_everything(self.cfg.run.seed + 1000 * rank() + self.step)
-            epoch = min((state_epoch(s.get("data", s)) for s in saved_rank_states(path)), default=0)
-            data_note = (
-                f"saved by {meta.get('world_size')} rank(s), read by {world_size()}: each rank's shards differ, "
-                f"so the stream restarts at the start of epoch {epoch} (the lowest epoch any saving worker was in)"
-            )
-            self.loader.start_at_epoch(epoch, data_note)
-        log0(
-            "resumed from %s: step %d, stage %d, depth %d, lr %.3e",
-            path,
-            self.step,
-            self.schedule.stage_at(self.step),
-            self.student.depth,
-            self.engine.get_lr()[0],
-        )
-        if self.accumulation != self.batches_plan.accumulation:
-            log0(
-                "checkpoint ran on %d rank(s); on %d the global batch is kept with gradient accumulation %d "
-                "(configured %d)",
-                meta["world_size"],
-                world_size(),
-                self.accumulation,
-                self.batches_plan.accumulation,
-            )
-        log0("data: %s", data_note)
-        planned = self.schedule.depth_at(self.step)
-        if planned > self.student.depth and planned != self._saved_plan(meta):
-            log0(
-                "schedule re-planned: the checkpoint has depth %d at step %d, this config's schedule has depth %d "
-                "there; growing before the next step",
-                self.student.depth,
-                self.step,
-                planned,
-            )
-
-    def _saved_plan(self, meta: dict) -> int | None:
-        """The depth the checkpoint's own schedule has at its step (None when its config no longer loads).
-
-        A checkpoint saved at a growth boundary before that growth is behind its own schedule too:
-        only a depth that differs from this one is a re-plan.
-        """
-        try:
-            saved = Config.from_dict(meta["config"])
-            return Schedule.from_config(saved.growth, saved.optim.steps).depth_at(meta["step"])
-        except (KeyError, TypeError, ValueError):
-            return None
 
     # ---- the loop --------------------------------------------------------------------
 
     def train(self) -> dict:
+        self.start()
         cfg = self.cfg
         start = time.time()
         summary_file = self.out_dir / "summary.json"
@@ -349,8 +209,8 @@ class Trainer:
             log0("run already complete at step %d of %d: see %s", self.step, cfg.optim.steps, summary_file)
             self.close()
             return json.loads(summary_file.read_text())
-        self.log_topology()
-        self.log_model()
+        report.log_run_start(self)
+        report.log_student(self)
         while self.step < cfg.optim.steps:
             self.advance()
             self.maybe_log()
@@ -358,7 +218,7 @@ class Trainer:
             self.maybe_save()
         self.save()
         self.export()
-        summary = self.summary(time.time() - start)
+        summary = report.write_summary(self, time.time() - start)
         self.close()
         return summary
 
@@ -377,7 +237,7 @@ class Trainer:
         """
         t0 = time.perf_counter()
         done = attempts = 0
-        while done < self.accumulation:
+        while done < self.plan.accumulation:
             batch = self.next_batch()
             audio = batch["audio"].to(self.device, non_blocking=True)
             lens = batch["audio_lens"].to(self.device, non_blocking=True)
@@ -444,25 +304,6 @@ class Trainer:
         mask = length_mask(frames, max(t.shape[1] for t in targets.values()))
         return distillation_loss(self.cfg.loss, pred, targets, mask)
 
-    @torch.no_grad()
-    def held_out_loss(
-        self, audio: torch.Tensor, lens: torch.Tensor, targets: dict, features: torch.Tensor | None = None
-    ) -> float:
-        """The student's loss (eval mode, no dropout) against given targets: benchmarks judge quality with it.
-
-        `audio` is raw; the targets must come from ``teacher(teacher.prepare_input(audio, lens), lens)``.
-
-        `features`: the teacher's CNN output, used with ``student.frontend: shared`` only.
-        """
-        self.engine.eval()
-        try:
-            audio = self.teacher.prepare_input(audio, lens)
-            shared = features if self.cfg.student.frontend == "shared" else None
-            loss, _ = self.compute_loss(self.engine(audio, lens, shared), targets, lens)
-        finally:
-            self.engine.train()
-        return loss.item()
-
     def maybe_grow(self) -> None:
         """Grows to the schedule's depth at this step, through each stage's depth in turn (a re-planned
         resume can be more than one stage behind)."""
@@ -482,7 +323,7 @@ class Trainer:
         log0("growth: %s", event)
         self.metrics.text("growth/event", event, self.step)
         self.metrics.scalars(self.step, {"growth/pause_s": result.pause_s})
-        self.log_model()
+        report.log_student(self)
         if self.cfg.checkpoint.every:  # a checkpoint after each growth, unless checkpoints are off
             self.save()
 
@@ -490,48 +331,18 @@ class Trainer:
         if self.step % self.cfg.log.every and self.step != self.cfg.optim.steps:
             self.metrics.progress(self.step)
             return
-        w = self.window
-        data = self.loader.counters()
-        local = {
-            **w.mean_losses(),
-            "audio_s": w.audio_s,
-            "samples": w.samples,
-            "padded": w.padded,
-            "utterances": float(w.utterances),
-            "skipped": float(data.skipped),
-            "shards_done": float(data.shards_done),
-            "epoch": float(data.epoch),
-        }
         # NOTE: a collective on every rank; only the writing below is rank-0.
-        sums = all_reduce_sum(local)
-        means = {k: v / world_size() for k, v in sums.items() if k.startswith("loss")}
-        epoch = sums["epoch"] / world_size()
-        step_s = w.mean_step_s
-        values = {
-            "train/loss": means["loss"],
-            **{f"train/{k}": v for k, v in means.items() if k != "loss"},
-            "train/lr": self.engine.get_lr()[0],
-            "model/depth": float(self.student.depth),
-            "perf/step_s": step_s,
-            "perf/audio_s_per_s": sums["audio_s"] / max(1e-9, w.step_s),
-            "perf/teacher_frac": self.teacher_timer.collect() / max(1e-9, w.step_s),
-            "perf/pad_frac": sums["padded"] / max(1.0, sums["samples"]),
-            "data/utterances_per_step": sums["utterances"] / max(1, w.steps),
-            "data/skipped": sums["skipped"],
-            "data/shards_done": sums["shards_done"],
-            "data/epoch": epoch,
-        }
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            values["train/grad_norm"] = float(grad_norm)
+        values, sums = report.interval_values(
+            self.window, self.loader.counters(), self.engine, self.student.depth, self.teacher_timer.collect()
+        )
         self.metrics.scalars(self.step, values)
-        self.metrics.line(self.step, values, self.student.depth, step_s, values["perf/audio_s_per_s"])
+        self.metrics.line(self.step, values, self.student.depth, values["perf/step_s"], values["perf/audio_s_per_s"])
         self.metrics.progress(self.step)
         self.audio_seconds_total += sums["audio_s"]
         self.utterances_total += int(sums["utterances"])
         if self.first_loss is None:
-            self.first_loss = means["loss"]
-        self.last_loss = means["loss"]
+            self.first_loss = values["train/loss"]
+        self.last_loss = values["train/loss"]
         self.window = LogWindow()
 
     def maybe_validate(self) -> None:
@@ -596,16 +407,7 @@ class Trainer:
 
     def save(self) -> Path:
         """A checkpoint of every rank's partition + per-rank RNG and data position (a collective)."""
-        meta = {
-            "step": self.step,
-            "depth": self.student.depth,
-            "supervised": self.student.supervised,
-            "stage": self.schedule.stage_at(max(0, self.step - 1)),
-            "gradient_accumulation": self.accumulation,
-            "nonfinite_steps": self.nonfinite_total,
-            "config": self.cfg.to_dict(),
-            "version": __version__,
-        }
+        meta = self.state_dict()
         if self.saved_step != self.step:  # the final save may follow a periodic or growth save
             rank_state = {"data": self.loader.state_dict()}
             self.saved_path = self.checkpointer.save(self.engine, meta, rank_state)
@@ -628,79 +430,6 @@ class Trainer:
         )
         log0("exported student (depth %d) to %s", self.student.depth, out)
         return out
-
-    def summary(self, wall_s: float) -> dict:
-        summary = {
-            "steps": self.step,
-            "depth": self.student.depth,
-            "wall_s": round(wall_s, 1),
-            "audio_hours": round(self.audio_seconds_total / 3600, 4),
-            "utterances_this_process": self.utterances_total,
-            "batch": self.batches_plan.describe(),
-            "loss_first": self.first_loss,
-            "loss_last": self.last_loss,
-            "tensorboard": str(self.out_dir / "tb"),
-            "student": str(self.out_dir / "student"),
-            "checkpoints": str(self.checkpointer.dir),
-        }
-        if is_main():
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-            log0(
-                "done: %d steps in %.1f s, %.3f h of audio, loss %.4f -> %.4f, final depth %d",
-                self.step,
-                wall_s,
-                summary["audio_hours"],
-                self.first_loss or float("nan"),
-                self.last_loss or float("nan"),
-                self.student.depth,
-            )
-            log0(
-                "TensorBoard: tensorboard --logdir %s | student: %s | checkpoints: %s",
-                summary["tensorboard"],
-                summary["student"],
-                summary["checkpoints"],
-            )
-        return summary
-
-    def log_topology(self) -> None:
-        topo = topology()
-        workers = max(1, self.cfg.data.num_workers)
-        shards = len(read_index(self.cfg.data.train_index).shards)
-        log0(
-            "topology: %d node(s) x %d rank(s) = %d ranks, %d data worker(s) per rank, %d shards (%.1f per worker); "
-            "ZeRO %d, %s, gradient accumulation %d",
-            topo["nodes"],
-            topo["ranks_per_node"],
-            topo["world_size"],
-            workers,
-            shards,
-            shards / (topo["world_size"] * workers),
-            self.cfg.deepspeed.zero_stage,
-            self.cfg.deepspeed.precision,
-            self.accumulation,
-        )
-        log0("batch: %s", self.batches_plan.describe())
-        log0("teacher: %s", self.teacher.describe())
-        log0(
-            "schedule: %s (%s)",
-            ", ".join(f"depth {d} from step {s}" for d, s in zip(self.schedule.depths, self.schedule.starts)),
-            self.cfg.growth.operator,
-        )
-
-    def log_model(self) -> None:
-        params = (
-            self.student.num_parameters()
-            if self.cfg.deepspeed.zero_stage < 3
-            else sum(getattr(p, "ds_numel", p.numel()) for p in self.student.parameters())
-        )
-        self.metrics.scalars(self.step, {"model/depth": float(self.student.depth), "model/params": float(params)})
-        log0(
-            "student: depth %d, %.2fM parameters, supervised layers %s -> teacher %s",
-            self.student.depth,
-            params / 1e6,
-            self.student.supervised,
-            self.cfg.loss.teacher_layers,
-        )
 
     # ---- building ---------------------------------------------------------------------
 

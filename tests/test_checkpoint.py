@@ -309,8 +309,9 @@ def test_two_ranks_to_one_through_the_converter_keeps_the_loss(tmp_path, teacher
 
 
 def test_checkpoint_of_another_shape_is_refused_naming_the_field(tmp_path, teacher_dir, demo_shards, unbroken):
-    from istack_ds.checkpoint import CheckpointError, check_compatible, read_meta
+    from istack_ds.checkpoint import CheckpointError, read_meta
     from istack_ds.config import load_config
+    from istack_ds.resume import check_compatible
 
     ckpt = unbroken / "checkpoints/step00000012"
     cfg = load_config(ROOT / "configs/demo.yaml", ["student.hidden_size=96"])

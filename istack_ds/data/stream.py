@@ -328,6 +328,24 @@ class ShardLoader(torch.utils.data.DataLoader):
         self.resumed, self.position_note, self.restart_epoch = False, note, epoch
         self._first_worker = self._next_worker = 0
 
+    def restore(self, rank_state: dict | None, saved_states: list[dict]) -> str:  # TEMPORARY until the merge
+        from istack_ds.dist import gather_all, world_size
+
+        if rank_state is not None:
+            self.load_state_dict(rank_state.get("data", rank_state))
+            restarts = [e for e in gather_all(self.restart_epoch) if e is not None]
+            if restarts and (self.resumed or self.restart_epoch != min(restarts)):
+                note = self.position_note or "another rank's data position could not be used"
+                self.start_at_epoch(min(restarts), f"{note} (every rank restarts at epoch {min(restarts)})")
+            return self.position_note or "resumed at the saved position"
+        epoch = min((state_epoch(s.get("data", s)) for s in saved_states), default=0)
+        note = (
+            f"saved by {len(saved_states)} rank(s), read by {world_size()}: each rank's shards differ, "
+            f"so the stream restarts at the start of epoch {epoch} (the lowest epoch any saving worker was in)"
+        )
+        self.start_at_epoch(epoch, note)
+        return note
+
     def counters(self) -> DataCounters:
         """Epoch (lowest), shards done and skips (summed) over the workers' latest batches."""
         latest = self._latest.values()

@@ -11,14 +11,13 @@ Rank r's batch at step s is a fixed function of (r, s); on 1 rank the micro-batc
 step s are rank 0's then rank 1's, so both runs see the same global batch.
 """
 
-import dataclasses
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from istack_ds.batching import plan_batches
-from istack_ds.checkpoint import Checkpointer, gradient_accumulation_for, read_meta
+from istack_ds.checkpoint import Checkpointer, read_meta
 from istack_ds.config import load_config
 from istack_ds.deepspeed_json import deepspeed_json
 from istack_ds.dist import init_distributed
@@ -87,9 +86,8 @@ def main(phase: str, teacher_dir: str, out_dir: str, out_json: str) -> None:
             losses[step] = t.item() / world
     else:
         meta = read_meta(Path(out_dir) / "checkpoints/step00000003_universal")
-        accumulation = gradient_accumulation_for(meta, world, 1)
-        assert accumulation == 2, accumulation
-        plan = dataclasses.replace(plan_batches(cfg.data, cfg.deepspeed, world), accumulation=accumulation)
+        plan = plan_batches(cfg.data, cfg.deepspeed, world, saved=(meta["world_size"], meta["gradient_accumulation"]))
+        assert plan.accumulation == 2, plan.accumulation
         engine = build_engine(student, deepspeed_json(cfg, plan, load_universal=True), cfg.optim)
         ckpt.load(engine, Path(out_dir) / "checkpoints/step00000003_universal")
         assert engine.global_steps == 3, engine.global_steps

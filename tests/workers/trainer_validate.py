@@ -83,6 +83,7 @@ def main(teacher_dir: str, shards: str, out_dir: str, out_json: str) -> None:
     )
     init_distributed(120)
     trainer = Trainer(cfg)
+    trainer.start()
     for _ in range(2):
         trainer.train_step()
         trainer.step += 1

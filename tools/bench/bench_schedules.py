@@ -45,13 +45,24 @@ def reference_targets(teacher_path: Path, batch: dict) -> dict:
 
     teacher = Teacher(teacher_path, LossConfig().teacher_layers)
     lens = batch["audio_lens"]
-    audio = teacher.prepare_input(batch["audio"], lens)  # Trainer.held_out_loss prepares the raw batch the same way
+    audio = teacher.prepare_input(batch["audio"], lens)  # held_out_loss prepares the raw batch the same way
     features = teacher.cnn(audio)
     return {**batch, "features": features, "targets": teacher(audio, lens, features)}
 
 
+@torch.no_grad()
 def held_out_loss(trainer, held_out: dict) -> float:
-    return trainer.held_out_loss(held_out["audio"], held_out["audio_lens"], held_out["targets"], held_out["features"])
+    """The student's loss (eval mode, no dropout) against `held_out`'s targets, made by :func:`reference_targets`
+    from the raw audio (the teacher's CNN output is used with ``student.frontend: shared`` only)."""
+    lens = held_out["audio_lens"]
+    trainer.engine.eval()
+    try:
+        audio = trainer.teacher.prepare_input(held_out["audio"], lens)
+        shared = held_out["features"] if trainer.cfg.student.frontend == "shared" else None
+        loss, _ = trainer.compute_loss(trainer.engine(audio, lens, shared), held_out["targets"], lens)
+    finally:
+        trainer.engine.train()
+    return loss.item()
 
 
 class Timed:

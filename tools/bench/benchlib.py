@@ -120,7 +120,9 @@ def make_trainer(overrides: list[str], batches: list[dict]):
     from istack_ds.config import load_config
     from istack_ds.trainer import Trainer
 
-    return Trainer(load_config(None, overrides), batches=itertools.cycle(batches))
+    trainer = Trainer(load_config(None, overrides), batches=itertools.cycle(batches))
+    trainer.start()
+    return trainer
 
 
 def close_trainer(trainer) -> None:

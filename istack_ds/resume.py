@@ -1,0 +1,172 @@
+"""How a run starts: which checkpoint it continues from, whether that fits, and the copy that loads here.
+
+One module decides it for both callers, preflight (before any process group) and the trainer
+(after): :func:`candidates` reads ``checkpoint.resume`` (``none``, ``auto`` = every complete
+checkpoint that verifies, newest first, or one path); :func:`check_fits` refuses a checkpoint
+whose student shapes differ, whose depth is ahead of this config's schedule, or whose global
+batch this world size cannot keep; :func:`batch_plan` is the one batch plan of a run, resumed
+or not; :func:`loadable_copy` converts a checkpoint of another world size (rank 0, the others
+wait). :func:`agreed_candidates` is the trainer's collective view: rank 0 lists, every rank gets
+the same list or the same error.
+
+The trainer owns the one branch "fresh or resumed" (:meth:`istack_ds.trainer.Trainer.start`)
+and its own counters (``state_dict`` / ``load_state_dict``); the loader owns its data position
+(``ShardLoader.restore``); :mod:`istack_ds.checkpoint` owns the files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .batching import BatchPlan, plan_batches
+from .checkpoint import Checkpointer, CheckpointError, convert_to_universal, universal_path, verify
+from .config import Config, ConfigError
+from .dist import broadcast_from_main, gather_all, is_main, log0, rank, run_on_main
+from .growth import Schedule
+
+#: How long the other ranks wait for rank 0 to convert a checkpoint of another world size.
+CONVERT_WAIT_S = 6 * 3600
+
+#: Config fields that fix the shapes of the student's parameters: a checkpoint made with other values
+#: cannot be loaded into the model this config builds.
+SHAPE_FIELDS = (
+    ("student", "hidden_size"),
+    ("student", "intermediate_size"),
+    ("student", "num_attention_heads"),
+    ("student", "conv_dim"),
+    ("loss", "kind"),
+    ("loss", "teacher_layers"),
+)
+
+
+def candidates(cfg: Config, world: int) -> tuple[list[Path], list[str]]:
+    """The checkpoints to try, newest first, and a note for each one passed over (no collective).
+
+    Raises CheckpointError when ``checkpoint.resume`` names no usable checkpoint, and for ``auto``
+    when checkpoints exist but none verifies: never a silent restart from step 0 over a run's
+    checkpoints (and its TensorBoard history).
+    """
+    resume = cfg.checkpoint.resume
+    if resume == "none":
+        return [], []
+    if resume == "auto":
+        checkpointer = Checkpointer(Path(cfg.run.out_dir) / "checkpoints", cfg.checkpoint.keep)
+        good, notes = checkpointer.candidates(world)
+        if notes and not good:
+            raise CheckpointError(
+                f"no checkpoint in {checkpointer.dir} verifies ({'; '.join(notes)}); to start the run over, set "
+                "checkpoint.resume=none (the old checkpoints are then set aside, not deleted)"
+            )
+        return good, notes
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path} is not a directory; use `auto`, `none` or the path of a checkpoint directory "
+            "(<out_dir>/checkpoints/stepNNNNNNNN)"
+        )
+    verify(path)  # an explicit choice: no fallback, the error names what is wrong with it
+    return [path], []
+
+
+def agreed_candidates(cfg: Config, world: int) -> list[Path]:
+    """:func:`candidates` as rank 0 lists them, on every rank (a collective); its error raised on every rank."""
+    listed = None
+    if is_main():
+        try:
+            paths, notes = candidates(cfg, world)
+            listed = ([str(p) for p in paths], notes, "")
+        except (CheckpointError, OSError) as e:  # raised on every rank below, not on rank 0 alone
+            listed = ([], [], str(e))
+    paths, notes, error = broadcast_from_main(listed)
+    for note in notes:
+        log0("checkpoint: %s", note)
+    if error:
+        raise CheckpointError(error)
+    return [Path(p) for p in paths]
+
+
+def check_fits(meta: dict, cfg: Config, path: Path, world: int) -> None:
+    """Refuses (CheckpointError naming the field) a checkpoint this config and world size cannot continue."""
+    check_compatible(meta, cfg.to_dict(), path)
+    planned = Schedule.from_config(cfg.growth, cfg.optim.steps).depth_at(meta["step"])
+    if planned < meta["depth"]:  # a student cannot shrink
+        raise CheckpointError(
+            f"checkpoint {path} (step {meta['step']}) has depth {meta['depth']}, but this config's schedule has "
+            f"depth {planned} at step {meta['step']}: a student cannot shrink; restore the growth.* settings the "
+            "checkpoint was made with, or resume from an earlier checkpoint"
+        )
+    batch_plan(cfg, world, meta, path)
+
+
+def check_compatible(meta: dict, config: dict, path: str | Path) -> None:
+    """Refuses a checkpoint whose model shape differs from what `config` builds, naming the field."""
+    saved = meta.get("config", {})
+    for section, key in SHAPE_FIELDS:
+        old, new = saved.get(section, {}).get(key), config[section][key]
+        if old != new:
+            raise CheckpointError(
+                f"checkpoint {path} was made with {section}.{key}={old!r} but this run has {section}.{key}={new!r}: "
+                "the student's shapes differ; resume with the checkpoint's value or set checkpoint.resume=none"
+            )
+
+
+def batch_plan(cfg: Config, world: int, meta: dict | None = None, path: Path | None = None) -> BatchPlan:
+    """The batch plan of a run on `world` ranks, fresh (`meta` None) or resumed from the checkpoint `meta`:
+    without data.global_batch a resume on another world size keeps the checkpoint's global batch
+    (:func:`istack_ds.batching.plan_batches` with ``saved``)."""
+    if meta is None:
+        return plan_batches(cfg.data, cfg.deepspeed, world)
+    saved = (
+        meta.get("world_size", world),
+        meta.get("gradient_accumulation", cfg.deepspeed.gradient_accumulation),
+    )
+    try:
+        return plan_batches(cfg.data, cfg.deepspeed, world, saved)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
+
+
+def loadable_copy(path: Path, meta: dict, world: int) -> Path:
+    """`path`, or its universal conversion when it was saved by another world size (made by rank 0)."""
+    if meta.get("world_size", world) == world or meta.get("universal"):
+        return path
+    log0("checkpoint %s was saved by %d rank(s), this run has %d: converting", path, meta["world_size"], world)
+
+    def convert() -> str:
+        convert_to_universal(path, log=lambda msg: log0("%s", msg))
+        return ""
+
+    # NOTE: the other ranks wait on the store (up to CONVERT_WAIT_S), not in a collective bounded by
+    # deepspeed.dist_timeout_s: converting a large model takes longer.
+    error = run_on_main(f"convert:{path}", convert, CONVERT_WAIT_S)
+    if error:
+        raise CheckpointError(f"converting {path} failed: {error}")
+    return universal_path(path)
+
+
+def load_on_every_rank(checkpointer: Checkpointer, engine, path: Path) -> tuple[dict | None, list[str]]:
+    """Loads `path` into `engine` on every rank: this rank's state and, when any rank failed, every rank's
+    error (the same list on all ranks, so all try the previous checkpoint together). A collective."""
+    rank_state, error = None, ""
+    try:
+        rank_state = checkpointer.load(engine, path)
+    except Exception as e:  # noqa: BLE001 -- a corrupt file raises whatever its reader raises
+        error = f"rank {rank()}: {type(e).__name__}: {e}"
+    return rank_state, [e for e in gather_all(error) if e]
+
+
+def replanned(meta: dict, schedule: Schedule, depth: int) -> bool:
+    """True when this config's schedule is ahead of the checkpoint's depth at its step and the checkpoint's own
+    schedule was not (its config no longer loading counts as different).
+
+    A checkpoint saved at a growth boundary before that growth is behind its own schedule too: only a
+    depth that differs from the one its own schedule planned is a re-plan.
+    """
+    planned = schedule.depth_at(meta["step"])
+    if planned <= depth:
+        return False
+    try:
+        saved = Config.from_dict(meta["config"])
+        return planned != Schedule.from_config(saved.growth, saved.optim.steps).depth_at(meta["step"])
+    except (KeyError, TypeError, ValueError):
+        return True
