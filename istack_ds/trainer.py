@@ -1,7 +1,8 @@
 """The training loop: a class of small verbs whose ``train()`` reads top to bottom.
 
-Data comes from :mod:`istack_ds.data`, depth changes from :mod:`istack_ds.growth`,
-DeepSpeed surgery from :mod:`istack_ds.engine`; this file only orders them.
+How the run starts (fresh or resumed) is decided in :mod:`istack_ds.resume`, data comes from
+:mod:`istack_ds.data`, depth changes from :mod:`istack_ds.growth`, engines from :mod:`istack_ds.engine`,
+what the run reports from :mod:`istack_ds.report`; this file only orders them.
 """
 
 from __future__ import annotations
