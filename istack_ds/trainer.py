@@ -32,7 +32,6 @@ from .checkpoint import (
 )
 from .config import Config
 from .data import DataError, build_loader, check_shard_count, read_index
-from .data.stream import state_epoch
 from .diagnostics import LayerDiagnostics
 from .dist import (
     all_ranks,
@@ -279,23 +278,9 @@ class Trainer:
         self.step = meta["step"]
         self.saved_step, self.saved_path = self.step, path
         self.nonfinite_total = meta.get("nonfinite_steps", 0)
-        if rank_state is not None:  # rank files written before the loader kept its own state hold its keys at the top
-            self.loader.load_state_dict(rank_state.get("data", rank_state))
-            # NOTE: a collective on every rank. A position is used on every rank or on none: if any rank
-            # restarts its stream, every rank restarts at the lowest epoch the restarting ranks keep.
-            restarts = [e for e in gather_all(self.loader.restart_epoch) if e is not None]
-            if restarts and (self.loader.resumed or self.loader.restart_epoch != min(restarts)):
-                note = self.loader.position_note or "another rank's data position could not be used"
-                self.loader.start_at_epoch(min(restarts), f"{note} (every rank restarts at epoch {min(restarts)})")
-            data_note = self.loader.position_note or "resumed at the saved position"
-        else:  # another world size: fresh per-rank randomness; the shard assignment changed
+        if rank_state is None:  # another world size: fresh per-rank randomness
             seed_everything(self.cfg.run.seed + 1000 * rank() + self.step)
-            epoch = min((state_epoch(s.get("data", s)) for s in saved_rank_states(path)), default=0)
-            data_note = (
-                f"saved by {meta.get('world_size')} rank(s), read by {world_size()}: each rank's shards differ, "
-                f"so the stream restarts at the start of epoch {epoch} (the lowest epoch any saving worker was in)"
-            )
-            self.loader.start_at_epoch(epoch, data_note)
+        data_note = self.loader.restore(rank_state, saved_rank_states(path) if rank_state is None else [])
         log0(
             "resumed from %s: step %d, stage %d, depth %d, lr %.3e",
             path,
