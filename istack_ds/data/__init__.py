@@ -6,7 +6,11 @@
 - :mod:`istack_ds.data.index`: the index.json format and its digest, :class:`DataError`, and the rule of how many
   shards a split needs.
 - :mod:`istack_ds.data.tario`: shard members (``<key>.flac`` + ``<key>.json``) written into and read from tars.
-- :mod:`istack_ds.data.writer`: cuts -> shards + index.json (parallel writers, resumable), and checking shards back.
+- :mod:`istack_ds.data.plan`: planning a sharding run: shard sizes and names, the keys met across splits.
+- :mod:`istack_ds.data.writer`: cuts -> shards + index.json (parallel writers, resumable).
+- :mod:`istack_ds.data.parts`: a split's index at the end: from one run, or merged from the parts of a run
+  split over machines (``--part``).
+- :mod:`istack_ds.data.shard_check`: checking shards back against their index.
 - :mod:`istack_ds.data.progress`: the progress line of a sharding run.
 - :mod:`istack_ds.data.position`: the one shard-assignment rule (node, rank, worker) and the position
   bookkeeping: where each worker resumes, the saved state's formats, what of a saved state is used.
