@@ -211,19 +211,6 @@ def _size(n: float) -> str:
     return f"{n / 1024:.2f} KiB"
 
 
-def shards_per_worker(shards: int, nodes: int, ranks_per_node: int, workers: int) -> list[int]:
-    """How many shards each worker of each rank reads per epoch, as the loader splits them
-    (data/stream.py: every nodes-th shard to a node, every ranks_per_node-th to a rank, every workers-th to a
-    worker)."""
-    order = list(range(shards))
-    return [
-        len(order[node::nodes][local::ranks_per_node][worker::workers])
-        for node in range(nodes)
-        for local in range(ranks_per_node)
-        for worker in range(workers)
-    ]
-
-
 def model_state_bytes(params: int, precision: str, zero_stage: int, world: int) -> dict[str, float]:
     """Bytes per rank of weights, gradients, fp32 master weights and Adam moments of `params` trainable
     parameters, partitioned as ZeRO `zero_stage` does over `world` ranks (the ZeRO paper's accounting)."""
@@ -255,6 +242,7 @@ def student_parameters(cfg: Config, depths: list[int]) -> dict[int, int]:
 def dry_run(cfg: Config, path: str) -> None:
     """Prints what the job would run on (after preflight passed): topology, data split, schedule, memory."""
     from ..data import check_shard_count, read_index
+    from ..data.position import shards_per_worker
     from ..dist import topology
     from ..growth import Schedule
 
@@ -270,7 +258,7 @@ def dry_run(cfg: Config, path: str) -> None:
         f"worker(s) per rank (data.num_workers) -> {world * readers} shard readers"
         + ("" if launched else " (no launcher variables: plan a job with --nodes and --ranks-per-node)")
     )
-    counts = shards_per_worker(len(train.shards), nodes, per_node, readers)
+    counts = shards_per_worker(len(train.shards), world, per_node, readers)
     print(
         f"train: {len(train.shards)} shards, {train.seconds / 3600:.2f} h in {train.path}; shards per worker and "
         f"epoch: {min(counts)}..{max(counts)}"
@@ -278,7 +266,7 @@ def dry_run(cfg: Config, path: str) -> None:
     print(f"batch: {plan_batches(cfg.data, cfg.deepspeed, world).describe()}")
     if cfg.data.valid_index:
         valid = read_index(cfg.data.valid_index)
-        per_rank = shards_per_worker(len(valid.shards), nodes, per_node, 1)
+        per_rank = shards_per_worker(len(valid.shards), world, per_node, 1)
         print(f"valid: {len(valid.shards)} shards in {valid.path}; shards per rank: {min(per_rank)}..{max(per_rank)}")
     else:
         print("valid: none (data.valid_index is null)")
