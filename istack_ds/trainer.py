@@ -48,7 +48,7 @@ class NonFiniteLossError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: Config, batches: Iterable[dict] | None = None):
-        """Builds teacher, student and engine, resuming per ``checkpoint.resume``.
+        """Builds the teacher, the schedule and the loader; :meth:`start` builds the student and its engine.
 
         `batches`: a batch stream to train on instead of the configured shards (benchmarks feed
         fixed batches); the loader is built anyway, so its checks and log lines stay the same.

@@ -9,7 +9,7 @@ from __future__ import annotations
 #: subcommand -> (module of this package, one-line summary). A module that is not there is not offered.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a student (also --print-config, --dry-run); every rank runs this"),
-    "prepare": ("prepare", "LibriLight layout -> lhotse manifests -> VAD-window cuts per split"),
+    "prepare": ("prepare", "a corpus (any layout `shard` reads) -> lhotse manifests -> cuts per split"),
     "shard": ("shard", "a corpus -> WebDataset shards + index.json per split (resumable)"),
     "check": ("check", "check every shard of an index: sizes, sha256, decoding, duplicate keys"),
     "export": ("export", "a checkpoint -> a Hugging Face directory AutoModel loads"),

@@ -59,7 +59,7 @@ class DataConfig:
     are bounded by `batch_seconds`): gradient accumulation grows until each rank's share of `global_batch` fits.
     Null: no bound for utterances, `batch_seconds` for seconds."""
     num_buckets: int = 20
-    """Duration buckets of the stream's batcher (istack_ds.data.stream.Batcher); their bounds split the index's
+    """Duration buckets of the stream's batcher (istack_ds.data.batcher.Batcher); their bounds split the index's
     duration histogram into equal audio seconds."""
     num_workers: int = 2
     """DataLoader worker processes per rank; shards are split across them."""
