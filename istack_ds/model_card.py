@@ -70,35 +70,29 @@ def corpus_of(train_index: str | Path) -> tuple[list[str], str | None]:
     return [], None
 
 
-def probe_results(probe: dict, model_name: str) -> list[EvalResult]:
+#: probe task -> (Hub task type, task name, metric key in probe.json, Hub metric type, metric name)
+PROBE_METRICS = {
+    "pr": ("automatic-speech-recognition", "phoneme recognition", "per", "per", "phoneme error rate"),
+    "sid": ("audio-classification", "speaker identification", "accuracy", "accuracy", "speaker accuracy"),
+}
+
+
+def probe_results(probe: dict) -> list[EvalResult]:
     """The probe's PER and SID accuracy as Hub eval results (a bounded-step proxy, named so, not SUPERB)."""
     dataset = f"istack_ds probe on {public_path(probe.get('train_index') or 'unknown index')}"
-    results = []
-    if "pr" in probe:
-        results.append(
-            EvalResult(
-                task_type="automatic-speech-recognition",
-                task_name="phoneme recognition (frozen model, linear CTC probe; not SUPERB)",
-                dataset_type="istack-probe",
-                dataset_name=dataset,
-                metric_type="per",
-                metric_name="phoneme error rate",
-                metric_value=round(float(probe["pr"]["per"]), 4),
-            )
+    return [
+        EvalResult(
+            task_type=task_type,
+            task_name=f"{task} (frozen model, linear probe; not SUPERB)",
+            dataset_type="istack-probe",
+            dataset_name=dataset,
+            metric_type=metric_type,
+            metric_name=metric_name,
+            metric_value=round(float(probe[key][value]), 4),
         )
-    if "sid" in probe:
-        results.append(
-            EvalResult(
-                task_type="audio-classification",
-                task_name="speaker identification (frozen model, linear probe; not SUPERB)",
-                dataset_type="istack-probe",
-                dataset_name=dataset,
-                metric_type="accuracy",
-                metric_name="speaker accuracy",
-                metric_value=round(float(probe["sid"]["accuracy"]), 4),
-            )
-        )
-    return results
+        for key, (task_type, task, value, metric_type, metric_name) in PROBE_METRICS.items()
+        if key in probe
+    ]
 
 
 def card_data(
@@ -121,7 +115,7 @@ def card_data(
         language=language,
         tags=tags,
         model_name=model_name,
-        eval_results=probe_results(probe, model_name) if probe else None,
+        eval_results=probe_results(probe) if probe else None,
     )
 
 

@@ -57,7 +57,7 @@ def resolve_teacher_path(path: str | Path) -> Path:
             raise TeacherError(
                 f"teacher.path={name!r} is neither a directory nor a Hub id in the local HF cache "
                 f"({constants.HF_HUB_CACHE}); nothing is downloaded during a run: fetch it once with "
-                f"`huggingface-cli download {name}` (or `snapshot_download`) where there is network, or "
+                f"`hf download {name}` (or `snapshot_download`) where there is network, or "
                 "point teacher.path to a local save_pretrained directory"
             ) from None
     raise TeacherError(
