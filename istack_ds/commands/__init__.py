@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("convert", "a checkpoint -> a universal one that resumes on any number of ranks"),
     "compare": ("compare", "compare runs from their TensorBoard logs: a plot and a table"),
     "probe": ("probe", "probe a student's layers"),
+    "init-config": ("init_config", "write a shipped config (demo, paper_*) to edit and train with"),
     "make-teacher": ("make_teacher", "save a RANDOM teacher with the real HF classes (tests, demo)"),
     "train-teacher": ("train_teacher", "train a small HuBERT teacher on a labelled espeak-ng corpus (CPU, cached)"),
     "make-demo-corpus": ("make_demo_corpus", "write a small synthetic corpus in LibriLight layout (demo, tests)"),

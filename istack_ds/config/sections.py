@@ -109,6 +109,10 @@ class TeacherConfig:
     dtype: Literal["fp32", "bf16", "int8"] = "fp32"
     """Teacher compute dtype: fp32, bf16 (weights and activations), or int8 (CPU only: Linear layers
     dynamically quantized, so the targets move away from fp32's; see README "Performance")."""
+    allow_random: bool = False
+    """Train on a teacher marked as having random weights (RANDOM_WEIGHTS.txt, written by `istack make-teacher`):
+    true for the demo and tests, which exercise the machinery; false refuses such a teacher before launch, so a
+    random teacher saved under a real model's name cannot train a student by mistake."""
 
     def __post_init__(self):
         _check_fields(self, "teacher")
