@@ -136,7 +136,7 @@ def _draw_map(ax, cka, supervised: dict[int, int], xlabel: str, ylabel: str, tit
     for si, ti in supervised.items():
         ax.add_patch(Rectangle((ti - 0.5, si - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
         value = float(cka[si][ti])
-        ax.text(ti, si, f"{value:.2f}", ha="center", va="center", fontsize=6, color="black" if value > 0.6 else "white")
+        ax.text(ti, si, f"{value:.2f}", ha="center", va="center", fontsize=7, color="black" if value > 0.6 else "white")
     if title:
         ax.set_title(title, fontsize=9)
     return im

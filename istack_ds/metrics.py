@@ -8,9 +8,9 @@ run <run.name>; istack_ds/tbview.py shapes what it shows):
 - CUSTOM SCALARS, the way in: losses first, then depth, growth pause, LR, CKA, throughput, data
   (:data:`istack_ds.tbview.CUSTOM_SCALARS`); depth as a step, the pause as a spike, both unsmoothed;
 - HPARAMS: every config key (``run.name``, ``optim.lr``, ...; lists as JSON text, None as ``null``),
-  the method's keys first, with ``valid/loss`` and ``train/loss`` as its metrics;
+  the method's keys (growth, loss, student, optim) first, with ``valid/loss`` and ``train/loss`` as its metrics;
 - TEXT ``run/name`` (the run name and directory), ``config/yaml`` (the resolved config) and, for a teacher
-  of random weights, ``teacher/random_weights`` (why the CKA maps are flat), at the first step this
+  of random weights, ``about/random_teacher`` (why the CKA maps are flat), at the first step this
   process writes;
 - IMAGES and TENSORS: the layer diagnostics' CKA heatmaps and the same maps as numbers
   (:meth:`Metrics.image`, :meth:`Metrics.tensor`; istack_ds/diagnostics.py);
@@ -38,7 +38,7 @@ import yaml
 
 from .config import ConfigError
 from .dist import is_main, log0
-from .tbview import CUSTOM_SCALARS, SeriesShaper, events_dir, flat_hparams, ordered_hparams, random_teacher_note
+from .tbview import CUSTOM_SCALARS, SeriesShaper, events_dir, flat_hparams, method_keys_first, random_teacher_note
 
 
 class RegionTimer:
@@ -266,7 +266,6 @@ class Metrics:
         hparams = flat_hparams(config or {})
         if run_name:
             hparams.setdefault("run.name", run_name)
-        hparams = ordered_hparams(hparams)
         self.shaper = SeriesShaper()
         if is_main() and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -319,11 +318,12 @@ class Metrics:
             self.writer.add_text("config/yaml", f"```yaml\n{text}```", step)
         note = random_teacher_note(config)
         if note:
-            self.writer.add_text("teacher/random_weights", note, step)
+            self.writer.add_text("about/random_teacher", note, step)  # `about` sorts first in the TEXT tab
         if hparams:
             # NOTE: SummaryWriter.add_hparams would write into a new timestamped subdirectory (another run
             # in TensorBoard, without the scalars): these summaries go into this writer's own file.
             experiment, start, _ = hparams_summaries(hparams, {"valid/loss": 0.0, "train/loss": 0.0})
+            method_keys_first(experiment)
             file_writer = self.writer.file_writer  # the writer of the scalars' event file
             assert file_writer is not None
             file_writer.add_summary(experiment, step)

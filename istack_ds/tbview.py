@@ -21,7 +21,7 @@ RANDOM_MARKER = "RANDOM_WEIGHTS.txt"
 
 STEP_TAGS = ("model/depth", "model/params")
 """Scalars that change only at a growth: drawn as steps (at a change the old value is written again one step
-earlier, so the line jumps instead of sloping between two log steps)."""
+earlier, so the line jumps instead of sloping from the last log step)."""
 
 SPIKE_TAGS = ("growth/pause_s",)
 """Scalars of a single moment: drawn as spikes (0 one step before and one step after the value)."""
@@ -62,8 +62,8 @@ CUSTOM_SCALARS: dict[str, dict[str, list]] = {
 first, then what the method does (growth), then how fast and on what data. Multiline charts take tag regexes,
 Margin charts three exact tags (value, lower, upper)."""
 
-HPARAM_ORDER = ("run.name", "growth.", "loss.", "student.", "optim.", "teacher.", "data.", "eval.")
-"""The hparams columns first (by key prefix, in this order); the other keys (deepspeed, log, checkpoint, ...) after."""
+METHOD_KEYS = ("growth.", "loss.", "student.", "optim.")
+"""The hparams of the method: listed first in the HPARAMS tab, the first five of them shown as table columns."""
 
 
 def run_dir_name(run_name: str) -> str:
@@ -115,13 +115,19 @@ def flat_hparams(config: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def ordered_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
-    """`hparams` with the method's keys first (:data:`HPARAM_ORDER`), each group in config order."""
+def method_keys_first(experiment) -> None:
+    """Marks the :data:`METHOD_KEYS` hparams of an hparams experiment summary (``Summary``) as ``differs``.
 
-    def rank(key: str) -> int:
-        return next((i for i, p in enumerate(HPARAM_ORDER) if key == p or key.startswith(p)), len(HPARAM_ORDER))
+    TensorBoard lists hparams by (``differs`` first, name) and shows the first five as columns, whatever order
+    they were written in; ``differs`` is its flag for keys that vary between runs. Without it the alphabet
+    puts ``checkpoint.*`` first."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
 
-    return {key: hparams[key] for key in sorted(hparams, key=rank)}  # sorted() is stable: config order within
+    plugin = experiment.value[0].metadata.plugin_data
+    data = plugin_data_pb2.HParamsPluginData.FromString(plugin.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name.startswith(METHOD_KEYS)
+    plugin.content = data.SerializeToString()
 
 
 def random_teacher_note(config: dict | None) -> str | None:
@@ -153,7 +159,9 @@ class SeriesShaper:
             value = float(value)
             if tag in STEP_TAGS:
                 before = self.last.get(tag)
-                if before is not None and before[1] != value and before[0] < step - 1:
+                # NOTE: also when the old value was written at this very step (the log line of a growth step):
+                # TensorBoard keeps one value per step, the last, and drops what a step going back supersedes.
+                if before is not None and before[1] != value and before[0] != step - 1:
                     out.append((tag, before[1], step - 1))
                 self.last[tag] = (step, value)
                 out.append((tag, value, step))
