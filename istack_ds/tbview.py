@@ -33,12 +33,13 @@ CUSTOM_SCALARS: dict[str, dict[str, list]] = {
         "valid loss per target": ["Multiline", [r"^valid/loss_L\d+$"]],
     },
     # NOTE: Margin charts are the custom-scalar charts TensorBoard never smooths: a step or a spike keeps its shape.
+    # NOTE: a category of its own each: TensorBoard does not keep the layout's order of margin charts within one.
+    "depth": {"depth (student layers)": ["Margin", ["model/depth"] * 3]},
     "growth": {
-        "depth (student layers)": ["Margin", ["model/depth"] * 3],
         "growth pause, seconds (a spike at each growth)": ["Margin", ["growth/pause_s"] * 3],
-        "learning rate": ["Multiline", [r"^train/lr$"]],
         "parameters": ["Margin", ["model/params"] * 3],
     },
+    "learning rate": {"learning rate": ["Multiline", [r"^train/lr$"]]},
     "layer similarity (maps in IMAGES)": {
         "CKA, supervised student layer vs its teacher layer": ["Multiline", [r"^diag/cka_L\d+$"]],
         "CKA between student layers": [
@@ -59,8 +60,8 @@ CUSTOM_SCALARS: dict[str, dict[str, list]] = {
     },
 }
 """The TensorBoard custom-scalar layout (category -> chart title -> [kind, tags]) of every run: the losses
-first, then what the method does (growth), then how fast and on what data. Multiline charts take tag regexes,
-Margin charts three exact tags (value, lower, upper)."""
+first, then what the method does (depth, growth, LR, layer similarity), then how fast and on what data.
+Multiline charts take tag regexes, Margin charts three exact tags (value, lower, upper)."""
 
 METHOD_KEYS = ("growth.", "loss.", "student.", "optim.")
 """The hparams of the method: listed first in the HPARAMS tab, the first five of them shown as table columns."""

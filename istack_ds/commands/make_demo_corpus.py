@@ -38,16 +38,9 @@ def main(argv=None, prog: str | None = None) -> int:
     )
     args = p.parse_args(argv)
     t0 = time.time()
+    settings = {name: getattr(args, name) for name in ("speakers", "books", "files", "seconds", "seed", "engine")}
     try:
-        make_corpus(
-            args.out,
-            speakers=args.speakers,
-            books=args.books,
-            files=args.files,
-            seconds=args.seconds,
-            seed=args.seed,
-            engine=args.engine,
-        )
+        make_corpus(args.out, **settings)
     except EngineMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
