@@ -122,6 +122,7 @@ def test_summary_and_tensorboard_record_the_provenance(tmp_path):
     from istack_ds.metrics import Metrics
     from istack_ds.provenance import provenance
     from istack_ds.report import write_summary
+    from istack_ds.tbview import find_events
 
     trainer = SimpleNamespace(
         step=3,
@@ -139,7 +140,7 @@ def test_summary_and_tensorboard_record_the_provenance(tmp_path):
 
     metrics = Metrics.from_config(Config(run=RunConfig(name="p", out_dir=str(tmp_path / "run"))))
     metrics.close()
-    acc = EventAccumulator(str(tmp_path / "run/tb"), size_guidance={"tensors": 0})
+    acc = EventAccumulator(str(find_events(tmp_path / "run/tb", "p")), size_guidance={"tensors": 0})
     acc.Reload()
     (event,) = acc.Tensors("run/provenance/text_summary")
     text = tensor_util.make_ndarray(event.tensor_proto).item().decode()
