@@ -10,7 +10,7 @@ import pytest
 from istack_ds.batching import epoch_size, plan_batches, resolve_total_steps
 from istack_ds.config import ConfigError, DataConfig, DeepSpeedConfig, load_config
 from istack_ds.data import build_loader, read_index
-from istack_ds.data.stream import Batcher, Item
+from istack_ds.data.batcher import Batcher, Item
 from tests.helpers import ROOT, run_args, torchrun
 
 

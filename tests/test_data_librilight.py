@@ -11,9 +11,9 @@ import shutil
 import pytest
 
 from istack_ds.data.corpora import BadSource
+from istack_ds.data.corpora.common import pick_valid_speakers
 from istack_ds.data.corpora.librilight import (
     manifest_paths,
-    pick_valid_speakers,
     prepare_librilight,
     vad_windows,
     voice_activity,

@@ -10,7 +10,8 @@ import pytest
 
 from istack_ds.commands.shard import main as shard_main
 from istack_ds.data.index import DataError
-from istack_ds.data.writer import merge_parts, parse_part, shard_corpus
+from istack_ds.data.parts import merge_parts, parse_part
+from istack_ds.data.writer import shard_corpus
 from tests.test_data_librispeech import make_librispeech
 
 QUIET = dict(log=lambda *_: None)

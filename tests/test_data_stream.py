@@ -16,7 +16,9 @@ import torch
 
 from istack_ds.config import ConfigError, DataConfig, load_config
 from istack_ds.data.index import DataError, read_index
-from istack_ds.data.stream import DataCounters, ShardStream, build_loader, state_epoch
+from istack_ds.data.loader import DataCounters, build_loader
+from istack_ds.data.position import state_epoch
+from istack_ds.data.stream import ShardStream
 from tests.helpers import run_worker, shard_of_cut
 
 

@@ -19,9 +19,11 @@ import soundfile as sf
 
 from istack_ds.data import tario
 from istack_ds.data.index import DataError, read_index
+from istack_ds.data.plan import plan_shards
 from istack_ds.data.progress import Progress
+from istack_ds.data.shard_check import check_shard
 from istack_ds.data.tario import BadMember, decode_member, iter_tar_samples
-from istack_ds.data.writer import check_shard, member_byte_cap, plan_shards, shard_corpus, write_shard
+from istack_ds.data.writer import member_byte_cap, shard_corpus, write_shard
 from tests.conftest import DEMO_SHARDING
 from tests.helpers import ROOT
 

@@ -55,8 +55,9 @@ def _jsonl(path):
 def test_speech_corpus_is_a_labelled_lhotse_manifest_dir_that_shards_with_its_labels(speech_corpus, tmp_path):
     from lhotse import CutSet, RecordingSet, SupervisionSet
 
+    from istack_ds.data.plan import plan_split
     from istack_ds.data.tario import iter_tar_samples
-    from istack_ds.data.writer import plan_split, shard_split
+    from istack_ds.data.writer import shard_split
 
     recordings = RecordingSet.from_file(speech_corpus / "recordings.jsonl.gz")
     supervisions = SupervisionSet.from_file(speech_corpus / "supervisions.jsonl.gz")

@@ -25,7 +25,7 @@ from functools import partial
 
 from istack_ds.data.index import DataError, read_index
 from istack_ds.data.progress import Ticker
-from istack_ds.data.writer import check_shard, duplicate_keys
+from istack_ds.data.shard_check import check_shard, duplicate_keys
 
 
 def main(argv=None, prog: str | None = None) -> int:

@@ -45,7 +45,6 @@ from istack_ds.data.corpora import (
     get_corpus,
     valid_speakers_arg,
 )
-from istack_ds.data.corpora.librilight import prepare_librilight
 from istack_ds.data.index import DataError
 
 
@@ -59,35 +58,23 @@ def main(argv=None, prog: str | None = None) -> int:
     try:
         layout = args.layout or detect_layout(args.corpus)
         max_seconds = args.max_seconds if args.max_seconds is not None else default_max_seconds(layout)
-        if layout == "librilight":
-            summary = prepare_librilight(
-                args.corpus,
-                args.out,
-                max_seconds=max_seconds,
-                min_seconds=args.min_seconds,
-                valid_speakers=valid_speakers,
-                valid_fraction=args.valid_fraction,
-                jobs=args.jobs,
-            )
-            summary = {k: v for k, v in summary.items() if k != "valid_speakers"}
-        else:
-            prepared = get_corpus(layout).prepare(
-                args.corpus,
-                args.out,
-                max_seconds=max_seconds,
-                min_seconds=args.min_seconds,
-                valid_speakers=valid_speakers,
-                valid_fraction=args.valid_fraction,
-                jobs=args.jobs,
-                log=print,
-            )
-            print(prepared.skipped.line("source files"))
-            summary = {
-                "layout": layout,
-                "splits": {s: str(path) for s, path in prepared.splits.items()},
-                "settings": prepared.settings,
-                "skipped": prepared.skipped.to_dict(),
-            }
+        prepared = get_corpus(layout).prepare(
+            args.corpus,
+            args.out,
+            max_seconds=max_seconds,
+            min_seconds=args.min_seconds,
+            valid_speakers=valid_speakers,
+            valid_fraction=args.valid_fraction,
+            jobs=args.jobs,
+            log=print,
+        )
+        print(prepared.skipped.line("source files"))
+        summary = {
+            "layout": layout,
+            "splits": {s: str(path) for s, path in prepared.splits.items()},
+            "settings": prepared.settings,
+            "skipped": prepared.skipped.to_dict(),
+        }
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -62,7 +62,8 @@ import time
 
 from istack_ds.data.corpora import add_preparation_args, valid_speakers_arg
 from istack_ds.data.index import DataError
-from istack_ds.data.writer import merge_parts, parse_part, shard_corpus
+from istack_ds.data.parts import merge_parts, parse_part
+from istack_ds.data.writer import shard_corpus
 
 
 def main(argv=None, prog: str | None = None) -> int:

@@ -249,19 +249,6 @@ def _size(n: float) -> str:
     return f"{n / 1024:.2f} KiB"
 
 
-def shards_per_worker(shards: int, nodes: int, ranks_per_node: int, workers: int) -> list[int]:
-    """How many shards each worker of each rank reads per epoch, as the loader splits them
-    (data/stream.py: every nodes-th shard to a node, every ranks_per_node-th to a rank, every workers-th to a
-    worker)."""
-    order = list(range(shards))
-    return [
-        len(order[node::nodes][local::ranks_per_node][worker::workers])
-        for node in range(nodes)
-        for local in range(ranks_per_node)
-        for worker in range(workers)
-    ]
-
-
 def model_state_bytes(params: int, precision: str, zero_stage: int, world: int) -> dict[str, float]:
     """Bytes per rank of weights, gradients, fp32 master weights and Adam moments of `params` trainable
     parameters, partitioned as ZeRO `zero_stage` does over `world` ranks (the ZeRO paper's accounting)."""
@@ -302,6 +289,7 @@ def dry_run(cfg: Config, path: str, problems: list[str]) -> int:
     """Prints what the job would run on: topology, data split, schedule, memory (each part that its inputs
     allow), then every pre-launch problem; the exit code: 0 when there is none, else 2."""
     from ..data import check_shard_count, read_index
+    from ..data.position import shards_per_worker
     from ..dist import topology
 
     topo = topology()
@@ -323,7 +311,7 @@ def dry_run(cfg: Config, path: str, problems: list[str]) -> int:
     if train is None:
         print(f"train: {cfg.data.train_index} cannot be read (below)")
     else:
-        counts = shards_per_worker(len(train.shards), nodes, per_node, readers)
+        counts = shards_per_worker(len(train.shards), world, per_node, readers)
         print(
             f"train: {len(train.shards)} shards, {train.seconds / 3600:.2f} h in {train.path}; shards per worker "
             f"and epoch: {min(counts)}..{max(counts)}"
@@ -332,7 +320,7 @@ def dry_run(cfg: Config, path: str, problems: list[str]) -> int:
     print(f"batch: {plan.describe() if plan else 'no split on this world size (below)'}")
     valid = _or_none(read_index, cfg.data.valid_index) if cfg.data.valid_index else None
     if valid is not None:
-        per_rank = shards_per_worker(len(valid.shards), nodes, per_node, 1)
+        per_rank = shards_per_worker(len(valid.shards), world, per_node, 1)
         print(f"valid: {len(valid.shards)} shards in {valid.path}; shards per rank: {min(per_rank)}..{max(per_rank)}")
     else:
         print(f"valid: {f'{cfg.data.valid_index} cannot be read (below)' if cfg.data.valid_index else 'none'}")

@@ -1,4 +1,4 @@
-"""Cut manifests -> plain WebDataset shards + index.json per split, written in parallel, and checked back.
+"""Cut manifests -> plain WebDataset shards + index.json per split, written in parallel, resumable.
 
 The pipeline (``tools/shard_corpus.py`` drives it; the first step is the corpus's,
 :mod:`istack_ds.data.corpora`)::
@@ -16,14 +16,9 @@ decoded whole. Re-running skips shards whose file still matches the index
 (checked by the writers, in parallel); an interrupted run leaves
 ``index.partial.json`` so the next run keeps what was finished.
 
-Across machines (``--part I/N``): every job plans every split the same way (same corpus and
-settings, same plan), walks all its cuts (so duplicate keys are found as in one run) and writes only
-the shards numbered ``k`` with ``k % N == I - 1`` (round robin: each job gets shards of every size),
-then ``OUT/<split>/index.part-I-of-N.json``: an index of its shards plus the plan every job made
-(``part``: index, of, and the planned ``keys_sha256`` of every shard). :func:`merge_parts` checks
-that all N are there, made with the same settings and plan, each shard present once, on disk with
-its size and holding the planned keys (so no key is in two shards), and writes the ``index.json`` one
-unsplit run writes, byte for byte.
+Across machines (``--part I/N``) every job plans every split the same way (:mod:`istack_ds.data.plan`), walks
+all its cuts (so duplicate keys are found as in one run) and writes only its part's shards; :mod:`istack_ds.data.parts`
+merges the parts' indexes into the one an unsplit run writes. Checking shards back is :mod:`istack_ds.data.shard_check`.
 
 A cut is left out, never written in part, and counted by one of
 :data:`WRITE_SKIP_REASONS` when its source audio does not decode, it holds fewer
@@ -37,42 +32,26 @@ the shard reports them again; each split's index records the sum
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import re
-from array import array
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from istack_ds.data.corpora import Corpus, Skipped, default_max_seconds, detect_layout, get_corpus
-from istack_ds.data.index import HISTOGRAM_BIN_SECONDS, DataError, ShardInfo, file_sha256, index_dict, write_json_atomic
+from istack_ds.data.index import DataError, file_sha256, index_dict, write_json_atomic
+from istack_ds.data.parts import PART_INDEX, PART_INDEX_RE, SplitReport, finish_split, part_of
+from istack_ds.data.plan import SHARD_PATTERN, KeyRegistry, SplitPlan, keys_digest, plan_split
 from istack_ds.data.progress import Progress
-from istack_ds.data.tario import (
-    MAX_MEMBER_BYTES,
-    MIN_MEMBER_SAMPLES,
-    BadMember,
-    MemberWriter,
-    decode_member,
-    encode_flac,
-    iter_tar_samples,
-    tar_keys,
-    to_mono_rate,
-)
+from istack_ds.data.tario import MAX_MEMBER_BYTES, MIN_MEMBER_SAMPLES, MemberWriter, encode_flac, to_mono_rate
 
 if TYPE_CHECKING:
     import numpy as np
 
-SHARD_PATTERN = "shard-%06d.tar"
-#: The index of one job's part of a split sharded over machines (``--part I/N``).
-PART_INDEX = "index.part-{i}-of-{n}.json"
-PART_INDEX_RE = re.compile(r"^index\.part-(\d+)-of-(\d+)\.json$")
 #: Keys of a member's json that the writer sets; a cut's custom metadata cannot use them.
 MEMBER_KEYS = ("id", "offset", "duration", "sample_rate")
 #: Why the writer left a cut out (the keys of ``skipped.by_reason`` in index.json).
@@ -89,81 +68,13 @@ def member_byte_cap(max_seconds: float, sample_rate: int) -> int:
     return min(MAX_MEMBER_BYTES, 2 * 2 * math.ceil(max_seconds * sample_rate) + 4096)
 
 
-# ---- cuts -> shards ----------------------------------------------------------------
-
-
-def plan_shards(
-    durations: Iterable[float], *, sample_rate: int, shard_mb: float, max_per_shard: int | None, min_shards: int
-) -> list[int]:
-    """Sizes (cut counts) of consecutive shards, in one pass over the durations.
-
-    Greedy: a shard closes before it would exceed `shard_mb` (estimated as 16-bit
-    PCM, an upper bound of the FLAC size) or `max_per_shard` cuts. If that gives
-    fewer than `min_shards` shards (small splits), the cuts are spread evenly over
-    min(min_shards, cuts) shards instead, so that ranks x workers can be fed.
-    """
-    limit = shard_mb * 1e6
-    sizes, count, size, n = [], 0, 0.0, 0
-    for d in durations:
-        n += 1
-        est = d * sample_rate * 2 + 1536  # samples + tar/json overhead
-        if count and (size + est > limit or (max_per_shard and count >= max_per_shard)):
-            sizes.append(count)
-            count, size = 0, 0.0
-        count += 1
-        size += est
-    if count:
-        sizes.append(count)
-    want = min(min_shards, n)
-    if len(sizes) < want:
-        sizes = [n // want + (1 if i < n % want else 0) for i in range(want)]
-    return sizes
-
-
-def _keys_digest(cuts: list[dict], dropped: list[dict]) -> str:
-    lines = "".join(f"{c['id']} {c['start']:.4f} {c['duration']:.4f}\n" for c in cuts)
-    lines += "".join(f"{d['reason']} {d['name']}\n" for d in dropped)  # none dropped: the digest it always had
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def key_hashes(keys: Iterable[str]) -> array:
-    """A stable 64-bit hash per key (blake2b), 8 bytes each: what duplicate detection keeps of every key."""
-    return array("Q", (int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys))
-
-
-def repeated_hashes(hashes: Iterable[array]) -> set[int]:
-    """The hashes found more than once over all `hashes` (the keys that may be duplicates; compare the keys)."""
-    import numpy as np
-
-    parts = [np.frombuffer(h, dtype=np.uint64) for h in hashes if len(h)]
-    if not parts:
-        return set()
-    a = np.sort(np.concatenate(parts))
-    return {int(x) for x in np.unique(a[1:][a[1:] == a[:-1]])}
-
-
-class KeyRegistry:
-    """Which member keys were met before, over the splits of one sharding run: exact, 8 bytes per key.
-
-    Built from every split's key hashes (:func:`key_hashes`) before any is written; only keys
-    whose hash repeats are then kept, with where they were first met.
-    """
-
-    def __init__(self, hashes: Iterable[array] = ()):
-        self._repeated = repeated_hashes(hashes)
-        self._first: dict[str, str] = {}
-
-    def first_seen(self, key: str, where: str) -> str | None:
-        """Where `key` was met before (None the first time); records `where` for a first meeting."""
-        if not self._repeated:
-            return None
-        (h,) = key_hashes([key])
-        if h not in self._repeated:
-            return None
-        if key in self._first:
-            return self._first[key]
-        self._first[key] = where
-        return None
+def check_window(max_seconds: float | None, sample_rate: int) -> None:
+    """Raises DataError when a `max_seconds` window (None: not known yet) is above what a shard reader takes."""
+    if max_seconds is not None and 2 * max_seconds * sample_rate > MAX_MEMBER_BYTES:
+        raise DataError(
+            f"max_seconds={max_seconds}: a window would hold more than {MAX_MEMBER_BYTES} bytes of 16-bit PCM at "
+            f"{sample_rate} Hz, above what a shard reader takes (tario.MAX_MEMBER_BYTES); use shorter windows"
+        )
 
 
 def cut_spec(cut) -> dict:
@@ -300,71 +211,6 @@ def ensure_shard(
     return entry, True
 
 
-@dataclass
-class SplitReport:
-    split: str
-    shards: int = 0
-    written: int = 0
-    skipped: int = 0
-    """Shards already there (kept, not written)."""
-    samples: int = 0
-    seconds: float = 0.0
-    bytes: int = 0
-    index: str = ""
-    members_skipped: Skipped = field(default_factory=Skipped)
-    """Cuts of this split left out of its shards, by reason (WRITE_SKIP_REASONS)."""
-    sources_skipped: Skipped = field(default_factory=Skipped)
-    """Source files the corpus's preparation left out (the whole corpus, every split alike)."""
-
-
-@dataclass
-class SplitPlan:
-    """What the first pass over a split's cuts found: shard sizes, duration histogram, total, key hashes."""
-
-    split: str
-    cuts_path: Path
-    sizes: list[int]
-    histogram: list[int]
-    seconds: float
-    keys: array
-    """:func:`key_hashes` of the cut ids, for duplicate detection across splits."""
-    shard_seconds: list[float] = field(default_factory=list)
-    """Planned seconds of audio per shard."""
-
-
-def plan_split(
-    split: str, cuts_path: Path, *, sample_rate: int, shard_mb: float, max_per_shard: int | None, min_shards: int
-) -> SplitPlan:
-    """The first pass over a split's cuts manifest (lazily): :func:`plan_shards` and what the index needs."""
-    from lhotse import CutSet
-
-    histogram: list[int] = []
-    total = [0.0]
-    keys = array("Q")
-    seen = array("f")  # 4 bytes a cut: the per-shard seconds a job of a --part run shows progress against
-
-    def durations():
-        for c in CutSet.from_jsonl_lazy(cuts_path):
-            b = int(c.duration / HISTOGRAM_BIN_SECONDS)
-            histogram.extend([0] * (b + 1 - len(histogram)))
-            histogram[b] += 1
-            total[0] += c.duration
-            keys.extend(key_hashes([c.id]))
-            seen.append(c.duration)
-            yield c.duration
-
-    sizes = plan_shards(
-        durations(), sample_rate=sample_rate, shard_mb=shard_mb, max_per_shard=max_per_shard, min_shards=min_shards
-    )
-    if not sizes:
-        raise DataError(f"split {split!r} has no cuts ({cuts_path}); lower --min-seconds or check the corpus")
-    bounds = [0]
-    for n in sizes:
-        bounds.append(bounds[-1] + n)
-    shard_seconds = [float(sum(seen[a:b])) for a, b in zip(bounds, bounds[1:])]
-    return SplitPlan(split, Path(cuts_path), sizes, histogram, total[0], keys, shard_seconds)
-
-
 def _previous_entries(split_dir: Path) -> dict[str, dict]:
     """Shard entries of the indexes already in a split's directory (whole, part and partial ones), by shard name.
 
@@ -396,19 +242,6 @@ class _Inline:
 
     def __exit__(self, *exc):
         return False
-
-
-def parse_part(text: str) -> tuple[int, int]:
-    """``"3/8"`` -> (3, 8); raises DataError unless 1 <= I <= N."""
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not m or not 1 <= int(m[1]) <= int(m[2]):
-        raise DataError(f"--part {text!r}: expected I/N with 1 <= I <= N, e.g. 3/8")
-    return int(m[1]), int(m[2])
-
-
-def part_of(number: int, parts: int) -> int:
-    """The part (1-based) that writes shard `number` when a split is sharded in `parts` parts: round robin."""
-    return number % parts + 1
 
 
 def shard_split(
@@ -481,7 +314,7 @@ def shard_split(
                 else:
                     why = f"{spec['path']} from {spec['start']} s; the key is already in {before}"
                     dropped.append({"reason": "duplicate_key", "name": spec["id"], "why": why})
-            digest = _keys_digest(group, dropped)
+            digest = keys_digest(group, dropped)
             planned.append(digest)
             if number not in own:
                 continue
@@ -490,33 +323,27 @@ def shard_split(
             collect(2 * jobs)
         collect(0)
     ordered = [entries[k] for k in mine]
-    for e in ordered:
-        report.members_skipped.update(e.get("skipped"))
-    report.samples = sum(e["samples"] for e in ordered)
-    if not report.samples and part is None:
-        left_out = report.members_skipped.line("cuts")
-        raise DataError(f"split {split!r}: no cut was written ({plan.cuts_path}); {left_out}")
-    if part is None:
-        _remove_stale_shards(split_dir, len(plan.sizes))
-    settings = {**settings, "skipped_members": report.members_skipped.to_dict()}
-    index = index_dict(split, sample_rate, ordered, plan.histogram, settings)
-    write_json_atomic(split_dir / index_name, {**index, **block})
+    finish_split(
+        report,
+        ordered,
+        split_dir=split_dir,
+        planned_shards=len(plan.sizes) if part is None else None,
+        sample_rate=sample_rate,
+        histogram=plan.histogram,
+        settings=settings,
+        # a part may hold no cut; merge_parts checks the whole split
+        empty=None
+        if part is not None
+        else lambda r: f"split {split!r}: no cut was written ({plan.cuts_path}); {r.members_skipped.line('cuts')}",
+        index_name=index_name,
+        extra=block,
+    )
     (split_dir / partial_name).unlink(missing_ok=True)
-    report.shards = len(ordered)
-    report.seconds = sum(e["seconds"] for e in ordered)
-    report.bytes = sum(e["bytes"] for e in ordered)
     log(
         f"{label}: {report.shards} shards ({report.written} written, {report.skipped} already there), "
         f"{report.samples} cuts, {report.seconds / 3600:.3f} h, {report.bytes / 1e6:.1f} MB -> {report.index}"
     )
     return report
-
-
-def _remove_stale_shards(split_dir: Path, shards: int) -> None:
-    # shards of an older, larger plan would be picked up by nothing, but confuse people
-    for stale in split_dir.glob("shard-[0-9][0-9][0-9][0-9][0-9][0-9].tar*"):
-        if int(stale.name[6:12]) >= shards or stale.name.endswith(".tmp"):
-            stale.unlink()
 
 
 def shard_corpus(
@@ -548,21 +375,13 @@ def shard_corpus(
     out_dir = Path(out_dir)
     if part is not None and not 1 <= part[0] <= part[1]:
         raise DataError(f"part {part[0]}/{part[1]}: expected I/N with 1 <= I <= N")
-    if max_seconds is not None and 2 * max_seconds * sample_rate > MAX_MEMBER_BYTES:
-        raise DataError(
-            f"max_seconds={max_seconds}: a window would hold more than {MAX_MEMBER_BYTES} bytes of 16-bit PCM at "
-            f"{sample_rate} Hz, above what a shard reader takes (tario.MAX_MEMBER_BYTES); use shorter windows"
-        )
+    check_window(max_seconds, sample_rate)
     if corpus is None:
         corpus = detect_layout(corpus_dir)
         log(f"layout: {corpus} (recognised in {corpus_dir}; --layout names another)")
     if max_seconds is None:
         max_seconds = default_max_seconds(corpus)
-    if 2 * max_seconds * sample_rate > MAX_MEMBER_BYTES:
-        raise DataError(
-            f"max_seconds={max_seconds}: a window would hold more than {MAX_MEMBER_BYTES} bytes of 16-bit PCM at "
-            f"{sample_rate} Hz, above what a shard reader takes (tario.MAX_MEMBER_BYTES); use shorter windows"
-        )
+    check_window(max_seconds, sample_rate)
     prepared = get_corpus(corpus).prepare(
         corpus_dir,
         out_dir,
@@ -616,181 +435,3 @@ def shard_corpus(
     if part is not None:
         log(f"part {part[0]}/{part[1]} done; once every part is: istack shard --merge --out {out_dir}")
     return reports
-
-
-def merge_parts(out_dir: str | os.PathLike, *, log: Callable = print) -> dict[str, SplitReport]:
-    """OUT/<split>/index.json from the part indexes of a sharding split over machines; returns a report per split.
-
-    Raises DataError naming the part file when a part is missing or unfinished, was made with
-    other settings or another plan, or one of its shards is missing, changed or claimed twice.
-    """
-    out_dir = Path(out_dir)
-    split_dirs = sorted({p.parent for p in out_dir.glob("*/index.part-*.json") if PART_INDEX_RE.match(p.name)})
-    if not split_dirs:
-        raise DataError(f"{out_dir}: no part index (<split>/index.part-I-of-N.json) to merge; run istack shard --part")
-    split_dirs.sort(key=lambda d: ({"train": 0, "valid": 1}.get(d.name, 2), d.name))
-    reports = {}
-    sources = Skipped()
-    for split_dir in split_dirs:
-        reports[split_dir.name], sources = _merge_split(split_dir, log)
-    log(sources.line("source files"))
-    for split, report in reports.items():
-        log(f"{split}: " + report.members_skipped.line("cuts"))
-    return reports
-
-
-def _merge_split(split_dir: Path, log: Callable) -> tuple[SplitReport, Skipped]:
-    found = {p.name: PART_INDEX_RE.match(p.name) for p in split_dir.glob("index.part-*.json")}
-    counts = sorted({int(m[2]) for m in found.values() if m})
-    if len(counts) != 1:
-        names = sorted(n for n, m in found.items() if m)
-        raise DataError(
-            f"{split_dir}: part indexes of {len(counts)} different part counts {counts} ({', '.join(names)}); "
-            "delete those of the split you no longer use"
-        )
-    n = counts[0]
-    raws = []
-    for i in range(1, n + 1):
-        path = split_dir / PART_INDEX.format(i=i, n=n)
-        if not path.is_file():
-            unfinished = path.with_name(path.name.removesuffix(".json") + ".partial.json").is_file()
-            raise DataError(
-                f"{path}: part {i} of {n} is missing"
-                + (" (unfinished: its partial index is there)" if unfinished else "")
-                + f"; run istack shard ... --part {i}/{n} (a rerun keeps its finished shards)"
-            )
-        try:
-            raw = json.loads(path.read_text())
-            block = raw["part"]
-            assert (block["index"], block["of"]) == (i, n), f"it says part {block['index']}/{block['of']}"
-        except (OSError, ValueError, KeyError, TypeError, AssertionError) as err:
-            raise DataError(f"{path}: not a part index written by istack shard --part ({err})") from None
-        raws.append((path, raw))
-    ref_path, ref = raws[0]
-    same = ("format", "split", "sample_rate", "duration_histogram")
-    planned = ref["part"]["keys_sha256"]
-    for path, raw in raws[1:]:
-        differ = [k for k in same if raw.get(k) != ref.get(k)]
-        mine, theirs = ({k: v for k, v in r["settings"].items() if k != "skipped_members"} for r in (raw, ref))
-        differ += [f"settings.{k}" for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
-        if raw["part"]["keys_sha256"] != planned:
-            differ.append("the shard plan (another corpus, manifests or sharding settings)")
-        if differ:
-            raise DataError(
-                f"{path} was made with other settings than {ref_path.name}: {', '.join(differ)}; rerun the parts "
-                "that differ with the same corpus and settings"
-            )
-    entries: dict[int, dict] = {}
-    for path, raw in raws:
-        i = raw["part"]["index"]
-        for e in raw["shards"]:
-            m = re.fullmatch(r"shard-(\d{6})\.tar", str(e.get("path", "")))
-            k = int(m[1]) if m else -1
-            if not 0 <= k < len(planned) or part_of(k, n) != i or k in entries:
-                raise DataError(f"{path}: shard {e.get('path')} is not part {i}'s (or is listed twice)")
-            shard = split_dir / e["path"]
-            if not shard.is_file() or shard.stat().st_size != e["bytes"]:
-                raise DataError(f"{path}: shard {shard} is missing or not the size the part wrote; rerun part {i}/{n}")
-            if e.get("keys_sha256") != planned[k]:
-                raise DataError(f"{path}: shard {e['path']} does not hold the planned keys; rerun part {i}/{n}")
-            entries[k] = e
-    missing = [k for k in range(len(planned)) if k not in entries]
-    if missing:
-        k = missing[0]
-        raise DataError(
-            f"{split_dir / PART_INDEX.format(i=part_of(k, n), n=n)} lacks shard {SHARD_PATTERN % k} "
-            f"({len(missing)} planned shards missing); rerun part {part_of(k, n)}/{n}"
-        )
-    ordered = [entries[k] for k in range(len(planned))]
-    split = str(ref["split"])
-    report = SplitReport(split=split, index=str(split_dir / "index.json"))
-    for e in ordered:
-        report.members_skipped.update(e.get("skipped"))
-    report.samples = sum(e["samples"] for e in ordered)
-    if not report.samples:
-        raise DataError(f"split {split!r}: no cut was written in any of the {n} parts ({split_dir})")
-    _remove_stale_shards(split_dir, len(planned))
-    settings = {**ref["settings"], "skipped_members": report.members_skipped.to_dict()}
-    counts_hist = ref["duration_histogram"]["counts"]
-    write_json_atomic(split_dir / "index.json", index_dict(split, ref["sample_rate"], ordered, counts_hist, settings))
-    report.shards = len(ordered)
-    report.seconds = sum(e["seconds"] for e in ordered)
-    report.bytes = sum(e["bytes"] for e in ordered)
-    log(
-        f"{split}: merged {n} parts: {report.shards} shards, {report.samples} cuts, {report.seconds / 3600:.3f} h, "
-        f"{report.bytes / 1e6:.1f} MB -> {report.index}"
-    )
-    report.sources_skipped = Skipped.from_dict(ref["settings"].get("skipped_sources") or {})
-    return report, report.sources_skipped
-
-
-# ---- checking shards back ------------------------------------------------------------
-
-
-@dataclass
-class ShardCheck:
-    """What :func:`check_shard` found in one shard."""
-
-    problems: list[tuple[str, str]]
-    """(where, why) of each problem."""
-    samples: int
-    """Members read (0 without decoding)."""
-    keys: array
-    """:func:`key_hashes` of its member keys, in order (for duplicates across shards: :func:`duplicate_keys`)."""
-
-
-def check_shard(shard: ShardInfo, sample_rate: int, decode: bool = True) -> ShardCheck:
-    """Problems of one shard, the samples read, and its key hashes (tools/check_shards.py)."""
-    where = shard.path
-    if not Path(where).is_file():
-        return ShardCheck([(where, "missing on disk")], 0, array("Q"))
-    problems = []
-    size = Path(where).stat().st_size
-    if size != shard.bytes:
-        problems.append((where, f"size {size} != index {shard.bytes}"))
-    digest = file_sha256(where)
-    if digest != shard.sha256:
-        problems.append((where, f"sha256 {digest[:12]}... != index {shard.sha256[:12]}..."))
-    if not decode:
-        return ShardCheck(problems, 0, key_hashes(tar_keys(where)))
-    errors: list[str] = []
-    n = 0
-    keys: list[str] = []
-    for sample in iter_tar_samples(where, lambda reason, msg: errors.append(f"{reason}: {msg}")):
-        n += 1
-        keys.append(sample["__key__"])
-        try:
-            _audio, meta = decode_member(sample, sample_rate)
-            if meta.get("id") != sample["__key__"]:
-                raise BadMember("bad_json", f"{sample['__key__']}: json id {meta.get('id')!r} differs from the key")
-        except BadMember as e:
-            problems.append((where, str(e)))  # the message starts with the member's key
-    problems += [(where, e) for e in errors]
-    if n != shard.samples:
-        problems.append((where, f"{n} samples read, index says {shard.samples}"))
-    return ShardCheck(problems, n, key_hashes(keys))
-
-
-def duplicate_keys(shards: list[str], hashes: list[array]) -> list[tuple[str, str, str]]:
-    """(shard, key, first shard) for each member whose key an earlier member (of that or an earlier shard) has.
-
-    `hashes` are the shards' :func:`key_hashes`; only shards holding a repeated hash are
-    listed again (headers only), so the keys compared are exact.
-    """
-    repeated = repeated_hashes(hashes)
-    if not repeated:
-        return []
-    first: dict[str, str] = {}
-    out = []
-    for shard, h in zip(shards, hashes):
-        if repeated.isdisjoint(h):
-            continue
-        names = tar_keys(shard)
-        for key, kh in zip(names, key_hashes(names)):
-            if kh not in repeated:
-                continue
-            if key in first:
-                out.append((shard, key, first[key]))
-            else:
-                first[key] = shard
-    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from istack_ds.config import DataConfig
-from istack_ds.data.stream import build_loader
+from istack_ds.data.loader import build_loader
 from tests.workers.protocol import worker_parser, write_all_ranks
 
 

@@ -68,7 +68,7 @@ def bare(paths: list[str]) -> float:
 
 def pipeline(index: str, crop_seconds: float, batch_seconds: float) -> float:
     from istack_ds.config import DataConfig
-    from istack_ds.data.stream import build_loader
+    from istack_ds.data.loader import build_loader
 
     data = DataConfig(
         train_index=index,

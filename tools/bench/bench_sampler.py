@@ -11,7 +11,7 @@ data.interleave_shards shards (istack_ds.data.stream.ShardStream.shards_for):
   librispeech  a synthetic duration list shaped like LibriSpeech (2-20 s, mean ~13 s), 40 shards of 200 cuts,
                the default batching (crop 15.6 s, 200 s batches, 20 buckets, 1000-cut buffer)
 and, per corpus, these batchers over exactly the same cut stream (durations only, nothing decoded):
-  batcher              istack_ds.data.stream.Batcher, one per shard group (what the stream does)
+  batcher              istack_ds.data.batcher.Batcher, one per shard group (what the stream does)
   batcher, 8 utt.      the same counting utterances: exactly 8 a batch (the paper's 64 on 8 GPUs), a group's
                        remainder left out at random (`lost`)
   lhotse/group         lhotse DynamicBucketingSampler(shuffle, duration_bins = the stream's), one per shard group,
@@ -36,8 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from istack_ds.config import DataConfig
+from istack_ds.data.batcher import Batcher, Item, duration_bins, round_robin
 from istack_ds.data.index import read_index
-from istack_ds.data.stream import Batcher, Item, WorkerCounters, build_loader, duration_bins, round_robin
+from istack_ds.data.loader import build_loader
+from istack_ds.data.position import WorkerCounters
 
 ROOT = Path(__file__).resolve().parents[2]
 FRAMES_PER_SECOND = 50  # the SFM CNN's 20 ms frames

@@ -88,7 +88,8 @@ def main(argv=None) -> int:
 
     import lhotse  # noqa: F401 -- imported before any timing (it imports torch)
 
-    from istack_ds.data.writer import merge_parts, shard_corpus
+    from istack_ds.data.parts import merge_parts
+    from istack_ds.data.writer import shard_corpus
 
     corpus = (
         Path(args.corpus)

@@ -22,17 +22,22 @@ unreadable or malformed) is left out of the manifests and counted in
 the writer records those counts, with the first few files named, in each split's
 index.json (``settings.skipped_sources``) and prints them. A re-run reports the same
 skips. `log` takes one line of progress; errors are :class:`~istack_ds.data.index.DataError`
-naming the path. Adding a corpus is one module here plus its test; ``tools/shard_corpus.py
---layout <name>`` picks it by module name; without ``--layout`` :func:`detect_layout` looks at the
-directory. A module may set ``DEFAULT_MAX_SECONDS`` (the longest cut when ``--max-seconds`` is not given).
+naming the path. Each module also declares ::
+
+    LAYOUT: str                       # one line: what it reads, e.g. "LibriLight ({root}/{{small,...}}/...)"
+    def detect(root: Path) -> bool    # whether `root` is laid out so
+
+Adding a corpus is one module here plus its test and its name in :data:`CORPORA`; ``tools/shard_corpus.py
+--layout <name>`` picks it by module name; without ``--layout`` :func:`detect_layout` asks each module's
+``detect``. A module may set ``DEFAULT_MAX_SECONDS`` (the longest cut when ``--max-seconds`` is not given).
+The plumbing every corpus shares (manifests per part, held-out speakers, cuts per split) is
+:mod:`istack_ds.data.corpora.common`.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import pkgutil
-import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,8 +47,9 @@ from typing import ClassVar, Protocol
 from istack_ds.data.index import DataError
 
 DEFAULT_CORPUS = "librilight"
-#: The corpus modules in the order :func:`detect_layout` tries them: the most specific layout first.
-DETECTION_ORDER = ("librilight", "librispeech", "lhotse_manifest")
+#: THE list of corpus modules (``istack_ds.data.corpora.<name>``), in the order :func:`detect_layout` tries them:
+#: the most specific layout first. A new corpus is one module, its test and its name here.
+CORPORA = ("librilight", "librispeech", "lhotse_manifest")
 #: The longest cut (seconds) when neither the caller nor the corpus module says.
 DEFAULT_MAX_SECONDS = 20.0
 #: Why a corpus's `prepare` left a source (a file, an utterance, a supervision) out of its manifests.
@@ -148,67 +154,27 @@ class Corpus(Protocol):
 
 
 def available() -> list[str]:
-    """Names of the corpus modules in this package: those :func:`detect_layout` tries, in its order, then the rest."""
-    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
-    return [n for n in DETECTION_ORDER if n in names] + [n for n in names if n not in DETECTION_ORDER]
-
-
-#: A LibriSpeech part directory: train-clean-100, dev-other, test-clean, train-clean-5 (Mini LibriSpeech), ...
-LIBRISPEECH_PART = re.compile(r"^(train|dev|test)-[A-Za-z0-9-]+$")
-#: A lhotse manifest file name: <prefix>_cuts_<part>.jsonl.gz, recordings.jsonl.gz, ... (the kind, then the part).
-LHOTSE_MANIFEST = re.compile(
-    r"^(?:(?P<prefix>.*?)_)?(?P<kind>cuts|recordings|supervisions)(?:_(?P<part>.+?))?\.jsonl(?:\.gz)?$"
-)
-
-
-def _subdirs(path: Path) -> list[Path]:
-    try:
-        with os.scandir(path) as it:
-            return sorted(Path(e.path) for e in it if e.is_dir())
-    except OSError:
-        return []
-
-
-def _has_file(path: Path, suffix: str, depth: int) -> bool:
-    """Whether a file ending in `suffix` lies exactly `depth` directories below `path` (first hit ends the walk)."""
-    if depth == 0:
-        try:
-            with os.scandir(path) as it:
-                return any(e.name.endswith(suffix) and e.is_file() for e in it)
-        except OSError:
-            return False
-    return any(_has_file(d, suffix, depth - 1) for d in _subdirs(path))
+    """Names of the corpus modules, in the order :func:`detect_layout` tries them (:data:`CORPORA`)."""
+    return list(CORPORA)
 
 
 def detect_layout(corpus_dir: str | os.PathLike) -> str:
     """The corpus module that reads `corpus_dir`, from what lies in it; raises DataError saying what it looked for.
 
-    In :data:`DETECTION_ORDER`, the first that matches:
-
-    - ``librilight``: ``small/``, ``medium/`` or ``large/`` holding ``<speaker>/<book>/*.flac``;
-    - ``librispeech``: ``LibriSpeech/<part>/`` or ``<part>/`` (train-*, dev-*, test-*) holding
-      ``<speaker>/<chapter>/*.trans.txt``;
-    - ``lhotse_manifest``: ``*cuts*.jsonl.gz`` or ``*recordings*.jsonl.gz`` files in the directory itself.
+    Each module of :data:`CORPORA`, in that order, is asked with its ``detect(root)``; the first that
+    says yes reads it. The error names what each looked for (its ``LAYOUT``).
     """
     root = Path(corpus_dir)
     if not root.is_dir():
         raise DataError(f"corpus directory {root} does not exist")
-    if any(_has_file(root / part, ".flac", 2) for part in ("small", "medium", "large")):
-        return "librilight"
-    for base in (root / "LibriSpeech", root):
-        if any(LIBRISPEECH_PART.match(d.name) and _has_file(d, ".trans.txt", 2) for d in _subdirs(base)):
-            return "librispeech"
-    try:
-        names = [e.name for e in os.scandir(root) if e.is_file()]
-    except OSError:
-        names = []
-    if any((m := LHOTSE_MANIFEST.match(n)) and m["kind"] in ("cuts", "recordings") for n in names):
-        return "lhotse_manifest"
+    modules = [importlib.import_module(f"{__name__}.{name}") for name in CORPORA]
+    for name, module in zip(CORPORA, modules):
+        if module.detect(root):
+            return name
     raise DataError(
-        f"{root}: no corpus layout recognised. Looked for: LibriLight ({root}/{{small,medium,large}}/<speaker>/"
-        f"<book>/*.flac), LibriSpeech ({root}/[LibriSpeech/]{{train,dev,test}}-*/<speaker>/<chapter>/*.trans.txt), "
-        f"lhotse manifests ({root}/*cuts*.jsonl.gz, or *recordings*.jsonl.gz + *supervisions*.jsonl.gz); "
-        f"name one with --layout ({', '.join(available())})"
+        f"{root}: no corpus layout recognised. Looked for: "
+        + ", ".join(m.LAYOUT.format(root=root) for m in modules)
+        + f"; name one with --layout ({', '.join(available())})"
     )
 
 

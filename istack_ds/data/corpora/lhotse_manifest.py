@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
 
-from istack_ds.data.corpora import LHOTSE_MANIFEST, PreparedCorpus, Skipped, private_tmp
+from istack_ds.data.corpora import PreparedCorpus, Skipped
+from istack_ds.data.corpora.common import pick_valid_speakers, write_split_files
 from istack_ds.data.index import DataError
 
 #: Utterances up to this long are kept (LibriSpeech was segmented to at most 35 s): a batch holds whole utterances.
@@ -55,6 +56,21 @@ VALID_WORDS = ("dev", "valid", "validation", "val")
 TEST_WORDS = ("test", "eval", "validated", "invalidated")
 #: Keys the writer sets in every member json; a label of that name would overwrite one.
 _RESERVED = ("id", "offset", "duration", "sample_rate")
+#: A lhotse manifest file name: <prefix>_cuts_<part>.jsonl.gz, recordings.jsonl.gz, ... (the kind, then the part).
+LHOTSE_MANIFEST = re.compile(
+    r"^(?:(?P<prefix>.*?)_)?(?P<kind>cuts|recordings|supervisions)(?:_(?P<part>.+?))?\.jsonl(?:\.gz)?$"
+)
+#: What this module reads (how detection names it when no corpus layout is recognised).
+LAYOUT = "lhotse manifests ({root}/*cuts*.jsonl.gz, or *recordings*.jsonl.gz + *supervisions*.jsonl.gz)"
+
+
+def detect(root: Path) -> bool:
+    """Whether `root` itself holds ``*cuts*.jsonl.gz`` or ``*recordings*.jsonl.gz`` files."""
+    try:
+        names = [e.name for e in os.scandir(root) if e.is_file()]
+    except OSError:
+        names = []
+    return any((m := LHOTSE_MANIFEST.match(n)) and m["kind"] in ("cuts", "recordings") for n in names)
 
 
 @dataclass
@@ -290,10 +306,6 @@ def write_split_cuts(
     The settings record the manifest files of each split (``manifests``), the parts left out
     (``parts_left_out``) and the held-out speakers (``valid_speakers``, empty when a part is held out).
     """
-    from lhotse import CutSet
-
-    from istack_ds.data.corpora.librilight import pick_valid_speakers
-
     if max_seconds <= 0 or min_seconds < 0 or min_seconds > max_seconds:
         raise DataError(f"need 0 <= min_seconds ({min_seconds}) <= max_seconds ({max_seconds})")
     out_dir = Path(out_dir)
@@ -329,28 +341,18 @@ def write_split_cuts(
         valid = pick_valid_speakers(sorted(speakers), valid_speakers, valid_fraction)
     valid_set = set(valid)
     splits = ["train", "valid"] if ("valid" in by_split or valid_set) else ["train"]
-    paths = {s: out_dir / s / "cuts.jsonl.gz" for s in splits}
     skipped = Skipped()
-    counts = {s: [0, 0.0] for s in splits}
-    writers = {}
-    for split in splits:
-        (out_dir / split).mkdir(parents=True, exist_ok=True)
-        writers[split] = CutSet.open_writer(private_tmp(paths[split]))
-    try:
+
+    def routed():
         for split_name in ("train", "valid"):
             for part in by_split.get(split_name, []):
                 for cut in iter_utterances(
                     part, max_seconds=max_seconds, min_seconds=min_seconds, skipped=skipped, extra_labels=extra_labels
                 ):
-                    split = "valid" if split_name == "valid" or str(_speaker_of(cut)) in valid_set else "train"
-                    writers[split].write(cut)
-                    counts[split][0] += 1
-                    counts[split][1] += cut.duration
-    finally:
-        for w in writers.values():
-            w.close()
+                    yield "valid" if split_name == "valid" or str(_speaker_of(cut)) in valid_set else "train", cut
+
+    paths, counts = write_split_files(out_dir, splits, routed())
     for split in splits:
-        os.replace(private_tmp(paths[split]), paths[split])  # complete: publish
         n, seconds = counts[split]
         log(f"{split}: {n} utterances ({seconds / 3600:.3f} h, {min_seconds}-{max_seconds} s each) -> {paths[split]}")
     settings = {

@@ -31,46 +31,39 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import groupby
 from pathlib import Path
 
-from istack_ds.data.corpora import BadSource, PreparedCorpus, Skipped, private_tmp
-from istack_ds.data.index import DataError, write_json_atomic
+from istack_ds.data.corpora import BadSource, PreparedCorpus, Skipped, common
+from istack_ds.data.index import DataError
 from istack_ds.data.progress import Ticker
 
 LIBRILIGHT_PARTS = ("small", "medium", "large")
 #: The longest VAD window when --max-seconds is not given.
 DEFAULT_MAX_SECONDS = 20.0
+#: What this module reads (how detection names it when no corpus layout is recognised).
+LAYOUT = "LibriLight ({root}/{{small,medium,large}}/<speaker>/<book>/*.flac)"
+
+
+def detect(root: Path) -> bool:
+    """Whether `root` holds ``small/``, ``medium/`` or ``large/`` with ``<speaker>/<book>/*.flac``."""
+    return any(common.has_file(root / part, ".flac", 2) for part in LIBRILIGHT_PARTS)
 
 
 # ---- LibriLight -> manifests -----------------------------------------------------------
 
 
 def manifest_paths(manifest_dir: Path, part: str) -> tuple[Path, Path]:
-    return (
-        manifest_dir / f"librilight_recordings_{part}.jsonl.gz",
-        manifest_dir / f"librilight_supervisions_{part}.jsonl.gz",
-    )
-
-
-def skipped_path(manifest_dir: Path, part: str) -> Path:
-    """The record of the files a part's manifests leave out (:meth:`Skipped.to_dict`)."""
-    return manifest_dir / f"librilight_skipped_{part}.json"
-
-
-def _sorted_dirs(path: Path) -> list[Path]:
-    with os.scandir(path) as it:
-        return sorted(Path(e.path) for e in it if e.is_dir())
+    return common.manifest_paths(manifest_dir, "librilight", part)
 
 
 def iter_flacs(part_dir: Path) -> Iterator[Path]:
     """<speaker>/<book>/<name>.flac under a part, in sorted order, one directory listing at a time."""
-    for speaker in _sorted_dirs(part_dir):
-        for book in _sorted_dirs(speaker):
+    for speaker in common.sorted_dirs(part_dir):
+        for book in common.sorted_dirs(speaker):
             with os.scandir(book) as it:
                 names = sorted(e.name for e in it if e.name.endswith(".flac"))
             for name in names:
@@ -123,7 +116,9 @@ def parse_file(corpus_dir: Path, flac: Path):
     try:
         recording = Recording.from_file(flac, recording_id=rec_id)
     except Exception as e:  # noqa: BLE001 -- soundfile raises several types on junk
-        raise BadSource("undecodable_flac", f"{flac}: unreadable audio header ({_audio_error(flac, e)})") from None
+        raise BadSource(
+            "undecodable_flac", f"{flac}: unreadable audio header ({common.audio_error(flac, e)})"
+        ) from None
     sups = [
         SupervisionSegment(
             id=f"{rec_id}_{i}",
@@ -137,17 +132,6 @@ def parse_file(corpus_dir: Path, flac: Path):
         for i, (s, e) in enumerate(vad)
     ]
     return recording, sups
-
-
-def _audio_error(flac: Path, e: Exception) -> str:
-    """soundfile's one-line reason for a header that does not read (lhotse's message spans several lines)."""
-    import soundfile as sf
-
-    try:
-        sf.info(str(flac))
-    except Exception as direct:  # noqa: BLE001 -- soundfile raises several types on junk
-        return str(direct)
-    return " ".join(str(e).split())
 
 
 @dataclass
@@ -180,32 +164,15 @@ def prepare_manifests(
         raise DataError(f"corpus {corpus_dir} has no FLAC files under any of {list(LIBRILIGHT_PARTS)}")
     manifest_dir.mkdir(parents=True, exist_ok=True)
     report = PrepareReport(parts=present, prepared=[])
-    for part in present:
-        rec_path, sup_path = manifest_paths(manifest_dir, part)
-        if rec_path.is_file() and sup_path.is_file() and rec_path.stat().st_size > 20:
-            report.skipped.update(_read_skipped(skipped_path(manifest_dir, part)))
-            continue
-        tmp_rec, tmp_sup = private_tmp(rec_path), private_tmp(sup_path)
-        skipped = Skipped()
-        n = _write_part_manifests(corpus_dir, part, tmp_rec, tmp_sup, skipped, jobs=jobs, log=log)
-        write_json_atomic(skipped_path(manifest_dir, part), skipped.to_dict())
-        os.replace(tmp_sup, sup_path)
-        os.replace(tmp_rec, rec_path)  # last: the recordings manifest marks the part as complete
+
+    def done(part: str, n: int, skipped: Skipped) -> None:
         report.prepared.append(part)
-        report.files += n
-        report.skipped.update(skipped)
-        log(f"manifests {part}: {n} recordings ({skipped.count} files skipped) -> {rec_path.parent}")
+        log(f"manifests {part}: {n} recordings ({skipped.count} files skipped) -> {manifest_dir}")
+
+    write = partial(_write_part_manifests, corpus_dir, jobs=jobs, log=log)
+    report.skipped, written = common.prepare_parts(manifest_dir, "librilight", present, write, done=done, min_bytes=20)
+    report.files = sum(written.values())
     return report
-
-
-def _read_skipped(path: Path) -> Skipped:
-    """The skips recorded for a prepared part; none when it was prepared without a record (lhotse's recipe)."""
-    if not path.is_file():
-        return Skipped()
-    try:
-        return Skipped.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise DataError(f"{path}: unreadable ({e}); delete it and the part's manifests to prepare it again") from None
 
 
 def _write_part_manifests(
@@ -215,39 +182,21 @@ def _write_part_manifests(
 
     Files left out are added to `skipped`, named relative to the corpus.
     """
-    from lhotse import RecordingSet, SupervisionSet
 
-    n = 0
-    with (
-        RecordingSet.open_writer(rec_path) as recs,
-        SupervisionSet.open_writer(sup_path) as sups,
-        ThreadPoolExecutor(max(1, jobs)) as pool,
-    ):
-        pending: deque = deque()
+    def skip(flac: Path, e: BadSource) -> None:
+        log(f"skipped ({e.reason}): {e}")
+        skipped.add(e.reason, flac.relative_to(corpus_dir).as_posix(), str(e).removeprefix(f"{flac.parent}/"))
 
-        def drain(limit: int) -> None:
-            nonlocal n
-            while len(pending) > limit:
-                flac, fut = pending.popleft()
-                try:
-                    recording, segments = fut.result()
-                except BadSource as e:
-                    log(f"skipped ({e.reason}): {e}")
-                    name = flac.relative_to(corpus_dir).as_posix()
-                    skipped.add(e.reason, name, str(e).removeprefix(f"{flac.parent}/"))
-                    continue
-                recs.write(recording)
-                for s in segments:
-                    sups.write(s)
-                n += 1
-
-        ticker = Ticker(f"manifests {part}", "files")  # a line every few seconds on a long walk
-        for flac in iter_flacs(corpus_dir / part):  # bounded window of in-flight files, in order
-            pending.append((flac, pool.submit(parse_file, corpus_dir, flac)))
-            drain(4 * max(1, jobs))
-            ticker.tick(f"{skipped.count} skipped" if skipped.count else "")
-        drain(0)
-    return n
+    return common.write_part_manifests(
+        rec_path,
+        sup_path,
+        ((flac, (corpus_dir, flac)) for flac in iter_flacs(corpus_dir / part)),
+        parse_file,
+        skip=skip,
+        ticker=Ticker(f"manifests {part}", "files"),
+        skipped=skipped,
+        jobs=jobs,
+    )
 
 
 def _lazy(path: Path):
@@ -347,40 +296,18 @@ def corpus_speakers(manifest_dir: Path, parts: list[str]) -> list[str]:
     return sorted(speakers)
 
 
-def pick_valid_speakers(speakers: list[str], valid_speakers: int | None, valid_fraction: float | None) -> list[str]:
-    """The held-out speakers: the last N of the sorted list (N given, or a fraction of all, at least 1)."""
-    if valid_fraction is not None:
-        if not 0 <= valid_fraction < 1:
-            raise DataError(f"--valid-fraction {valid_fraction} must be in [0, 1)")
-        n = 0 if valid_fraction == 0 else max(1, round(valid_fraction * len(speakers)))
-    else:
-        n = valid_speakers or 0
-    if n >= len(speakers):
-        raise DataError(f"{n} validation speakers leave no training speaker (corpus has {len(speakers)})")
-    return speakers[len(speakers) - n :] if n > 0 else []
-
-
 def write_split_cuts(
     manifest_dir: Path, parts: list[str], out_dir: Path, *, max_seconds: float, min_seconds: float, valid: list[str]
 ) -> dict[str, Path]:
     """OUT/<split>/cuts.jsonl.gz (train, and valid when `valid` names speakers); returns the paths."""
-    from lhotse import CutSet
-
     if max_seconds <= 0 or min_seconds < 0 or min_seconds > max_seconds:
         raise DataError(f"need 0 <= min_seconds ({min_seconds}) <= max_seconds ({max_seconds})")
     valid_set = set(valid)
-    splits = ["train", "valid"] if valid_set else ["train"]
-    paths = {s: out_dir / s / "cuts.jsonl.gz" for s in splits}
-    writers = {}
-    for split in splits:
-        (out_dir / split).mkdir(parents=True, exist_ok=True)
-        writers[split] = CutSet.open_writer(private_tmp(paths[split]))
-    for cut in window_cuts(manifest_dir, parts, max_seconds, min_seconds):
-        split = "valid" if cut.custom["speaker"] in valid_set else "train"
-        writers[split].write(cut)
-    for split, w in writers.items():
-        w.close()
-        os.replace(private_tmp(paths[split]), paths[split])  # complete: publish
+    routed = (
+        ("valid" if cut.custom["speaker"] in valid_set else "train", cut)
+        for cut in window_cuts(manifest_dir, parts, max_seconds, min_seconds)
+    )
+    paths, _ = common.write_split_files(out_dir, ["train", "valid"] if valid_set else ["train"], routed)
     return paths
 
 
@@ -398,7 +325,7 @@ def prepare_librilight(
     """Manifests under OUT/manifests, cuts under OUT/<split>/cuts.jsonl.gz; returns a summary dict.
 
     The summary: parts, speakers, valid_speakers, splits ({cuts, seconds, path} each) and
-    skipped (the source files left out, :meth:`Skipped.to_dict`); its last log line names the skips.
+    skipped (the source files left out, :meth:`Skipped.to_dict`; the caller logs their line, as for every corpus).
     """
     from lhotse import CutSet
 
@@ -408,7 +335,7 @@ def prepare_librilight(
     speakers = corpus_speakers(manifest_dir, report.parts)
     if not speakers:
         raise DataError(f"corpus {corpus_dir}: no voice-activity interval in any file of {report.parts}")
-    valid = pick_valid_speakers(speakers, valid_speakers, valid_fraction)
+    valid = common.pick_valid_speakers(speakers, valid_speakers, valid_fraction)
     paths = write_split_cuts(
         manifest_dir, report.parts, out_dir, max_seconds=max_seconds, min_seconds=min_seconds, valid=valid
     )
@@ -427,7 +354,6 @@ def prepare_librilight(
             seconds += c.duration
         splits[split] = {"cuts": n, "seconds": round(seconds, 3), "path": str(path)}
         log(f"{split}: {n} VAD windows ({seconds / 3600:.3f} h, <= {max_seconds} s each) -> {path}")
-    log(report.skipped.line("source files"))
     return summary
 
 

@@ -29,18 +29,31 @@ default keeps every one.
 from __future__ import annotations
 
 import os
-from collections import deque
+import re
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
-from istack_ds.data.corpora import LIBRISPEECH_PART, BadSource, PreparedCorpus, Skipped, private_tmp
+from istack_ds.data.corpora import BadSource, PreparedCorpus, Skipped, common
 from istack_ds.data.corpora.lhotse_manifest import ManifestPart, write_split_cuts
-from istack_ds.data.index import DataError, write_json_atomic
+from istack_ds.data.index import DataError
 from istack_ds.data.progress import Ticker
 
 #: Every utterance of LibriSpeech (segmented to at most 35 s) is kept whole.
 DEFAULT_MAX_SECONDS = 36.0
+#: A LibriSpeech part directory: train-clean-100, dev-other, test-clean, train-clean-5 (Mini LibriSpeech), ...
+LIBRISPEECH_PART = re.compile(r"^(train|dev|test)-[A-Za-z0-9-]+$")
+#: What this module reads (how detection names it when no corpus layout is recognised).
+LAYOUT = "LibriSpeech ({root}/[LibriSpeech/]{{train,dev,test}}-*/<speaker>/<chapter>/*.trans.txt)"
+
+
+def detect(root: Path) -> bool:
+    """Whether ``root/LibriSpeech/<part>/`` or ``root/<part>/`` (train-*, dev-*, test-*) holds
+    ``<speaker>/<chapter>/*.trans.txt``."""
+    return any(
+        any(LIBRISPEECH_PART.match(d.name) and common.has_file(d, ".trans.txt", 2) for d in common.subdirs(base))
+        for base in (root / "LibriSpeech", root)
+    )
 
 
 def corpus_root(corpus_dir: str | os.PathLike) -> Path:
@@ -61,19 +74,7 @@ def find_parts(root: Path) -> list[str]:
 
 
 def manifest_paths(manifest_dir: Path, part: str) -> tuple[Path, Path]:
-    return (
-        manifest_dir / f"librispeech_recordings_{part}.jsonl.gz",
-        manifest_dir / f"librispeech_supervisions_{part}.jsonl.gz",
-    )
-
-
-def skipped_path(manifest_dir: Path, part: str) -> Path:
-    return manifest_dir / f"librispeech_skipped_{part}.json"
-
-
-def _sorted_dirs(path: Path) -> list[Path]:
-    with os.scandir(path) as it:
-        return sorted(Path(e.path) for e in it if e.is_dir())
+    return common.manifest_paths(manifest_dir, "librispeech", part)
 
 
 def read_transcripts(chapter_dir: Path) -> dict[str, str]:
@@ -97,8 +98,8 @@ def iter_utterances(part_dir: Path) -> Iterator[tuple[str, Path, str | None, boo
 
     Each chapter directory is listed once; an id is there when it has a FLAC or a transcript line.
     """
-    for speaker in _sorted_dirs(part_dir):
-        for chapter in _sorted_dirs(speaker):
+    for speaker in common.sorted_dirs(part_dir):
+        for chapter in common.sorted_dirs(speaker):
             texts = read_transcripts(chapter)
             with os.scandir(chapter) as it:
                 flacs = {e.name[: -len(".flac")] for e in it if e.name.endswith(".flac")}
@@ -118,9 +119,9 @@ def parse_utterance(utt: str, flac: Path, text: str | None, has_flac: bool):
     try:
         recording = Recording.from_file(flac, recording_id=utt)
     except Exception as e:  # noqa: BLE001 -- soundfile raises several types on junk
-        from istack_ds.data.corpora.librilight import _audio_error
-
-        raise BadSource("undecodable_flac", f"{flac.name}: unreadable audio header ({_audio_error(flac, e)})") from None
+        raise BadSource(
+            "undecodable_flac", f"{flac.name}: unreadable audio header ({common.audio_error(flac, e)})"
+        ) from None
     segment = SupervisionSegment(
         id=utt,
         recording_id=utt,
@@ -139,37 +140,26 @@ def _write_part_manifests(
 ) -> int:
     """Writes one part's two manifests (headers read by `jobs` threads), in utterance order; returns the utterances
     written. What is left out is added to `skipped`, named relative to the corpus root."""
-    from lhotse import RecordingSet, SupervisionSet
 
-    n = 0
-    with (
-        RecordingSet.open_writer(rec_path) as recs,
-        SupervisionSet.open_writer(sup_path) as sups,
-        ThreadPoolExecutor(max(1, jobs)) as pool,
-    ):
-        pending: deque = deque()
+    def skip(flac: Path, e: BadSource) -> None:
+        log(f"skipped ({e.reason}): {flac}")
+        skipped.add(e.reason, flac.relative_to(root).as_posix(), str(e))
 
-        def drain(limit: int) -> None:
-            nonlocal n
-            while len(pending) > limit:
-                flac, fut = pending.popleft()
-                try:
-                    recording, segment = fut.result()
-                except BadSource as e:
-                    log(f"skipped ({e.reason}): {flac}")
-                    skipped.add(e.reason, flac.relative_to(root).as_posix(), str(e))
-                    continue
-                recs.write(recording)
-                sups.write(segment)
-                n += 1
+    return common.write_part_manifests(
+        rec_path,
+        sup_path,
+        ((flac, (utt, flac, text, has_flac)) for utt, flac, text, has_flac in iter_utterances(root / part)),
+        _parse,
+        skip=skip,
+        ticker=Ticker(f"manifests {part}", "utterances"),
+        skipped=skipped,
+        jobs=jobs,
+    )
 
-        ticker = Ticker(f"manifests {part}", "utterances")
-        for utt, flac, text, has_flac in iter_utterances(root / part):
-            pending.append((flac, pool.submit(parse_utterance, utt, flac, text, has_flac)))
-            drain(4 * max(1, jobs))
-            ticker.tick(f"{skipped.count} skipped" if skipped.count else "")
-        drain(0)
-    return n
+
+def _parse(utt: str, flac: Path, text: str | None, has_flac: bool):
+    recording, segment = parse_utterance(utt, flac, text, has_flac)
+    return recording, [segment]
 
 
 def prepare_manifests(
@@ -177,8 +167,6 @@ def prepare_manifests(
 ) -> tuple[list[str], Skipped]:
     """Writes the recordings + supervisions manifests of every train-* and dev-* part present (skipping prepared
     ones); returns those parts and the utterances left out of all of them (recorded ones included)."""
-    import json
-
     root = corpus_root(corpus_dir)
     if not root.is_dir():
         raise DataError(f"corpus directory {root} does not exist")
@@ -194,25 +182,12 @@ def prepare_manifests(
         )
     manifest_dir = Path(manifest_dir)
     manifest_dir.mkdir(parents=True, exist_ok=True)
-    total = Skipped()
-    for part in parts:
-        rec_path, sup_path = manifest_paths(manifest_dir, part)
-        record = skipped_path(manifest_dir, part)
-        if rec_path.is_file() and sup_path.is_file():
-            if record.is_file():
-                try:
-                    total.update(Skipped.from_dict(json.loads(record.read_text())))
-                except (OSError, ValueError, TypeError, AttributeError) as e:
-                    raise DataError(f"{record}: unreadable ({e}); delete it and the part's manifests") from None
-            continue
-        tmp_rec, tmp_sup = private_tmp(rec_path), private_tmp(sup_path)
-        skipped = Skipped()
-        n = _write_part_manifests(root, part, tmp_rec, tmp_sup, skipped, jobs=jobs, log=log)
-        write_json_atomic(record, skipped.to_dict())
-        os.replace(tmp_sup, sup_path)
-        os.replace(tmp_rec, rec_path)  # last: the recordings manifest marks the part as complete
-        total.update(skipped)
+
+    def done(part: str, n: int, skipped: Skipped) -> None:
         log(f"manifests {part}: {n} utterances ({skipped.count} skipped) -> {manifest_dir}")
+
+    write = partial(_write_part_manifests, root, jobs=jobs, log=log)
+    total, _ = common.prepare_parts(manifest_dir, "librispeech", parts, write, done=done)
     return parts, total
 
 
