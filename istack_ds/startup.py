@@ -88,6 +88,8 @@ def check_master_port() -> None:
 
 SHM_COMM_ENV = "ISTACK_SHM_COMM"
 """Set to 1 to have DeepSpeed build and use its shared-memory comm op (:func:`prepare_ops`)."""
+WHY_BUILT = {"deepspeed_shm_comm": f"{SHM_COMM_ENV}=1 asks for it: shared-memory all-reduce between CPU ranks"}
+"""Why an op is built, by its DeepSpeed name, for the line that announces the build."""
 
 
 def prepare_ops() -> None:
@@ -98,20 +100,14 @@ def prepare_ops() -> None:
     a g++ build of a minute or two at the first start (two runs building it at once can fail). Any op
     DeepSpeed still builds just in time says so in one line (:func:`announce_op_builds`).
     """
-    if os.environ.get(SHM_COMM_ENV) == "1":
-        log_main(
-            "building DeepSpeed's shared-memory comm op deepspeed_shm_comm (%s=1): g++ and ninja, a minute or "
-            "two the first time, cached in the torch extensions dir",
-            SHM_COMM_ENV,
-        )
-    else:
+    if os.environ.get(SHM_COMM_ENV) != "1":
         skip_shm_build()
     announce_op_builds()
 
 
 def announce_op_builds() -> None:
-    """Makes every just-in-time build of a DeepSpeed op log one line first (rank 0): what is built and why
-    it may take minutes, instead of a silent wait."""
+    """Makes every just-in-time build of a DeepSpeed op log one line first (rank 0): what is built, why, and
+    that it may take minutes, instead of a silent wait."""
     from typing import Any
 
     from deepspeed.ops.op_builder.builder import OpBuilder
@@ -122,9 +118,10 @@ def announce_op_builds() -> None:
 
     def announced(self, *args, **kwargs):
         log_main(
-            "DeepSpeed loads its %s op just in time (no prebuilt one is installed): compiled with the C++ "
-            "compiler and ninja the first time, a minute or more, then taken from the torch extensions cache",
+            "DeepSpeed loads its %s op just in time (%s): compiled with the C++ compiler and ninja the first "
+            "time, a minute or more, then taken from the torch extensions cache",
             self.name,
+            WHY_BUILT.get(self.name, "DeepSpeed needs it and no prebuilt one is installed"),
         )
         return jit_load(self, *args, **kwargs)
 
