@@ -80,9 +80,9 @@ def check_master_port() -> None:
         return
     if port_in_use(int(port)):
         raise ConfigError(
-            f"port {port} (MASTER_PORT, or the launcher's --master_port) is in use by another process, "
-            "another job's perhaps: pass a free one (--master_port N), or leave MASTER_PORT unset for a single "
-            "process (a free port is picked)"
+            f"port {port} (MASTER_PORT, or the launcher's --master_port) is in use by another process, another "
+            "job's perhaps: choose a free one, or leave MASTER_PORT unset (`istack train` alone and "
+            "launchers/demo.sh then pick a free port)"
         )
 
 
