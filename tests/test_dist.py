@@ -143,3 +143,28 @@ def test_a_busy_master_port_is_refused_naming_it(plain_env):
         startup.check_master_port()
     os.environ["RANK"] = "0"
     startup.check_master_port()  # free again
+
+
+@pytest.mark.parametrize("master_port", [None, "23457"])
+def test_the_demo_passes_a_free_port_to_the_launcher(tmp_path, master_port):
+    """Issue 24 item 2: launchers/demo.sh gave the deepspeed launcher no port (its fixed 29500), so a second demo
+    died. Stand-ins for python and deepspeed record what the script runs; MASTER_PORT, when set, is honoured."""
+    (tmp_path / "python").write_text(f'#!/bin/sh\n[ "$1" = -c ] && exec {sys.executable} "$@"\nexit 0\n')
+    (tmp_path / "deepspeed").write_text('#!/bin/sh\necho "deepspeed $*"\n')
+    for name in ("python", "deepspeed"):
+        (tmp_path / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"} | {"PY": str(tmp_path / "python")}
+    if master_port:
+        env["MASTER_PORT"] = master_port
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launchers/demo.sh"), "--set", "run.out_dir=runs/demoA"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    launch = next(line.split() for line in proc.stdout.splitlines() if line.startswith("deepspeed "))
+    port = launch[launch.index("--master_port") + 1]
+    assert port == master_port if master_port else (port.isdigit() and port != "29500")
+    assert "runs/demoA/tb" in proc.stdout  # the closing line names the run's own directory
