@@ -1,6 +1,7 @@
 """The command line: `istack <command>` and `istack-train` (= `istack train`, also `launchers/train.py`).
 
     istack --help                       # the commands
+    istack --version                    # version, git commit, package versions
     istack train --config configs/demo.yaml --dry-run
     istack shard --corpus data/demo/corpus --out data/demo/shards
     python -m istack_ds.commands <command> ...    # the same without the installed script
@@ -37,6 +38,20 @@ def available() -> dict[str, tuple[str, str]]:
     }
 
 
+class VersionAction(argparse.Action):
+    """`--version`: istack_ds's version, its git commit (or that it is no checkout) and the packages it runs on,
+    looked up only when asked (git runs a process)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .provenance import describe
+
+        print(describe())
+        parser.exit()
+
+
 def istack(argv=None) -> int:
     """`istack COMMAND [ARGS]`: runs that command's ``main(ARGS)`` and returns its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -46,6 +61,7 @@ def istack(argv=None) -> int:
         description="Fast speech foundation model distillation by interleaved stacking, on DeepSpeed ZeRO.",
         epilog="`istack COMMAND --help` shows a command's options and examples.",
     )
+    parser.add_argument("--version", action=VersionAction, help="the version, git commit and package versions")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, summary) in commands.items():
         sub.add_parser(name, help=summary, add_help=False)

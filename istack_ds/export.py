@@ -3,8 +3,9 @@
 The directory holds the HubertModel (config.json + model.safetensors), the
 teacher's feature-extractor config (``preprocessor_config.json``: the input the
 student was trained on), the distillation heads (``heads.safetensors``),
-``istack_student.json`` (depth, supervised layers, targets, the kind of each head) and a model card
-(``README.md``).
+``istack_student.json`` (depth, supervised layers, targets, the kind of each head, the teacher), a model card
+(``README.md``, :mod:`istack_ds.model_card`), ``provenance.json`` (package versions and git commit,
+:mod:`istack_ds.provenance`) and, when the export was probed, ``probe.json``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import torch
 from torch import nn
 
 from .dist import is_main
+from .model_card import model_card
 from .models.sfm import save_feature_extractor
 from .models.student import HEADS_FILE, Student
-from .models.teacher import read_feature_extractor, resolve_teacher_path
+from .models.teacher import is_random_teacher, read_feature_extractor, resolve_teacher_path, teacher_hub_name
+from .provenance import PROVENANCE_FILE, provenance
 
 
 def save_student(
@@ -30,11 +33,16 @@ def save_student(
     teacher_path: str = "",
     step: int = 0,
     config=None,
+    probe: dict | None = None,
+    datasets: list[str] | None = None,
+    language: str | None = None,
 ) -> Path:
     """Writes ``full_state`` (full fp32 tensors by parameter name) through a fresh copy of ``student``'s shape.
 
     The feature-extractor config is the teacher's (`teacher_path`, a directory or cached Hub id); one is built
-    only when the teacher has none. `config`: the run's ``Config``, for the model card.
+    only when the teacher has none. `config`: the run's ``Config``, for the model card; `probe`: an
+    ``istack probe`` report (default: the ``probe.json`` already in `out`, if any), written beside the card and
+    summarized in it; `datasets` / `language`: the card's metadata where the train index does not say.
     """
     from safetensors.torch import save_file
     from transformers import HubertModel
@@ -65,12 +73,32 @@ def save_student(
         "teacher_layers": student.teacher_layers,
         "loss": student.loss_kind,
         "heads": {f"L{t}": student.head_kind(t) for t in student.teacher_layers},
-        "teacher": teacher_path,
+        **teacher_facts(teacher_path),
         "step": step,
     }
     (out / "istack_student.json").write_text(json.dumps(info, indent=1))
-    (out / "README.md").write_text(model_card(info, sfm, extractor, config))
+    record = provenance()
+    (out / PROVENANCE_FILE).write_text(json.dumps(record, indent=1))
+    if probe is None and (out / "probe.json").is_file():
+        probe = json.loads((out / "probe.json").read_text())
+    elif probe is not None:
+        (out / "probe.json").write_text(json.dumps(probe, indent=1))
+    card = model_card(info, sfm, extractor, config, datasets=datasets, language=language, probe=probe, record=record)
+    card.save(out / "README.md")
     return out
+
+
+def teacher_facts(teacher_path: str) -> dict:
+    """What an export says of its teacher: its name (the Hub id when known, else the directory's name: never a
+    local path), its Hub id as ``base_model`` (None when unknown) and whether its weights were random."""
+    if not teacher_path:
+        return {"teacher": "", "base_model": None, "teacher_random": False}
+    hub = teacher_hub_name(teacher_path)
+    return {
+        "teacher": hub or resolve_teacher_path(teacher_path).name,
+        "base_model": hub,
+        "teacher_random": is_random_teacher(teacher_path),
+    }
 
 
 def read_heads(path: str | Path) -> dict[str, torch.Tensor]:
@@ -80,104 +108,6 @@ def read_heads(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(Path(path) / HEADS_FILE))
-
-
-def model_card(info: dict, sfm, extractor, config=None) -> str:
-    """The export's README.md: what the student is, how it was trained, how to load it and run SUPERB on it."""
-    depth, hidden = info["depth"], sfm.config.hidden_size
-    params = sum(p.numel() for p in sfm.parameters()) / 1e6
-    pairs = ", ".join(
-        f"`hidden_states[{s + 1}]` -> teacher layer {t}"
-        for s, t in zip(info["supervised_layers"], info["teacher_layers"])
-    )
-    masked = extractor.return_attention_mask if extractor is not None else sfm.config.feat_extract_norm == "layer"
-    norm = "zero mean, unit variance per utterance" if extractor is not None and extractor.do_normalize else "none"
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [audio, speech, self-supervised-learning, knowledge-distillation, hubert]",
-        "---",
-        "",
-        f"# Distilled HuBERT student, {depth} layers",
-        "",
-        f"A `HubertModel` ({depth} layers, hidden size {hidden}, {params:.1f}M parameters) distilled with "
-        f"istack_ds from the teacher `{info['teacher'] or 'unknown'}` "
-        f"after {info['step']} optimizer steps.",
-        "",
-        "## Training",
-        "",
-        f"- teacher: `{info['teacher'] or 'unknown'}`; targets: its hidden states {info['teacher_layers']} "
-        f"(loss `{info['loss']}`)",
-        f"- supervised student layers: {pairs}"
-        if info["loss"] == "l2l"
-        else f"- every head reads the top layer `hidden_states[{depth}]`"
-        + (
-            f" (teacher layer {info['teacher_layers'][-1]} through a Linear, the others through prediction heads "
-            "Linear -> GELU -> Linear)"
-            if info["loss"] == "output_heads"
-            else " (prediction heads Linear -> GELU -> Linear)"
-        ),
-        f"- steps: {info['step']}; final depth: {depth}",
-        f"- input: {extractor.sampling_rate if extractor is not None else 16000} Hz raw waveform; "
-        f"normalization: {norm} (`preprocessor_config.json`, copied from the teacher"
-        f"{'' if extractor is not None else ': the teacher had none, this one is built'})",
-    ]
-    if config is not None:
-        growth = config.growth
-        lines += [
-            f"- data: `{config.data.train_index}`",
-            f"- schedule: depths {list(growth.depths)}, operator `{growth.operator}`, "
-            f"{'boundaries ' + str(list(growth.boundaries)) if growth.boundaries else 'proportional'}, "
-            f"{config.optim.total_steps} steps planned",
-            f"- student CNN front end: `{config.student.frontend}`"
-            f"{' (the teacher CNN, frozen: this export holds a copy)' if config.student.frontend == 'shared' else ''}"
-            f"; init: `{config.student.init}`",
-        ]
-    lines += [
-        "",
-        "## Load",
-        "",
-        "```python",
-        "import torch",
-        "from safetensors.torch import load_file",
-        "from transformers import AutoFeatureExtractor, AutoModel",
-        "",
-        'path = "THIS_DIRECTORY"',
-        "model = AutoModel.from_pretrained(path).eval()",
-        "extractor = AutoFeatureExtractor.from_pretrained(path)",
-        f"inputs = extractor(waveforms, sampling_rate={extractor.sampling_rate if extractor is not None else 16000}, "
-        'padding=True, return_tensors="pt")  # a list of 1-D float arrays',
-        "with torch.no_grad():",
-        "    hidden = model(**inputs, output_hidden_states=True).hidden_states  # depth + 1 tensors [B, T, H]",
-        "",
-        f'heads = load_file(f"{{path}}/{HEADS_FILE}")  # the distillation heads, one per teacher target',
-    ]
-    t, s = info["teacher_layers"][0], info["supervised_layers"][0]
-    if info.get("heads", {}).get(f"L{t}", "linear") == "prediction":
-        lines += [
-            f'inner = torch.nn.functional.gelu(hidden[{s + 1}] @ heads["L{t}.0.weight"].T + heads["L{t}.0.bias"])',
-            f'prediction = inner @ heads["L{t}.2.weight"].T + heads["L{t}.2.bias"]  # teacher layer {t}',
-        ]
-    else:
-        lines.append(f'prediction = hidden[{s + 1}] @ heads["L{t}.weight"].T + heads["L{t}.bias"]  # teacher layer {t}')
-    lines += [
-        "```",
-        "",
-        "## SUPERB with s3prl",
-        "",
-        "s3prl's upstream `hf_hubert_custom` loads this directory with `HubertModel.from_pretrained` and "
-        "`Wav2Vec2FeatureExtractor.from_pretrained`, so it applies the normalization above:",
-        "",
-        "```bash",
-        "cd s3prl/s3prl",
-        "python run_downstream.py -m train -u hf_hubert_custom -k THIS_DIRECTORY -d DOWNSTREAM -n NAME",
-        "```",
-        "",
-        "It pads each batch and always passes the attention mask (this student was trained "
-        f"{'with' if masked else 'without'} one), and offers every hidden state to the downstream's weighted sum.",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def with_frontend(state: dict[str, torch.Tensor], student: Student, teacher_cnn: nn.Module) -> dict[str, torch.Tensor]:
@@ -266,7 +196,8 @@ def student_from_checkpoint(checkpoint: str | Path, teacher_path: str | Path | N
     return student.eval(), state, meta, teacher_path, cfg
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, teacher_path: str | Path | None = None) -> Path:
-    """Any istack_ds checkpoint (any stage, any ZeRO stage, universal too) -> an HF save_pretrained dir."""
+def export_checkpoint(checkpoint: str | Path, out: str | Path, teacher_path: str | Path | None = None, **card) -> Path:
+    """Any istack_ds checkpoint (any stage, any ZeRO stage, universal too) -> an HF save_pretrained dir.
+    `card`: :func:`save_student`'s `probe`, `datasets` and `language`."""
     student, state, meta, teacher_path, cfg = student_from_checkpoint(checkpoint, teacher_path)
-    return save_student(student, state, out, teacher_path=str(teacher_path), step=int(meta["step"]), config=cfg)
+    return save_student(student, state, out, teacher_path=str(teacher_path), step=int(meta["step"]), config=cfg, **card)

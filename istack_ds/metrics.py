@@ -352,6 +352,9 @@ class Metrics:
         step = self.purge_step
         if run_name:
             self.writer.add_text("run/name", f"**{run_name}** in `{self.out_dir}`", step)
+        from .provenance import as_markdown
+
+        self.writer.add_text("run/provenance", as_markdown(), step)  # package versions, git commit
         if config is not None:
             text = yaml.safe_dump(config, sort_keys=False)
             self.writer.add_text("config/yaml", f"```yaml\n{text}```", step)

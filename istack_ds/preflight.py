@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import Config, ConfigError
 from .dist import ranks_per_node, world_size
 from .models.student import check_init
-from .models.teacher import TeacherInfo, check_teacher_layers, read_teacher_info
+from .models.teacher import RANDOM_MARKER, TeacherInfo, check_teacher_layers, read_teacher_info
 from .startup import normalize_launcher_env
 
 
@@ -62,6 +62,7 @@ def preflight_problems(cfg: Config) -> list[str]:
     if info is not None:
         check(check_teacher_layers, info, cfg.loss.teacher_layers)
         check(check_teacher_fits, cfg, info)
+        check(check_teacher_trained, cfg, info)
         check(check_init, cfg.student, info, cfg.growth.stage_depths[0])
     check(check_resume, cfg)
     from .data import check_shard_count, read_index
@@ -113,6 +114,19 @@ def check_teacher_fits(cfg: Config, info: TeacherInfo) -> None:
         raise ConfigError(
             f"student.conv_dim={conv_dim} has {len(conv_dim)} conv layers but teacher {info.path} has "
             f"{len(info.conv_kernel)} (the student's CNN takes the teacher's kernels and strides)"
+        )
+
+
+def check_teacher_trained(cfg: Config, info: TeacherInfo) -> None:
+    """A teacher marked random (:data:`istack_ds.models.teacher.RANDOM_MARKER`) trains only with
+    `teacher.allow_random`: its targets are noise, and a random teacher saved under a real model's name looks
+    like one."""
+    marker = Path(info.path) / RANDOM_MARKER
+    if marker.exists() and not cfg.teacher.allow_random:
+        raise ConfigError(
+            f"teacher {info.path} has RANDOM weights ({marker}): a student distilled from it learns nothing about "
+            'speech. Point teacher.path to a trained model (README "Getting a teacher"), or set '
+            "teacher.allow_random=true to exercise the machinery on it (configs/demo.yaml does)"
         )
 
 

@@ -13,6 +13,7 @@ from . import resume
 from .data import read_index
 from .dist import all_reduce_sum, is_main, log0, topology, world_size
 from .metrics import LogWindow
+from .provenance import provenance
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -97,6 +98,7 @@ def write_summary(trainer: Trainer, wall_s: float) -> dict:
         "tensorboard": str(trainer.out_dir / "tb"),
         "student": str(trainer.out_dir / "student"),
         "checkpoints": str(trainer.checkpointer.dir),
+        "provenance": provenance(),  # package versions and the git commit this run ran
     }
     if is_main():
         (trainer.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -7,7 +7,6 @@ what the run reports from :mod:`istack_ds.report`; this file only orders them.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Iterable
@@ -19,7 +18,8 @@ import torch
 from . import __version__, faults, report, resume
 from .checkpoint import Checkpointer, CheckpointError, read_meta, saved_rank_states, seed_everything
 from .config import Config
-from .data import build_loader, check_shard_count, read_index
+from .data import build_loader
+from .data.loader import build_held_out_loader
 from .deepspeed_json import deepspeed_json
 from .diagnostics import LayerDiagnostics
 from .dist import (
@@ -48,7 +48,7 @@ class NonFiniteLossError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: Config, batches: Iterable[dict] | None = None):
-        """Builds teacher, student and engine, resuming per ``checkpoint.resume``.
+        """Builds the teacher, the schedule and the loader; :meth:`start` builds the student and its engine.
 
         `batches`: a batch stream to train on instead of the configured shards (benchmarks feed
         fixed batches); the loader is built anyway, so its checks and log lines stay the same.
@@ -362,19 +362,12 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Frame-weighted losses over up to eval.max_batches held-out batches per rank, all-reduced."""
         self.engine.eval()
-        # A held-out split is small: with fewer shards than ranks x workers, fewer workers read it
-        # (preflight made sure every rank has at least one shard).
-        valid_index = str(self.cfg.data.valid_index)
-        workers = check_shard_count(read_index(valid_index), world_size(), self.cfg.data.num_workers, held_out=True)
-        data = dataclasses.replace(self.cfg.data, num_workers=workers)
-        loader = build_loader(
-            data,
-            valid_index,
+        loader = build_held_out_loader(
+            self.cfg.data,
+            str(self.cfg.data.valid_index),
             rank=rank(),
             world_size=world_size(),
             seed=self.cfg.run.seed,
-            epochs=1,
-            crop=False,
             min_samples=self.min_samples,
         )
         sums: dict[str, float] = {"frames": 0.0}

@@ -212,3 +212,43 @@ def test_a_busy_master_port_stops_train_in_one_line(teacher_dir, demo_shards, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"istack_ds: port {port} (MASTER_PORT")
     assert not torch.distributed.is_initialized()
+
+
+def test_version_prints_the_version_commit_and_packages(capsys):
+    from istack_ds import __version__
+    from istack_ds.provenance import git_commit
+
+    with pytest.raises(SystemExit) as e:
+        cli.istack(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    commit = git_commit()
+    assert out.startswith(f"istack_ds {__version__} (")
+    assert (commit["commit"][:12] if commit else "no git checkout") in out
+    assert "torch " in out and "deepspeed " in out and "transformers " in out
+
+
+def test_init_config_writes_a_shipped_config_and_its_bases(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.istack(["init-config", "demo"]) == 0
+    assert (tmp_path / "demo.yaml").read_text() == (ROOT / "configs/demo.yaml").read_text()
+    # a config built on another gets that one beside it, so its `base:` resolves outside the repository
+    assert cli.istack(["init-config", "paper_interleaved_prop1.yaml", "--out", str(tmp_path / "my/prop1.yaml")]) == 0
+    assert (tmp_path / "my/prop1.yaml").read_text() == (ROOT / "configs/paper_interleaved_prop1.yaml").read_text()
+    assert (
+        load_config(tmp_path / "my/prop1.yaml").to_dict()
+        == load_config(ROOT / "configs/paper_interleaved_prop1.yaml").to_dict()
+    )
+    capsys.readouterr()
+    # the same text again is fine; a file that differs is refused unless --force
+    assert cli.istack(["init-config", "demo"]) == 0
+    (tmp_path / "demo.yaml").write_text("run: {name: mine}\n")
+    assert cli.istack(["init-config", "demo"]) == 2
+    assert "demo.yaml exists and differs" in capsys.readouterr().err
+    assert cli.istack(["init-config", "demo", "--force"]) == 0
+    assert (tmp_path / "demo.yaml").read_text() == (ROOT / "configs/demo.yaml").read_text()
+    assert cli.istack(["init-config", "nonsense"]) == 2
+    assert "no shipped config 'nonsense'" in capsys.readouterr().err
+    assert cli.istack(["init-config", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(p.stem in listed for p in (ROOT / "configs").glob("*.yaml"))

@@ -1,5 +1,5 @@
 """The export (istack_ds/export.py through tools/export_student.py): a checkpoint of a real 2-rank engine ->
-a Hugging Face directory -> AutoModel.
+a Hugging Face directory -> AutoModel, with a model card the Hub's metadata parser accepts.
 
 The exported HF model must reproduce the hidden states the framework's student computed
 inside the engine (max abs diff <= 1e-5), for ZeRO 2 and 3, a shared CNN front end, and a
@@ -9,6 +9,7 @@ initialised from it (`student.init: pretrained`) holds its weights.
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,8 +150,9 @@ def test_export_carries_the_teachers_input_heads_as_safetensors_and_a_card(tmp_p
             assert (a[i, : frames[i]] - b[i, : frames[i]]).abs().max().item() <= 1e-5
 
     card = (out / "README.md").read_text()
+    assert str(normalizing_teacher) not in card  # a local teacher is named by its directory, never by its path
     for fact in (
-        str(normalizing_teacher),
+        f"teacher `{normalizing_teacher.name}` (a local directory)",
         "after 7 optimizer steps",
         cfg.data.train_index,
         "depths [2, 4]",
@@ -209,3 +211,97 @@ def test_an_export_with_prediction_heads_loads_back_and_its_card_computes_them(t
     other = Student(cfg, LossConfig(kind="l2l", teacher_layers=[4, 8]), teacher.info, depth=2)
     with pytest.raises(ConfigError, match="head kinds and widths must be the student's: loss.kind l2l"):
         init_student(other, cfg, teacher)
+
+
+# ---- the model card and the provenance beside it ----------------------------------------------------------
+
+
+def _small_export(out, teacher, *sets, **card):
+    """A depth-2 student of `teacher` exported to `out` with the demo config and `sets` overrides."""
+    from istack_ds.config import load_config
+    from istack_ds.models.student import Student
+    from istack_ds.models.teacher import read_teacher_info
+
+    cfg = load_config(ROOT / "configs/demo.yaml", [f"teacher.path={teacher}", "growth.depths=[2,4]", *sets])
+    torch.manual_seed(0)
+    student = Student(cfg.student, cfg.loss, read_teacher_info(teacher), depth=2).eval()
+    return save_student(student, student.state_dict(), out, teacher_path=str(teacher), step=5, config=cfg, **card)
+
+
+ABSOLUTE = re.compile(r"(^|[\s`'\"(=:])/(?!/)[\w.-]")  # a path from the file system root
+
+
+def test_card_passes_the_hub_parser_says_the_teacher_was_random_and_holds_no_local_path(tmp_path, teacher_dir):
+    from huggingface_hub import ModelCard
+
+    from istack_ds.provenance import PROVENANCE_FILE
+
+    out = _small_export(tmp_path / "hf", teacher_dir, f"data.train_index={tmp_path / 'shards/train/index.json'}")
+    card = ModelCard.load(out / "README.md")
+    meta = card.data.to_dict()
+    assert meta["license"] == "apache-2.0" and meta["pipeline_tag"] == "feature-extraction"
+    assert meta["library_name"] == "transformers" and "knowledge-distillation" in meta["tags"]
+    assert "base_model" not in meta  # a local random teacher has no Hub id
+    assert "random-teacher" in meta["tags"] and "The teacher had RANDOM weights" in card.text
+    assert json.loads((out / "istack_student.json").read_text())["teacher_random"] is True
+    assert "schedule: EQL (alpha=0)" in card.text and "proportional" not in card.text
+    assert "## Limitations" in card.text and "arXiv 2606.11766" in card.text and "eprint" in card.text
+    text = (out / "README.md").read_text()
+    assert str(tmp_path) not in text and not ABSOLUTE.search(text), ABSOLUTE.search(text)
+    assert "…/shards/train/index.json" in text
+    record = json.loads((out / PROVENANCE_FILE).read_text())
+    assert record["packages"]["transformers"] and record["packages"]["torch"]
+    assert record["packages"]["istack_ds"] in text and PROVENANCE_FILE in text
+
+
+def test_card_names_the_teachers_hub_id_as_base_model_the_probe_results_and_librispeech(tmp_path, teacher_dir):
+    from huggingface_hub import ModelCard
+
+    trained = tmp_path / "hubert-base-ls960"  # a trained teacher as transformers 4 saved it: no random marker
+    trained.mkdir()
+    for name in ("model.safetensors", "preprocessor_config.json"):
+        (trained / name).symlink_to(teacher_dir / name)
+    config = json.loads((teacher_dir / "config.json").read_text())
+    (trained / "config.json").write_text(json.dumps({**config, "_name_or_path": "facebook/hubert-base-ls960"}))
+    index = tmp_path / "shards/train/index.json"
+    index.parent.mkdir(parents=True)
+    index.write_text(json.dumps({"settings": {"parts": {"train": ["train-clean-100", "train-other-500"]}}}))
+    probe = {
+        "train_index": str(tmp_path / "labelled/train/index.json"),
+        "pr": {"per": 0.41234, "chance_per": 0.95},
+        "sid": {"accuracy": 0.8, "chance": 0.1},
+    }
+    out = _small_export(
+        tmp_path / "hf",
+        trained,
+        f"data.train_index={index}",
+        "growth.alpha=1",
+        "teacher.allow_random=false",
+        probe=probe,
+    )
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "facebook/hubert-base-ls960" and "RANDOM" not in card.text
+    assert card.data.datasets == ["openslr/librispeech_asr"] and card.data.language == "en"
+    assert "schedule: PROP-1 (alpha=1)" in card.text
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results == {"per": 0.4123, "accuracy": 0.8} and "not SUPERB" in card.text
+    assert json.loads((out / "probe.json").read_text()) == probe
+    assert str(tmp_path) not in (out / "README.md").read_text()
+
+
+def test_schedule_names_of_the_shipped_configs():
+    from istack_ds.config import load_config
+    from istack_ds.model_card import schedule_name
+
+    named = {
+        name: schedule_name(load_config(ROOT / f"configs/{name}.yaml").growth)
+        for name in ("paper_interleaved_eql", "paper_interleaved_prop1", "paper_full_depth", "demo")
+    }
+    assert named == {
+        "paper_interleaved_eql": "EQL (alpha=0)",
+        "paper_interleaved_prop1": "PROP-1 (alpha=1)",
+        "paper_full_depth": "full depth, no growth",
+        "demo": "EQL (alpha=0)",
+    }
+    growth = load_config(None, ["growth.boundaries=[10,20,30]"]).growth
+    assert schedule_name(growth) == "explicit stage boundaries [10, 20, 30]"

@@ -9,13 +9,14 @@ from __future__ import annotations
 #: subcommand -> (module of this package, one-line summary). A module that is not there is not offered.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a student (also --print-config, --dry-run); every rank runs this"),
-    "prepare": ("prepare", "LibriLight layout -> lhotse manifests -> VAD-window cuts per split"),
+    "prepare": ("prepare", "a corpus (any layout `shard` reads) -> lhotse manifests -> cuts per split"),
     "shard": ("shard", "a corpus -> WebDataset shards + index.json per split (resumable)"),
     "check": ("check", "check every shard of an index: sizes, sha256, decoding, duplicate keys"),
     "export": ("export", "a checkpoint -> a Hugging Face directory AutoModel loads"),
     "convert": ("convert", "a checkpoint -> a universal one that resumes on any number of ranks"),
     "compare": ("compare", "compare runs from their TensorBoard logs: a plot and a table"),
     "probe": ("probe", "probe a student's layers"),
+    "init-config": ("init_config", "write a shipped config (demo, paper_*) to edit and train with"),
     "make-teacher": ("make_teacher", "save a RANDOM teacher with the real HF classes (tests, demo)"),
     "train-teacher": ("train_teacher", "train a small HuBERT teacher on a labelled espeak-ng corpus (CPU, cached)"),
     "make-demo-corpus": ("make_demo_corpus", "write a small synthetic corpus in LibriLight layout (demo, tests)"),

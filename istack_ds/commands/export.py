@@ -4,6 +4,7 @@ Usage (`python tools/export_student.py` takes the same arguments):
     istack export --checkpoint runs/demo/checkpoints/step00000200 --out exports/demo-200
     istack export --checkpoint runs/demo --out exports/demo      # the run's latest checkpoint
     istack export --checkpoint CKPT --out DIR --teacher /models/hubert-base-ls960
+    istack export --checkpoint runs/x --out DIR --probe runs/x/probe/probe.json --dataset DATASET_ID --language de
 
 Any stage (the student is built at the checkpoint's depth, with its supervised
 layers), any ZeRO stage (DeepSpeed's zero_to_fp32 merges the partitions; no
@@ -13,7 +14,10 @@ student, its CNN weights; default: the checkpoint config's teacher.path.
 
 DIR then holds config.json + model.safetensors (a HubertModel), the feature
 extractor config (the teacher's), heads.safetensors (distillation heads), a model card
-README.md and istack_student.json (depth, supervised layers, step). Load it with
+README.md (Hub metadata: license, base_model when the teacher's Hub id is known,
+datasets and language, feature-extraction, the probe results of --probe or of a
+probe.json already in DIR), provenance.json (package versions, git commit) and
+istack_student.json (depth, supervised layers, step, teacher). Load it with
     transformers.AutoModel.from_pretrained(DIR)
 Re-running overwrites DIR with the same files.
 """
@@ -21,6 +25,7 @@ Re-running overwrites DIR with the same files.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -58,6 +63,19 @@ def main(argv=None, prog: str | None = None) -> int:
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory (save_pretrained layout)")
     parser.add_argument("--teacher", default=None, help="teacher dir (default: the checkpoint config's teacher.path)")
+    parser.add_argument(
+        "--probe",
+        type=Path,
+        default=None,
+        help="an `istack probe` probe.json: copied into DIR, its results in the card",
+    )
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        help="Hub id of a training dataset, for the card (repeatable; default: LibriSpeech when the index says so)",
+    )
+    parser.add_argument("--language", default=None, help="language code of the training data, for the card (e.g. en)")
     args = parser.parse_args(argv)
 
     import logging
@@ -73,14 +91,20 @@ def main(argv=None, prog: str | None = None) -> int:
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     try:
-        out = export_checkpoint(checkpoint, args.out, args.teacher)
+        probe = json.loads(args.probe.read_text()) if args.probe is not None else None
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"export_student: --probe {args.probe}: {e}") from None
+    try:
+        out = export_checkpoint(
+            checkpoint, args.out, args.teacher, probe=probe, datasets=args.dataset, language=args.language
+        )
     except TeacherError as e:
         raise SystemExit(f"export_student: {e} (pass --teacher DIR)") from None
     meta = read_meta(checkpoint)
     print(
         f"exported {checkpoint} (step {meta['step']}, depth {meta['depth']}, supervised layers "
         f"{meta['supervised']}) to {out}: config.json, model.safetensors, preprocessor_config.json, "
-        "heads.safetensors, README.md, istack_student.json"
+        "heads.safetensors, README.md, provenance.json, istack_student.json"
     )
     print(f"load it with: transformers.AutoModel.from_pretrained({str(out)!r})")
     return 0

@@ -6,8 +6,12 @@ Usage (`python tools/make_teacher.py` takes the same arguments):
     istack make-teacher --out /tmp/wavlm-tiny --model-type wavlm
 
 The weights are random: the teacher exercises the distillation machinery, it is
-not a trained model (the directory holds RANDOM_WEIGHTS.txt saying so). For real
-runs point `teacher.path` at a local `save_pretrained` copy of e.g. HuBERT Base.
+not a trained model (the directory holds RANDOM_WEIGHTS.txt saying so; give it a
+name that says so too). `istack train` refuses it unless the config sets
+`teacher.allow_random: true` (configs/demo.yaml does), and an export's model card
+says the teacher was random. For real runs point `teacher.path` at a local
+`save_pretrained` copy of e.g. HuBERT Base with its feature extractor (README,
+"Getting a teacher").
 Idempotent: an existing teacher directory is left as it is.
 """
 
@@ -40,7 +44,10 @@ def main(argv=None, prog: str | None = None) -> int:
         return 0
     make_random_teacher(out, size=args.size, model_type=args.model_type, seed=args.seed)
     info = read_teacher_info(out)
-    print(f"wrote a RANDOM {info.model_type} teacher ({info.num_layers} layers x {info.hidden_size}) to {out}")
+    print(
+        f"wrote a RANDOM {info.model_type} teacher ({info.num_layers} layers x {info.hidden_size}) to {out}; "
+        "training on it needs teacher.allow_random=true"
+    )
     return 0
 
 

@@ -59,7 +59,7 @@ class DataConfig:
     are bounded by `batch_seconds`): gradient accumulation grows until each rank's share of `global_batch` fits.
     Null: no bound for utterances, `batch_seconds` for seconds."""
     num_buckets: int = 20
-    """Duration buckets of the stream's batcher (istack_ds.data.stream.Batcher); their bounds split the index's
+    """Duration buckets of the stream's batcher (istack_ds.data.batcher.Batcher); their bounds split the index's
     duration histogram into equal audio seconds."""
     num_workers: int = 2
     """DataLoader worker processes per rank; shards are split across them."""
@@ -109,6 +109,10 @@ class TeacherConfig:
     dtype: Literal["fp32", "bf16", "int8"] = "fp32"
     """Teacher compute dtype: fp32, bf16 (weights and activations), or int8 (CPU only: Linear layers
     dynamically quantized, so the targets move away from fp32's; see README "Performance")."""
+    allow_random: bool = False
+    """Train on a teacher marked as having random weights (RANDOM_WEIGHTS.txt, written by `istack make-teacher`):
+    true for the demo and tests, which exercise the machinery; false refuses such a teacher before launch, so a
+    random teacher saved under a real model's name cannot train a student by mistake."""
 
     def __post_init__(self):
         _check_fields(self, "teacher")

@@ -1,7 +1,7 @@
 """The data side: a corpus -> cuts -> WebDataset shards + index -> streamed batches.
 
-- :mod:`istack_ds.data.corpora`: the corpus contract, and one module per corpus (``librilight``:
-  LibriLight layout -> lhotse manifests -> VAD-window cuts per split, lazily).
+- :mod:`istack_ds.data.corpora`: the corpus contract, one module per corpus (each with its ``detect()``, all
+  listed in ``CORPORA``: a layout -> lhotse manifests -> cuts per split, lazily) and the plumbing they share.
 - :mod:`istack_ds.data.demo_corpus`: a small synthetic corpus in LibriLight layout (the demo, tests).
 - :mod:`istack_ds.data.index`: the index.json format and its digest, :class:`DataError`, and the rule of how many
   shards a split needs.

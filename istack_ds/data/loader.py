@@ -18,6 +18,7 @@ its unfinished group.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -303,3 +304,24 @@ def build_loader(
     )
     loader.resume_from(position)
     return loader
+
+
+def build_held_out_loader(
+    data: DataConfig, index_path: str, *, rank: int, world_size: int, seed: int, min_samples: int = MIN_SAMPLES
+) -> ShardLoader:
+    """One pass over a held-out split, whole cuts (no crop, no plan: every cut kept).
+
+    A held-out split is small: with fewer shards than ranks x workers, fewer workers read it
+    (``check_shard_count(held_out=True)``; preflight made sure every rank has at least one shard).
+    """
+    workers = check_shard_count(read_index(index_path), world_size, data.num_workers, held_out=True)
+    return build_loader(
+        dataclasses.replace(data, num_workers=workers),
+        index_path,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        epochs=1,
+        crop=False,
+        min_samples=min_samples,
+    )

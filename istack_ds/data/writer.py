@@ -368,7 +368,7 @@ def shard_corpus(
 
     `corpus` None: :func:`~istack_ds.data.corpora.detect_layout` names it; `max_seconds` None: the
     corpus module's default. `part` (I, N): only part I of N of every split's shards and
-    ``index.part-I-of-N.json`` (:func:`merge_parts` writes index.json once all N are done).
+    ``index.part-I-of-N.json`` (:func:`~istack_ds.data.parts.merge_parts` writes index.json once all N are done).
     Returns a report per split (`train`, and `valid` when held out); its last log lines name
     what was left out: the source files and, per split, the cuts.
     """

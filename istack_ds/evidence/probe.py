@@ -132,7 +132,7 @@ def run_probes(
     layers = len(train.utterances[0].pooled) if train.utterances else 0  # type: ignore[arg-type]
     held = held_out_ids(train.utterances, settings.held_out, settings.seed)
     report: dict = {
-        "what": "SUPERB-style probe (istack_ds.probe): a bounded-step proxy, not SUPERB; compare only runs "
+        "what": "SUPERB-style probe (istack_ds.evidence.probe): a bounded-step proxy, not SUPERB; compare only runs "
         "with the same index, steps and seed",
         **described,
         "hidden_states": layers,

@@ -57,13 +57,51 @@ def resolve_teacher_path(path: str | Path) -> Path:
             raise TeacherError(
                 f"teacher.path={name!r} is neither a directory nor a Hub id in the local HF cache "
                 f"({constants.HF_HUB_CACHE}); nothing is downloaded during a run: fetch it once with "
-                f"`huggingface-cli download {name}` (or `snapshot_download`) where there is network, or "
+                f"`hf download {name}` (or `snapshot_download`) where there is network, or "
                 "point teacher.path to a local save_pretrained directory"
             ) from None
     raise TeacherError(
-        f"teacher directory {path} does not exist (teacher.path); make one with "
-        f"`python tools/make_teacher.py --out {path}` or point to a local save_pretrained dir"
+        f"teacher directory {path} does not exist (teacher.path). Save a trained model and its feature extractor "
+        f"there, once, on a machine with hub access:\n{fetch_snippet(path)}\n(WavLM Base+: "
+        '"microsoft/wavlm-base-plus", wav2vec 2.0 Base: "facebook/wav2vec2-base"; README "Getting a teacher"). '
+        "`istack make-teacher` writes a teacher with RANDOM weights, for trying the machinery only (configs/demo.yaml)"
     )
+
+
+#: Marks a teacher directory whose weights are random (:func:`make_random_teacher`): preflight refuses it unless
+#: ``teacher.allow_random`` is set, and the export's model card says so.
+RANDOM_MARKER = "RANDOM_WEIGHTS.txt"
+
+
+def fetch_snippet(out: str | Path, name: str = "facebook/hubert-base-ls960") -> str:
+    """The Python lines that save Hub model `name` and its feature extractor into directory `out` (hub access)."""
+    return (
+        "    from transformers import AutoFeatureExtractor, AutoModel\n"
+        f'    name, out = "{name}", "{out}"\n'
+        "    AutoModel.from_pretrained(name).save_pretrained(out)\n"
+        "    AutoFeatureExtractor.from_pretrained(name).save_pretrained(out)"
+    )
+
+
+def is_random_teacher(path: str | Path) -> bool:
+    """Whether the teacher a directory or cached Hub id names carries :data:`RANDOM_MARKER` (random weights)."""
+    return (resolve_teacher_path(path) / RANDOM_MARKER).exists()
+
+
+def teacher_hub_name(path: str | Path) -> str | None:
+    """The Hub id of the teacher `path` names, when known: `path` itself when it is a Hub id served from the local
+    HF cache, else the ``_name_or_path`` of its config.json when that is a Hub id (transformers 4 wrote it); None
+    otherwise (never a local path)."""
+    name = str(path)
+    if not Path(name).exists() and _HUB_ID.match(name):
+        return name
+    try:
+        recorded = json.loads((resolve_teacher_path(path) / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError):  # TeacherError is a ValueError
+        return None
+    if isinstance(recorded, str) and _HUB_ID.match(recorded) and "/" in recorded and not Path(recorded).exists():
+        return recorded
+    return None
 
 
 @dataclass(frozen=True)
@@ -332,7 +370,7 @@ def make_random_teacher(
     out = Path(out)
     model.save_pretrained(out)
     sfm.save_feature_extractor(out, config.feat_extract_norm, do_normalize=do_normalize)
-    (out / "RANDOM_WEIGHTS.txt").write_text(
+    (out / RANDOM_MARKER).write_text(
         f"This {model_type} teacher ({size}) has RANDOM weights made by istack_ds tools/make_teacher.py "
         f"(seed {seed}).\nIt exercises the distillation machinery; it is not a trained model.\n"
     )
