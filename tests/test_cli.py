@@ -198,6 +198,20 @@ def test_dry_run_reports_every_problem_at_once(tmp_path, capsys):
     assert not (tmp_path / "run").exists() and not torch.distributed.is_initialized()
 
 
+def test_a_run_reports_every_problem_too(tmp_path, capsys):
+    """Issue 24 item 3: the run itself (not only --dry-run) names every pre-launch problem, the steps that
+    optim.epochs cannot resolve from a bad index among them, once each."""
+    empty = tmp_path / "index.json"
+    empty.write_text(json.dumps({"shards": []}))
+    sets = [f"teacher.path={tmp_path / 'hubert'}", f"data.train_index={empty}", "data.valid_index=null"]
+    assert cli.main(["--config", PAPER, *(a for s in sets for a in ("--set", s))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"istack_ds: teacher directory {tmp_path / 'hubert'} does not exist")
+    assert err.count("lists no shards") == 1
+    assert err.splitlines()[-1] == f"istack_ds: shard index {empty} lists no shards (empty split?)"
+    assert not torch.distributed.is_initialized()
+
+
 def test_a_busy_master_port_stops_train_in_one_line(teacher_dir, demo_shards, tmp_path, capsys, monkeypatch):
     """Issue 24 item 2: MASTER_PORT held by another job: exit 2 and one line naming the port, before any
     process group (it was a 40-line EADDRINUSE traceback from every rank after the start-up)."""

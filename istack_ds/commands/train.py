@@ -125,7 +125,13 @@ def main(argv=None, prog: str = "istack train") -> int:
             cfg = load_config(args.config, args.overrides)
             # optim.epochs -> optim.total_steps from the train index (the run's config.yaml holds the result);
             # before launch a missing index leaves them to be resolved at launch
-            cfg, steps_from = resolve_total_steps(cfg, missing_ok=args.print_config or args.dry_run)
+            steps_problem, steps_from = "", ""
+            try:
+                cfg, steps_from = resolve_total_steps(cfg, missing_ok=args.print_config or args.dry_run)
+            except ValueError as e:
+                if args.print_config:
+                    raise
+                steps_problem = str(e)  # reported with every other problem below
             if steps_from and os.environ.get("RANK", "0") == "0":
                 print(f"istack_ds: {steps_from}", file=sys.stderr)
             if args.print_config:
@@ -133,6 +139,8 @@ def main(argv=None, prog: str = "istack train") -> int:
                 return 0
             # Bad paths stop the run here, before any process group starts; all of them at once.
             problems = pre_launch_problems(cfg)
+            if steps_problem and steps_problem not in problems:  # an unreadable index is reported once
+                problems.insert(0, steps_problem)
             if args.dry_run:
                 return dry_run(cfg, args.config, problems)
             if problems:
