@@ -9,18 +9,20 @@ teacher hidden state, and between every pair of student hidden states (the
 paper's layer-similarity analysis: a clone and its source form a bright block),
 over the valid (unpadded) frames, from one student forward, and logs
 
-- ``diag/cka`` (image): the heatmap, student layers (rows) x teacher layers (columns);
-- ``diag/cka_<s>_<t>`` (scalar) for each supervised pair: student layer s
-  (1-indexed, as HF ``hidden_states[s]``) and its teacher layer t;
-- ``diag/cka_L<t>`` (scalar): the same value under a name that does not change
-  when growth moves the supervised layer (the curve follows the lineage);
+- ``diag/cka`` (image): the heatmap, student layers (rows) x teacher layers (columns), each
+  supervised pair (student layer s, 1-indexed as HF ``hidden_states[s]``, and its teacher layer t)
+  boxed with its value written in;
+- ``diag/cka_L<t>`` (scalar): the CKA of the pair of teacher layer t, under a name that does not
+  change when growth moves the supervised layer (one curve that follows the lineage, where a
+  scalar per pair would be a new one-point chart at each depth);
 - ``diag/cka_student`` (image): student layers x student layers (symmetric, unit diagonal);
 - ``diag/cka_student_adjacent`` (scalar): the mean CKA of layers s and s + 1, s = 1 .. depth - 1
   (near 1 right after an interleaved growth, where every clone sits next to its source);
 - ``diag/cka_student_first_last`` (scalar): the CKA of layer 1 and layer ``depth`` (how much the
   stack's layers differ);
 - ``diag/cka_matrix`` and ``diag/cka_student_matrix`` (tensors, float64): both maps as numbers, what
-  ``istack compare`` draws (:data:`MATRIX_TAGS`; TensorBoard events are their only store).
+  ``istack compare`` draws (:data:`MATRIX_TAGS`; TensorBoard events are their only store), and
+  ``diag/cka_pairs`` (tensor, int64 [pairs, 2]): the supervised pairs (s, t) it boxes (:data:`PAIRS_TAG`).
 
 Linear CKA is invariant to orthogonal transforms and isotropic scaling of
 either representation, so student and teacher widths may differ.
@@ -46,6 +48,9 @@ log = logging.getLogger("istack_ds")
 
 MATRIX_TAGS = {"student_teacher": "diag/cka_matrix", "student_student": "diag/cka_student_matrix"}
 """TensorBoard tensor tag of each CKA map (rows: student hidden states 0 .. depth)."""
+
+PAIRS_TAG = "diag/cka_pairs"
+"""TensorBoard tensor tag of the supervised pairs of each map: int64 [pairs, 2], rows (student layer, teacher layer)."""
 
 
 # ---- the measure ------------------------------------------------------------------------
@@ -130,13 +135,15 @@ def _draw_map(ax, cka, supervised: dict[int, int], xlabel: str, ylabel: str, tit
     ax.tick_params(labelsize=7)
     for si, ti in supervised.items():
         ax.add_patch(Rectangle((ti - 0.5, si - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+        value = float(cka[si][ti])
+        ax.text(ti, si, f"{value:.2f}", ha="center", va="center", fontsize=7, color="black" if value > 0.6 else "white")
     if title:
         ax.set_title(title, fontsize=9)
     return im
 
 
 def cka_figure(cka: torch.Tensor, supervised: dict[int, int], title: str = "", xlabel: str = TEACHER_AXIS):
-    """A matplotlib figure of the CKA map; supervised pairs {student_index: teacher_index} are boxed.
+    """A matplotlib figure of the CKA map; supervised pairs {student_index: teacher_index} are boxed, their value in.
 
     Rows are student layers; columns teacher layers, or student layers with ``xlabel=STUDENT_AXIS``.
     The figure has its own Agg canvas and is unknown to pyplot: nothing here selects a backend or
@@ -292,12 +299,14 @@ class LayerDiagnostics:
         cka, self_map = maps.student_teacher, maps.student_student
         self.last, self.last_student = cka, self_map
         pairs = supervised_pairs(student)
-        values = {f"diag/cka_{s + 1}_{t}": float(cka[s + 1, t]) for s, t in pairs.items()}
-        values.update({f"diag/cka_L{t}": float(cka[s + 1, t]) for s, t in pairs.items()})
+        values = {f"diag/cka_L{t}": float(cka[s + 1, t]) for s, t in pairs.items()}
         values.update(student_summary(self_map))
         metrics.scalars(step, values)
         for name, tag in MATRIX_TAGS.items():
             metrics.tensor(tag, getattr(maps, name), step)
+        metrics.tensor(
+            PAIRS_TAG, torch.tensor([[s + 1, t] for s, t in pairs.items()], dtype=torch.int64).view(-1, 2), step
+        )
         if getattr(metrics, "writer", None) is not None:
             title = f"step {step}, depth {student.depth}: linear CKA, student x "
             supervised = {s + 1: t for s, t in pairs.items()}

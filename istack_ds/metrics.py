@@ -2,14 +2,16 @@
 
 Only rank 0 writes TensorBoard, the extra monitors and the log line; every rank keeps its own window and audit.
 
-What <out_dir>/tb holds besides the scalars (``tensorboard --logdir <out_dir>/tb`` shows all of it):
+What <out_dir>/tb/<run.name>/ holds besides the scalars (``tensorboard --logdir <out_dir>/tb`` shows it as the
+run <run.name>; istack_ds/tbview.py shapes what it shows):
 
+- CUSTOM SCALARS, the way in: losses first, then depth, growth pause, LR, CKA, throughput, data
+  (:data:`istack_ds.tbview.CUSTOM_SCALARS`); depth as a step, the pause as a spike, both unsmoothed;
 - HPARAMS: every config key (``run.name``, ``optim.lr``, ...; lists as JSON text, None as ``null``),
-  with ``valid/loss`` and ``train/loss`` as its metrics;
-- TEXT ``run/name`` (the run name and directory) and ``config/yaml`` (the resolved config), at the
-  first step this process writes;
-- CUSTOM SCALARS: losses per target, depth with LR, throughput, data counters, layer similarity, one
-  chart set each (:data:`CUSTOM_SCALARS`);
+  the method's keys (growth, loss, student, optim) first, with ``valid/loss`` and ``train/loss`` as its metrics;
+- TEXT ``run/name`` (the run name and directory), ``config/yaml`` (the resolved config) and, for a teacher
+  of random weights, ``about/random_teacher`` (why the CKA maps are flat), at the first step this
+  process writes;
 - IMAGES and TENSORS: the layer diagnostics' CKA heatmaps and the same maps as numbers
   (:meth:`Metrics.image`, :meth:`Metrics.tensor`; istack_ds/diagnostics.py);
 - on resume, events written after the checkpoint's step are purged (``purge_step``): the steps the
@@ -18,9 +20,11 @@ What <out_dir>/tb holds besides the scalars (``tensorboard --logdir <out_dir>/tb
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import json
+import logging
 import os
 import sys
 import time
@@ -34,6 +38,7 @@ import yaml
 
 from .config import ConfigError
 from .dist import is_main, log0
+from .tbview import CUSTOM_SCALARS, SeriesShaper, events_dir, flat_hparams, method_keys_first, random_teacher_note
 
 
 class RegionTimer:
@@ -174,58 +179,6 @@ def _fmt_duration(seconds: float) -> str:
 MONITORS = ("csv", "wandb")
 """Extra monitors besides TensorBoard, each one of DeepSpeed's monitor classes (``log.monitors``)."""
 
-CUSTOM_SCALARS: dict[str, dict[str, list]] = {
-    "losses": {
-        "train and valid loss": ["Multiline", [r"^train/loss$", r"^valid/loss$"]],
-        "train loss per target": ["Multiline", [r"^train/loss_L\d+$"]],
-        "valid loss per target": ["Multiline", [r"^valid/loss_L\d+$"]],
-    },
-    "schedule": {
-        "depth": ["Multiline", [r"^model/depth$"]],
-        "learning rate": ["Multiline", [r"^train/lr$"]],
-        "parameters": ["Multiline", [r"^model/params$"]],
-    },
-    "throughput": {
-        "audio seconds per second": ["Multiline", [r"^perf/audio_s_per_s$"]],
-        "seconds per step": ["Multiline", [r"^perf/step_s$"]],
-        "teacher share of a step": ["Multiline", [r"^perf/teacher_frac$"]],
-        "padding share of the batches": ["Multiline", [r"^perf/pad_frac$"]],
-    },
-    "data": {
-        "shards done": ["Multiline", [r"^data/shards_done$"]],
-        "skipped samples": ["Multiline", [r"^data/skipped$"]],
-        "epoch": ["Multiline", [r"^data/epoch$"]],
-    },
-    "layer similarity": {
-        "CKA, supervised student layer vs its teacher layer": ["Multiline", [r"^diag/cka_L\d+$"]],
-        "CKA between student layers": [
-            "Multiline",
-            [r"^diag/cka_student_adjacent$", r"^diag/cka_student_first_last$"],
-        ],
-    },
-}
-"""The TensorBoard custom-scalar layout (category -> chart title -> [kind, tag regexes]) of every run."""
-
-
-def flat_hparams(config: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested config as TensorBoard hparams: ``{"optim.lr": 0.001, ...}``.
-
-    Numbers, bools and strings stay; None becomes ``"null"`` and a list its JSON text, so every run of
-    one config schema has the same keys (the hparams plugin builds its columns from one run's keys).
-    """
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flat_hparams(value, f"{name}."))
-        elif value is None:
-            out[name] = "null"
-        elif isinstance(value, (bool, int, float, str)):
-            out[name] = value
-        else:
-            out[name] = json.dumps(value)
-    return out
-
 
 def purge_csv(folder: Path, purge_step: int) -> None:
     """Drops the rows at steps >= `purge_step` from every CSV file of `folder` (what a resume logs again).
@@ -313,10 +266,12 @@ class Metrics:
         hparams = flat_hparams(config or {})
         if run_name:
             hparams.setdefault("run.name", run_name)
+        self.shaper = SeriesShaper()
         if is_main() and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.purge_step)
+            self.tb_dir = events_dir(self.out_dir / "tb", run_name)
+            self.writer = SummaryWriter(str(self.tb_dir), purge_step=self.purge_step)
             self._describe_run(run_name, config, hparams)
         if is_main():
             check_monitors(monitors)
@@ -325,10 +280,16 @@ class Metrics:
             ]
         self.start = time.time()
         self.bar = None
+        self._redirect = contextlib.ExitStack()
         if is_main() and sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False)
+            # NOTE: every log line (growth, checkpoint, validation, DeepSpeed) goes through tqdm.write while the
+            # bar is up: it clears the bar, writes the line and redraws the bar below it, so they never share a line.
+            loggers = [logging.root] + [lg for lg in [logging.getLogger("DeepSpeed")] if lg.handlers]
+            self._redirect.enter_context(logging_redirect_tqdm(loggers))
 
     @classmethod
     def from_config(cls, cfg, resume_step: int | None = None) -> Metrics:
@@ -358,10 +319,14 @@ class Metrics:
         if config is not None:
             text = yaml.safe_dump(config, sort_keys=False)
             self.writer.add_text("config/yaml", f"```yaml\n{text}```", step)
+        note = random_teacher_note(config)
+        if note:
+            self.writer.add_text("about/random_teacher", note, step)  # `about` sorts first in the TEXT tab
         if hparams:
             # NOTE: SummaryWriter.add_hparams would write into a new timestamped subdirectory (another run
             # in TensorBoard, without the scalars): these summaries go into this writer's own file.
             experiment, start, _ = hparams_summaries(hparams, {"valid/loss": 0.0, "train/loss": 0.0})
+            method_keys_first(experiment)
             file_writer = self.writer.file_writer  # the writer of the scalars' event file
             assert file_writer is not None
             file_writer.add_summary(experiment, step)
@@ -369,13 +334,13 @@ class Metrics:
         self.writer.add_custom_scalars(CUSTOM_SCALARS)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if step < self.purge_step:  # logged before the checkpoint this run resumed from
-            return
+        """Writes `values` at `step`; depth and the growth pause as steps and spikes (:class:`SeriesShaper`)."""
+        # NOTE: events before the purge step were logged before the checkpoint this run resumed from.
+        events = [e for e in self.shaper.events(step, values) if e[2] >= self.purge_step]
         if self.writer is not None:
-            for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step)
-        if self.monitors:
-            events = [(tag, float(value), step) for tag, value in values.items()]
+            for tag, value, at in events:
+                self.writer.add_scalar(tag, value, at)
+        if self.monitors and events:
             for monitor in self.monitors:
                 monitor.write_events(events)
 
@@ -407,12 +372,10 @@ class Metrics:
             f"lr {values.get('train/lr', 0):.2e} | depth {depth} | {step_s:.3f} s/step | "
             f"{audio_s_per_s:.1f} audio s/s | elapsed {_fmt_duration(elapsed)} | eta {_fmt_duration(eta)}"
         )
-        if self.bar is not None:
-            self.bar.write(msg)
-        else:
-            log0(msg)
+        log0(msg)
 
     def close(self) -> None:
+        self._redirect.close()
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:

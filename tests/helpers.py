@@ -182,7 +182,7 @@ def scalars(tb_dir, tag) -> dict[int, list[float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = defaultdict(list)
-    for f in sorted(Path(tb_dir).glob("events.out.tfevents.*")):
+    for f in sorted(Path(tb_dir).rglob("events.out.tfevents.*")):  # tb/<run name>/ (or tb/ of older runs)
         acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
         acc.Reload()
         if tag in acc.Tags()["scalars"]:

@@ -159,7 +159,9 @@ def assert_tensorboard_shows_the_run_once(out):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import metadata as hp
 
-    acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    from istack_ds.tbview import find_events
+
+    acc = EventAccumulator(str(find_events(out / "tb")), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     steps = [e.step for e in acc.Scalars("train/loss")]
     assert steps == list(range(1, TOTAL + 1)), steps

@@ -2,6 +2,7 @@
 
 The DeepSpeed JSON generated from it is tested in tests/test_engine.py."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,45 @@ def test_unknown_section_and_override_key_are_named():
         load_config(None, ["optimiser.lr=1"])
     with pytest.raises(ConfigError, match=r"growth\.opertor"):
         load_config(None, ["growth.opertor=midas"])
+
+
+def test_an_error_names_the_set_override_it_came_from_not_the_file():
+    demo = CONFIGS[0].parent / "demo.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_config(demo, ["run.name=x", "optim.lr=fast"])
+    assert str(e.value).startswith("--set optim.lr=fast: optim.lr='fast' must be a number"), e.value
+    with pytest.raises(ConfigError) as e:  # `optim.lr` is set, but the error is about `optim.lr_min`
+        load_config(demo, ["optim.lr=0.1", "optim.lr_min=1"])
+    assert str(e.value).startswith("--set optim.lr_min=1: unknown key `optim.lr_min`"), e.value
+    with pytest.raises(ConfigError) as e:  # across sections: the message names the overridden key too
+        load_config(demo, ["optim.lr=0.1", "growth.depths=[1,2,4]"])
+    assert str(e.value).startswith("--set growth.depths=[1,2,4]: loss.teacher_layers=[4, 8] needs 2"), e.value
+    with pytest.raises(ConfigError) as e:
+        load_config(demo, ["eval.every=10", "loss.teacher_layers=[8,4]"])
+    assert str(e.value).startswith("--set loss.teacher_layers=[8,4]: "), e.value
+
+
+def test_an_error_in_the_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"optim": {"lr": "fast"}}))
+    with pytest.raises(ConfigError) as e:
+        load_config(bad, ["run.name=x"])
+    assert str(e.value).startswith(f"{bad}: optim.lr='fast'"), e.value
+
+
+@pytest.mark.parametrize(
+    "override, guess",
+    [("optim.totl_steps=5", "optim.total_steps"), ("optm.lr=1", "optim"), ("growth.opertor=midas", "growth.operator")],
+)
+def test_a_misspelt_key_gets_did_you_mean(override, guess):
+    with pytest.raises(ConfigError, match=rf"\(did you mean `{re.escape(guess)}`\?\); known keys"):
+        load_config(None, [override])
+
+
+def test_a_key_like_no_other_gets_no_guess():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["optim.zzzzzz=1"])
+    assert "did you mean" not in str(e.value) and "known keys" in str(e.value)
 
 
 @pytest.mark.parametrize(

@@ -53,3 +53,16 @@ def test_rerun_reuses_files(tmp_path):
     again = make_corpus(tmp_path, seed=1, **TINY)
     assert first.files_written == 4 and again.files_written == 0 and again.files_reused == 4
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.flac")} == mtimes
+
+
+def test_engine_espeak_without_espeak_ng_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from istack_ds.commands import make_demo_corpus
+    from istack_ds.data import demo_corpus
+
+    monkeypatch.setattr(demo_corpus, "espeak_available", lambda: False)
+    out = tmp_path / "corpus"
+    assert make_demo_corpus.main(["--out", str(out), "--engine", "espeak"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "espeak-ng" in err and "apt-get install espeak-ng" in err and "--engine synth" in err
+    assert not out.exists()  # nothing written

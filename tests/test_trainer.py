@@ -32,7 +32,9 @@ def test_fixed_batch_loss_falls_and_teacher_is_frozen(teacher_dir, zero_stage, p
 def _events(tb_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "tensors": 0})
+    from istack_ds.tbview import find_events
+
+    acc = EventAccumulator(str(find_events(tb_dir)), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     return acc
 

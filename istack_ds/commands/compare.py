@@ -40,11 +40,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from istack_ds.commands import HelpFormatter
+
 
 def main(argv=None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with tb/ and config.yaml)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument(

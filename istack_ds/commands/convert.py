@@ -23,12 +23,11 @@ import sys
 from pathlib import Path
 
 from istack_ds.checkpoint import CheckpointError, convert_to_universal, universal_path
+from istack_ds.commands import HelpFormatter
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a complete checkpoint directory (.../checkpoints/stepNNNNNNNN)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: <checkpoint>_universal)")
     args = parser.parse_args(argv)

@@ -30,6 +30,8 @@ import os
 import sys
 from pathlib import Path
 
+from istack_ds.commands import HelpFormatter
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -52,9 +54,7 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--checkpoint",
         required=True,

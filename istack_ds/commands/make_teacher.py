@@ -22,19 +22,24 @@ import os
 import sys
 from pathlib import Path
 
+from istack_ds.commands import HelpFormatter
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv=None, prog: str | None = None) -> int:
     from istack_ds.models.teacher import SUPPORTED_TEACHERS, make_random_teacher, read_teacher_info
 
-    parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", required=True, help="directory to write (save_pretrained layout)")
-    parser.add_argument("--size", default="tiny", choices=["tiny", "base"])
-    parser.add_argument("--model-type", default="hubert", choices=SUPPORTED_TEACHERS)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--size",
+        default="tiny",
+        choices=["tiny", "base"],
+        help="tiny: 8 layers x 96 (demo, tests); base: the real model's shape",
+    )
+    parser.add_argument("--model-type", default="hubert", choices=SUPPORTED_TEACHERS, help="the HF model class")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--force", action="store_true", help="overwrite an existing teacher")
     args = parser.parse_args(argv)
 

@@ -31,6 +31,8 @@ import os
 import sys
 from pathlib import Path
 
+from istack_ds.commands import HelpFormatter
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -50,24 +52,22 @@ def resolve_model(path: Path) -> Path:
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("model", type=Path, help="export / teacher dir, checkpoint dir, or run dir (latest)")
     parser.add_argument("--train-index", required=True, type=Path, help="index.json of labelled shards (fit)")
     parser.add_argument("--valid-index", type=Path, default=None, help="index.json to score PR on (optional)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--tasks", default="pr,sid", help="comma-separated, from pr, sid (default: both)")
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per task (default 400)")
-    parser.add_argument("--batch", type=int, default=8, help="utterances per step (default 8)")
-    parser.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default 0.05)")
-    parser.add_argument("--held-out", type=float, default=0.2, help="fraction of each speaker held out (0.2)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tasks", default="pr,sid", help="comma-separated, from pr (phoneme recognition), sid (speaker identification)"
+    )
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per task")
+    parser.add_argument("--batch", type=int, default=8, help="utterances per step")
+    parser.add_argument("--lr", type=float, default=0.05, help="Adam learning rate")
+    parser.add_argument("--held-out", type=float, default=0.2, help="fraction of each speaker held out")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and of the probe heads")
     parser.add_argument("--max-utterances", type=int, default=None, help="read at most this many per index")
     parser.add_argument("--teacher", default=None, help="teacher dir for a checkpoint's export (default: its config's)")
-    parser.add_argument(
-        "--device", default="cpu", help="torch device of the model (default cpu); the probes train on CPU"
-    )
+    parser.add_argument("--device", default="cpu", help="torch device of the model; the probes train on CPU")
     args = parser.parse_args(argv)
 
     import logging

@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from istack_ds.commands import HelpFormatter
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -30,23 +32,28 @@ def main(argv=None, prog: str | None = None) -> int:
     from istack_ds.evidence.teacher_training import TeacherTrainingSettings, train_teacher
 
     t, c = TeacherTrainingSettings(), SpeechCorpusSettings()
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="teacher directory to write (save_pretrained layout)")
     p.add_argument("--corpus", default="data/speech_corpus", help="labelled lhotse manifest directory (made if absent)")
     p.add_argument("--speakers", type=int, default=c.speakers, help="speakers of a corpus made here")
     p.add_argument("--utterances", type=int, default=c.utterances, help="sentences per speaker of a corpus made here")
-    p.add_argument("--corpus-seed", type=int, default=c.seed)
-    p.add_argument("--steps", type=int, default=t.steps)
-    p.add_argument("--batch-size", type=int, default=t.batch_size)
-    p.add_argument("--lr", type=float, default=t.lr)
-    p.add_argument("--layers", type=int, default=t.num_hidden_layers)
-    p.add_argument("--hidden-size", type=int, default=t.hidden_size)
-    p.add_argument("--heads", type=int, default=t.num_attention_heads)
-    p.add_argument("--ffn", type=int, default=t.intermediate_size)
-    p.add_argument("--conv-channels", type=int, default=t.conv_channels)
+    p.add_argument("--corpus-seed", type=int, default=c.seed, help="seed of a corpus made here (voices, texts)")
+    p.add_argument("--steps", type=int, default=t.steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=t.batch_size, help="utterances per step")
+    p.add_argument("--lr", type=float, default=t.lr, help="peak learning rate")
+    p.add_argument("--layers", type=int, default=t.num_hidden_layers, help="transformer layers")
+    p.add_argument("--hidden-size", type=int, default=t.hidden_size, help="transformer width")
+    p.add_argument("--heads", type=int, default=t.num_attention_heads, help="attention heads")
+    p.add_argument("--ffn", type=int, default=t.intermediate_size, help="feed-forward width")
+    p.add_argument("--conv-channels", type=int, default=t.conv_channels, help="channels of the CNN front end")
     p.add_argument("--mask-prob", type=float, default=t.mask_prob, help="masked-span start fraction; 0: no masking")
-    p.add_argument("--held-out-speakers", type=int, default=t.held_out_speakers)
-    p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument(
+        "--held-out-speakers",
+        type=int,
+        default=t.held_out_speakers,
+        help="speakers kept out of training (the report's test set)",
+    )
+    p.add_argument("--seed", type=int, default=t.seed, help="seed of the initialisation and the batches")
     p.add_argument("--log-every", type=int, default=t.log_every, help="steps between progress lines")
     p.add_argument("--force", action="store_true", help="retrain even when OUT holds a matching teacher")
     args = p.parse_args(argv)

@@ -1,7 +1,8 @@
 """The run configuration as a whole: the typed tree, checks across its sections, reading it and writing it.
 
 :func:`load_config` reads a YAML file (a top-level ``base: other.yaml`` is read first and merged under
-it), applies ``--set a.b=v`` overrides and builds the :class:`Config`, whose sections check themselves
+it), applies ``--set a.b=v`` overrides and builds the :class:`Config` (an error starts with where its key
+came from: the file, or ``--set a.b=v``), whose sections check themselves
 and whose :meth:`Config.validate` checks across sections (the growth schedule included). A saved
 config.yaml (or a checkpoint's meta) becomes a Config again through :meth:`Config.from_dict`.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +148,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     try:
         return Config.from_dict(values)
     except ConfigError as e:
-        if path is not None:
-            raise ConfigError(f"{path}: {e}") from None
+        source = blame(str(e), path, overrides)
+        if source is not None:
+            raise ConfigError(f"{source}: {e}") from None
         raise
+
+
+def blame(message: str, path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...]) -> str | None:
+    """Where the key an error names came from: ``--set KEY=VALUE`` (the last override of a key the message
+    names), else the config file, else None (defaults only)."""
+    for item in reversed(overrides):
+        key = item.split("=", 1)[0].strip()
+        # NOTE: the whole dotted key: `optim.lr` is not named by a message about `optim.lr_min`.
+        if key and re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message):
+            return f"--set {item}"
+    return None if path is None else str(path)

@@ -3,12 +3,14 @@
 Every key of the run configuration passes through :func:`_coerce` (a ``Literal`` holds one of its
 choices, an int is an int, every float is finite) whether it is loaded from YAML (:func:`_build`) or the
 section is built in code (:func:`_check_fields` from its ``__post_init__``); every error is a
-:class:`ConfigError` that names the dotted key. :func:`field_docs` reads the docstring under each field.
+:class:`ConfigError` that names the dotted key (an unknown key with the known key closest to it, "did you
+mean"). :func:`field_docs` reads the docstring under each field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -100,9 +102,10 @@ def _build(cls, values: dict, prefix: str):
     unknown = [k for k in values if k not in names]
     if unknown:
         where = f"section `{prefix}`" if prefix else "the top level"
-        raise ConfigError(
-            f"unknown key `{(prefix + '.') if prefix else ''}{unknown[0]}` in {where}; known keys: {names}"
-        )
+        dotted = f"{prefix}." if prefix else ""
+        close = difflib.get_close_matches(str(unknown[0]), names, n=1)
+        guess = f" (did you mean `{dotted}{close[0]}`?)" if close else ""
+        raise ConfigError(f"unknown key `{dotted}{unknown[0]}` in {where}{guess}; known keys: {names}")
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name

@@ -144,6 +144,10 @@ def synth_utterance(rng, seconds: float, voice: dict) -> tuple[np.ndarray, list[
 # ---- espeak-ng ---------------------------------------------------------------------
 
 
+class EngineMissing(RuntimeError):
+    """The engine asked for (``espeak``) is not installed: nothing is written."""
+
+
 def espeak_available() -> bool:
     return shutil.which("espeak-ng") is not None
 
@@ -219,11 +223,17 @@ def make_corpus(
     engine: str = "auto",
     log=print,
 ) -> CorpusStats:
-    """Writes (or reuses) the corpus under `out`; file lengths are uniform in [seconds/3, seconds]."""
+    """Writes (or reuses) the corpus under `out`; file lengths are uniform in [seconds/3, seconds].
+    Raises :class:`EngineMissing` for ``engine="espeak"`` without espeak-ng."""
     if engine == "auto":
         engine = "espeak" if espeak_available() else "synth"
     if engine not in ("espeak", "synth"):
         raise ValueError(f"engine={engine!r}: choose auto, espeak or synth")
+    if engine == "espeak" and not espeak_available():
+        raise EngineMissing(
+            "--engine espeak needs the espeak-ng program, which is not on PATH: install it "
+            "(apt-get install espeak-ng) or use --engine synth (the built-in synthesizer); nothing was written"
+        )
     out = Path(out)
     stats = CorpusStats()
     for speaker, book, name in file_layout(speakers, books, files):

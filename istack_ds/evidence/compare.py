@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from istack_ds.tbview import find_events
+
 
 @dataclass
 class Run:
@@ -27,6 +29,8 @@ class Run:
     """tag -> [(step, wall time since t0, value)], increasing steps, as TensorBoard shows them (:func:`shown`)."""
     matrices: dict[str, tuple[int, list[list[float]]]] = field(default_factory=dict)
     """CKA map name (``student_student``, ``student_teacher``) -> (step, rows) of its last shown event."""
+    pairs: dict[int, dict[int, int]] = field(default_factory=dict)
+    """step -> {student layer: teacher layer} supervised at that step's CKA map (``diag/cka_pairs``)."""
 
     def get(self, tag: str) -> list[tuple[int, float, float]]:
         return self.series.get(tag, [])
@@ -59,14 +63,30 @@ def read_run(path: str | Path) -> Run:
     config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
     name = config.get("run", {}).get("name") or path.name
     operator = config.get("growth", {}).get("operator", "?")
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0, "tensors": 0})
+    events = find_events(tb, config.get("run", {}).get("name") or "")
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     raw = {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
     if not raw or not any(raw.values()):
         raise SystemExit(f"{tb} holds no scalars")
     t0 = min(e.wall_time for events in raw.values() for e in events)
     series = {tag: [(e.step, e.wall_time - t0, e.value) for e in shown(events)] for tag, events in raw.items()}
-    return Run(path=path, name=name, operator=operator, t0=t0, series=series, matrices=read_matrices(acc))
+    run = Run(path=path, name=name, operator=operator, t0=t0, series=series, matrices=read_matrices(acc))
+    run.pairs = read_pairs(acc)
+    return run
+
+
+def read_pairs(acc) -> dict[int, dict[int, int]]:
+    """The supervised pairs of each CKA map: {step: {student layer: teacher layer}} (``diag/cka_pairs``)."""
+    from tensorboard.util.tensor_util import make_ndarray
+
+    from istack_ds.diagnostics import PAIRS_TAG
+
+    if PAIRS_TAG not in acc.Tags().get("tensors", []):
+        return {}
+    return {
+        int(e.step): {int(s): int(t) for s, t in make_ndarray(e.tensor_proto)} for e in shown(acc.Tensors(PAIRS_TAG))
+    }
 
 
 def read_matrices(acc) -> dict[str, tuple[int, list[list[float]]]]:
@@ -219,7 +239,10 @@ def figures_section(runs: list[Run], written: list[str]) -> str:
 
 
 def supervised_at(run: Run, step: int) -> dict[int, int]:
-    """{student layer: teacher layer} of the ``diag/cka_<s>_<t>`` scalars logged at `step`."""
+    """{student layer: teacher layer} supervised at `step`: from ``diag/cka_pairs``, or for runs written before
+    it from the ``diag/cka_<s>_<t>`` scalars logged at `step`."""
+    if step in run.pairs:
+        return run.pairs[step]
     pairs = {}
     for tag, points in run.series.items():
         match = re.fullmatch(r"diag/cka_(\d+)_(\d+)", tag)
