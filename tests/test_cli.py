@@ -205,7 +205,8 @@ def test_a_run_reports_every_problem_too(tmp_path, capsys):
     empty.write_text(json.dumps({"shards": []}))
     sets = [f"teacher.path={tmp_path / 'hubert'}", f"data.train_index={empty}", "data.valid_index=null"]
     assert cli.main(["--config", PAPER, *(a for s in sets for a in ("--set", s))]) == 2
-    err = capsys.readouterr().err
+    start, err = capsys.readouterr().err.split("\n", 1)
+    assert "[r0] starting run `paper_interleaved_eql`" in start  # at once, before the checks import torch
     assert err.startswith(f"istack_ds: teacher directory {tmp_path / 'hubert'} does not exist")
     assert err.count("lists no shards") == 1
     assert err.splitlines()[-1] == f"istack_ds: shard index {empty} lists no shards (empty split?)"
@@ -223,7 +224,7 @@ def test_a_busy_master_port_stops_train_in_one_line(teacher_dir, demo_shards, tm
         port = busy.getsockname()[1]
         os.environ["MASTER_PORT"] = str(port)
         assert cli.main(demo_args(teacher_dir, demo_shards, tmp_path, "checkpoint.resume=none")) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.splitlines() if "[r0] starting run" not in line]
     assert len(err) == 1 and err[0].startswith(f"istack_ds: port {port} (MASTER_PORT")
     assert not torch.distributed.is_initialized()
 

@@ -31,6 +31,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 
 from ..batching import UNRESOLVED_STEPS, plan_batches, resolve_total_steps
 from ..config import Config, ConfigError, load_config
@@ -137,6 +138,8 @@ def main(argv=None, prog: str = "istack train") -> int:
             if args.print_config:
                 print_config(cfg, args.config)
                 return 0
+            if not args.dry_run:
+                announce_start(cfg, args.config)
             # Bad paths stop the run here, before any process group starts; all of them at once.
             problems = pre_launch_problems(cfg)
             if steps_problem and steps_problem not in problems:  # an unreadable index is reported once
@@ -153,6 +156,19 @@ def main(argv=None, prog: str = "istack train") -> int:
         print(f"istack_ds: {e}", file=sys.stderr)
         return 2
     return train(cfg)
+
+
+def announce_start(cfg: Config, path: str) -> None:
+    """One line on rank 0 as soon as the config is read, in the log's format: the imports and checks before the
+    trainer's first line take seconds, a minute on a loaded machine, which should not pass in silence."""
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"{time.strftime('%H:%M:%S')} [r0] starting run `{cfg.run.name}` ({path}) on "
+            f"{os.environ.get('WORLD_SIZE', '1')} rank(s) into {cfg.run.out_dir}: checking teacher, data and "
+            "checkpoints, then building the student",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def print_problems(problems: list[str]) -> None:
