@@ -11,6 +11,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# Where torch comes from. Empty: pip's own index (plain PyPI serves the CUDA build on Linux, GBs);
+# https://download.pytorch.org/whl/cpu gives the CPU build (README "Set-up"), .../whl/cu12X a CUDA one.
+TORCH_INDEX_URL ?=
 
 .PHONY: venv demo test test-fast lint format clean-demo
 
@@ -22,7 +25,7 @@ QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip $(QUIET_PIP)
-	$(PIP) install -q torch==2.13.0 $(QUIET_PIP)
+	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) $(QUIET_PIP)
 	$(PIP) install -q -c constraints.txt -e ".[dev]" $(QUIET_PIP)
 	touch $(STAMP)
 

@@ -19,8 +19,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import Config, ConfigError, DataConfig, DeepSpeedConfig
+
+UNRESOLVED_STEPS = "steps resolved at launch from {index} (not there yet)"
+"""What stands for optim.total_steps while optim.epochs cannot be resolved: the train index is not written yet."""
 
 
 @dataclass(frozen=True)
@@ -122,13 +126,16 @@ def epoch_size(data: DataConfig, histogram: list[int], bin_seconds: float) -> fl
     return total
 
 
-def resolve_total_steps(cfg: Config) -> tuple[Config, str]:
+def resolve_total_steps(cfg: Config, missing_ok: bool = False) -> tuple[Config, str]:
     """`cfg` with optim.total_steps derived from optim.epochs (unchanged without epochs) and a line saying how.
 
     Raises ConfigError when the index holds nothing usable, or when optim.total_steps is set to another value
-    than the epochs give (a saved config.yaml holds the value this wrote)."""
+    than the epochs give (a saved config.yaml holds the value this wrote). `missing_ok`: a train index that is not
+    there yet leaves optim.total_steps null (`--print-config`, `--dry-run` before sharding), the line says so."""
     if cfg.optim.epochs is None:
         return cfg, ""
+    if missing_ok and not Path(cfg.data.train_index).exists():
+        return cfg, f"optim.epochs={cfg.optim.epochs:g}: {UNRESOLVED_STEPS.format(index=cfg.data.train_index)}"
     from .data.index import read_index
 
     index = read_index(cfg.data.train_index)

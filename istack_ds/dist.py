@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .data.index import DataError
+from .startup import prepare_ops, single_process_env
 
 log = logging.getLogger("istack_ds")
 
@@ -57,23 +58,6 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def normalize_launcher_env() -> None:
-    """Gives every launcher's processes the same variables: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE.
-
-    torchrun sets them all; the deepspeed launcher says LOCAL_SIZE for the ranks of a node;
-    Slurm's srun sets only SLURM_* (MASTER_ADDR / MASTER_PORT come from the batch script).
-    LOCAL_WORLD_SIZE lets the data split by node first, then by rank within the node.
-    """
-    env = os.environ
-    if "RANK" not in env and "SLURM_PROCID" in env:
-        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
-        tasks_per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
-        if tasks_per_node.isdigit():
-            env.setdefault("LOCAL_WORLD_SIZE", tasks_per_node)
-    if "LOCAL_WORLD_SIZE" not in env and "LOCAL_SIZE" in env:
-        env["LOCAL_WORLD_SIZE"] = env["LOCAL_SIZE"]
-
-
 def ranks_per_node(world: int) -> int:
     """Ranks on each node: $LOCAL_WORLD_SIZE when it divides `world`, else all ranks on one node."""
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
@@ -91,7 +75,8 @@ def init_distributed(timeout_s: int | None = None) -> None:
     """Starts the process group once per process (gloo on CPU, nccl on GPU); a no-op when it exists.
 
     Works under the deepspeed launcher, torchrun and Slurm (srun sets SLURM_* instead of RANK);
-    a plain `python` run becomes rank 0 of 1. `timeout_s` bounds every collective of every process
+    a plain `python` run becomes rank 0 of 1 on a free port. DeepSpeed builds no unused op
+    (:func:`prepare_ops`). `timeout_s` bounds every collective of every process
     group, the default one and those DeepSpeed creates (None: torch's defaults), so a dead or hung
     rank cannot hang the rest. With more than one rank, each rank then keeps a heartbeat in the
     job's store (:func:`start_heartbeat`), which :func:`unresponsive_ranks` reads.
@@ -100,15 +85,13 @@ def init_distributed(timeout_s: int | None = None) -> None:
         return
     import deepspeed
 
-    normalize_launcher_env()
-    if "RANK" not in os.environ:  # a plain `python launchers/train.py`: one process
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+    single_process_env()
     bind_device()
     kwargs = {}
     if timeout_s is not None:
         kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
         set_default_group_timeout(kwargs["timeout"])
+    prepare_ops()
     deepspeed.init_distributed(dist_backend=backend(), **kwargs)
     start_heartbeat()
 
@@ -262,20 +245,6 @@ def unresponsive_ranks(wait_s: float = 3 * HEARTBEAT_S) -> str:
         for r, t in sorted(silent.items())
     ]
     return f"dead or hung: {', '.join(parts)}"
-
-
-def skip_shm_build() -> None:
-    """Stops DeepSpeed from compiling its shared-memory comm op (a g++ build at the first start).
-
-    That op serves only multi-rank inference all-reduce, which nothing here uses; tests and
-    benchmarks call this before the process group starts.
-    NOTE: the module is fetched by name: `import deepspeed.comm.torch as m` binds the real `torch`.
-    """
-    import importlib
-    from typing import Any
-
-    comm: Any = importlib.import_module("deepspeed.comm.torch")
-    comm.build_shm_op = lambda: None
 
 
 def backend() -> str:

@@ -5,7 +5,8 @@ module checks the config against what lies on disk and the job's launcher variab
 A missing teacher dir, a teacher layer that does not exist, a teacher whose sample rate
 or CNN depth does not fit the config, an int8 teacher on a GPU, a `checkpoint.resume`
 that is not a checkpoint, a missing or empty shard index, too few shards for the job's
-nodes x ranks x workers: each stops the run with a message naming the path or key.
+nodes x ranks x workers: each stops the run with a message naming the path or key, and every
+problem found is reported at once (:class:`PreflightError`), so one round trip shows them all.
 """
 
 from __future__ import annotations
@@ -13,43 +14,83 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import Config, ConfigError
-from .dist import normalize_launcher_env, ranks_per_node, world_size
+from .dist import ranks_per_node, world_size
 from .models.student import check_init
 from .models.teacher import RANDOM_MARKER, TeacherInfo, check_teacher_layers, read_teacher_info
+from .startup import normalize_launcher_env
+
+
+class PreflightError(ConfigError):
+    """Every problem preflight found, one message each (its str: one per line)."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+        """Each problem's message, in the order of the checks."""
 
 
 def preflight(cfg: Config) -> None:
-    normalize_launcher_env()  # WORLD_SIZE under srun too
-    if cfg.teacher.dtype == "int8":
-        from deepspeed.accelerator import get_accelerator
+    """Runs every check; raises :class:`PreflightError` listing all the problems found, not just the first."""
+    problems = preflight_problems(cfg)
+    if problems:
+        raise PreflightError(problems)
 
-        device = get_accelerator().device_name()
-        if device != "cpu":
-            raise ConfigError(
-                f"teacher.dtype=int8 runs on CPU only (quantized Linear kernels), this job runs on "
-                f"{device}: use teacher.dtype=bf16"
-            )
+
+def preflight_problems(cfg: Config) -> list[str]:
+    """The message of each check that fails. A check that needs what an earlier one could not read (the
+    teacher's config, the train index) is left out, so each cause is reported once."""
+    normalize_launcher_env()  # WORLD_SIZE under srun too
+    problems: list[str] = []
+
+    def check(fn, *args, **kwargs):
+        """`fn(*args)`, its ValueError (ConfigError, DataError, TeacherError) recorded; None when it failed."""
+        try:
+            return fn(*args, **kwargs)
+        except ValueError as e:
+            problems.append(str(e))
+            return None
+
+    world = world_size()
+    check(check_device, cfg)
     from .metrics import check_monitors
 
-    check_monitors(cfg.log.monitors)  # wandb missing: refused here, not on rank 0 alone inside the run
+    check(check_monitors, cfg.log.monitors)  # wandb missing: refused here, not on rank 0 alone inside the run
     from .batching import plan_batches
 
-    plan_batches(cfg.data, cfg.deepspeed, world_size())  # a global batch this world size cannot split
-    info = read_teacher_info(cfg.teacher.path)
-    check_teacher_layers(info, cfg.loss.teacher_layers)
-    check_teacher_fits(cfg, info)
-    check_teacher_trained(cfg, info)
-    check_init(cfg.student, info, cfg.growth.stage_depths[0])
-    check_resume(cfg)
+    check(plan_batches, cfg.data, cfg.deepspeed, world)  # a global batch this world size cannot split
+    info = check(read_teacher_info, cfg.teacher.path)
+    if info is not None:
+        check(check_teacher_layers, info, cfg.loss.teacher_layers)
+        check(check_teacher_fits, cfg, info)
+        check(check_teacher_trained, cfg, info)
+        check(check_init, cfg.student, info, cfg.growth.stage_depths[0])
+    check(check_resume, cfg)
     from .data import check_shard_count, read_index
 
-    train = read_index(cfg.data.train_index)
-    world = world_size()
+    train = check(read_index, cfg.data.train_index)
     if cfg.data.valid_index:
-        # NOTE: found here, not at the first validation hours into the run
-        check_shard_count(read_index(cfg.data.valid_index), world, cfg.data.num_workers, held_out=True)
-    # NOTE: the loader checks this again when it is built; here it stops the job before any process group.
-    check_shard_count(train, world, cfg.data.num_workers, local_world_size=ranks_per_node(world))
+        valid = check(read_index, cfg.data.valid_index)
+        if valid is not None:
+            # NOTE: found here, not at the first validation hours into the run
+            check(check_shard_count, valid, world, cfg.data.num_workers, held_out=True)
+    if train is not None:
+        # NOTE: the loader checks this again when it is built; here it stops the job before any process group.
+        check(check_shard_count, train, world, cfg.data.num_workers, local_world_size=ranks_per_node(world))
+    return problems
+
+
+def check_device(cfg: Config) -> None:
+    """An int8 teacher runs on CPU only."""
+    if cfg.teacher.dtype != "int8":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    device = get_accelerator().device_name()
+    if device != "cpu":
+        raise ConfigError(
+            f"teacher.dtype=int8 runs on CPU only (quantized Linear kernels), this job runs on "
+            f"{device}: use teacher.dtype=bf16"
+        )
 
 
 def check_teacher_fits(cfg: Config, info: TeacherInfo) -> None:

@@ -1,10 +1,13 @@
 """The command line (issue 15 item 3): the `istack` and `istack-train` console scripts, `istack train
 --print-config` and `--dry-run` without any process group, and `deepspeed.extra` merged into the DeepSpeed JSON,
-its conflicts and typos refused before launch."""
+its conflicts and typos refused before launch. Issue 24: the paper recipe prints and dry-runs before its data
+exists, a dry run reports every problem at once, a busy master port is one line."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +25,7 @@ from tests.helpers import ROOT, child_env
 
 BIN = Path(sys.executable).parent
 DEMO = str(ROOT / "configs/demo.yaml")
+PAPER = str(ROOT / "configs/paper_interleaved_eql.yaml")
 
 
 def demo_args(teacher_dir, demo_shards, tmp_path, *sets: str) -> list[str]:
@@ -150,6 +154,78 @@ def test_a_bad_extra_stops_train_before_any_process_group(teacher_dir, demo_shar
     argv = demo_args(teacher_dir, demo_shards, tmp_path, "deepspeed.extra.zero_optimization.overlap_com=true")
     assert cli.main(argv) == 2
     assert "overlap_com" in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()
+
+
+def test_the_paper_recipe_prints_before_its_shards_exist(tmp_path, capsys):
+    """Issue 24 item 3: optim.epochs is resolved from the train index; without it --print-config failed, so the
+    recipe could not be inspected before sharding 960 h. Now the steps say they are resolved at launch."""
+    index = tmp_path / "librispeech/train/index.json"
+    argv = ["train", "--config", PAPER, "--set", f"data.train_index={index}", "--print-config"]
+    assert cli.istack(argv) == 0
+    out, err = capsys.readouterr()
+    assert f"optim.epochs=75: steps resolved at launch from {index} (not there yet)" in err
+    head, _, ds_json = out.partition("# DeepSpeed JSON on 1 rank(s)")
+    assert f"# optim.total_steps: steps resolved at launch from {index}" in head
+    optim = yaml.safe_load(head)["optim"]
+    assert optim["epochs"] == 75 and optim["total_steps"] is None
+    scheduler = json.loads(ds_json[ds_json.index("\n{") :])["scheduler"]["params"]  # after any DeepSpeed warning
+    assert (
+        scheduler["total_num_steps"]
+        == scheduler["warmup_num_steps"]
+        == f"steps resolved at launch from {index} (not there yet)"
+    )
+    assert cli.main(["--config", PAPER, "--set", f"data.train_index={index}"]) == 2  # a real run still needs it
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_dry_run_reports_every_problem_at_once(tmp_path, capsys):
+    """Issue 24 item 3: a missing teacher and two missing indexes: one dry run names all three, each message as
+    preflight words it alone, and still prints the plan its inputs allow."""
+    sets = [f"teacher.path={tmp_path / 'hubert'}", f"data.train_index={tmp_path / 'train/index.json'}"]
+    sets += [f"data.valid_index={tmp_path / 'valid/index.json'}", f"run.out_dir={tmp_path / 'run'}"]
+    argv = ["train", "--config", PAPER, *(a for s in sets for a in ("--set", s)), "--dry-run"]
+    assert cli.istack([*argv, "--nodes", "4", "--ranks-per-node", "8"]) == 2
+    out, err = capsys.readouterr()
+    problems = [line for line in err.splitlines() if line.startswith("istack_ds: ") and "not there yet" not in line]
+    assert len(problems) == 3, err
+    assert f"teacher directory {tmp_path / 'hubert'} does not exist" in problems[0]
+    assert problems[1].startswith(f"istack_ds: shard index {tmp_path / 'train/index.json'} does not exist")
+    assert f"shard index {tmp_path / 'valid/index.json'} does not exist" in problems[2]
+    assert "dry run: 3 pre-launch problem(s) above; nothing was started" in err
+    assert "batch: 64 utterances per step (data.global_batch) = 32 rank(s) x 1 micro-batch(es) x 2 utterances" in out
+    assert "stage depths [3, 6, 9, 12] (optim.epochs=75); steps resolved at launch from" in out
+    assert not (tmp_path / "run").exists() and not torch.distributed.is_initialized()
+
+
+def test_a_run_reports_every_problem_too(tmp_path, capsys):
+    """Issue 24 item 3: the run itself (not only --dry-run) names every pre-launch problem, the steps that
+    optim.epochs cannot resolve from a bad index among them, once each."""
+    empty = tmp_path / "index.json"
+    empty.write_text(json.dumps({"shards": []}))
+    sets = [f"teacher.path={tmp_path / 'hubert'}", f"data.train_index={empty}", "data.valid_index=null"]
+    assert cli.main(["--config", PAPER, *(a for s in sets for a in ("--set", s))]) == 2
+    start, err = capsys.readouterr().err.split("\n", 1)
+    assert "[r0] starting run `paper_interleaved_eql`" in start  # at once, before the checks import torch
+    assert err.startswith(f"istack_ds: teacher directory {tmp_path / 'hubert'} does not exist")
+    assert err.count("lists no shards") == 1
+    assert err.splitlines()[-1] == f"istack_ds: shard index {empty} lists no shards (empty split?)"
+    assert not torch.distributed.is_initialized()
+
+
+def test_a_busy_master_port_stops_train_in_one_line(teacher_dir, demo_shards, tmp_path, capsys, monkeypatch):
+    """Issue 24 item 2: MASTER_PORT held by another job: exit 2 and one line naming the port, before any
+    process group (it was a 40-line EADDRINUSE traceback from every rank after the start-up)."""
+    launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_PROCID", "MASTER_ADDR"}
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in launcher})
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        os.environ["MASTER_PORT"] = str(port)
+        assert cli.main(demo_args(teacher_dir, demo_shards, tmp_path, "checkpoint.resume=none")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "[r0] starting run" not in line]
+    assert len(err) == 1 and err[0].startswith(f"istack_ds: port {port} (MASTER_PORT")
     assert not torch.distributed.is_initialized()
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from istack_ds.config import ConfigError, load_config
-from istack_ds.preflight import preflight
+from istack_ds.preflight import PreflightError, preflight
 from tests.helpers import ROOT
 
 
@@ -149,3 +149,20 @@ def test_auto_refuses_to_start_over_when_no_checkpoint_verifies(tmp_path, teache
         with pytest.raises(ConfigError, match=r"rank0\.pt has 9 bytes, the marker lists 4096"):
             preflight(demo_config(teacher_dir, demo_shards, f"run.out_dir={out}", f"checkpoint.resume={resume}"))
     preflight(demo_config(teacher_dir, demo_shards, f"run.out_dir={out}", "checkpoint.resume=none"))
+
+
+def test_every_problem_is_reported_at_once(tmp_path, teacher_dir, demo_shards):
+    """Issue 24 item 3: a run with three problems names all three in one round trip, each message as it reads
+    alone."""
+    at_8k = teacher_copy(teacher_dir, tmp_path / "teacher_8k", 8000)
+    typo = tmp_path / "checkpoints" / "step0000010"
+    missing = tmp_path / "valid" / "index.json"
+    bad = [f"checkpoint.resume={typo}", f"data.valid_index={missing}"]
+    alone = []
+    for config in (demo_config(at_8k, demo_shards), *(demo_config(teacher_dir, demo_shards, b) for b in bad)):
+        with pytest.raises(ConfigError) as e:
+            preflight(config)
+        alone.append(str(e.value))
+    with pytest.raises(PreflightError) as e:
+        preflight(demo_config(at_8k, demo_shards, *bad))
+    assert e.value.problems == alone and str(e.value) == "\n".join(alone)

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
+import time
 
-from ..batching import plan_batches, resolve_total_steps
+from ..batching import UNRESOLVED_STEPS, plan_batches, resolve_total_steps
 from ..config import Config, ConfigError, load_config
 
 
@@ -95,7 +97,8 @@ def _planned_topology(args: argparse.Namespace):
     if args.nodes is None and args.ranks_per_node is None:
         yield
         return
-    from ..dist import normalize_launcher_env, topology
+    from ..dist import topology
+    from ..startup import normalize_launcher_env
 
     saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE")}
     normalize_launcher_env()
@@ -121,29 +124,87 @@ def main(argv=None, prog: str = "istack train") -> int:
     try:
         with _planned_topology(args):
             cfg = load_config(args.config, args.overrides)
-            # optim.epochs -> optim.total_steps from the train index (the run's config.yaml holds the result)
-            cfg, steps_from = resolve_total_steps(cfg)
+            # optim.epochs -> optim.total_steps from the train index (the run's config.yaml holds the result);
+            # before launch a missing index leaves them to be resolved at launch
+            steps_problem, steps_from = "", ""
+            try:
+                cfg, steps_from = resolve_total_steps(cfg, missing_ok=args.print_config or args.dry_run)
+            except ValueError as e:
+                if args.print_config:
+                    raise
+                steps_problem = str(e)  # reported with every other problem below
             if steps_from and os.environ.get("RANK", "0") == "0":
                 print(f"istack_ds: {steps_from}", file=sys.stderr)
             if args.print_config:
                 print_config(cfg, args.config)
                 return 0
-            from ..preflight import preflight  # torch: imported once the arguments are known good
-
-            # Bad paths stop the run here, before any process group starts.
-            preflight(cfg)
-            from ..deepspeed_json import deepspeed_json
-            from ..dist import world_size
-
-            # deepspeed.extra: a conflicting or unknown key stops the run here too.
-            deepspeed_json(cfg, plan_batches(cfg.data, cfg.deepspeed, world_size()))
+            if not args.dry_run:
+                announce_start(cfg, args.config)
+            # Bad paths stop the run here, before any process group starts; all of them at once.
+            problems = pre_launch_problems(cfg)
+            if steps_problem and steps_problem not in problems:  # an unreadable index is reported once
+                problems.insert(0, steps_problem)
             if args.dry_run:
-                dry_run(cfg, args.config)
-                return 0
+                return dry_run(cfg, args.config, problems)
+            if problems:
+                print_problems(problems)
+                return 2
+            from ..startup import check_master_port
+
+            check_master_port()  # a free port for one process; a busy one the launcher or user gave: exit 2
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"istack_ds: {e}", file=sys.stderr)
         return 2
     return train(cfg)
+
+
+def announce_start(cfg: Config, path: str) -> None:
+    """One line on rank 0 as soon as the config is read, in the log's format: the imports and checks before the
+    trainer's first line take seconds, a minute on a loaded machine, which should not pass in silence."""
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"{time.strftime('%H:%M:%S')} [r0] starting run `{cfg.run.name}` ({path}) on "
+            f"{os.environ.get('WORLD_SIZE', '1')} rank(s) into {cfg.run.out_dir}: checking teacher, data and "
+            "checkpoints, then building the student",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def print_problems(problems: list[str]) -> None:
+    """One line on stderr per pre-launch problem (each message as its check words it)."""
+    for problem in problems:
+        print(f"istack_ds: {problem}", file=sys.stderr)
+
+
+def pre_launch_problems(cfg: Config) -> list[str]:
+    """Every problem preflight finds, and a `deepspeed.extra` key that conflicts or is unknown."""
+    from ..dist import world_size
+    from ..preflight import preflight_problems  # torch: imported once the arguments are known good
+
+    problems = preflight_problems(cfg)
+    try:
+        launch_deepspeed_json(cfg, world_size())
+    except ValueError as e:
+        if str(e) not in problems:  # a batch split this world size cannot make is reported once
+            problems.append(str(e))
+    return problems
+
+
+def launch_deepspeed_json(cfg: Config, world: int) -> dict:
+    """The DeepSpeed JSON of `world` ranks; with optim.total_steps not resolved yet (no train index) the
+    scheduler's step counts say they are resolved at launch."""
+    from ..deepspeed_json import deepspeed_json
+
+    plan = plan_batches(cfg.data, cfg.deepspeed, world)
+    if cfg.optim.total_steps is not None:
+        return deepspeed_json(cfg, plan)
+    # NOTE: any step count gives the same JSON but for the two entries replaced below
+    stand_in = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, total_steps=10**9))
+    ds = deepspeed_json(stand_in, plan)
+    unresolved = UNRESOLVED_STEPS.format(index=cfg.data.train_index)
+    ds["scheduler"]["params"].update(total_num_steps=unresolved, warmup_num_steps=unresolved)
+    return ds
 
 
 def train(cfg: Config) -> int:
@@ -191,14 +252,15 @@ def print_config(cfg: Config, path: str) -> None:
     """The resolved YAML (as the run writes config.yaml) and the DeepSpeed JSON of this topology."""
     import yaml
 
-    from ..deepspeed_json import deepspeed_json
     from ..dist import topology
 
     world = topology()["world_size"]
     print(f"# resolved config: {path} with its base chain and --set overrides (the run's config.yaml)")
+    if cfg.optim.total_steps is None and cfg.optim.epochs is not None:
+        print(f"# optim.total_steps: {UNRESOLVED_STEPS.format(index=cfg.data.train_index)}")
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     print(f"# DeepSpeed JSON on {world} rank(s) (the run's deepspeed.json)")
-    print(json.dumps(deepspeed_json(cfg, plan_batches(cfg.data, cfg.deepspeed, world)), indent=1))
+    print(json.dumps(launch_deepspeed_json(cfg, world), indent=1))
 
 
 # ---- --dry-run --------------------------------------------------------------------------------
@@ -239,18 +301,30 @@ def student_parameters(cfg: Config, depths: list[int]) -> dict[int, int]:
     return counts
 
 
-def dry_run(cfg: Config, path: str) -> None:
-    """Prints what the job would run on (after preflight passed): topology, data split, schedule, memory."""
+def _or_none(fn, *args, **kwargs):
+    """`fn(*args)`, or None when it raises ValueError (a problem pre_launch_problems already reported)."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError:
+        return None
+
+
+def dry_run(cfg: Config, path: str, problems: list[str]) -> int:
+    """Prints what the job would run on: topology, data split, schedule, memory (each part that its inputs
+    allow), then every pre-launch problem; the exit code: 0 when there is none, else 2."""
     from ..data import check_shard_count, read_index
     from ..data.position import shards_per_worker
     from ..dist import topology
-    from ..growth import Schedule
 
     topo = topology()
     world, nodes, per_node = topo["world_size"], topo["nodes"], topo["ranks_per_node"]
-    train = read_index(cfg.data.train_index)
-    workers = check_shard_count(train, world, cfg.data.num_workers, local_world_size=per_node)
-    readers = max(1, workers)
+    train = _or_none(read_index, cfg.data.train_index)
+    workers = (
+        None
+        if train is None
+        else _or_none(check_shard_count, train, world, cfg.data.num_workers, local_world_size=per_node)
+    )
+    readers = max(1, cfg.data.num_workers if workers is None else workers)
     print(f"config: {path} -> run `{cfg.run.name}` in {cfg.run.out_dir}")
     launched = "WORLD_SIZE" in os.environ
     print(
@@ -258,43 +332,69 @@ def dry_run(cfg: Config, path: str) -> None:
         f"worker(s) per rank (data.num_workers) -> {world * readers} shard readers"
         + ("" if launched else " (no launcher variables: plan a job with --nodes and --ranks-per-node)")
     )
-    counts = shards_per_worker(len(train.shards), world, per_node, readers)
-    print(
-        f"train: {len(train.shards)} shards, {train.seconds / 3600:.2f} h in {train.path}; shards per worker and "
-        f"epoch: {min(counts)}..{max(counts)}"
-    )
-    print(f"batch: {plan_batches(cfg.data, cfg.deepspeed, world).describe()}")
-    if cfg.data.valid_index:
-        valid = read_index(cfg.data.valid_index)
+    if train is None:
+        print(f"train: {cfg.data.train_index} cannot be read (below)")
+    else:
+        counts = shards_per_worker(len(train.shards), world, per_node, readers)
+        print(
+            f"train: {len(train.shards)} shards, {train.seconds / 3600:.2f} h in {train.path}; shards per worker "
+            f"and epoch: {min(counts)}..{max(counts)}"
+        )
+    plan = _or_none(plan_batches, cfg.data, cfg.deepspeed, world)
+    print(f"batch: {plan.describe() if plan else 'no split on this world size (below)'}")
+    valid = _or_none(read_index, cfg.data.valid_index) if cfg.data.valid_index else None
+    if valid is not None:
         per_rank = shards_per_worker(len(valid.shards), world, per_node, 1)
         print(f"valid: {len(valid.shards)} shards in {valid.path}; shards per rank: {min(per_rank)}..{max(per_rank)}")
     else:
-        print("valid: none (data.valid_index is null)")
+        print(f"valid: {f'{cfg.data.valid_index} cannot be read (below)' if cfg.data.valid_index else 'none'}")
 
-    schedule = Schedule.from_config(cfg.growth, cfg.optim.steps)
+    print_schedule(cfg)
+    print_memory(cfg, world)
+    if problems:
+        print_problems(problems)
+        print(f"dry run: {len(problems)} pre-launch problem(s) above; nothing was started", file=sys.stderr)
+        return 2
+    print("dry run: every pre-launch check passed; nothing was started")
+    return 0
+
+
+def print_schedule(cfg: Config) -> None:
+    """The growth schedule's table; its depths alone while the steps wait for the train index."""
+    from ..growth import Schedule
+
     g = cfg.growth
     how = f"boundaries {g.boundaries}" if g.boundaries is not None else f"alpha {g.alpha:g}"
     epochs = f" (optim.epochs={cfg.optim.epochs:g})" if cfg.optim.epochs is not None else ""
+    if cfg.optim.total_steps is None:
+        steps = UNRESOLVED_STEPS.format(index=cfg.data.train_index)
+        print(f"growth schedule: operator {g.operator}, {how}, stage depths {g.stage_depths}{epochs}; {steps}")
+        return
+    schedule = Schedule.from_config(g, cfg.optim.steps)
     print(f"growth schedule: operator {g.operator}, {how}, {cfg.optim.steps} steps{epochs}")
     print(f"  {'stage':>5}  {'depth':>5}  {'first step':>10}  {'steps':>8}")
     ends = [*schedule.boundaries, schedule.total_steps]
     for i, (depth, start, end) in enumerate(zip(schedule.depths, schedule.starts, ends)):
         print(f"  {i + 1:>5}  {depth:>5}  {start:>10}  {end - start:>8}")
 
+
+def print_memory(cfg: Config, world: int) -> None:
+    """Model-state bytes per rank at each stage depth (needs the teacher's config)."""
     ds = cfg.deepspeed
-    params = student_parameters(cfg, schedule.depths)
+    params = _or_none(student_parameters, cfg, cfg.growth.stage_depths)
     print(
         f"memory estimate per rank, model states only (weights, gradients, fp32 master weights, Adam moments; "
         f"no activations, teacher, buffers or allocator overhead): {ds.precision}, ZeRO {ds.zero_stage} on "
-        f"{world} rank(s)"
+        f"{world} rank(s)" + ("" if params else f": needs the teacher's config in {cfg.teacher.path} (below)")
     )
+    if not params:
+        return
     names = list(model_state_bytes(0, ds.precision, ds.zero_stage, world))
     print(f"  {'depth':>5}  {'params':>12}  " + "  ".join(f"{n:>12}" for n in [*names, "total"]))
     for depth, n in params.items():
         parts = model_state_bytes(n, ds.precision, ds.zero_stage, world)
         cells = "  ".join(f"{_size(v):>12}" for v in [*parts.values(), sum(parts.values())])
         print(f"  {depth:>5}  {n:>12,}  {cells}")
-    print("dry run: every pre-launch check passed; nothing was started")
 
 
 if __name__ == "__main__":

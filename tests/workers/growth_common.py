@@ -14,7 +14,7 @@ from torch import nn
 from istack_ds.batching import plan_batches
 from istack_ds.config import Config, DeepSpeedConfig, OptimConfig
 from istack_ds.deepspeed_json import deepspeed_json
-from istack_ds.dist import skip_shm_build
+from istack_ds.startup import skip_shm_build
 
 skip_shm_build()
 

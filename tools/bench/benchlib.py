@@ -86,7 +86,8 @@ def init_single_process() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    from istack_ds.dist import init_distributed, setup_logging, skip_shm_build
+    from istack_ds.dist import init_distributed, setup_logging
+    from istack_ds.startup import skip_shm_build
 
     skip_shm_build()
     setup_logging()
