@@ -32,7 +32,7 @@ class RunConfig:
 @dataclass
 class DataConfig:
     train_index: str = "data/demo/shards/train/index.json"
-    """index.json of the training shards (written by tools/shard_corpus.py)."""
+    """index.json of the training shards (written by `istack shard`)."""
     valid_index: str | None = None
     """index.json of held-out shards for validation; None disables validation."""
     sample_rate: int = 16000

@@ -89,13 +89,13 @@ def read_index(path: str | os.PathLike, check_files: bool = True) -> ShardIndex:
     """Opens an index.json; with `check_files`, every shard it names must exist on disk."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"shard index {path} does not exist (write it with tools/shard_corpus.py)")
+        raise DataError(f"shard index {path} does not exist (write it with `istack shard`)")
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"shard index {path} is not readable JSON: {e}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("shards"), list):
-        raise DataError(f"shard index {path} has no `shards` list; is it an index written by tools/shard_corpus.py?")
+        raise DataError(f"shard index {path} has no `shards` list; is it an index written by `istack shard`?")
     if not raw["shards"]:
         raise DataError(f"shard index {path} lists no shards (empty split?)")
     shards = []
@@ -142,7 +142,7 @@ def check_shard_count(
     if held_out and fed < 1:
         raise DataError(
             f"data.valid_index {index.path} has {shards} shards for {world_size} ranks: every rank "
-            f"validates on its own shards; re-shard the held-out split with tools/shard_corpus.py "
+            f"validates on its own shards; re-shard the held-out split with `istack shard` "
             f"--min-shards {world_size} or set data.valid_index=null"
         )
     readers = max(1, workers)
@@ -152,7 +152,7 @@ def check_shard_count(
         raise DataError(
             f"shard index {index.path} has {shards} shards but {needed} are needed "
             f"({world_size // local_world_size} node(s) x {local_world_size} ranks x {readers} workers each read "
-            f"their own shards); re-shard with more, smaller shards (tools/shard_corpus.py --min-shards {needed}) "
+            f"their own shards); re-shard with more, smaller shards (`istack shard --min-shards {needed}`) "
             "or use fewer workers"
         )
     return min(workers, fed)

@@ -193,7 +193,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         return (
             f"rank {self.rank} worker {worker}: no batch from the last {len(dry)} shards read "
             f"({per_epoch} a worker epoch; now in epoch {epoch}): {shown}; skipped so far by reason: "
-            f"{dict(counters.skipped)}; check them with tools/check_shards.py"
+            f"{dict(counters.skipped)}; check them with `istack check`"
         )
 
     def planned(

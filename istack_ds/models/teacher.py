@@ -371,7 +371,7 @@ def make_random_teacher(
     model.save_pretrained(out)
     sfm.save_feature_extractor(out, config.feat_extract_norm, do_normalize=do_normalize)
     (out / RANDOM_MARKER).write_text(
-        f"This {model_type} teacher ({size}) has RANDOM weights made by istack_ds tools/make_teacher.py "
+        f"This {model_type} teacher ({size}) has RANDOM weights made by `istack make-teacher` "
         f"(seed {seed}).\nIt exercises the distillation machinery; it is not a trained model.\n"
     )
     return out

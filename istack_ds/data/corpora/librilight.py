@@ -270,7 +270,7 @@ def window_cuts(manifest_dir: Path, parts: list[str], max_seconds: float, min_se
             if rec is None:
                 raise DataError(
                     f"{sup_path}: recording {rec_id} is not in {rec_path} (or not in the same order); "
-                    "re-prepare the manifests (tools/prepare_librilight.py)"
+                    "re-prepare the manifests (`istack prepare`)"
                 )
             speaker = group[0].speaker
             book = rec.id.split("/")[-2] if rec.id.count("/") >= 2 else ""
