@@ -48,8 +48,11 @@ def file_sizes(path: Path, skip: str) -> dict[str, int]:
 
 
 def digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, DIGEST).hexdigest()
+    h = hashlib.new(DIGEST)
+    with open(path, "rb") as f:  # hashlib.file_digest is 3.11+; this reads the same 1 MiB at a time
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def owner(name: str, world: int) -> int:
