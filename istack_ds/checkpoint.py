@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from . import faults
-from .checkpoint_files import DIGEST, digests, file_sizes, fsync, fsync_tree, own_digests
+from .checkpoint_files import DIGEST, digest, digests, file_sizes, fsync, fsync_tree, own_digests
 from .dist import barrier, gather_all, log0, rank, world_size
 
 META_FILE = "istack_meta.json"
@@ -149,7 +149,7 @@ def verify(path: str | Path) -> dict:
             raise CheckpointError(f"{path}: {name} is missing (the marker lists it with {size} bytes)")
         if f.stat().st_size != size:
             raise CheckpointError(f"{path}: {name} has {f.stat().st_size} bytes, the marker lists {size}")
-        if sums is not None and digests(path, [name], {}) != {name: sums.get(name)}:
+        if sums is not None and digest(f) != sums.get(name):
             raise CheckpointError(
                 f"{path}: {name} does not hold what was saved there (its {DIGEST} differs from the marker's): "
                 "a file from another checkpoint or a damaged one"
