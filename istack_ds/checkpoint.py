@@ -248,12 +248,7 @@ class Checkpointer:
             return False
         self.timeline = uuid.uuid4().hex[:8]
         origin = f"resumed-at-step{step}" if resumed is not None else "fresh-run"
-        aside = self.dir / SET_ASIDE / f"{time.strftime('%Y%m%d-%H%M%S')}-{origin}"
-        aside.mkdir(parents=True, exist_ok=True)
-        for p in abandoned:
-            p.rename(aside / p.name)
-        fsync(aside)  # the renames are durable before training writes anything new
-        fsync(self.dir)
+        aside = self.set_aside(abandoned, origin)
         self.log(
             "new timeline from %s: %d newer checkpoint(s) set aside in %s: %s",
             resumed if resumed is not None else "a fresh start",
@@ -262,6 +257,17 @@ class Checkpointer:
             ", ".join(p.name for p in abandoned),
         )
         return True
+
+    def set_aside(self, paths: list[Path], why: str) -> Path:
+        """Moves `paths` into ``set_aside/<now>-<why>/``, durably: every directory the renames changed is fsynced
+        before training writes anything new. Returns that directory."""
+        aside = self.dir / SET_ASIDE / f"{time.strftime('%Y%m%d-%H%M%S')}-{why}"
+        aside.mkdir(parents=True, exist_ok=True)
+        for p in paths:
+            p.rename(aside / p.name)
+        for d in (aside, aside.parent, self.dir):
+            fsync(d)
+        return aside
 
     def save(self, engine, meta: dict, rank_state: dict) -> Path:
         """Saves every rank's partition and rank file, syncs them, then (rank 0) the marker. A collective."""
@@ -309,11 +315,7 @@ class Checkpointer:
         if not path.exists():
             return
         if (path / META_FILE).exists():
-            aside = self.dir / SET_ASIDE / f"{time.strftime('%Y%m%d-%H%M%S')}-overwritten"
-            aside.mkdir(parents=True, exist_ok=True)
-            path.rename(aside / path.name)
-            fsync(aside)
-            fsync(self.dir)
+            aside = self.set_aside([path], "overwritten")
             self.log("set aside %s: this run saves the same step anew (%s)", path.name, aside)
         else:
             shutil.rmtree(path)

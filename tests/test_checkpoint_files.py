@@ -279,7 +279,7 @@ def test_renames_and_prunes_are_followed_by_fsyncs_of_their_directories(tmp_path
     events.clear()
     assert Checkpointer(ckpt.dir, keep=1, log=lambda *a: None).start_timeline(None, None)
     aside = next((ckpt.dir / SET_ASIDE).iterdir())
-    assert events == [("fsync", aside), ("fsync", ckpt.dir)]
+    assert events == [("fsync", aside), ("fsync", aside.parent), ("fsync", ckpt.dir)]
 
     monkeypatch.setattr("istack_ds.checkpoint.subprocess.run", _fake_ds_to_universal)
     ckpt = make(tmp_path / "again", [3])
