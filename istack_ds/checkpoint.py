@@ -5,7 +5,8 @@ Layout of ``<out_dir>/checkpoints/``::
     step00000100/                  one DeepSpeed checkpoint (every rank's ZeRO partition)
         rank<r>.pt                 per-rank state: RNG states, the data loader's state ("data")
         istack_meta.json           written LAST, by rank 0, after every rank's files are on disk:
-                                   marks it complete and lists every file with its size
+                                   marks it complete and lists every file with its size and sha256
+                                   (each rank hashes its own files: :mod:`istack_ds.checkpoint_files`)
     step00000100_universal/        a universal conversion (loads on any world size), rank files copied
     set_aside/<when>-resumed-at-step<N>/step00000200/
                                    checkpoints of an abandoned timeline, never resumed by ``auto``
@@ -13,7 +14,13 @@ Layout of ``<out_dir>/checkpoints/``::
 **Complete and verified.** Every rank fsyncs the directory's files before rank 0
 writes the marker (itself fsynced, renamed into place, the directory fsynced).
 A directory without a readable marker is not a checkpoint; one whose files do not
-match the sizes its marker lists fails :func:`verify`.
+match the sizes and digests its marker lists fails :func:`verify` (markers written
+before digests: sizes only).
+
+**Divergence.** The save made when the losses stop being finite is marked
+``"diverged": true``: kept for inspection, never a candidate of ``auto``, never
+counted by ``checkpoint.keep`` (:meth:`Checkpointer.save_diverged` names the last
+good checkpoint instead).
 
 **Choice and fallback.** Rank 0 lists the candidates (:meth:`Checkpointer.candidates`:
 newest first, each verified; a bad one is reported and passed over) and broadcasts
@@ -25,7 +32,9 @@ from an older one, or a fallback) starts a new timeline:
 :meth:`Checkpointer.start_timeline` moves every newer checkpoint to ``set_aside/``
 (renamed, with a log line, never deleted) so that ``auto`` cannot go back to it,
 and the checkpoint resumed from is never pruned by this run. A save never writes
-into an old directory: a leftover of an unfinished save is removed first.
+into an old directory: a leftover of an unfinished save is removed first. Each
+rename is followed by an fsync of the directories it changed, and ``checkpoints/``
+is fsynced before older checkpoints are pruned.
 
 Saving and loading are collectives: every rank calls them.
 """
@@ -33,12 +42,12 @@ Saving and loading are collectives: every rank calls them.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -47,7 +56,8 @@ import numpy as np
 import torch
 
 from . import faults
-from .dist import barrier, log0, rank, world_size
+from .checkpoint_files import DIGEST, digest, digests, file_sizes, fsync, fsync_tree, own_digests
+from .dist import barrier, gather_all, log0, rank, world_size
 
 META_FILE = "istack_meta.json"
 SET_ASIDE = "set_aside"
@@ -124,53 +134,38 @@ def read_meta(path: str | Path) -> dict:
 
 
 def verify(path: str | Path) -> dict:
-    """Its meta, once every file the marker lists exists with the listed size; else CheckpointError naming it.
+    """Its meta, once every file the marker lists exists with the listed size and digest; else CheckpointError
+    naming the file.
 
-    Checkpoints written before markers listed their files pass on the marker alone.
+    Checkpoints written before markers listed their files pass on the marker alone, those written before
+    markers held digests on their sizes.
     """
     path = Path(path)
     meta = read_meta(path)
+    sums = meta.get(DIGEST)
     for name, size in meta.get("files", {}).items():
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing (the marker lists it with {size} bytes)")
         if f.stat().st_size != size:
             raise CheckpointError(f"{path}: {name} has {f.stat().st_size} bytes, the marker lists {size}")
+        if sums is not None and digest(f) != sums.get(name):
+            raise CheckpointError(
+                f"{path}: {name} does not hold what was saved there (its {DIGEST} differs from the marker's): "
+                "a file from another checkpoint or a damaged one"
+            )
     return meta
 
 
-def _files(path: Path) -> dict[str, int]:
-    return {
-        str(f.relative_to(path)): f.stat().st_size
-        for f in sorted(path.rglob("*"))
-        if f.is_file() and f.name != META_FILE and not f.name.endswith(".tmp")
-    }
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    # NOTE: fsync flushes the node's page cache whoever wrote the file, so every rank syncing the
-    # whole directory covers the files of every node; syncing a clean file costs nothing.
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            _fsync(f)
-    _fsync(path)
-
-
-def write_marker(path: Path, meta: dict) -> None:
-    """Lists every file of `path` with its size in the marker, written durably and atomically."""
+def write_marker(path: Path, meta: dict, known: dict[str, str] | None = None) -> None:
+    """Lists every file of `path` with its size and digest (`known`: those the ranks hashed) in the marker,
+    written durably and atomically."""
+    sizes = file_sizes(path, skip=META_FILE)
     tmp = path / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta | {"files": _files(path)}, indent=1))
-    _fsync(tmp)
+    tmp.write_text(json.dumps(meta | {"files": sizes, DIGEST: digests(path, list(sizes), known or {})}, indent=1))
+    fsync(tmp)
     tmp.replace(path / META_FILE)  # atomic: a checkpoint is complete or it is not
-    _fsync(path)
+    fsync(path)
 
 
 # ---- the checkpoints of a run ----------------------------------------------------------------
@@ -201,7 +196,8 @@ class Checkpointer:
         return sorted(found, key=lambda p: (step_of(p), p.name.endswith("_universal")))
 
     def candidates(self, world: int) -> tuple[list[Path], list[str]]:
-        """Complete checkpoints that verify, newest first, and a note for each that did not.
+        """Complete checkpoints that verify and were not saved at a divergence, newest first, and a note for each
+        passed over.
 
         At one step, the copy that loads on `world` ranks without a conversion comes first:
         the original when it was saved by `world` ranks (it alone has every rank's RNG and data
@@ -215,6 +211,9 @@ class Checkpointer:
 
         good, notes = [], []
         for p in sorted(self.complete(), key=rank_key):
+            if read_meta(p).get("diverged"):
+                notes.append(f"passed over {p}: saved when the run diverged (kept for inspection only)")
+                continue
             try:
                 verify(p)
             except CheckpointError as e:
@@ -249,10 +248,7 @@ class Checkpointer:
             return False
         self.timeline = uuid.uuid4().hex[:8]
         origin = f"resumed-at-step{step}" if resumed is not None else "fresh-run"
-        aside = self.dir / SET_ASIDE / f"{time.strftime('%Y%m%d-%H%M%S')}-{origin}"
-        aside.mkdir(parents=True, exist_ok=True)
-        for p in abandoned:
-            p.rename(aside / p.name)
+        aside = self.set_aside(abandoned, origin)
         self.log(
             "new timeline from %s: %d newer checkpoint(s) set aside in %s: %s",
             resumed if resumed is not None else "a fresh start",
@@ -261,6 +257,17 @@ class Checkpointer:
             ", ".join(p.name for p in abandoned),
         )
         return True
+
+    def set_aside(self, paths: list[Path], why: str) -> Path:
+        """Moves `paths` into ``set_aside/<now>-<why>/``, durably: every directory the renames changed is fsynced
+        before training writes anything new. Returns that directory."""
+        aside = self.dir / SET_ASIDE / f"{time.strftime('%Y%m%d-%H%M%S')}-{why}"
+        aside.mkdir(parents=True, exist_ok=True)
+        for p in paths:
+            p.rename(aside / p.name)
+        for d in (aside, aside.parent, self.dir):
+            fsync(d)
+        return aside
 
     def save(self, engine, meta: dict, rank_state: dict) -> Path:
         """Saves every rank's partition and rank file, syncs them, then (rank 0) the marker. A collective."""
@@ -272,32 +279,58 @@ class Checkpointer:
         engine.save_checkpoint(str(self.dir), tag=tag, client_state={"istack": meta}, save_latest=False)
         faults.maybe("crash_in_save", meta["step"])
         torch.save(rank_state | {"rng": rng_state()}, path / f"rank{rank()}.pt")
-        _fsync_tree(path)
+        fsync_tree(path)
         barrier()
+        # NOTE: a collective: every rank hashes the files it wrote (checkpoint_files.owner), rank 0 gathers.
+        names = list(file_sizes(path, skip=META_FILE))
+        known = {k: v for d in gather_all(own_digests(path, names, rank(), world_size())) for k, v in d.items()}
         if rank() == 0:
-            write_marker(path, meta | {"world_size": world_size(), "timeline": self.timeline})
+            write_marker(path, meta | {"world_size": world_size(), "timeline": self.timeline}, known)
             self.prune()
         barrier()
         return path
+
+    def save_diverged(self, engine, meta: dict, rank_state: dict, what: str) -> str:
+        """Saves the state that stopped being finite, marked ``diverged`` (a collective); the message for the
+        user: `what` happened, where that state is, and the last good checkpoint to resume from."""
+        path = self.save(engine, meta | {"diverged": True}, rank_state)
+        good = self.last_good(meta["step"])
+        where = (
+            f"resume from the last good checkpoint {good} (step {step_of(good)}; checkpoint.resume=auto picks it)"
+            if good is not None
+            else f"no checkpoint before step {meta['step']}: start over (checkpoint.resume=none)"
+        )
+        return (
+            f"{what}; the diverged state is saved in {path} for inspection only (marked diverged: auto passes "
+            f"over it). Lower optim.lr or check the data, then {where}"
+        )
+
+    def last_good(self, before: int) -> Path | None:
+        """The newest complete checkpoint before step `before` not saved at a divergence (markers only)."""
+        good = [p for p in self.complete() if (step_of(p) or 0) < before and not read_meta(p).get("diverged")]
+        return good[-1] if good else None
 
     def _clear(self, path: Path) -> None:
         """A step directory is written fresh: an unfinished save is removed, a complete one set aside."""
         if not path.exists():
             return
         if (path / META_FILE).exists():
-            aside = self.dir / SET_ASIDE / f"{time.strftime('%Y%m%d-%H%M%S')}-overwritten"
-            aside.mkdir(parents=True, exist_ok=True)
-            path.rename(aside / path.name)
+            aside = self.set_aside([path], "overwritten")
             self.log("set aside %s: this run saves the same step anew (%s)", path.name, aside)
         else:
             shutil.rmtree(path)
             self.log("removed %s: a save that did not finish (no %s)", path, META_FILE)
 
     def prune(self) -> None:
-        """Keeps the newest `keep` steps (a step's universal conversion with it) and the checkpoint resumed from."""
+        """Keeps the newest `keep` steps (a step's universal conversion with it), the checkpoint resumed from, and
+        every diverged save newer than the oldest step kept (it does not count towards `keep`)."""
+        fsync(self.dir)  # the newest checkpoint's directory entry is durable before older ones go
         complete = self.complete()
         steps = sorted({step_of(p) or 0 for p in complete})
-        kept = set(steps[-self.keep :]) if self.keep > 0 else set(steps)
+        diverged = {step_of(p) or 0 for p in complete if read_meta(p).get("diverged")}
+        good = [s for s in steps if s not in diverged]
+        kept = set(good[-self.keep :]) if self.keep > 0 else set(good)
+        kept |= {s for s in diverged if not kept or s > min(kept)}
         for old in complete:
             if step_of(old) not in kept and old != self.protected:
                 shutil.rmtree(old, ignore_errors=True)
@@ -338,7 +371,9 @@ def convert_to_universal(checkpoint: Path, out: Path | None = None, log=print) -
 
     Idempotent: an existing complete conversion is returned as it is. `out` defaults to
     ``<checkpoint>_universal``; a directory there that is not a conversion made here is never touched
-    (CheckpointError); only this function's own ``<out>.partial`` is ever removed.
+    (CheckpointError). The conversion is written in a work directory of its own beside `out`
+    (``.<name>.partial-<random>``, renamed into place, then removed with DeepSpeed's ``latest_universal``
+    file): nothing else beside `out` is created or removed.
     """
     checkpoint = Path(checkpoint)
     out = Path(out) if out is not None else universal_path(checkpoint)
@@ -354,8 +389,23 @@ def convert_to_universal(checkpoint: Path, out: Path | None = None, log=print) -
             f"{out} exists and is not a universal checkpoint made from {checkpoint} (no {META_FILE}): "
             "it is left as it is; remove it or choose another --out"
         )
-    tmp = out.with_name(out.name + ".partial")  # ours: left by an interrupted conversion
-    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))  # a unique name: ours alone
+    try:
+        _convert(checkpoint, work / out.name, meta, out)
+    finally:  # what is left in it: DeepSpeed's latest_universal, or a failed conversion
+        shutil.rmtree(work, ignore_errors=True)
+    params = len(list((out / "zero").iterdir()))
+    log(
+        f"wrote universal checkpoint {out}: step {meta['step']}, depth {meta['depth']}, {params} parameters, "
+        f"saved by {meta.get('world_size')} rank(s) x accumulation {meta.get('gradient_accumulation')}"
+    )
+    return out
+
+
+def _convert(checkpoint: Path, tmp: Path, meta: dict, out: Path) -> None:
+    """`checkpoint` converted into `tmp` (DeepSpeed writes ``latest_universal`` beside it), marked, renamed to
+    `out`."""
     # --inject_missing_state: 0.19.8 asserts on checkpoints saved without the universal info otherwise.
     cmd = [
         sys.executable,
@@ -372,13 +422,8 @@ def convert_to_universal(checkpoint: Path, out: Path | None = None, log=print) -
         raise CheckpointError(f"ds_to_universal failed on {checkpoint}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     for f in sorted(checkpoint.glob("rank*.pt")):  # the saving ranks' RNG and data positions travel along
         shutil.copy2(f, tmp / f.name)
-    _fsync_tree(tmp)
-    meta = {k: v for k, v in meta.items() if k != "files"}
+    fsync_tree(tmp)
+    meta = {k: v for k, v in meta.items() if k not in ("files", DIGEST)}
     write_marker(tmp, meta | {"universal": True, "converted_from": str(checkpoint)})
     tmp.rename(out)
-    params = len(list((out / "zero").iterdir()))
-    log(
-        f"wrote universal checkpoint {out}: step {meta['step']}, depth {meta['depth']}, {params} parameters, "
-        f"saved by {meta.get('world_size')} rank(s) x accumulation {meta.get('gradient_accumulation')}"
-    )
-    return out
+    fsync(out.parent)  # the rename is durable

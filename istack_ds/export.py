@@ -6,6 +6,9 @@ student was trained on), the distillation heads (``heads.safetensors``),
 ``istack_student.json`` (depth, supervised layers, targets, the kind of each head, the teacher), a model card
 (``README.md``, :mod:`istack_ds.model_card`), ``provenance.json`` (package versions and git commit,
 :mod:`istack_ds.provenance`) and, when the export was probed, ``probe.json``.
+
+An export never writes over what it did not make: a directory that holds anything but an earlier export
+(recognised by ``istack_student.json``) is refused (:class:`ExportError`) unless `force` is given.
 """
 
 from __future__ import annotations
@@ -24,6 +27,27 @@ from .models.student import HEADS_FILE, Student
 from .models.teacher import is_random_teacher, read_feature_extractor, resolve_teacher_path, teacher_hub_name
 from .provenance import PROVENANCE_FILE, provenance
 
+#: The file that marks a directory as an export of this project (written by :func:`save_student`).
+STUDENT_FILE = "istack_student.json"
+
+
+class ExportError(ValueError):
+    """An export refused before anything was written; the message names the directory and what is in it."""
+
+
+def check_out(out: str | Path, force: bool = False) -> None:
+    """Refuses an `out` that holds files of something other than an earlier export (unless `force`), naming it."""
+    out = Path(out)
+    if force or not out.is_dir() or (out / STUDENT_FILE).is_file():
+        return
+    found = sorted(p.name for p in out.iterdir())
+    if found:
+        shown = ", ".join(sorted(found, key=lambda n: n != "config.json")[:3]) + (", ..." if len(found) > 3 else "")
+        raise ExportError(
+            f"{out} holds {shown} and is not an istack_ds export (no {STUDENT_FILE}): the export would overwrite "
+            "it; choose another --out, or pass --force to write over it"
+        )
+
 
 def save_student(
     student: Student,
@@ -36,18 +60,21 @@ def save_student(
     probe: dict | None = None,
     datasets: list[str] | None = None,
     language: str | None = None,
+    force: bool = False,
 ) -> Path:
     """Writes ``full_state`` (full fp32 tensors by parameter name) through a fresh copy of ``student``'s shape.
 
     The feature-extractor config is the teacher's (`teacher_path`, a directory or cached Hub id); one is built
     only when the teacher has none. `config`: the run's ``Config``, for the model card; `probe`: an
     ``istack probe`` report (default: the ``probe.json`` already in `out`, if any), written beside the card and
-    summarized in it; `datasets` / `language`: the card's metadata where the train index does not say.
+    summarized in it; `datasets` / `language`: the card's metadata where the train index does not say;
+    `force`: write into a directory :func:`check_out` refuses.
     """
     from safetensors.torch import save_file
     from transformers import HubertModel
 
     out = Path(out)
+    check_out(out, force)
     out.mkdir(parents=True, exist_ok=True)
     hf_config = copy.deepcopy(student.sfm.config)
     sfm = HubertModel(hf_config)
@@ -76,7 +103,7 @@ def save_student(
         **teacher_facts(teacher_path),
         "step": step,
     }
-    (out / "istack_student.json").write_text(json.dumps(info, indent=1))
+    (out / STUDENT_FILE).write_text(json.dumps(info, indent=1))
     record = provenance()
     (out / PROVENANCE_FILE).write_text(json.dumps(record, indent=1))
     if probe is None and (out / "probe.json").is_file():
@@ -127,7 +154,8 @@ def export_engine(
     states = gather_full_states(engine)
     if is_main():
         full = with_frontend({name: s.param for name, s in states.items()}, student, teacher_cnn)
-        save_student(student, full, out, teacher_path=teacher_path, step=step, config=config)
+        # force: the run's own <out_dir>/student, which the run directory's owner writes at every end
+        save_student(student, full, out, teacher_path=teacher_path, step=step, config=config, force=True)
     return Path(out)
 
 
@@ -196,8 +224,13 @@ def student_from_checkpoint(checkpoint: str | Path, teacher_path: str | Path | N
     return student.eval(), state, meta, teacher_path, cfg
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, teacher_path: str | Path | None = None, **card) -> Path:
+def export_checkpoint(
+    checkpoint: str | Path, out: str | Path, teacher_path: str | Path | None = None, force: bool = False, **card
+) -> Path:
     """Any istack_ds checkpoint (any stage, any ZeRO stage, universal too) -> an HF save_pretrained dir.
-    `card`: :func:`save_student`'s `probe`, `datasets` and `language`."""
+    `card`: :func:`save_student`'s `probe`, `datasets` and `language`; `out` is checked (:func:`check_out`)
+    before the checkpoint is read."""
+    check_out(out, force)
     student, state, meta, teacher_path, cfg = student_from_checkpoint(checkpoint, teacher_path)
-    return save_student(student, state, out, teacher_path=str(teacher_path), step=int(meta["step"]), config=cfg, **card)
+    step = int(meta["step"])
+    return save_student(student, state, out, teacher_path=str(teacher_path), step=step, config=cfg, force=force, **card)

@@ -43,8 +43,8 @@ def candidates(cfg: Config, world: int) -> tuple[list[Path], list[str]]:
     """The checkpoints to try, newest first, and a note for each one passed over (no collective).
 
     Raises CheckpointError when ``checkpoint.resume`` names no usable checkpoint, and for ``auto``
-    when checkpoints exist but none verifies: never a silent restart from step 0 over a run's
-    checkpoints (and its TensorBoard history).
+    when checkpoints exist but none verifies or all were saved at a divergence: never a silent restart
+    from step 0 over a run's checkpoints (and its TensorBoard history).
     """
     resume = cfg.checkpoint.resume
     if resume == "none":
@@ -54,7 +54,7 @@ def candidates(cfg: Config, world: int) -> tuple[list[Path], list[str]]:
         good, notes = checkpointer.candidates(world)
         if notes and not good:
             raise CheckpointError(
-                f"no checkpoint in {checkpointer.dir} verifies ({'; '.join(notes)}); to start the run over, set "
+                f"no checkpoint in {checkpointer.dir} can be resumed ({'; '.join(notes)}); to start the run over, set "
                 "checkpoint.resume=none (the old checkpoints are then set aside, not deleted)"
             )
         return good, notes
@@ -64,8 +64,8 @@ def candidates(cfg: Config, world: int) -> tuple[list[Path], list[str]]:
             f"{path} is not a directory; use `auto`, `none` or the path of a checkpoint directory "
             "(<out_dir>/checkpoints/stepNNNNNNNN)"
         )
-    verify(path)  # an explicit choice: no fallback, the error names what is wrong with it
-    return [path], []
+    meta = verify(path)  # an explicit choice: no fallback, the error names what is wrong with it
+    return [path], [f"{path} was saved when the run diverged: resumed as asked"] if meta.get("diverged") else []
 
 
 def agreed_candidates(cfg: Config, world: int) -> list[Path]:

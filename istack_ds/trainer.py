@@ -234,7 +234,7 @@ class Trainer:
         """One optimizer step over `accumulation` finite micro-batches through teacher, student, loss.
 
         A non-finite loss (on any rank) skips its micro-batch before backward, so no bad gradient
-        reaches the optimizer; `optim.max_nonfinite` in a row save a checkpoint and stop the run.
+        reaches the optimizer; `optim.max_nonfinite` in a row save a checkpoint marked diverged and stop the run.
         """
         t0 = time.perf_counter()
         done = attempts = 0
@@ -287,13 +287,11 @@ class Trainer:
             self.nonfinite_total,
         )
         self.metrics.scalars(self.step + 1, {"train/nonfinite_steps": float(self.nonfinite_total)})
-        if self.nonfinite_run >= self.cfg.optim.max_nonfinite:
-            path = self.save()
-            raise NonFiniteLossError(
-                f"{self.nonfinite_run} non-finite losses in a row at step {self.step + 1} "
-                f"(optim.max_nonfinite={self.cfg.optim.max_nonfinite}); saved {path}. "
-                "Lower optim.lr or check the data, then resume from that checkpoint"
-            )
+        if self.nonfinite_run >= self.cfg.optim.max_nonfinite:  # saved marked diverged: auto never resumes it
+            what = f"{self.nonfinite_run} non-finite losses in a row at step {self.step + 1}"
+            what += f" (optim.max_nonfinite={self.cfg.optim.max_nonfinite})"
+            rank_state = {"data": self.loader.state_dict()}
+            raise NonFiniteLossError(self.checkpointer.save_diverged(self.engine, self.state_dict(), rank_state, what))
 
     def teacher_pass(self, audio: torch.Tensor, lens: torch.Tensor):
         """The teacher's targets and, with a shared front end, the CNN features the student consumes too."""

@@ -212,9 +212,13 @@ def test_a_corrupt_newest_checkpoint_is_reported_and_the_previous_one_resumes(
 ):
     out = tmp_path / "run"
     copy_run(unbroken, out)
-    # step 14: a file every rank reads, zeroed at its own size (passes the size check, fails to load)
+    # step 14: a file every rank reads, zeroed at its own size, its marker rewritten to match: as if saved so
+    # (passes verification, fails to load)
+    from istack_ds.checkpoint import read_meta, write_marker
+
     model = out / "checkpoints/step00000014/mp_rank_00_model_states.pt"
     model.write_bytes(bytes(model.stat().st_size))
+    write_marker(model.parent, read_meta(model.parent))
     # step 12: rank 1's partition cut short (fails verification before anything loads)
     part = out / "checkpoints/step00000012/zero_pp_rank_1_mp_rank_00_optim_states.pt"
     part.write_bytes(part.read_bytes()[:100])

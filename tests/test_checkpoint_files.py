@@ -6,6 +6,7 @@ A fake engine writes DeepSpeed-like files, so every rule of istack_ds/checkpoint
 
 import json
 import random
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +172,118 @@ def test_rank_files_hold_plain_values_and_load_without_unpickling_objects(tmp_pa
     torch.save({"rng": rng_state(), "evil": FakeEngine()}, path)
     with pytest.raises(CheckpointError, match="does not load as plain values"):
         load_rank_state(path)
+
+
+def test_a_diverged_save_is_never_resumed_by_auto_nor_pushes_the_last_good_one_out(tmp_path):
+    """Issue 23, 3: the save at a divergence was the newest checkpoint (resumed, failing again at once, for
+    ever) and, with checkpoint.keep, pruned the last good one."""
+    ckpt = make(tmp_path, [3, 6], keep=1)
+    assert not (ckpt.dir / "step00000003").exists()
+    save(ckpt, 9, diverged=True)
+    assert sorted(p.name for p in ckpt.dir.glob("step*")) == ["step00000006", "step00000009"]
+    good, notes = ckpt.candidates(1)
+    assert [p.name for p in good] == ["step00000006"]
+    assert len(notes) == 1 and "step00000009" in notes[0] and "diverged" in notes[0]
+    save(ckpt, 10, diverged=True)  # diverged again, this step: the last good one stays
+    assert (ckpt.dir / "step00000006").is_dir() and ckpt.latest(world=1).name == "step00000006"
+
+
+def test_the_divergence_message_names_the_last_good_checkpoint(tmp_path):
+    ckpt = make(tmp_path, [3, 6], keep=1)
+    message = ckpt.save_diverged(FakeEngine(), {"step": 8, "depth": 2}, {"data": {}}, "3 non-finite losses in a row")
+    assert message.startswith("3 non-finite losses in a row")
+    assert f"last good checkpoint {ckpt.dir / 'step00000006'} (step 6" in message
+    assert str(ckpt.dir / "step00000008") in message and "inspection" in message
+    assert json.loads((ckpt.dir / "step00000008" / META_FILE).read_text())["diverged"] is True
+    fresh = make(tmp_path / "fresh", [])
+    message = fresh.save_diverged(FakeEngine(), {"step": 2, "depth": 2}, {"data": {}}, "diverged")
+    assert "no checkpoint before step 2" in message and "checkpoint.resume=none" in message
+
+
+def test_a_same_size_file_from_another_step_fails_verification_naming_it(tmp_path):
+    """Issue 23, 4: verification by size only let rank 1's file of step 50, copied over step 60's, resume."""
+    ckpt = make(tmp_path, [3, 6])
+    for name in ("mp_rank_00_model_states.pt", "rank0.pt"):
+        old, new = ckpt.dir / "step00000003" / name, ckpt.dir / "step00000006" / name
+        saved = new.read_bytes()
+        assert old.stat().st_size == new.stat().st_size
+        new.write_bytes(old.read_bytes() if old.read_bytes() != saved else saved[:-1] + bytes([saved[-1] ^ 1]))
+        with pytest.raises(CheckpointError, match=rf"step00000006: {name} does not hold what was saved there"):
+            verify(ckpt.dir / "step00000006")
+        good, notes = ckpt.candidates(1)
+        assert [p.name for p in good] == ["step00000003"] and name in notes[0]
+        new.write_bytes(saved)
+        assert verify(ckpt.dir / "step00000006")["step"] == 6
+
+
+def test_a_marker_without_digests_still_verifies_by_size(tmp_path):
+    """Checkpoints saved before markers held digests must still resume."""
+    ckpt = make(tmp_path, [3])
+    marker = ckpt.dir / "step00000003" / META_FILE
+    meta = json.loads(marker.read_text())
+    meta.pop("sha256", None)  # as written before markers held digests
+    marker.write_text(json.dumps(meta))
+    assert verify(marker.parent)["step"] == 3 and ckpt.latest(world=1) == marker.parent
+    (marker.parent / "rank0.pt").write_bytes(b"short")
+    with pytest.raises(CheckpointError, match="rank0.pt has 5 bytes"):
+        verify(marker.parent)
+
+
+def test_each_rank_hashes_the_files_it_wrote():
+    from istack_ds.checkpoint_files import owner
+
+    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_3_mp_rank_00_optim_states.pt", "rank2.pt", "zero/x/fp32.pt"]
+    assert [owner(n, 4) for n in names] == [0, 3, 2, 0]
+    assert owner("rank7.pt", 4) == 0  # not a rank of this world: rank 0 hashes it
+
+
+def _fake_ds_to_universal(cmd, **_):
+    """What ds_to_universal leaves: the output folder, and `latest_universal` in the folder above it."""
+    out = Path(cmd[cmd.index("--output_folder") + 1])
+    (out / "zero" / "w").mkdir(parents=True)
+    torch.save({"param": torch.ones(2)}, out / "zero" / "w" / "fp32.pt")
+    (out.parent / "latest_universal").write_text(out.name)
+    return subprocess.CompletedProcess(cmd, 0, "", "")
+
+
+def test_the_converter_keeps_a_partial_directory_it_did_not_make_and_leaves_no_stray_file(tmp_path, monkeypatch):
+    """Issue 23, 5: `--out X` deleted the user's X.partial and left DeepSpeed's latest_universal beside X."""
+    monkeypatch.setattr("istack_ds.checkpoint.subprocess.run", _fake_ds_to_universal)
+    ckpt = make(tmp_path, [3])
+    out = tmp_path / "exports" / "X"
+    (out.parent / "X.partial").mkdir(parents=True)
+    (out.parent / "X.partial" / "mine.txt").write_text("the user's")
+    assert convert_to_universal(ckpt.dir / "step00000003", out, log=lambda *_: None) == out
+    assert (out.parent / "X.partial" / "mine.txt").read_text() == "the user's"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["X", "X.partial"]
+    assert verify(out)["universal"] and (out / "rank0.pt").is_file()
+
+
+def test_renames_and_prunes_are_followed_by_fsyncs_of_their_directories(tmp_path, monkeypatch):
+    """Issue 23: checkpoints/ was never fsynced before pruning; set-aside and converter renames had no parent
+    fsync."""
+    import os
+    import shutil
+
+    events: list[tuple[str, Path]] = []
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")))))
+    monkeypatch.setattr(
+        "istack_ds.checkpoint.shutil.rmtree", lambda p, **kw: events.append(("rmtree", Path(p))) or real_rmtree(p, **kw)
+    )
+    ckpt = make(tmp_path, [3, 6], keep=1)
+    removal = events.index(("rmtree", ckpt.dir / "step00000003"))
+    marked = max(i for i, e in enumerate(events) if e == ("fsync", ckpt.dir / "step00000006"))  # the marker's rename
+    assert ("fsync", ckpt.dir) in events[marked:removal]
+
+    events.clear()
+    assert Checkpointer(ckpt.dir, keep=1, log=lambda *a: None).start_timeline(None, None)
+    aside = next((ckpt.dir / SET_ASIDE).iterdir())
+    assert events == [("fsync", aside), ("fsync", aside.parent), ("fsync", ckpt.dir)]
+
+    monkeypatch.setattr("istack_ds.checkpoint.subprocess.run", _fake_ds_to_universal)
+    ckpt = make(tmp_path / "again", [3])
+    events.clear()
+    out = tmp_path / "converted" / "U"
+    convert_to_universal(ckpt.dir / "step00000003", out, log=lambda *_: None)
+    assert [p for what, p in events if what == "fsync"][-1] == out.parent

@@ -10,6 +10,7 @@ initialised from it (`student.init: pretrained`) holds its weights.
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -226,6 +227,41 @@ def _small_export(out, teacher, *sets, **card):
     torch.manual_seed(0)
     student = Student(cfg.student, cfg.loss, read_teacher_info(teacher), depth=2).eval()
     return save_student(student, student.state_dict(), out, teacher_path=str(teacher), step=5, config=cfg, **card)
+
+
+def test_an_export_never_writes_over_a_model_it_did_not_make(tmp_path, teacher_dir, monkeypatch, capsys):
+    """Issue 23, 6: `istack export --out DIR` replaced a teacher's config.json and weights by the student."""
+    import istack_ds.export
+
+    export_main = load_tool("tools/export_student.py").main
+    target = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, target)
+
+    def files():
+        return {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+
+    before = files()
+    ckpt = tmp_path / "run/checkpoints/step00000005"  # refused before the checkpoint is read: a marker will do
+    ckpt.mkdir(parents=True)
+    (ckpt / "istack_meta.json").write_text(json.dumps({"step": 5, "depth": 2, "supervised": [1, 1]}))
+    assert export_main(["--checkpoint", str(ckpt), "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"{target} holds config.json" in err and "--force" in err
+    from istack_ds.export import ExportError
+
+    with pytest.raises(ExportError, match="holds config.json"):
+        _small_export(target, teacher_dir)
+    assert files() == before
+
+    seen = {}
+    monkeypatch.setattr(
+        istack_ds.export, "export_checkpoint", lambda c, out, t, force, **_: seen.update(f=force) or out
+    )
+    assert export_main(["--checkpoint", str(ckpt), "--out", str(target), "--force"]) == 0 and seen == {"f": True}
+    _small_export(target, teacher_dir, force=True)  # --force writes over it
+    assert (target / "istack_student.json").is_file() and files() != before
+    _small_export(target, teacher_dir)  # an earlier export is written over without --force
+    _small_export(tmp_path / "new", teacher_dir)
 
 
 ABSOLUTE = re.compile(r"(^|[\s`'\"(=:])/(?!/)[\w.-]")  # a path from the file system root

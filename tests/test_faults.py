@@ -33,17 +33,25 @@ def test_a_nonfinite_loss_on_one_rank_is_skipped_on_every_rank_and_counted(tmp_p
 
 
 def test_nonfinite_losses_in_a_row_save_and_stop(tmp_path, teacher_dir, demo_shards):
+    """Issue 23, 3: the divergence's save became the newest checkpoint, the one the message said to resume from,
+    and with checkpoint.keep it pushed the last good one out."""
+    from istack_ds.checkpoint import Checkpointer, read_meta
+
     out = tmp_path / "run"
     proc = torchrun(
         ROOT / "launchers/train.py",
-        *run_args(out, teacher_dir, demo_shards, "optim.max_nonfinite=3"),
+        *run_args(out, teacher_dir, demo_shards, "optim.max_nonfinite=3", "checkpoint.keep=1"),
         env=child_env(ISTACK_FAULTS="nan_all@5"),
         check=False,
         timeout=400,
     )
     assert proc.returncode != 0
     assert "3 non-finite losses in a row at step 5" in proc.stderr
-    assert (out / "checkpoints/step00000004/istack_meta.json").exists()
+    diverged, good = out / "checkpoints/step00000004", out / "checkpoints/step00000003"
+    assert read_meta(diverged)["diverged"] is True  # kept for inspection
+    assert f"resume from the last good checkpoint {good} (step 3" in proc.stderr
+    candidates, notes = Checkpointer(out / "checkpoints", keep=1).candidates(2)
+    assert candidates[0] == good and any(str(diverged) in n and "diverged" in n for n in notes)
 
 
 def _start_two_ranks(out, teacher_dir, demo_shards, faults: str, *extra: str) -> list[subprocess.Popen]:

@@ -19,7 +19,8 @@ datasets and language, feature-extraction, the probe results of --probe or of a
 probe.json already in DIR), provenance.json (package versions, git commit) and
 istack_student.json (depth, supervised layers, step, teacher). Load it with
     transformers.AutoModel.from_pretrained(DIR)
-Re-running overwrites DIR with the same files.
+Re-running overwrites an earlier export in DIR; a DIR holding anything else (a teacher's
+model, say) is refused, naming what is in it (exit 2), unless --force.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def main(argv=None, prog: str | None = None) -> int:
         help="Hub id of a training dataset, for the card (repeatable; default: LibriSpeech when the index says so)",
     )
     parser.add_argument("--language", default=None, help="language code of the training data, for the card (e.g. en)")
+    parser.add_argument("--force", action="store_true", help="write into DIR even when it holds something else")
     args = parser.parse_args(argv)
 
     import logging
@@ -86,7 +88,7 @@ def main(argv=None, prog: str | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     from istack_ds.checkpoint import read_meta
-    from istack_ds.export import export_checkpoint
+    from istack_ds.export import ExportError, export_checkpoint
     from istack_ds.models.teacher import TeacherError
 
     checkpoint = resolve_checkpoint(args.checkpoint)
@@ -96,8 +98,11 @@ def main(argv=None, prog: str | None = None) -> int:
         raise SystemExit(f"export_student: --probe {args.probe}: {e}") from None
     try:
         out = export_checkpoint(
-            checkpoint, args.out, args.teacher, probe=probe, datasets=args.dataset, language=args.language
+            checkpoint, args.out, args.teacher, args.force, probe=probe, datasets=args.dataset, language=args.language
         )
+    except ExportError as e:
+        print(f"export_student: {e}", file=sys.stderr)
+        return 2
     except TeacherError as e:
         raise SystemExit(f"export_student: {e} (pass --teacher DIR)") from None
     meta = read_meta(checkpoint)
