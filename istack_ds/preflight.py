@@ -16,6 +16,7 @@ from .config import Config, ConfigError
 from .dist import normalize_launcher_env, ranks_per_node, world_size
 from .models.student import check_init
 from .models.teacher import RANDOM_MARKER, TeacherInfo, check_teacher_layers, read_teacher_info
+from .run_dir import check_run_dir
 
 
 def preflight(cfg: Config) -> None:
@@ -41,6 +42,7 @@ def preflight(cfg: Config) -> None:
     check_teacher_trained(cfg, info)
     check_init(cfg.student, info, cfg.growth.stage_depths[0])
     check_resume(cfg)
+    check_run_dir(cfg)  # writable, room for a checkpoint: found now, not at the first save
     from .data import check_shard_count, read_index
 
     train = read_index(cfg.data.train_index)

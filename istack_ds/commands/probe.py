@@ -97,8 +97,9 @@ def main(argv=None, prog: str | None = None) -> int:
             device=args.device,
             out=args.out,
         )
-    except (DataError, TeacherError, ValueError) as e:
-        raise SystemExit(f"probe: {e}") from None
+    except (DataError, TeacherError, ValueError) as e:  # CheckpointError too: a corrupt checkpoint, named
+        print(f"probe: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
