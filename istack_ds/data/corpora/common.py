@@ -171,8 +171,8 @@ def write_part_manifests(
                 except BadSource as e:
                     skip(source, e)
                     continue
-                for e in left_out:
-                    skip(source, e)
+                for part in left_out:
+                    skip(source, part)
                 recs.write(recording)
                 for s in segments:
                     sups.write(s)
