@@ -20,6 +20,9 @@ Writes into --out (re-running overwrites them):
     probe.json         PER, SID accuracy and chance, the learned layer weights per task, data counts, timings
     probe_layers.png   the layer weights per task, one bar per hidden state
 
+Exit 2, one line naming the file: an index without the labels a task needs (found before any hidden state is
+computed), a corrupt or incomplete checkpoint, a teacher that does not load.
+
 A bounded-step proxy (istack_ds/evidence/probe.py says what it is and is not), deterministic for --seed: it ranks
 models probed with the same index, steps and seed; it is not SUPERB.
 """
