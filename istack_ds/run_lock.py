@@ -30,26 +30,37 @@ class RunLockError(RuntimeError):
     """The run directory is held by another run; the message names the holder and the lock file."""
 
 
-def _pid_started(pid: int) -> str | None:
-    """The start time of process `pid` (clock ticks since boot, /proc/<pid>/stat), None where unknown."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/<pid>/stat (state, ppid, ..., start time at index 19); None where unknown."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: the fields after it follow the last ")".
-    return stat.rsplit(")", 1)[-1].split()[19]
+    return stat.rsplit(")", 1)[-1].split()
+
+
+def _pid_started(pid: int) -> str | None:
+    """The start time of process `pid` (clock ticks since boot), None where unknown."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields else None
 
 
 def _alive(pid: int, started: str | None) -> bool:
-    """Process `pid` on this host runs, and is the one that took the lock (same start time where both known)."""
+    """Process `pid` on this host runs, and is the one that took the lock (same start time where both known).
+
+    A zombie (killed, not yet reaped by its parent, e.g. a launcher) is not alive: it writes nothing more.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass  # another user's process: it exists
-    now = _pid_started(pid)
-    return started is None or now is None or now == started
+    fields = _proc_stat(pid)
+    if fields is None:
+        return True  # no /proc: the signal said it exists
+    return fields[0] not in ("Z", "X") and (started is None or fields[19] == started)
 
 
 def _me() -> dict:

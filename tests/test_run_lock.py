@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -97,6 +98,18 @@ def test_a_dead_holder_on_this_host_is_taken_over(tmp_path):
     path = run_lock.acquire(out, log=lines.append)
     assert json.loads(path.read_text())["pid"] == os.getpid()
     assert len(lines) == 1 and "stale" in lines[0] and f"pid {dead.pid}" in lines[0]
+    run_lock.release(path)
+
+
+def test_a_killed_holder_not_yet_reaped_is_gone(tmp_path, holder):
+    """A rank 0 killed by SIGKILL stays a zombie until its parent reaps it: its lock is stale already."""
+    holder.kill()
+    for _ in range(500):  # the test is its parent and does not reap it yet
+        if run_lock._proc_stat(holder.pid)[0] == "Z":
+            break
+        time.sleep(0.01)
+    path = run_lock.acquire(tmp_path / "run", log=lambda _: None)
+    assert json.loads(path.read_text())["pid"] == os.getpid()
     run_lock.release(path)
 
 
