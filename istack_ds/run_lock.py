@@ -11,7 +11,9 @@ pid (so a pid reused by another process is not taken for the holder), Slurm job 
 **Stale locks.** A holder on this host whose process is gone left a stale lock: it is taken over with a log
 line. A holder on another host cannot be judged from here (its pid means nothing on this host): the run is
 refused, naming it; a user who knows that run is gone removes the lock file. A shared file system without an
-atomic exclusive create (NFS v2, some FUSE mounts) can let two runs both take the lock.
+atomic exclusive create (NFS v2, some FUSE mounts) can let two runs both take the lock. NOTE: the takeover of a
+stale lock (remove, then create) is not atomic: two runs that find the same stale lock within the same moment
+can both get in; a fresh lock is not affected.
 """
 
 from __future__ import annotations
