@@ -318,6 +318,9 @@ class Checkpointer:
             aside = self.set_aside([path], "overwritten")
             self.log("set aside %s: this run saves the same step anew (%s)", path.name, aside)
         else:
+            # NOTE: an unfinished directory here is a crashed save of this run directory, never another run's
+            # save in progress: the run holds the lock of its out_dir (istack_ds/run_lock.py), so no second
+            # run saves the same step into it at the same time.
             shutil.rmtree(path)
             self.log("removed %s: a save that did not finish (no %s)", path, META_FILE)
 

@@ -189,11 +189,11 @@ def student_from_checkpoint(checkpoint: str | Path, teacher_path: str | Path | N
     The student's shape comes from the checkpoint's resolved config; the teacher's
     config.json (its CNN shape) is read from `teacher_path`, default the config's teacher.path.
     """
-    from .checkpoint import read_meta
+    from .checkpoint import CheckpointError, verify
     from .config import Config
     from .models.teacher import read_teacher_info
 
-    meta = read_meta(checkpoint)
+    meta = verify(checkpoint)  # a truncated or missing file is named here, not by torch's unpickler
     if "config" in meta:
         cfg = Config.from_dict(meta["config"])
     else:  # checkpoints written before the meta carried the config: the run's resolved config.yaml
@@ -205,7 +205,11 @@ def student_from_checkpoint(checkpoint: str | Path, teacher_path: str | Path | N
         cfg = Config.from_dict(yaml.safe_load(run_config.read_text()))
     teacher_path = str(teacher_path or cfg.teacher.path)
     student = Student(cfg.student, cfg.loss, read_teacher_info(teacher_path), meta["depth"], meta["supervised"])
-    state = checkpoint_state(checkpoint)
+    try:
+        state = checkpoint_state(checkpoint)
+    except Exception as e:  # noqa: BLE001 -- torch and DeepSpeed raise many types on a corrupt file
+        first = (str(e).strip().splitlines() or [""])[0]  # one line: the cause, not a torch trace
+        raise CheckpointError(f"checkpoint {checkpoint} does not load ({type(e).__name__}: {first})") from e
     own = student.state_dict()
     for name, value in state.items():  # universal checkpoints keep flat tensors
         if name in own and value.shape != own[name].shape and value.numel() == own[name].numel():

@@ -17,6 +17,7 @@ from .config import Config, ConfigError
 from .dist import ranks_per_node, world_size
 from .models.student import check_init
 from .models.teacher import RANDOM_MARKER, TeacherInfo, check_teacher_layers, read_teacher_info
+from .run_dir import check_run_dir
 from .startup import normalize_launcher_env
 
 
@@ -65,6 +66,7 @@ def preflight_problems(cfg: Config) -> list[str]:
         check(check_teacher_trained, cfg, info)
         check(check_init, cfg.student, info, cfg.growth.stage_depths[0])
     check(check_resume, cfg)
+    check(check_run_dir, cfg)  # writable, room for a checkpoint: found now, not at the first save
     from .data import check_shard_count, read_index
 
     train = check(read_index, cfg.data.train_index)

@@ -206,3 +206,34 @@ def _keys(shard) -> set[str]:
 
     with tarfile.open(shard) as tf:
         return {m.name.split(".")[0] for m in tf.getmembers()}
+
+
+def test_a_name_that_is_not_utf8_and_vad_past_the_end_are_counted_by_their_own_reasons(tmp_path):
+    """Issue 23 item 12: a FLAC whose file name is not UTF-8 is `undecodable_name` (not `undecodable_flac`), and
+    each voice_activity interval that starts past the end of its audio is counted `vad_past_end`, its file kept."""
+    import os
+
+    from istack_ds.data.corpora.librilight import prepare_manifests
+
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, speakers=2, books=1, files=3, seconds=4.0, seed=3, engine="synth", **QUIET)
+    flacs = sorted(corpus.rglob("*.flac"))
+    bad = os.fsdecode(os.fsencode(flacs[0].parent) + b"/caf\xe9")  # latin-1 bytes: not UTF-8
+    os.rename(flacs[0], bad + ".flac")
+    os.rename(flacs[0].with_suffix(".json"), bad + ".json")
+    meta = json.loads(flacs[1].with_suffix(".json").read_text())
+    vad = meta["voice_activity"] + [[100.0, 101.5], [200.0, 201.0]]  # the file is at most 4 s long
+    flacs[1].with_suffix(".json").write_text(json.dumps({**meta, "voice_activity": vad}))
+    lines: list[str] = []
+
+    report = prepare_manifests(corpus, tmp_path / "manifests", jobs=1, log=lines.append)
+    assert report.skipped.by_reason == {"undecodable_name": 1, "vad_past_end": 2}
+    first = {f["reason"]: f for f in report.skipped.first}
+    assert first["undecodable_name"]["name"].endswith("caf\\xe9.flac")
+    assert "not UTF-8" in first["undecodable_name"]["why"]
+    assert first["vad_past_end"]["name"] == flacs[1].relative_to(corpus).as_posix()
+    assert "2 voice_activity interval(s) start at or after the end" in first["vad_past_end"]["why"]
+    json.dumps(report.skipped.to_dict(), ensure_ascii=False).encode("utf-8")  # prints and serializes as UTF-8
+    assert report.files == len(flacs) - 1, "the file with intervals past its end is kept"
+    again = prepare_manifests(corpus, tmp_path / "manifests", jobs=1, **QUIET)
+    assert again.skipped.to_dict() == report.skipped.to_dict(), "a re-run reports the same"

@@ -145,3 +145,17 @@ def test_the_layout_is_recognised_or_the_error_says_what_was_looked_for(librispe
         DataError, match=r"no corpus layout recognised. Looked for: LibriLight .* LibriSpeech .* lhotse"
     ):
         detect_layout(tmp_path / "other")
+
+
+def test_a_flac_whose_name_is_not_utf8_is_an_undecodable_name(tmp_path):
+    """Issue 23 item 12: named for what is wrong (the name), not as an undecodable FLAC or a missing transcript."""
+    import os
+
+    from istack_ds.data.corpora import BadSource
+    from istack_ds.data.corpora.librispeech import parse_utterance
+
+    flac = Path(os.fsdecode(os.fsencode(tmp_path) + b"/19-198-\xff.flac"))
+    flac.write_bytes(b"")  # the name is refused before any audio is read (soundfile cannot open it at all)
+    with pytest.raises(BadSource, match=r"19-198-\\xff\.flac: the file name is not UTF-8") as e:
+        parse_utterance(flac.stem, flac, "A TRANSCRIPT", True)
+    assert e.value.reason == "undecodable_name"

@@ -339,3 +339,22 @@ def test_ticker_prints_counts_rate_and_eta_at_the_end():
     lines = stream.getvalue().splitlines()
     assert len(lines) == 1 and lines[0].startswith("check: 3/3 shards, ") and "ETA 00:00:00" in lines[0]
     assert lines[0].endswith(", 1 bad")
+
+
+def test_silent_audio_is_left_out_and_counted(tmp_path):
+    """Issue 23 item 12: an all-zero window is counted as `silent` and left out; a quiet but not silent one (and
+    the shard's other members) are written as before."""
+    rng = np.random.default_rng(1)
+    audio = 0.3 * rng.standard_normal(3 * 16000).astype(np.float32)
+    audio[16000:32000] = 0.0  # one second of digital silence
+    audio[40000] = 1 / 32768  # a single quantum: quiet, not silent
+    source = tmp_path / "source.flac"
+    sf.write(source, audio, 16000)
+    cuts = [_spec("a-0000", source, 0.0, 0.5), _spec("a-0001", source, 1.25, 0.5), _spec("a-0002", source, 2.4, 0.5)]
+    entry = write_shard(tmp_path / "shard-000000.tar", cuts, 16000)
+    assert entry["samples"] == 2 and entry["skipped"]["by_reason"] == {"silent": 1}
+    assert entry["skipped"]["first"] == [{"name": "a-0001", "reason": "silent", "why": "every sample is zero"}]
+    assert sorted(members(tmp_path / "shard-000000.tar")) == ["a-0000", "a-0002"]
+    # the shard of the other cuts alone is the same, byte for byte
+    alone = write_shard(tmp_path / "shard-000001.tar", [cuts[0], cuts[2]], 16000)
+    assert alone["sha256"] == entry["sha256"] and "skipped" not in alone

@@ -87,7 +87,7 @@ def main(argv=None, prog: str | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    from istack_ds.checkpoint import read_meta
+    from istack_ds.checkpoint import CheckpointError, read_meta
     from istack_ds.export import ExportError, export_checkpoint
     from istack_ds.models.teacher import TeacherError
 
@@ -105,6 +105,9 @@ def main(argv=None, prog: str | None = None) -> int:
         return 2
     except TeacherError as e:
         raise SystemExit(f"export_student: {e} (pass --teacher DIR)") from None
+    except CheckpointError as e:  # a corrupt or incomplete checkpoint, named: one line, not torch's trace
+        print(f"export_student: {e}", file=sys.stderr)
+        return 2
     meta = read_meta(checkpoint)
     print(
         f"exported {checkpoint} (step {meta['step']}, depth {meta['depth']}, supervised layers "

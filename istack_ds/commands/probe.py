@@ -20,6 +20,9 @@ Writes into --out (re-running overwrites them):
     probe.json         PER, SID accuracy and chance, the learned layer weights per task, data counts, timings
     probe_layers.png   the layer weights per task, one bar per hidden state
 
+Exit 2, one line naming the file: an index without the labels a task needs (found before any hidden state is
+computed), a corrupt or incomplete checkpoint, a teacher that does not load.
+
 A bounded-step proxy (istack_ds/evidence/probe.py says what it is and is not), deterministic for --seed: it ranks
 models probed with the same index, steps and seed; it is not SUPERB.
 """
@@ -97,8 +100,9 @@ def main(argv=None, prog: str | None = None) -> int:
             device=args.device,
             out=args.out,
         )
-    except (DataError, TeacherError, ValueError) as e:
-        raise SystemExit(f"probe: {e}") from None
+    except (DataError, TeacherError, ValueError) as e:  # CheckpointError too: a corrupt checkpoint, named
+        print(f"probe: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -17,9 +17,9 @@ Before launching (one process, no process group, no launcher):
     istack train --config configs/demo.yaml --dry-run --nodes 4 --ranks-per-node 8
                                      # every pre-launch check, topology, shards, schedule, memory
 
-Exit codes: 0 done, 2 bad config or input (nothing started), 3 too many non-finite losses
-(a checkpoint was saved), 4 a collective failed (another rank died or stopped answering; the
-message names it), 5 the data stream failed on a rank (every rank stops; the message names it),
+Exit codes: 0 done, 2 bad config or input, or run.out_dir held by another run (nothing started),
+3 too many non-finite losses (a checkpoint was saved), 4 a collective failed (another rank died or
+stopped answering; the message names it), 5 the data stream failed on a rank (every rank stops; the message names it),
 6 no checkpoint to resume could be used (every rank stops; the message says why for each).
 """
 
@@ -212,11 +212,16 @@ def train(cfg: Config) -> int:
     from ..checkpoint import CheckpointError
     from ..data import DataError
     from ..dist import init_distributed, rank, setup_logging, unresponsive_ranks
+    from ..run_lock import lock_run
     from ..trainer import NonFiniteLossError, Trainer
 
     setup_logging()
     init_distributed(cfg.deepspeed.dist_timeout_s)
     setup_logging()  # again: the rank is known only now
+    refused = lock_run(cfg.run.out_dir)  # before anything is written into it; every rank hears it
+    if refused:
+        print(f"istack_ds: rank {rank()}: {refused}", file=sys.stderr)
+        return 2
     try:
         Trainer(cfg).train()
     except NonFiniteLossError as e:

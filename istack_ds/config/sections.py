@@ -27,6 +27,12 @@ class RunConfig:
 
     def __post_init__(self):
         _check_fields(self, "run")
+        if not str(self.out_dir).strip():
+            # NOTE: an empty out_dir would be the current directory, whatever it holds.
+            raise ConfigError("run.out_dir is empty: name the run directory (e.g. run.out_dir=runs/demo)")
+        if isinstance(self.seed, int) and abs(self.seed) >= 2**63:
+            # NOTE: torch seeds take 64 bits, and each rank seeds with run.seed plus rank and step offsets.
+            raise ConfigError(f"run.seed={self.seed} is beyond 63 bits: choose a seed below 2**63 in magnitude")
 
 
 @dataclass

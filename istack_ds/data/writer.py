@@ -22,7 +22,7 @@ merges the parts' indexes into the one an unsplit run writes. Checking shards ba
 
 A cut is left out, never written in part, and counted by one of
 :data:`WRITE_SKIP_REASONS` when its source audio does not decode, it holds fewer
-than :data:`~istack_ds.data.tario.MIN_MEMBER_SAMPLES` samples, its FLAC is above
+than :data:`~istack_ds.data.tario.MIN_MEMBER_SAMPLES` samples, every sample is zero (silent), its FLAC is above
 :func:`member_byte_cap`, or its key was already written (in this split or an earlier
 one). Each shard's index entry records its skips (``skipped``), so a re-run that keeps
 the shard reports them again; each split's index records the sum
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 #: Keys of a member's json that the writer sets; a cut's custom metadata cannot use them.
 MEMBER_KEYS = ("id", "offset", "duration", "sample_rate")
 #: Why the writer left a cut out (the keys of ``skipped.by_reason`` in index.json).
-WRITE_SKIP_REASONS = ("undecodable_flac", "too_short", "too_large", "duplicate_key")
+WRITE_SKIP_REASONS = ("undecodable_flac", "too_short", "silent", "too_large", "duplicate_key")
 
 
 def member_byte_cap(max_seconds: float, sample_rate: int) -> int:
@@ -142,7 +142,7 @@ def write_shard(
 ) -> dict:
     """Writes one shard, member by member (to a temp name, renamed when complete); returns its index entry.
 
-    A cut whose audio does not decode, is shorter than MIN_MEMBER_SAMPLES or encodes to more
+    A cut whose audio does not decode, is shorter than MIN_MEMBER_SAMPLES, is all zeros or encodes to more
     than `max_member_bytes` is left out; those and `dropped` ({"reason", "name", "why"} of
     cuts left out before, e.g. duplicate keys) are the entry's ``skipped`` (only when any).
     """
@@ -158,6 +158,9 @@ def write_shard(
                 continue
             if len(audio) < MIN_MEMBER_SAMPLES:
                 skipped.add("too_short", cut["id"], f"{len(audio)} samples, fewer than {MIN_MEMBER_SAMPLES}")
+                continue
+            if not audio.any():  # digital silence: a teacher's targets of nothing teach nothing
+                skipped.add("silent", cut["id"], "every sample is zero")
                 continue
             flac = encode_flac(audio, sample_rate)
             if len(flac) > max_member_bytes:

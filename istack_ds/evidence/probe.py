@@ -49,8 +49,10 @@ from istack_ds.evidence.probe_data import (
     FrozenModel,
     HiddenStates,
     LabelledIndex,
+    check_labels,
     held_out_ids,
     is_checkpoint,
+    missing_label,
     pr_pairs,
     read_labelled,
     sid_pairs,
@@ -94,6 +96,10 @@ def run_probes(
     if unknown or not tasks:
         raise ValueError(f"probe: tasks {list(tasks)}: choose from {list(TASKS)}")
     settings = ProbeSettings(steps=steps, batch=batch, lr=lr, held_out=held_out, seed=seed)
+    # NOTE: before any hidden state: computing them for every member takes minutes on a real index.
+    check_labels(train_index, tasks, max_utterances)
+    if valid_index is not None and "pr" in tasks:
+        check_labels(valid_index, ["pr"], max_utterances)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="probe_export_") as tmp:
         described: dict = {"model": str(model) if not callable(model) else getattr(model, "__name__", "function")}
@@ -156,9 +162,9 @@ def run_probes(
     where = f"held-out {settings.held_out:.0%} of each speaker's utterances of the train index"
     if "pr" in tasks:
         t0 = time.perf_counter()
-        _require(pr_pairs(train.utterances), train, "phonemes", "PR")
+        _require(pr_pairs(train.utterances), train, "pr")
         if valid is not None:
-            fit, test = pr_pairs(train.utterances), _require(pr_pairs(valid.utterances), valid, "phonemes", "PR")
+            fit, test = pr_pairs(train.utterances), _require(pr_pairs(valid.utterances), valid, "pr")
             scored_on = f"held-out index {valid_index}"
         else:
             fit, test, scored_on = pr_pairs(fitting), pr_pairs(scoring), where
@@ -176,7 +182,7 @@ def run_probes(
         )
     if "sid" in tasks:
         t0 = time.perf_counter()
-        _require(sid_pairs(train.utterances), train, "speaker", "SID")
+        _require(sid_pairs(train.utterances), train, "sid")
         fit_sid, test_sid = sid_pairs(fitting), sid_pairs(scoring)
         speakers = len({s for _, s in fit_sid})
         if not test_sid or speakers < 2:
@@ -202,13 +208,10 @@ def run_probes(
     return report
 
 
-def _require(pairs: list, index: LabelledIndex, key: str, task: str) -> list:
+def _require(pairs: list, index: LabelledIndex, task: str) -> list:
     """`pairs`; raises DataError naming the index when there are none."""
     if not pairs:
-        raise DataError(
-            f"shard index {index.path}: none of its {index.counts['members']} members carries `{key}` in its json; "
-            f"{task} needs it (shard a corpus with {key} labels, or leave {task.lower()} out of the tasks)"
-        )
+        raise missing_label(index.path, index.counts["members"], task)
     return pairs
 
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from istack_ds.data.index import read_index
-from istack_ds.data.tario import BadMember, decode_member, iter_tar_samples
+from istack_ds.data.index import DataError, read_index
+from istack_ds.data.tario import BadMember, decode_member, iter_tar_samples, member_meta
 
 #: audio float32 [samples] -> hidden states [layers, frames, hidden] (index i = output of layer i).
 HiddenStates = Callable[[np.ndarray], torch.Tensor]
@@ -47,6 +47,46 @@ class LabelledIndex:
     utterances: list[Utterance]
     counts: dict = field(default_factory=dict)
     """{"members", "seconds", "bad_members": {reason: n}, "without_speaker", "without_phonemes", "cached_mib"}."""
+
+
+#: The member json key each task needs.
+TASK_LABELS = {"pr": "phonemes", "sid": "speaker"}
+
+
+def labels(meta: dict) -> tuple[str | None, list[str] | None]:
+    """(speaker, phonemes) of a member json; None for a label it does not carry (or carries empty)."""
+    speaker = meta.get("speaker")
+    speaker = str(speaker) if isinstance(speaker, str | int) and str(speaker) else None
+    phonemes = meta.get("phonemes")
+    phonemes = [str(p) for p in phonemes] if isinstance(phonemes, list) and phonemes else None
+    return speaker, phonemes
+
+
+def missing_label(index_path: str | Path, members: int, task: str) -> DataError:
+    key = TASK_LABELS[task]
+    return DataError(
+        f"shard index {index_path}: none of its {members} members carries `{key}` in its json; "
+        f"{task.upper()} needs it (shard a corpus with {key} labels, or leave {task} out of the tasks)"
+    )
+
+
+def check_labels(index_path: str | Path, tasks: Iterable[str], max_utterances: int | None = None) -> None:
+    """DataError naming the index and the label when none of its members (the first `max_utterances`) carries
+    the label a task needs; reads the members' json only, so a bad index is refused before any model runs."""
+    index = read_index(index_path)
+    missing, members = set(tasks), 0
+    samples = (sample for shard in index.shards for sample in iter_tar_samples(shard.path, lambda *_: None))
+    for sample in samples:
+        if not missing or (max_utterances is not None and members >= max_utterances):
+            break
+        try:
+            speaker, phonemes = labels(member_meta(sample))
+        except BadMember:
+            continue
+        members += 1
+        missing -= {task for task, found in (("sid", speaker), ("pr", phonemes)) if found is not None}
+    if missing:
+        raise missing_label(index_path, members, min(missing))
 
 
 def read_labelled(
@@ -79,10 +119,7 @@ def read_labelled(
         except BadMember as e:
             bad[e.reason] += 1
             continue
-        speaker = meta.get("speaker")
-        speaker = str(speaker) if isinstance(speaker, str | int) and str(speaker) else None
-        phonemes = meta.get("phonemes")
-        phonemes = [str(p) for p in phonemes] if isinstance(phonemes, list) and phonemes else None
+        speaker, phonemes = labels(meta)
         no_speaker += speaker is None
         no_phonemes += phonemes is None
         hidden = hidden_states(audio).detach().float().cpu()

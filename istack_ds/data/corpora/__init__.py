@@ -57,7 +57,9 @@ SOURCE_SKIP_REASONS = (
     "missing_json",  # LibriLight: no <name>.json beside the FLAC
     "bad_json",
     "bad_vad",
+    "vad_past_end",  # LibriLight: a voice_activity interval that starts at or after the end of its file's audio
     "undecodable_flac",  # the audio header does not decode
+    "undecodable_name",  # a file whose name is not UTF-8 (manifests and member json hold names as UTF-8 text)
     "no_transcript",  # LibriSpeech: a FLAC no *.trans.txt line names
     "missing_audio",  # a transcript line or a recording whose audio file is not there
     "no_file_source",  # a lhotse recording whose audio is not exactly one file (url, command, several files)
@@ -69,11 +71,13 @@ SOURCE_SKIP_REASONS = (
 
 
 class BadSource(DataError):
-    """A source file that a corpus leaves out; `reason` is one of SOURCE_SKIP_REASONS, the message names the file."""
+    """A source file that a corpus leaves out; `reason` is one of SOURCE_SKIP_REASONS, the message names the file.
+    `count`: how many things it stands for (e.g. the VAD intervals of one file left out for one reason)."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, count: int = 1):
         super().__init__(message)
         self.reason = reason
+        self.count = count
 
 
 @dataclass

@@ -8,7 +8,8 @@ same way is here:
   :func:`write_part_manifests` (a bounded window of source files parsed by threads, written in order);
 - :func:`pick_valid_speakers` and :func:`write_split_files`: the held-out speakers and the cuts manifests
   per split;
-- :func:`audio_error`, :func:`sorted_dirs`, :func:`has_file`: reading a corpus directory.
+- :func:`check_name`, :func:`printable`, :func:`audio_error`, :func:`sorted_dirs`, :func:`has_file`: reading a
+  corpus directory.
 """
 
 from __future__ import annotations
@@ -48,6 +49,20 @@ def has_file(path: Path, suffix: str, depth: int) -> bool:
         except OSError:
             return False
     return any(has_file(d, suffix, depth - 1) for d in subdirs(path))
+
+
+def printable(path: str | os.PathLike) -> str:
+    """`path` as text that prints and goes into json anywhere: bytes of its name that are not UTF-8 as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def check_name(path: Path) -> None:
+    """BadSource("undecodable_name") naming `path` when its name is not UTF-8: a manifest, a member key and its
+    json hold names as UTF-8 text (soundfile and lhotse fail on it with an encoding error, not a bad header)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadSource("undecodable_name", f"{printable(path)}: the file name is not UTF-8 (rename it)") from None
 
 
 def audio_error(flac: Path, e: Exception) -> str:
@@ -133,9 +148,9 @@ def write_part_manifests(
     """Writes one part's two manifests from `sources` ((file, args of `parse`) each, in order); returns the
     sources written.
 
-    ``parse(*args)`` gives (Recording, [SupervisionSegment, ...]) or raises BadSource, which `skip(file, error)`
-    counts. `jobs` threads parse a bounded window of in-flight sources (shared storage is latency-bound);
-    they are written in order.
+    ``parse(*args)`` gives (Recording, [SupervisionSegment, ...], [BadSource of parts left out, ...]) or raises
+    BadSource; `skip(file, error)` counts each. `jobs` threads parse a bounded window of in-flight sources
+    (shared storage is latency-bound); they are written in order.
     """
     from lhotse import RecordingSet, SupervisionSet
 
@@ -152,10 +167,12 @@ def write_part_manifests(
             while len(pending) > limit:
                 source, fut = pending.popleft()
                 try:
-                    recording, segments = fut.result()
+                    recording, segments, left_out = fut.result()
                 except BadSource as e:
                     skip(source, e)
                     continue
+                for part in left_out:
+                    skip(source, part)
                 recs.write(recording)
                 for s in segments:
                     sups.write(s)

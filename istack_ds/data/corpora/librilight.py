@@ -14,9 +14,10 @@ replacing "flac" anywhere in the path. Headers are read by ``jobs`` threads
 manifests exist (they are written under a temporary name and renamed when
 complete), so re-running is cheap and adding ``medium`` later prepares only it.
 
-A file whose json is missing, unreadable or has a malformed ``voice_activity``
+A file whose name is not UTF-8, whose json is missing, unreadable or has a malformed ``voice_activity``
 (not a list of [start, end] pairs of finite numbers with 0 <= start < end), or
-whose FLAC header does not decode, is left out and counted by reason
+whose FLAC header does not decode, is left out and counted by reason, and so is each
+``voice_activity`` interval that starts at or after the end of its file's audio (``vad_past_end``)
 (:data:`~istack_ds.data.corpora.SOURCE_SKIP_REASONS`); each part's skips are kept in
 ``MANIFESTS/librilight_skipped_<part>.json`` (written before the part counts as
 prepared), so a re-run reports the same skips without reading the files again.
@@ -95,13 +96,16 @@ def voice_activity(meta: dict, where: Path) -> list[tuple[float, float]]:
 
 
 def parse_file(corpus_dir: Path, flac: Path):
-    """(Recording, [SupervisionSegment per VAD interval]) of one file; ids as lhotse's recipe makes them.
+    """(Recording, [SupervisionSegment per VAD interval], [BadSource of intervals left out]) of one file; ids as
+    lhotse's recipe makes them.
 
-    Raises BadSource (missing_json, bad_json, bad_vad, undecodable_flac) for a file to leave out.
+    Raises BadSource (undecodable_name, missing_json, bad_json, bad_vad, undecodable_flac) for a file to leave
+    out; the intervals that start at or after the end of its audio are left out as one BadSource (vad_past_end).
     """
     from lhotse import Recording, SupervisionSegment
     from lhotse.utils import add_durations
 
+    common.check_name(flac)
     rec_id = flac.relative_to(corpus_dir).with_suffix("").as_posix()  # small/<speaker>/<book>/<name>
     meta_path = flac.with_suffix(".json")
     try:
@@ -119,6 +123,18 @@ def parse_file(corpus_dir: Path, flac: Path):
         raise BadSource(
             "undecodable_flac", f"{flac}: unreadable audio header ({common.audio_error(flac, e)})"
         ) from None
+    past = [(s, e) for s, e in vad if s >= recording.duration]
+    left_out = []
+    if past:  # NOTE: no audio to cut from; an interval that only ends past the end is cut at the end later
+        vad = [(s, e) for s, e in vad if s < recording.duration]
+        left_out.append(
+            BadSource(
+                "vad_past_end",
+                f"{meta_path}: {len(past)} voice_activity interval(s) start at or after the end of its audio "
+                f"({recording.duration:g} s), e.g. {list(past[0])}",
+                count=len(past),
+            )
+        )
     sups = [
         SupervisionSegment(
             id=f"{rec_id}_{i}",
@@ -131,7 +147,7 @@ def parse_file(corpus_dir: Path, flac: Path):
         )
         for i, (s, e) in enumerate(vad)
     ]
-    return recording, sups
+    return recording, sups, left_out
 
 
 @dataclass
@@ -185,7 +201,11 @@ def _write_part_manifests(
 
     def skip(flac: Path, e: BadSource) -> None:
         log(f"skipped ({e.reason}): {e}")
-        skipped.add(e.reason, flac.relative_to(corpus_dir).as_posix(), str(e).removeprefix(f"{flac.parent}/"))
+        name, why = (
+            common.printable(flac.relative_to(corpus_dir)),
+            str(e).removeprefix(f"{common.printable(flac.parent)}/"),
+        )
+        skipped.add(e.reason, name, why, count=e.count)
 
     return common.write_part_manifests(
         rec_path,

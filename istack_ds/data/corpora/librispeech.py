@@ -109,11 +109,12 @@ def iter_utterances(part_dir: Path) -> Iterator[tuple[str, Path, str | None, boo
 
 def parse_utterance(utt: str, flac: Path, text: str | None, has_flac: bool):
     """(Recording, SupervisionSegment) of one utterance, as lhotse's recipe makes them; raises BadSource
-    (missing_audio, no_transcript, undecodable_flac) for one to leave out."""
+    (missing_audio, undecodable_name, no_transcript, undecodable_flac) for one to leave out."""
     from lhotse import Recording, SupervisionSegment
 
     if not has_flac:
         raise BadSource("missing_audio", f"{flac.name}: named in the transcript, not there")
+    common.check_name(flac)  # before the transcript: a name that is not UTF-8 matches no transcript line
     if text is None:
         raise BadSource("no_transcript", f"{flac.name}: no line in {flac.parent.name}'s *.trans.txt")
     try:
@@ -142,8 +143,8 @@ def _write_part_manifests(
     written. What is left out is added to `skipped`, named relative to the corpus root."""
 
     def skip(flac: Path, e: BadSource) -> None:
-        log(f"skipped ({e.reason}): {flac}")
-        skipped.add(e.reason, flac.relative_to(root).as_posix(), str(e))
+        log(f"skipped ({e.reason}): {common.printable(flac)}")
+        skipped.add(e.reason, common.printable(flac.relative_to(root)), str(e), count=e.count)
 
     return common.write_part_manifests(
         rec_path,
@@ -159,7 +160,7 @@ def _write_part_manifests(
 
 def _parse(utt: str, flac: Path, text: str | None, has_flac: bool):
     recording, segment = parse_utterance(utt, flac, text, has_flac)
-    return recording, [segment]
+    return recording, [segment], []
 
 
 def prepare_manifests(
