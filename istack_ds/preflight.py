@@ -60,13 +60,15 @@ def preflight_problems(cfg: Config) -> list[str]:
 
     check(plan_batches, cfg.data, cfg.deepspeed, world)  # a global batch this world size cannot split
     info = check(read_teacher_info, cfg.teacher.path)
+    found = len(problems)
     if info is not None:
         check(check_teacher_layers, info, cfg.loss.teacher_layers)
         check(check_teacher_fits, cfg, info)
         check(check_teacher_trained, cfg, info)
         check(check_init, cfg.student, info, cfg.growth.stage_depths[0])
+    student_known = info is not None and len(problems) == found
     check(check_resume, cfg)
-    check(check_run_dir, cfg)  # writable, room for a checkpoint: found now, not at the first save
+    check(check_run_dir, cfg, student_known)  # writable, room for a checkpoint: found now, not at the first save
     from .data import check_shard_count, read_index
 
     train = check(read_index, cfg.data.train_index)

@@ -65,13 +65,17 @@ def checkpoint_bytes(cfg: Config) -> tuple[int, str]:
     return estimate, f"{CHECKPOINT_BYTES_PER_PARAM} B x {params:,} student parameters at depth {depth} x 1.2"
 
 
-def check_run_dir(cfg: Config) -> None:
+def check_run_dir(cfg: Config, student_known: bool = True) -> None:
     """`run.out_dir` and its `checkpoints/` are writable and their file system has room for one checkpoint;
-    else ConfigError naming the directory."""
+    else ConfigError naming the directory. `student_known`: the teacher and student checks passed, so the
+    student's size can be estimated (without it and without an earlier checkpoint, room is not checked: the
+    problem that stops the run is already reported)."""
     out = Path(cfg.run.out_dir)
     check_writable(out, "run.out_dir")
     ckpt_dir = out / "checkpoints"
     check_writable(ckpt_dir, "checkpoint directory")
+    if not student_known and newest_checkpoint_bytes(ckpt_dir) is None:
+        return
     need, how = checkpoint_bytes(cfg)
     free = shutil.disk_usage(_existing(ckpt_dir)).free
     if free < need:
