@@ -35,12 +35,11 @@ import time
 
 from ..batching import UNRESOLVED_STEPS, plan_batches, resolve_total_steps
 from ..config import Config, ConfigError, load_config
+from . import HelpFormatter
 
 
 def build_parser(prog: str = "istack train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
     parser.add_argument(
         "--set",
