@@ -10,7 +10,7 @@ import soundfile as sf
 
 from istack_ds.data.corpora import detect_layout
 from istack_ds.data.corpora.lhotse_manifest import find_manifests, split_of
-from istack_ds.data.index import read_index
+from istack_ds.data.index import DataError, read_index
 from istack_ds.data.writer import shard_corpus
 from tests.test_data_librispeech import members
 
@@ -159,3 +159,34 @@ def test_manifest_files_are_paired_by_prefix_and_part(tmp_path):
         ("dev", ["ls_cuts_dev.jsonl.gz"]),
         ("train", ["ls_cuts_train.jsonl.gz"]),
     ]
+
+
+def test_relative_audio_paths_from_another_directory_say_the_audio_is_missing(tmp_path, monkeypatch):
+    """Issue 24 item 6: audio paths relative to the corpus root, sharded from elsewhere, is an error naming the audio
+    that is missing and where it was looked for (not "no supervision names a speaker")."""
+    from lhotse import RecordingSet, SupervisionSet
+
+    corpus = tmp_path / "corpus"
+    (corpus / "audio").mkdir(parents=True)
+    recs = _recordings(corpus / "audio", {"r1": 1.0, "r2": 1.0})
+    for rec in recs.values():
+        rec.sources[0].source = f"audio/{rec.id}.flac"  # relative to the corpus root, as a recipe run there writes
+    manifests = corpus / "manifests"
+    manifests.mkdir()
+    RecordingSet.from_recordings(recs.values()).to_file(manifests / "recordings.jsonl.gz")
+    sups = [_sup(recs["r1"], 0, 0.0, 1.0, "alice"), _sup(recs["r2"], 0, 0.0, 1.0, "bob")]
+    SupervisionSet.from_segments(sups).to_file(manifests / "supervisions.jsonl.gz")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(DataError) as e:
+        shard_corpus(manifests, tmp_path / "out", corpus="lhotse_manifest", min_shards=1, valid_speakers=1, **QUIET)
+    text = str(e.value)
+    assert text.startswith("audio missing: 2 utterances") and "missing_audio" in text, text
+    assert f"{elsewhere / 'audio' / 'r1.flac'} is not there" in text, text
+    assert f"looked for in {elsewhere}, then in {manifests}" in text, text
+    monkeypatch.chdir(corpus)  # from the corpus root the same manifests shard
+    reports = shard_corpus(
+        manifests, tmp_path / "out", corpus="lhotse_manifest", min_shards=1, valid_speakers=1, **QUIET
+    )
+    assert reports["train"].samples == 1 and reports["valid"].samples == 1

@@ -146,10 +146,12 @@ def _audio_path(recording, manifest_dir: Path, skipped: Skipped, what: str, utte
         skipped.add("no_file_source", what, why, utterances)
         return None
     path = Path(sources[0].source)
+    where = ""
     if not path.is_absolute():
+        where = f" (relative: looked for in {Path.cwd()}, then in {manifest_dir})"
         path = next((p for p in (Path.cwd() / path, manifest_dir / path) if p.exists()), Path.cwd() / path)
     if not path.exists():
-        skipped.add("missing_audio", what, f"recording {recording.id}: {path} is not there", utterances)
+        skipped.add("missing_audio", what, f"recording {recording.id}: {path} is not there{where}", utterances)
         return None
     return str(path.resolve())
 
@@ -329,10 +331,18 @@ def write_split_cuts(
     else:
         ignored = Skipped()  # this pass only lists speakers; the writing pass counts what is left out
         speakers = set()
+        found = 0
         for part in by_split["train"]:
             for cut in iter_utterances(part, max_seconds=max_seconds, min_seconds=min_seconds, skipped=ignored):
+                found += 1
                 if _speaker_of(cut) is not None:
                     speakers.add(str(_speaker_of(cut)))
+        missing = [f["why"] for f in ignored.first if f["reason"] == "missing_audio"]
+        if not found and missing:  # no utterance could be read, so no speaker was seen: say why
+            raise DataError(
+                f"audio missing: {ignored.by_reason['missing_audio']} utterances of "
+                f"{[p.name for p in by_split['train']]} have no audio file (missing_audio); first: {missing[0]}"
+            )
         if (valid_speakers or valid_fraction) and not speakers:
             raise DataError(
                 f"no supervision of {[p.name for p in parts]} names a speaker, and no part is named dev/valid: "
