@@ -138,6 +138,7 @@ def test_recordings_and_supervisions_shard_held_out_by_speaker_and_bad_entries_a
     assert any(
         line.startswith("skipped 4 source files: no_file_source 2, no_recording 1, too_long 1") for line in lines
     )
+    assert any(line.startswith("warning: the 1 held-out speaker(s) of 3 hold 1 of 3 cuts (33%)") for line in lines)
 
 
 @pytest.mark.parametrize(

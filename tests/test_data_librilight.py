@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from istack_ds.data.corpora import BadSource
-from istack_ds.data.corpora.common import pick_valid_speakers
+from istack_ds.data.corpora.common import pick_valid_speakers, warn_large_valid
 from istack_ds.data.corpora.librilight import (
     manifest_paths,
     prepare_librilight,
@@ -52,12 +52,15 @@ def test_only_small_then_medium_added(two_parts, tmp_path):
 
     shutil.copytree(two_parts / "medium", corpus / "medium")
     mtime = manifest_paths(out / "manifests", "small")[0].stat().st_mtime_ns
-    second = prepare_librilight(corpus, out, max_seconds=3.0, min_seconds=0.5, valid_speakers=1, **QUIET)
+    lines: list[str] = []
+    second = prepare_librilight(corpus, out, max_seconds=3.0, min_seconds=0.5, valid_speakers=1, log=lines.append)
     assert second["parts"] == ["small", "medium"] and second["valid_speakers"] == ["102"]
     assert manifest_paths(out / "manifests", "small")[0].stat().st_mtime_ns == mtime, "a prepared part is kept"
     assert len(ids_in(manifest_paths(out / "manifests", "medium")[0])) == 2
     assert second["splits"]["valid"]["cuts"] > 0
     assert second["splits"]["train"]["cuts"] == first["splits"]["train"]["cuts"]
+    (warning,) = [line for line in lines if line.startswith("warning: ")]  # one speaker of three is a third
+    assert "the 1 held-out speaker(s) of 3 hold" in warning and "--valid-speakers" in warning, warning
 
 
 def test_windows_never_exceed_the_maximum(two_parts, tmp_path):
@@ -93,6 +96,21 @@ def test_valid_fraction_and_errors():
         pick_valid_speakers(speakers, 50, None)
     with pytest.raises(DataError, match="must be in"):
         pick_valid_speakers(speakers, None, 1.5)
+
+
+def test_held_out_speakers_holding_much_of_the_data_are_a_warning():
+    """Issue 24 item 6: with few speakers the held-out ones can be half the corpus: a warning line names the numbers
+    and the options; a held-out split at most 20 % of the cuts and seconds (or none) is not warned about."""
+    lines: list[str] = []
+    warn_large_valid({"train": (10, 100.0), "valid": (10, 90.0)}, ["b"], 2, lines.append)
+    (line,) = lines
+    assert line.startswith("warning: the 1 held-out speaker(s) of 2 hold 10 of 20 cuts (50%), 0.025 of 0.053 h"), line
+    assert "--valid-speakers N or --valid-fraction F" in line, line
+    warn_large_valid({"train": (90, 1000.0), "valid": (10, 300.0)}, ["b"], 9, lines.append)  # 10 %, 23 % of time
+    assert len(lines) == 2 and "(23%)" in lines[1] and "(10%)" in lines[1], lines[1]
+    warn_large_valid({"train": (90, 1000.0), "valid": (10, 100.0)}, ["b"], 9, lines.append)
+    warn_large_valid({"train": (90, 1000.0)}, [], 9, lines.append)
+    assert len(lines) == 2
 
 
 def test_missing_corpus_is_named(tmp_path):

@@ -6,8 +6,8 @@ same way is here:
 - :func:`prepare_parts`: a part's recordings + supervisions manifests, written once (a part counts as prepared
   once both exist, its skips kept beside them so a re-run reports the same), each through
   :func:`write_part_manifests` (a bounded window of source files parsed by threads, written in order);
-- :func:`pick_valid_speakers` and :func:`write_split_files`: the held-out speakers and the cuts manifests
-  per split;
+- :func:`pick_valid_speakers`, :func:`warn_large_valid` and :func:`write_split_files`: the held-out speakers
+  (a warning when they hold much of the data) and the cuts manifests per split;
 - :func:`check_name`, :func:`printable`, :func:`audio_error`, :func:`sorted_dirs`, :func:`has_file`: reading a
   corpus directory.
 """
@@ -197,6 +197,28 @@ def pick_valid_speakers(speakers: list[str], valid_speakers: int | None, valid_f
     if n >= len(speakers):
         raise DataError(f"{n} validation speakers leave no training speaker (corpus has {len(speakers)})")
     return speakers[len(speakers) - n :] if n > 0 else []
+
+
+#: Held-out speakers holding more than this share of the cuts or seconds are said in the log (with few speakers the
+#: default one speaker can be half the corpus).
+VALID_SHARE_WARNING = 0.2
+
+
+def warn_large_valid(counts: dict, valid: list[str], speakers: int, log: Callable) -> None:
+    """A warning line when the held-out `valid` speakers (of `speakers`) hold more than VALID_SHARE_WARNING of the
+    cuts or the seconds; `counts` is (cuts, seconds) per split."""
+    if not valid or "valid" not in counts:
+        return
+    cuts, seconds = (sum(float(c[i]) for c in counts.values()) for i in (0, 1))
+    n, held = counts["valid"]
+    if n <= VALID_SHARE_WARNING * cuts and held <= VALID_SHARE_WARNING * seconds:
+        return
+    log(
+        f"warning: the {len(valid)} held-out speaker(s) of {speakers} hold {n} of {cuts:.0f} cuts "
+        f"({n / max(cuts, 1):.0%}), {held / 3600:.3f} of {seconds / 3600:.3f} h ({held / max(seconds, 1e-9):.0%}) "
+        f"(above {VALID_SHARE_WARNING:.0%}): hold out fewer with --valid-speakers N or --valid-fraction F "
+        "(--valid-speakers 0 holds none out)"
+    )
 
 
 def write_split_files(

@@ -43,7 +43,7 @@ from itertools import groupby
 from pathlib import Path
 
 from istack_ds.data.corpora import PreparedCorpus, Skipped
-from istack_ds.data.corpora.common import pick_valid_speakers, write_split_files
+from istack_ds.data.corpora.common import pick_valid_speakers, warn_large_valid, write_split_files
 from istack_ds.data.index import DataError
 
 #: Utterances up to this long are kept (LibriSpeech was segmented to at most 35 s): a batch holds whole utterances.
@@ -325,12 +325,12 @@ def write_split_cuts(
         names = [p.name for p in parts]
         raise DataError(f"no training part among {names}: every part is held out (dev/valid) or a test part")
     valid: list[str] = []
+    speakers: set[str] = set()
     if "valid" in by_split:
         if valid_speakers or valid_fraction:
             log("held-out split: the corpus's own " + ", ".join(repr(p.name) for p in by_split["valid"]) + " parts")
     else:
         ignored = Skipped()  # this pass only lists speakers; the writing pass counts what is left out
-        speakers = set()
         found = 0
         for part in by_split["train"]:
             for cut in iter_utterances(part, max_seconds=max_seconds, min_seconds=min_seconds, skipped=ignored):
@@ -365,6 +365,7 @@ def write_split_cuts(
     for split in splits:
         n, seconds = counts[split]
         log(f"{split}: {n} utterances ({seconds / 3600:.3f} h, {min_seconds}-{max_seconds} s each) -> {paths[split]}")
+    warn_large_valid(counts, valid, len(speakers), log)
     settings = {
         "manifests": {s: [f for p in by_split.get(s, []) for f in p.files] for s in splits},
         "parts_left_out": [p.name for p in left_out],

@@ -374,6 +374,7 @@ def prepare_librilight(
             seconds += c.duration
         splits[split] = {"cuts": n, "seconds": round(seconds, 3), "path": str(path)}
         log(f"{split}: {n} VAD windows ({seconds / 3600:.3f} h, <= {max_seconds} s each) -> {path}")
+    common.warn_large_valid({k: (v["cuts"], v["seconds"]) for k, v in splits.items()}, valid, len(speakers), log)
     return summary
 
 
