@@ -9,7 +9,7 @@ import pytest
 
 from istack_ds.commands import COMMANDS, HelpFormatter
 
-OWNED_ELSEWHERE = {"prepare", "shard", "check"}
+OWNED_ELSEWHERE = {"prepare", "shard"}
 """Data commands whose parsers another change revises; their help is checked there."""
 RAW_FORMATTER = {"init-config"}
 """Commands whose options have no default to show, whose parser another change owns (plain raw formatter)."""
