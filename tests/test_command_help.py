@@ -9,11 +9,6 @@ import pytest
 
 from istack_ds.commands import COMMANDS, HelpFormatter
 
-OWNED_ELSEWHERE = {"prepare", "shard"}
-"""Data commands whose parsers another change revises; their help is checked there."""
-RAW_FORMATTER = {"init-config"}
-"""Commands whose options have no default to show, whose parser another change owns (plain raw formatter)."""
-
 
 class _Parsed(Exception):
     pass
@@ -35,7 +30,7 @@ def _parser(command: str, monkeypatch) -> argparse.ArgumentParser:
     return captured[0]
 
 
-@pytest.mark.parametrize("command", sorted(set(COMMANDS) - OWNED_ELSEWHERE))
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_option_has_help_and_shows_its_default(command, monkeypatch):
     parser = _parser(command, monkeypatch)
     formatter = parser.formatter_class(prog=parser.prog)
@@ -47,9 +42,7 @@ def test_every_option_has_help_and_shows_its_default(command, monkeypatch):
         default = action.default
         if action.option_strings and default is not None and default is not False and default != []:
             assert "default" in formatter._get_help_string(action), f"istack {command}: {name} hides {default!r}"
-    assert command in RAW_FORMATTER or issubclass(parser.formatter_class, HelpFormatter), (
-        f"istack {command}: --help hides the defaults"
-    )
+    assert issubclass(parser.formatter_class, HelpFormatter), f"istack {command}: --help hides the defaults"
     assert "(default: " in parser.format_help(), parser.format_help()
 
 

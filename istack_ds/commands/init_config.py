@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from istack_ds.commands import HelpFormatter
+
 
 def shipped() -> dict[str, str]:
     """{name: text} of the configs installed with the package (istack_ds/configs/*.yaml)."""
@@ -50,9 +52,7 @@ def with_bases(name: str, configs: dict[str, str]) -> list[str]:
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("name", nargs="?", help="a shipped config, e.g. demo or paper_interleaved_eql (.yaml optional)")
     parser.add_argument("--out", type=Path, default=None, help="file to write (default: ./NAME.yaml)")
     parser.add_argument("--list", action="store_true", help="list the shipped configs and exit")

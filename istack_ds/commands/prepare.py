@@ -38,6 +38,7 @@ import json
 import sys
 import time
 
+from istack_ds.commands import HelpFormatter
 from istack_ds.data.corpora import (
     add_preparation_args,
     default_max_seconds,
@@ -49,7 +50,7 @@ from istack_ds.data.index import DataError
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     add_preparation_args(p)
     p.add_argument("--jobs", type=int, default=8, help="threads reading FLAC headers and VAD json")
     args = p.parse_args(argv)

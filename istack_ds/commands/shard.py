@@ -60,6 +60,7 @@ import argparse
 import sys
 import time
 
+from istack_ds.commands import HelpFormatter
 from istack_ds.data.corpora import add_preparation_args, valid_speakers_arg
 from istack_ds.data.index import DataError
 from istack_ds.data.parts import merge_parts, parse_part
@@ -67,12 +68,12 @@ from istack_ds.data.writer import shard_corpus
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     add_preparation_args(p, corpus_required=False)
     p.add_argument("--shard-mb", type=float, default=1024.0, help="target shard size (MB, may be fractional)")
     p.add_argument("--max-per-shard", type=int, default=None, help="at most this many cuts per shard")
     p.add_argument("--min-shards", type=int, default=8, help="spread a small split over at least this many shards")
-    p.add_argument("--sample-rate", type=int, default=16000)
+    p.add_argument("--sample-rate", type=int, default=16000, help="sample rate of the audio in the shards, in Hz")
     p.add_argument("--jobs", type=int, default=1, help="parallel shard writers (processes)")
     p.add_argument("--part", default=None, metavar="I/N", help="write only part I of N of every split's shards")
     p.add_argument("--merge", action="store_true", help="merge the parts' indexes under --out into index.json")
