@@ -40,7 +40,8 @@ KEPT_FIELDS = {
     ("loss", "teacher_layers"): "the student's shapes differ",
     ("deepspeed", "zero_stage"): (
         "DeepSpeed's optimizer files are partitioned per ZeRO stage and do not load into another "
-        "(`istack export` the checkpoint's student to carry its weights, not its optimizer state, into a new run)"
+        "(to carry the weights, not the optimizer state, into a run of another stage: `istack export` the checkpoint "
+        "and start that run with student.init=pretrained and student.init_from=<the export>)"
     ),
 }
 
