@@ -1,5 +1,5 @@
-"""istack_ds/resume.py without a process group: the config keys a resume lists as changed, the teacher a
-checkpoint was distilled from, the LR a resume's first step runs at (issue 23 item 8)."""
+"""istack_ds/resume.py: the config keys a resume lists as changed, the teacher a checkpoint was distilled from,
+the LR a resume's first step runs at (issue 23 item 8); without a process group but for the last test (one rank)."""
 
 import json
 import shutil
@@ -75,3 +75,26 @@ def test_a_resume_runs_its_first_step_at_this_configs_lr():
     assert engine.lr_scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 50 / 90)
     apply_configured_lr(engine)  # nothing changed: the same LR again
     assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 50 / 90)
+
+
+@pytest.mark.procgroup
+def test_a_resume_with_another_lr_logs_the_change_and_runs_at_it(tmp_path, teacher_dir, demo_shards):
+    """Issue 23 item 8: the resume line printed the checkpoint's LR and the first step ran at it."""
+    import re
+
+    from tests.helpers import run_args, scalars, torchrun
+
+    out = tmp_path / "run"
+    torchrun(ROOT / "launchers/train.py", *run_args(out, teacher_dir, demo_shards), nproc=1, timeout=300)
+    before = scalars(out / "tb", "train/lr")[12][-1]  # the LR of step 13, set when step 12 ended
+    ckpt = out / "checkpoints/step00000012"
+    resumed = torchrun(
+        ROOT / "launchers/train.py",
+        *run_args(out, teacher_dir, demo_shards, f"checkpoint.resume={ckpt}", "optim.lr=5.0e-4"),
+        nproc=1,
+        timeout=300,
+    )
+    assert "config changed since the checkpoint: optim.lr: 0.002 -> 0.0005" in resumed.stderr, resumed.stderr[-3000:]
+    assert "checkpoint.resume" not in "".join(x for x in resumed.stderr.splitlines() if "config changed" in x)
+    lr = float(re.search(r"resumed from .*, lr ([0-9.e+-]+)", resumed.stderr).group(1))
+    assert lr == pytest.approx(before / 4, rel=1e-3), (lr, before)
