@@ -138,7 +138,8 @@ def log_student(trainer: Trainer) -> None:
 
 
 def log_resumed(trainer: Trainer, path: Path, meta: dict, data_note: str) -> None:
-    """What a resume continues from: step, stage, depth, LR, a kept global batch, the data position, a re-plan."""
+    """What a resume continues from: step, stage, depth, LR (this config's, from the first step), the config keys
+    changed since the checkpoint, a kept global batch, the data position, a re-plan."""
     log0(
         "resumed from %s: step %d, stage %d, depth %d, lr %.3e",
         path,
@@ -147,6 +148,10 @@ def log_resumed(trainer: Trainer, path: Path, meta: dict, data_note: str) -> Non
         trainer.student.depth,
         trainer.engine.get_lr()[0],
     )
+    for change in resume.config_changes(resume.flat(meta.get("config", {})), resume.flat(trainer.cfg.to_dict())):
+        log0("config changed since the checkpoint: %s", change)
+    if "teacher_digest" not in meta:
+        log0("checkpoint %s records no teacher digest (an older version saved it): the teacher is not checked", path)
     configured = resume.batch_plan(trainer.cfg, world_size())
     if trainer.plan.accumulation != configured.accumulation:
         log0(

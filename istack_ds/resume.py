@@ -23,20 +23,30 @@ from .checkpoint import Checkpointer, CheckpointError, convert_to_universal, uni
 from .config import Config, ConfigError
 from .dist import broadcast_from_main, gather_all, is_main, log0, rank, run_on_main
 from .growth import Schedule
+from .models.teacher import teacher_digest
 
 #: How long the other ranks wait for rank 0 to convert a checkpoint of another world size.
 CONVERT_WAIT_S = 6 * 3600
 
-#: Config fields that fix the shapes of the student's parameters: a checkpoint made with other values
-#: cannot be loaded into the model this config builds.
-SHAPE_FIELDS = (
-    ("student", "hidden_size"),
-    ("student", "intermediate_size"),
-    ("student", "num_attention_heads"),
-    ("student", "conv_dim"),
-    ("loss", "kind"),
-    ("loss", "teacher_layers"),
-)
+#: Config fields a resume must keep, each with why: a checkpoint made with other values cannot be loaded into
+#: the engine this config builds.
+KEPT_FIELDS = {
+    ("student", "hidden_size"): "the student's shapes differ",
+    ("student", "intermediate_size"): "the student's shapes differ",
+    ("student", "num_attention_heads"): "the student's shapes differ",
+    ("student", "conv_dim"): "the student's shapes differ",
+    ("student", "frontend"): "the student's parameters differ (a shared frontend has no CNN of its own)",
+    ("loss", "kind"): "the student's shapes differ",
+    ("loss", "teacher_layers"): "the student's shapes differ",
+    ("deepspeed", "zero_stage"): (
+        "DeepSpeed's optimizer files are partitioned per ZeRO stage and do not load into another "
+        "(to carry the weights, not the optimizer state, into a run of another stage: `istack export` the checkpoint "
+        "and start that run with student.init=pretrained and student.init_from=<the export>)"
+    ),
+}
+
+#: Keys that say how a run is run, not what it trains: no line in the resume's list of config changes.
+BOOKKEEPING_KEYS = ("checkpoint.resume", "checkpoint.allow_other_teacher", "run.out_dir")
 
 
 def candidates(cfg: Config, world: int) -> tuple[list[Path], list[str]]:
@@ -88,6 +98,7 @@ def agreed_candidates(cfg: Config, world: int) -> list[Path]:
 def check_fits(meta: dict, cfg: Config, path: Path, world: int) -> None:
     """Refuses (CheckpointError naming the field) a checkpoint this config and world size cannot continue."""
     check_compatible(meta, cfg.to_dict(), path)
+    check_teacher(meta, cfg, path)
     planned = Schedule.from_config(cfg.growth, cfg.optim.steps).depth_at(meta["step"])
     if planned < meta["depth"]:  # a student cannot shrink
         raise CheckpointError(
@@ -101,13 +112,56 @@ def check_fits(meta: dict, cfg: Config, path: Path, world: int) -> None:
 def check_compatible(meta: dict, config: dict, path: str | Path) -> None:
     """Refuses a checkpoint whose model shape differs from what `config` builds, naming the field."""
     saved = meta.get("config", {})
-    for section, key in SHAPE_FIELDS:
+    for (section, key), why in KEPT_FIELDS.items():
         old, new = saved.get(section, {}).get(key), config[section][key]
         if old != new:
             raise CheckpointError(
                 f"checkpoint {path} was made with {section}.{key}={old!r} but this run has {section}.{key}={new!r}: "
-                "the student's shapes differ; resume with the checkpoint's value or set checkpoint.resume=none"
+                f"{why}; resume with the checkpoint's value or set checkpoint.resume=none"
             )
+
+
+def recorded_config(cfg: Config) -> dict:
+    """What a checkpoint's marker records of the config: the config itself and the digest of its teacher
+    (:func:`istack_ds.models.teacher.teacher_digest`), which :func:`check_teacher` compares on resume."""
+    return {"config": cfg.to_dict(), "teacher_digest": teacher_digest(cfg.teacher.path)}
+
+
+def check_teacher(meta: dict, cfg: Config, path: str | Path) -> None:
+    """Refuses a checkpoint distilled from another teacher (by config.json and weight files) unless
+    ``checkpoint.allow_other_teacher``; a checkpoint without a digest (older versions) passes unchecked."""
+    saved = meta.get("teacher_digest")
+    if saved is None or cfg.checkpoint.allow_other_teacher:
+        return
+    now = teacher_digest(cfg.teacher.path)
+    if saved != now:
+        was = meta.get("config", {}).get("teacher", {}).get("path")
+        raise CheckpointError(
+            f"checkpoint {path} was distilled from teacher {was} (digest {saved[:12]}) but this run's teacher "
+            f"{cfg.teacher.path} differs (digest {now[:12]}: another config.json or other weight files); the "
+            "student learnt the old teacher's layers: restore teacher.path, or set checkpoint.allow_other_teacher=true "
+            "to continue with this teacher anyway"
+        )
+
+
+def flat(config: dict, prefix: str = "") -> dict:
+    """A nested config as ``{"section.key": value}``."""
+    out: dict = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        out.update(flat(v, f"{key}.") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def config_changes(saved: dict, now: dict) -> list[str]:
+    """One line per key whose value differs between the checkpoint's flattened config `saved` and this run's
+    `now` (``key: old -> new``), in key order; the run's bookkeeping (:data:`BOOKKEEPING_KEYS`) left out."""
+    missing = "(absent)"
+    return [
+        f"{key}: {saved.get(key, missing)!r} -> {now.get(key, missing)!r}"
+        for key in sorted(saved.keys() | now.keys())
+        if key not in BOOKKEEPING_KEYS and saved.get(key, missing) != now.get(key, missing)
+    ]
 
 
 def batch_plan(cfg: Config, world: int, meta: dict | None = None, path: Path | None = None) -> BatchPlan:
@@ -150,9 +204,22 @@ def load_on_every_rank(checkpointer: Checkpointer, engine, path: Path) -> tuple[
     rank_state, error = None, ""
     try:
         rank_state = checkpointer.load(engine, path)
+        apply_configured_lr(engine)
     except Exception as e:  # noqa: BLE001 -- a corrupt file raises whatever its reader raises
         error = f"rank {rank()}: {type(e).__name__}: {e}"
     return rank_state, [e for e in gather_all(error) if e]
+
+
+def apply_configured_lr(engine) -> None:
+    """Sets the optimizer's LR to what this config's schedule gives at the loaded step, before the first step.
+
+    The loaded optimizer state carries the checkpoint's LR, and ``lr_scheduler.load_state_dict`` (the step
+    only) does not push the LR of this config's scheduler (built from optim.lr, warmup and total steps) into it:
+    without this, a resume with another optim.lr runs its first step at the checkpoint's LR.
+    """
+    scheduler = engine.lr_scheduler
+    if scheduler is not None:
+        scheduler.step(scheduler.last_batch_iteration)
 
 
 def replanned(meta: dict, schedule: Schedule, depth: int) -> bool:

@@ -190,7 +190,7 @@ class Trainer:
             "stage": self.schedule.stage_at(max(0, self.step - 1)),
             "gradient_accumulation": self.plan.accumulation,
             "nonfinite_steps": self.nonfinite_total,
-            "config": self.cfg.to_dict(),
+            **resume.recorded_config(self.cfg),
             "version": __version__,
         }
 

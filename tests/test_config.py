@@ -206,3 +206,25 @@ def test_numeric_holes_are_closed(overrides, message):
     """Issue 13 item 8: values that loaded before and failed only after the process group started (or never)."""
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert str(e.value).startswith(f"config file {bad}: not valid YAML, line 3, column 1"), e.value
+
+
+def test_a_malformed_set_value_names_the_override():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["growth.depths=[3,6"])
+    assert str(e.value).startswith("--set growth.depths=[3,6: the value is not valid YAML"), e.value
+
+
+@pytest.mark.parametrize("base", [["a.yaml", "b.yaml"], {"file": "a.yaml"}, ""])
+def test_base_must_name_one_file(tmp_path, base):
+    top = tmp_path / "top.yaml"
+    top.write_text(yaml.safe_dump({"base": base, "optim": {"lr": 1e-3}}))
+    with pytest.raises(ConfigError, match=rf"config file {re.escape(str(top))}: `base` must be the name of one"):
+        load_config(top)

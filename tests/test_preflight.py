@@ -127,6 +127,24 @@ def test_the_checkpoint_to_resume_must_fit_the_config(tmp_path, teacher_dir, dem
         preflight(demo_config(teacher_dir, demo_shards, f"run.out_dir={out}", "checkpoint.resume=auto"))
 
 
+@pytest.mark.parametrize(
+    "override, key",
+    [("student.frontend=shared", "student.frontend"), ("deepspeed.zero_stage=3", "deepspeed.zero_stage")],
+)
+def test_a_resume_must_keep_the_frontend_and_zero_stage(tmp_path, teacher_dir, demo_shards, override, key):
+    """Issue 23 item 9: these changes passed --dry-run and failed inside the run on every checkpoint."""
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints" / "step00000150"
+    ckpt.mkdir(parents=True)
+    config = demo_config(teacher_dir, demo_shards).to_dict()
+    (ckpt / "istack_meta.json").write_text(json.dumps({"step": 150, "depth": 4, "config": config, "world_size": 1}))
+    overrides = [f"run.out_dir={out}", "checkpoint.resume=auto", override]
+    if key == "student.frontend":
+        overrides.append("student.conv_dim=null")
+    with pytest.raises(ConfigError, match=rf"was made with {key}=.* but this run has {key}="):
+        preflight(demo_config(teacher_dir, demo_shards, *overrides))
+
+
 def test_student_conv_dim_must_match_the_teacher_cnn(teacher_dir, demo_shards):
     """Issue 13 item 8: the student's CNN takes the teacher's kernels; a conv_dim of another length failed only
     when the student was built, after the process group started."""

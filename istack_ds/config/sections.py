@@ -370,6 +370,9 @@ class CheckpointConfig:
     """Newest checkpoints kept."""
     resume: str = "auto"
     """`auto` (latest in <out_dir>/checkpoints if any), `none`, or a checkpoint path."""
+    allow_other_teacher: bool = False
+    """Resume a checkpoint distilled from another teacher (another config.json or weight files): refused unless
+    true."""
 
     def __post_init__(self):
         _check_fields(self, "checkpoint")

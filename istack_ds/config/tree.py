@@ -106,7 +106,17 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override `{item}` must look like section.key=value")
     key, raw = item.split("=", 1)
     # YAML parses numbers, booleans, lists ([3,6,12]) and null the way a config file would.
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item}: the value is not valid YAML ({_yaml_problem(e)})") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and, when known, where (line and column, counted from 1)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def merge(base: dict, top: dict) -> dict:
@@ -125,12 +135,17 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"config file {path}: `base` chain loops back to itself")
     with open(path) as f:
-        loaded = yaml.safe_load(f) or {}
+        try:
+            loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML, {_yaml_problem(e)}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     base = loaded.pop("base", None)
     if base is None:
         return loaded
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {path}: `base` must be the name of one config file, not {base!r}")
     return merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), loaded)
 
 

@@ -10,6 +10,7 @@ audio that teacher and student both hear.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -86,6 +87,21 @@ def fetch_snippet(out: str | Path, name: str = "facebook/hubert-base-ls960") -> 
 def is_random_teacher(path: str | Path) -> bool:
     """Whether the teacher a directory or cached Hub id names carries :data:`RANDOM_MARKER` (random weights)."""
     return (resolve_teacher_path(path) / RANDOM_MARKER).exists()
+
+
+#: The files whose names and sizes stand for a teacher's weights in :func:`teacher_digest`.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def teacher_digest(path: str | Path) -> str:
+    """sha256 of the teacher's config.json and of the names and sizes of its weight files: which teacher a
+    checkpoint was distilled from, in milliseconds (the weights themselves are not read)."""
+    local = resolve_teacher_path(path)
+    h = hashlib.sha256((local / "config.json").read_bytes())
+    for f in sorted(local.iterdir()):
+        if f.name.endswith(WEIGHT_SUFFIXES):  # NOTE: stat follows the HF cache's symlinks to the blobs
+            h.update(f"\0{f.name}\0{f.stat().st_size}".encode())
+    return h.hexdigest()
 
 
 def teacher_hub_name(path: str | Path) -> str | None:

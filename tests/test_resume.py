@@ -1,0 +1,100 @@
+"""istack_ds/resume.py: the config keys a resume lists as changed, the teacher a checkpoint was distilled from,
+the LR a resume's first step runs at (issue 23 item 8); without a process group but for the last test (one rank)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+from istack_ds.checkpoint import CheckpointError
+from istack_ds.config import load_config
+from istack_ds.models.teacher import teacher_digest
+from istack_ds.resume import apply_configured_lr, check_fits, config_changes, flat, load_on_every_rank
+from tests.helpers import ROOT
+
+
+def test_config_changes_lists_each_changed_key_but_not_bookkeeping():
+    saved = flat({"optim": {"lr": 1e-4, "steps": 10}, "checkpoint": {"resume": "auto"}, "run": {"out_dir": "a"}})
+    now = flat({"optim": {"lr": 5e-5, "steps": 10}, "checkpoint": {"resume": "none"}, "run": {"out_dir": "b"}})
+    now["teacher.path"] = "wav2vec2"
+    assert config_changes(saved, now) == ["optim.lr: 0.0001 -> 5e-05", "teacher.path: '(absent)' -> 'wav2vec2'"]
+    assert config_changes(saved, saved) == []
+
+
+def test_a_checkpoint_of_another_teacher_is_refused_unless_allowed(tmp_path, teacher_dir):
+    other = tmp_path / "other_teacher"
+    shutil.copytree(teacher_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(config | {"num_hidden_layers": config["num_hidden_layers"] + 1}))
+    assert teacher_digest(other) != teacher_digest(teacher_dir) == teacher_digest(teacher_dir)
+
+    made = load_config(ROOT / "configs/demo.yaml", [f"teacher.path={teacher_dir}"])
+    meta = {
+        "step": 0,
+        "depth": 2,
+        "world_size": 1,
+        "config": made.to_dict(),
+        "teacher_digest": teacher_digest(teacher_dir),
+    }
+    check_fits(meta, made, tmp_path, 1)
+    swapped = load_config(ROOT / "configs/demo.yaml", [f"teacher.path={other}"])
+    with pytest.raises(CheckpointError, match=rf"teacher {teacher_dir} .* this run's teacher {other} differs"):
+        check_fits(meta, swapped, tmp_path, 1)
+    allowed = load_config(ROOT / "configs/demo.yaml", [f"teacher.path={other}", "checkpoint.allow_other_teacher=true"])
+    check_fits(meta, allowed, tmp_path, 1)
+    check_fits({k: v for k, v in meta.items() if k != "teacher_digest"}, swapped, tmp_path, 1)  # an older checkpoint
+
+
+class LoadedEngine:
+    """An engine just after DeepSpeed's load_checkpoint: this config's scheduler (peak LR 1e-3) at the saved step,
+    the optimizer's param groups still at the LR the checkpoint's config (peak 1e-2) gave there."""
+
+    def __init__(self):
+        self.param = torch.nn.Parameter(torch.zeros(2))
+        self.optimizer = torch.optim.AdamW([self.param], lr=1e-3)
+        self.lr_scheduler = WarmupDecayLR(
+            self.optimizer, total_num_steps=100, warmup_max_lr=1e-3, warmup_num_steps=10, warmup_type="linear"
+        )
+        self.lr_scheduler.load_state_dict({"last_batch_iteration": 50})
+        for group in self.optimizer.param_groups:
+            group["lr"] = 1e-2 * 50 / 90
+
+
+class Checkpointer:
+    def load(self, engine, path):
+        return {}
+
+
+def test_a_resume_runs_its_first_step_at_this_configs_lr():
+    engine = LoadedEngine()
+    state, errors = load_on_every_rank(Checkpointer(), engine, None)
+    assert errors == []
+    assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 50 / 90)
+    assert engine.lr_scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 50 / 90)
+    apply_configured_lr(engine)  # nothing changed: the same LR again
+    assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 50 / 90)
+
+
+@pytest.mark.procgroup
+def test_a_resume_with_another_lr_logs_the_change_and_runs_at_it(tmp_path, teacher_dir, demo_shards):
+    """Issue 23 item 8: the resume line printed the checkpoint's LR and the first step ran at it."""
+    import re
+
+    from tests.helpers import run_args, scalars, torchrun
+
+    out = tmp_path / "run"
+    torchrun(ROOT / "launchers/train.py", *run_args(out, teacher_dir, demo_shards), nproc=1, timeout=300)
+    before = scalars(out / "tb", "train/lr")[12][-1]  # the LR of step 13, set when step 12 ended
+    ckpt = out / "checkpoints/step00000012"
+    resumed = torchrun(
+        ROOT / "launchers/train.py",
+        *run_args(out, teacher_dir, demo_shards, f"checkpoint.resume={ckpt}", "optim.lr=5.0e-4"),
+        nproc=1,
+        timeout=300,
+    )
+    assert "config changed since the checkpoint: optim.lr: 0.002 -> 0.0005" in resumed.stderr, resumed.stderr[-3000:]
+    assert "checkpoint.resume" not in "".join(x for x in resumed.stderr.splitlines() if "config changed" in x)
+    lr = float(re.search(r"resumed from .*, lr ([0-9.e+-]+)", resumed.stderr).group(1))
+    assert lr == pytest.approx(before / 4, rel=1e-3), (lr, before)
