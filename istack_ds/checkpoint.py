@@ -57,7 +57,7 @@ import torch
 
 from . import faults
 from .checkpoint_files import DIGEST, digest, digests, file_sizes, fsync, fsync_tree, own_digests
-from .dist import barrier, gather_all, log0, rank, world_size
+from .dist import barrier, broadcast_from_main, gather_all, log0, rank, world_size
 
 META_FILE = "istack_meta.json"
 SET_ASIDE = "set_aside"
@@ -169,6 +169,14 @@ def write_marker(path: Path, meta: dict, known: dict[str, str] | None = None) ->
 
 
 # ---- the checkpoints of a run ----------------------------------------------------------------
+
+
+def _good_checkpoint(path: Path) -> bool:
+    """`path` is a complete checkpoint not saved at a divergence (its marker read, nothing verified)."""
+    try:
+        return not read_meta(path).get("diverged")
+    except CheckpointError:
+        return False
 
 
 class Checkpointer:
@@ -292,7 +300,19 @@ class Checkpointer:
 
     def save_diverged(self, engine, meta: dict, rank_state: dict, what: str) -> str:
         """Saves the state that stopped being finite, marked ``diverged`` (a collective); the message for the
-        user: `what` happened, where that state is, and the last good checkpoint to resume from."""
+        user: `what` happened, where that state is, and the last good checkpoint to resume from.
+
+        When this step already has a good checkpoint (the losses stopped being finite in the step right after a
+        save, e.g. after a growth's save), that checkpoint holds this very state (a non-finite micro-batch never
+        reaches the optimizer): it is kept, not set aside for a diverged copy, and named as the one to resume from.
+        """
+        existing = self.dir / f"step{meta['step']:08d}"
+        # NOTE: rank 0 decides and every rank follows: either all save (a collective) or none does.
+        if broadcast_from_main(rank() == 0 and _good_checkpoint(existing)):
+            return (
+                f"{what}; the state is the one of {existing}, saved at this step before the losses stopped being "
+                "finite. Lower optim.lr or check the data, then resume from it (checkpoint.resume=auto picks it)"
+            )
         path = self.save(engine, meta | {"diverged": True}, rank_state)
         good = self.last_good(meta["step"])
         where = (

@@ -200,6 +200,18 @@ def test_the_divergence_message_names_the_last_good_checkpoint(tmp_path):
     assert "no checkpoint before step 2" in message and "checkpoint.resume=none" in message
 
 
+def test_a_divergence_right_after_a_save_keeps_that_good_checkpoint_and_names_it(tmp_path):
+    """Review of issue 23, 3: the losses stop being finite in the step right after a save (e.g. a growth's save):
+    the diverged save must not set that step's good checkpoint aside and leave nothing resumable."""
+    ckpt = make(tmp_path, [100, 150], keep=1)
+    message = ckpt.save_diverged(FakeEngine(), {"step": 150, "depth": 2}, {"data": {}}, "3 non-finite losses")
+    assert str(ckpt.dir / "step00000150") in message and "resume from it" in message
+    assert "diverged" not in json.loads((ckpt.dir / "step00000150" / META_FILE).read_text())
+    good, _ = ckpt.candidates(1)
+    assert [p.name for p in good] == ["step00000150"]
+    assert not (ckpt.dir / "set_aside").exists()
+
+
 def test_a_same_size_file_from_another_step_fails_verification_naming_it(tmp_path):
     """Issue 23, 4: verification by size only let rank 1's file of step 50, copied over step 60's, resume."""
     ckpt = make(tmp_path, [3, 6])
