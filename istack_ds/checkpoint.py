@@ -300,12 +300,9 @@ class Checkpointer:
 
     def save_diverged(self, engine, meta: dict, rank_state: dict, what: str) -> str:
         """Saves the state that stopped being finite, marked ``diverged`` (a collective); the message for the
-        user: `what` happened, where that state is, and the last good checkpoint to resume from.
-
-        When this step already has a good checkpoint (the losses stopped being finite in the step right after a
-        save, e.g. after a growth's save), that checkpoint holds this very state (a non-finite micro-batch never
-        reaches the optimizer): it is kept, not set aside for a diverged copy, and named as the one to resume from.
-        """
+        user: `what` happened, where that state is, and the last good checkpoint to resume from. A good checkpoint
+        of this very step (a save just before, e.g. a growth's) holds this state (non-finite micro-batches never
+        reach the optimizer): it is kept and named instead."""
         existing = self.dir / f"step{meta['step']:08d}"
         # NOTE: rank 0 decides and every rank follows: either all save (a collective) or none does.
         if broadcast_from_main(rank() == 0 and _good_checkpoint(existing)):
