@@ -133,9 +133,9 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def verify(path: str | Path) -> dict:
-    """Its meta, once every file the marker lists exists with the listed size and digest; else CheckpointError
-    naming the file.
+def verify(path: str | Path, content: bool = True) -> dict:
+    """Its meta, once every file the marker lists exists with the listed size and digest (`content`; False: the
+    sizes only, no file read); else CheckpointError naming the file.
 
     Checkpoints written before markers listed their files pass on the marker alone, those written before
     markers held digests on their sizes.
@@ -149,7 +149,7 @@ def verify(path: str | Path) -> dict:
             raise CheckpointError(f"{path}: {name} is missing (the marker lists it with {size} bytes)")
         if f.stat().st_size != size:
             raise CheckpointError(f"{path}: {name} has {f.stat().st_size} bytes, the marker lists {size}")
-        if sums is not None and digest(f) != sums.get(name):
+        if content and sums is not None and digest(f) != sums.get(name):
             raise CheckpointError(
                 f"{path}: {name} does not hold what was saved there (its {DIGEST} differs from the marker's): "
                 "a file from another checkpoint or a damaged one"
@@ -203,13 +203,12 @@ class Checkpointer:
             found.append(p)
         return sorted(found, key=lambda p: (step_of(p), p.name.endswith("_universal")))
 
-    def candidates(self, world: int) -> tuple[list[Path], list[str]]:
-        """Complete checkpoints that verify and were not saved at a divergence, newest first, and a note for each
-        passed over.
+    def candidates(self, world: int, content: bool = True, first: bool = False) -> tuple[list[Path], list[str]]:
+        """Complete checkpoints that verify and were not saved at a divergence, newest first; a note for each other.
 
         At one step, the copy that loads on `world` ranks without a conversion comes first:
         the original when it was saved by `world` ranks (it alone has every rank's RNG and data
-        position), else the universal conversion.
+        position), else the universal conversion. `content`: see :func:`verify`; `first`: stop at the first good one.
         """
 
         def rank_key(p: Path) -> tuple[int, int]:
@@ -223,11 +222,13 @@ class Checkpointer:
                 notes.append(f"passed over {p}: saved when the run diverged (kept for inspection only)")
                 continue
             try:
-                verify(p)
+                verify(p, content)
             except CheckpointError as e:
                 notes.append(f"passed over {p}: {e}")
                 continue
             good.append(p)
+            if first:
+                break
         return good, notes
 
     def latest(self, world: int | None = None) -> Path | None:

@@ -11,6 +11,7 @@ problem found is reported at once (:class:`PreflightError`), so one round trip s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .config import Config, ConfigError
@@ -142,7 +143,9 @@ def check_resume(cfg: Config) -> None:
 
     resume = cfg.checkpoint.resume
     try:
-        paths, _ = candidates(cfg, world_size())
+        # NOTE: before any process group every rank runs this: only rank 0 reads the files to hash them, and only
+        # up to the first good checkpoint (the run's own choice, on rank 0, verifies again).
+        paths, _ = candidates(cfg, world_size(), content=os.environ.get("RANK", "0") == "0", first=True)
         if paths:
             check_fits(read_meta(paths[0]), cfg, paths[0], world_size())
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError

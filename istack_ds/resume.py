@@ -49,8 +49,9 @@ KEPT_FIELDS = {
 BOOKKEEPING_KEYS = ("checkpoint.resume", "checkpoint.allow_other_teacher", "run.out_dir")
 
 
-def candidates(cfg: Config, world: int) -> tuple[list[Path], list[str]]:
-    """The checkpoints to try, newest first, and a note for each one passed over (no collective).
+def candidates(cfg: Config, world: int, content: bool = True, first: bool = False) -> tuple[list[Path], list[str]]:
+    """The checkpoints to try, newest first, and a note for each one passed over (no collective). `content`,
+    `first`: see :meth:`Checkpointer.candidates` (preflight hashes on one rank and only up to the first good one).
 
     Raises CheckpointError when ``checkpoint.resume`` names no usable checkpoint, and for ``auto``
     when checkpoints exist but none verifies or all were saved at a divergence: never a silent restart
@@ -61,7 +62,7 @@ def candidates(cfg: Config, world: int) -> tuple[list[Path], list[str]]:
         return [], []
     if resume == "auto":
         checkpointer = Checkpointer(Path(cfg.run.out_dir) / "checkpoints", cfg.checkpoint.keep)
-        good, notes = checkpointer.candidates(world)
+        good, notes = checkpointer.candidates(world, content, first)
         if notes and not good:
             raise CheckpointError(
                 f"no checkpoint in {checkpointer.dir} can be resumed ({'; '.join(notes)}); to start the run over, set "
@@ -74,7 +75,7 @@ def candidates(cfg: Config, world: int) -> tuple[list[Path], list[str]]:
             f"{path} is not a directory; use `auto`, `none` or the path of a checkpoint directory "
             "(<out_dir>/checkpoints/stepNNNNNNNN)"
         )
-    meta = verify(path)  # an explicit choice: no fallback, the error names what is wrong with it
+    meta = verify(path, content)  # an explicit choice: no fallback, the error names what is wrong with it
     return [path], [f"{path} was saved when the run diverged: resumed as asked"] if meta.get("diverged") else []
 
 
@@ -121,10 +122,12 @@ def check_compatible(meta: dict, config: dict, path: str | Path) -> None:
             )
 
 
-def recorded_config(cfg: Config) -> dict:
-    """What a checkpoint's marker records of the config: the config itself and the digest of its teacher
-    (:func:`istack_ds.models.teacher.teacher_digest`), which :func:`check_teacher` compares on resume."""
-    return {"config": cfg.to_dict(), "teacher_digest": teacher_digest(cfg.teacher.path)}
+def recorded_config(cfg: Config, digest: str) -> dict:
+    """What a checkpoint's marker records of the config: the config itself and `digest`, the digest of the teacher
+    the run loaded (:func:`istack_ds.models.teacher.teacher_digest`, taken once at start: a teacher directory
+    removed or re-saved during a long run neither stops a save nor is recorded as the run's teacher), which
+    :func:`check_teacher` compares on resume."""
+    return {"config": cfg.to_dict(), "teacher_digest": digest}
 
 
 def check_teacher(meta: dict, cfg: Config, path: str | Path) -> None:

@@ -39,7 +39,7 @@ from .metrics import DataAudit, LogWindow, Metrics, RegionTimer
 from .models.losses import distillation_loss
 from .models.sfm import length_mask, receptive_field
 from .models.student import LAYER_PREFIX, Student, init_student
-from .models.teacher import Teacher
+from .models.teacher import Teacher, teacher_digest
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,6 +60,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out_dir / "config.yaml")
         self.teacher = Teacher.from_config(cfg.teacher, cfg.loss.teacher_layers).to(self.device)
+        self.teacher_digest = teacher_digest(cfg.teacher.path)  # recorded in every checkpoint
         self.schedule = Schedule.from_config(cfg.growth, cfg.optim.steps)
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", cfg.checkpoint.keep)
         self.teacher_timer = RegionTimer(self.device)  # perf/teacher_frac
@@ -190,7 +191,7 @@ class Trainer:
             "stage": self.schedule.stage_at(max(0, self.step - 1)),
             "gradient_accumulation": self.plan.accumulation,
             "nonfinite_steps": self.nonfinite_total,
-            **resume.recorded_config(self.cfg),
+            **resume.recorded_config(self.cfg, self.teacher_digest),
             "version": __version__,
         }
 

@@ -212,6 +212,28 @@ def test_a_divergence_right_after_a_save_keeps_that_good_checkpoint_and_names_it
     assert not (ckpt.dir / "set_aside").exists()
 
 
+def test_preflight_hashes_on_rank_0_only_and_only_up_to_the_first_good_checkpoint(tmp_path, monkeypatch):
+    """Review of issue 23, 4: before any process group every rank ran the resume check, and each hashed every
+    checkpoint (32 ranks x 3 checkpoints of 1.5 GB: 144 GB read from a shared file system)."""
+    import istack_ds.checkpoint
+    from istack_ds.config import load_config
+    from istack_ds.preflight import check_resume
+
+    make(tmp_path / "run", [3, 6, 9])
+    hashed = []
+    real = istack_ds.checkpoint.digest
+    monkeypatch.setattr(istack_ds.checkpoint, "digest", lambda f: hashed.append(f.parent.name) or real(f))
+    cfg = load_config(None, [f"run.out_dir={tmp_path / 'run'}", "checkpoint.resume=auto"])
+    monkeypatch.setattr("istack_ds.preflight.world_size", lambda: 1)
+    monkeypatch.setattr("istack_ds.resume.check_fits", lambda *a: None)
+    monkeypatch.setenv("RANK", "1")
+    check_resume(cfg)
+    assert hashed == []
+    monkeypatch.setenv("RANK", "0")
+    check_resume(cfg)
+    assert set(hashed) == {"step00000009"}
+
+
 def test_a_same_size_file_from_another_step_fails_verification_naming_it(tmp_path):
     """Issue 23, 4: verification by size only let rank 1's file of step 50, copied over step 60's, resume."""
     ckpt = make(tmp_path, [3, 6])

@@ -11,7 +11,7 @@ from deepspeed.runtime.lr_schedules import WarmupDecayLR
 from istack_ds.checkpoint import CheckpointError
 from istack_ds.config import load_config
 from istack_ds.models.teacher import teacher_digest
-from istack_ds.resume import apply_configured_lr, check_fits, config_changes, flat, load_on_every_rank
+from istack_ds.resume import apply_configured_lr, check_fits, config_changes, flat, load_on_every_rank, recorded_config
 from tests.helpers import ROOT
 
 
@@ -98,3 +98,11 @@ def test_a_resume_with_another_lr_logs_the_change_and_runs_at_it(tmp_path, teach
     assert "checkpoint.resume" not in "".join(x for x in resumed.stderr.splitlines() if "config changed" in x)
     lr = float(re.search(r"resumed from .*, lr ([0-9.e+-]+)", resumed.stderr).group(1))
     assert lr == pytest.approx(before / 4, rel=1e-3), (lr, before)
+
+
+def test_a_save_records_the_digest_taken_at_start_without_reading_the_teacher_again(tmp_path):
+    """Review of issue 23, 8: the digest was recomputed from the teacher directory at every save, so a teacher
+    removed during a long run stopped the run at its next checkpoint with a traceback."""
+    cfg = load_config(None, [f"teacher.path={tmp_path / 'removed'}"])
+    recorded = recorded_config(cfg, "d1")
+    assert recorded == {"config": cfg.to_dict(), "teacher_digest": "d1"}
