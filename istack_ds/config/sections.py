@@ -115,6 +115,10 @@ class TeacherConfig:
     dtype: Literal["fp32", "bf16", "int8"] = "fp32"
     """Teacher compute dtype: fp32, bf16 (weights and activations), or int8 (CPU only: Linear layers
     dynamically quantized, so the targets move away from fp32's; see README "Performance")."""
+    tf32: bool = False
+    """fp32 teacher on a CUDA GPU: its matmuls and convolutions of fp32 tensors in TF32 (fp32 range, 10-bit
+    mantissa, tensor cores) when true, in full IEEE fp32 when false. Set only inside the teacher's forward
+    (the student keeps torch's settings); nothing changes on the CPU. Only with `dtype: fp32`."""
     allow_random: bool = False
     """Train on a teacher marked as having random weights (RANDOM_WEIGHTS.txt, written by `istack make-teacher`):
     true for the demo and tests, which exercise the machinery; false refuses such a teacher before launch, so a
@@ -122,6 +126,10 @@ class TeacherConfig:
 
     def __post_init__(self):
         _check_fields(self, "teacher")
+        if self.tf32 and self.dtype != "fp32":
+            raise ConfigError(
+                f"teacher.tf32=true applies to an fp32 teacher: set teacher.tf32=false with teacher.dtype={self.dtype}"
+            )
 
 
 @dataclass
