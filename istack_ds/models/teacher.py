@@ -233,7 +233,7 @@ def check_teacher_layers(info: TeacherInfo, layers: list[int]) -> None:
 def fp32_math(tf32: bool) -> Iterator[None]:
     """CUDA matmuls (cuBLAS) and convolutions (cuDNN) of fp32 tensors in TF32 (`tf32`) or IEEE fp32 inside the
     block, torch's previous settings restored after. No effect on CPU kernels."""
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv  # type: ignore[attr-defined]
     saved = matmul.fp32_precision, conv.fp32_precision
     # NOTE: torch >= 2.9's fp32_precision API only: mixing it with the legacy allow_tf32 flags raises.
     matmul.fp32_precision = conv.fp32_precision = "tf32" if tf32 else "ieee"
