@@ -153,7 +153,7 @@ def stage_versions(shapes: Shapes, tmp: Path) -> dict:
         "cuda_available": cuda,
         "device": torch.cuda.get_device_name() if cuda else "CPU",
         "capability": list(torch.cuda.get_device_capability()) if cuda else None,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+        "nccl": str(torch.cuda.nccl.version()) if cuda else None,  # a tuple, or an int in older torch
         "deepspeed": deepspeed.__version__,
         "accelerator": get_accelerator().device_name(),
         "transformers": transformers.__version__,

@@ -11,6 +11,9 @@ A training step counts 3 x the student's forward (backward ~ 2 x forward) plus 1
 forward only, up to its deepest target layer). `student.frontend: shared` computes the CNN once, in the teacher,
 so the student's count leaves it out. Norms, activations, the loss and the optimizer are left out (element-wise,
 memory-bound). MFU = FLOPs per step / step time / the device's dense bf16 peak (whatever the teacher's precision).
+
+`python tools/bench/gpu_costs.py [--utterances 8] [--seconds 15.625]` prints these FLOPs per depth for the paper's
+student and a HuBERT-Base-shaped teacher, and the EQL / PROP-1 speed-ups that FLOPs alone would allow.
 """
 
 from __future__ import annotations
@@ -132,3 +135,44 @@ class HostSyncs:
             torch.cuda.set_sync_debug_mode("default")
             self._warnings.__exit__(*exc)
             self.cuda_syncs = sum("synchronizing CUDA operation" in str(w.message) for w in self._records)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    import benchlib
+
+    from istack_ds.config import load_config
+    from istack_ds.models.student import Student
+    from istack_ds.models.teacher import Teacher
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--utterances", type=int, default=8, help="utterances per rank per step")
+    p.add_argument("--seconds", type=float, default=15.625, help="seconds per utterance")
+    args = p.parse_args(argv)
+    depths = [3, 6, 9, 12]
+    teacher = Teacher(benchlib.paper_teacher(), [4, 8, 12])
+    samples = int(args.seconds * 16000)
+    print(f"TFLOP per step, {args.utterances} x {args.seconds} s per rank (teacher forward + 3 x student forward)")
+    print("| front end | depth | teacher | student | total | CNN share | attention share |")
+    print("|---|---|---|---|---|---|---|")
+    for frontend in ("trainable", "shared"):
+        cfg = load_config(None, [f"student.frontend={frontend}", "loss.teacher_layers=[4,8,12]"])
+        totals = {}
+        for depth in depths:
+            student = Student(cfg.student, cfg.loss, teacher.info, depth, None)
+            f = step_flops(student, teacher.model, samples, args.utterances, frontend == "shared")
+            totals[depth] = f["total"]
+            print(
+                f"| {frontend} | {depth} | {f['teacher'] / 1e12:.2f} | {f['student'] / 1e12:.2f} | "
+                f"{f['total'] / 1e12:.2f} | {100 * f['cnn_share']:.0f} % | {100 * f['attention_share']:.0f} % |"
+            )
+        print(
+            f"| {frontend} | FLOPs alone: EQL {projected(totals, depths, 0):.2f}x, "
+            f"PROP-1 {projected(totals, depths, 1):.2f}x | | | | | |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
