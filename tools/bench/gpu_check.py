@@ -4,6 +4,7 @@ Usage:
     bash tools/bench/gpu_check.sh [OUT_DIR]             # on the GPU machine (installs the carried .whl/ first)
     python tools/bench/gpu_check.py --out DIR [--stages 1,2,3,4] [--budget-s 420] [--steps 5]
     python tools/bench/gpu_check.py --smoke --out DIR   # every stage on the CPU with tiny shapes (a test runs it)
+    python tools/bench/gpu_check.py --smoke --precision bf16 --stages 2,3 --out DIR    # the GPU's bf16 path
 
 Every stage runs the REAL Trainer (a DeepSpeed engine, one rank in this process) on fixed batches with a RANDOM
 teacher (HuBERT-Base-shaped; tiny with --smoke) and the paper's student (12 x 384; tiny with --smoke):
@@ -65,7 +66,7 @@ class Shapes:
     @classmethod
     def make(cls, smoke: bool, steps: int, teacher: Path | None = None, precision: str | None = None) -> Shapes:
         """`teacher` and `precision` default to a new random teacher and bf16 on a GPU (fp32 on the CPU)."""
-        precision = precision or ("bf16" if torch.cuda.is_available() else "fp32")
+        precision = precision or ("bf16" if torch.cuda.is_available() and not smoke else "fp32")
         if not smoke:
             return cls(False, teacher or benchlib.paper_teacher(), precision, steps)
         if teacher is None:
@@ -74,7 +75,7 @@ class Shapes:
             teacher = Path(tempfile.mkdtemp()) / "teacher"
             make_random_teacher(teacher, size="tiny")
         student = {"student.hidden_size": 64, "student.intermediate_size": 128, "student.num_attention_heads": 4}
-        return cls(True, teacher, "fp32", 1, student, "[4,8]", (2, 4), (2, 4), (1, 2), 1.0, 1.0)
+        return cls(True, teacher, precision, 1, student, "[4,8]", (2, 4), (2, 4), (1, 2), 1.0, 1.0)
 
 
 def trainer_for(shapes: Shapes, out_dir: Path, batches: list[dict], **extra):
@@ -172,9 +173,17 @@ def stage_versions(shapes: Shapes, tmp: Path) -> dict:
         close(trainer)
     if not out["smoke_loss"] == out["smoke_loss"]:
         raise RuntimeError(f"the smoke step's loss is {out['smoke_loss']}")
-    if cuda and not out["engine_device"].startswith("cuda"):
-        raise RuntimeError(f"a GPU is visible but the engine runs on {out['engine_device']} (a CPU fallback)")
+    fallback = fallback_error(cuda, out["engine_device"])
+    if fallback:
+        raise RuntimeError(fallback)
     return out
+
+
+def fallback_error(cuda_visible: bool, engine_device: str) -> str:
+    """The error of an engine that runs off the GPU torch sees (DeepSpeed's CPU accelerator, say), else ""."""
+    if cuda_visible and not engine_device.startswith("cuda"):
+        return f"a GPU is visible but the engine runs on {engine_device} (a CPU fallback)"
+    return ""
 
 
 def stage_growth(shapes: Shapes, tmp: Path) -> dict:
@@ -423,14 +432,14 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=420.0, help="start no stage-4 case after this many seconds")
     p.add_argument("--save-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--teacher", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--precision", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="the student's (default: bf16 on a GPU, else fp32)")
     args = p.parse_args(argv)
     if args.save_worker:
         return save_worker(args)
     start = time.monotonic()
     out = Path(args.out)
     benchlib.init_single_process()
-    shapes = Shapes.make(args.smoke, args.steps)
+    shapes = Shapes.make(args.smoke, args.steps, precision=args.precision)
     report = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
         "smoke": args.smoke,

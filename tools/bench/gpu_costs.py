@@ -117,8 +117,8 @@ class HostSyncs:
 
     def __enter__(self):
         for name in HOST_READS:
-            self._saved[name] = getattr(torch.Tensor, name)
-            setattr(torch.Tensor, name, self._wrap(name, self._saved[name]))
+            self._saved[name] = (getattr(torch.Tensor, name), name in vars(torch.Tensor))
+            setattr(torch.Tensor, name, self._wrap(name, self._saved[name][0]))
         if torch.cuda.is_available():
             import warnings
 
@@ -129,8 +129,11 @@ class HostSyncs:
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, original in self._saved.items():
-            setattr(torch.Tensor, name, original)
+        for name, (original, own) in self._saved.items():
+            if own:
+                setattr(torch.Tensor, name, original)
+            else:  # inherited from torch._C.TensorBase: the subclass had no attribute of its own
+                delattr(torch.Tensor, name)
         if torch.cuda.is_available():
             torch.cuda.set_sync_debug_mode("default")
             self._warnings.__exit__(*exc)
