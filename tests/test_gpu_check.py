@@ -126,3 +126,18 @@ def test_peak_table_names_the_h100_variants():
     assert gpu_costs.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert gpu_costs.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert gpu_costs.peak_tflops("Some GPU") is None
+
+
+def test_carried_wheels_are_the_versions_this_suite_tests_and_never_the_devices_own():
+    """tools/bench/build_gpu_wheels.sh pins each carried package to the version installed here (what the suite ran
+    with), and carries neither torch nor the device's transformers or numpy."""
+    from importlib import metadata
+
+    script = (ROOT / "tools/bench/build_gpu_wheels.sh").read_text()
+    block = script.split("PACKAGES=(", 1)[1].split(")", 1)[0]
+    pins = dict(p.split("==") for p in block.split())
+    pins["deepspeed"] = script.split("DEEPSPEED=deepspeed==", 1)[1].split()[0]
+    assert {"torch", "transformers", "numpy"}.isdisjoint(pins)
+    assert {"deepspeed", "lhotse", "webdataset", "pydantic", "hjson"} <= set(pins)
+    for name, version in pins.items():
+        assert metadata.version(name) == version, name
