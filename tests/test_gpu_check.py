@@ -122,6 +122,20 @@ def test_projection_of_linear_step_times_is_the_depth_ratio():
     assert gpu_costs.projected(step_s, [3, 6, 9, 12], alpha=1) == pytest.approx(4 / 3)
 
 
+def test_projection_per_teacher_against_the_fp32_teachers_full_depth():
+    """bf16 halves every step here: EQL is still 1.6x over its own full depth, 3.2x over the fp32 teacher's."""
+    fp32 = {3: 1.0, 6: 2.0, 9: 3.0, 12: 4.0}
+    rows = [
+        {"utterances": 2, "frontend": "shared", "teacher": t, "depth": d, "step_s": s * (0.5 if t == "bf16" else 1)}
+        for t in ("fp32", "bf16")
+        for d, s in fp32.items()
+    ]
+    p = {r["teacher"]: r for r in gpu_check.project(rows, [3, 6, 9, 12], (2,))}
+    assert set(p) == {"fp32", "bf16"}  # fp32+TF32 was not timed: no row
+    assert p["bf16"]["eql"] == pytest.approx(1.6) and p["bf16"]["full_depth_vs_fp32"] == pytest.approx(2.0)
+    assert p["bf16"]["eql_vs_fp32_full_depth"] == pytest.approx(3.2) and p["fp32"]["full_depth_vs_fp32"] == 1.0
+
+
 def test_peak_table_names_the_h100_variants():
     assert gpu_costs.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert gpu_costs.peak_tflops("NVIDIA H100 PCIe") == 756.0

@@ -334,21 +334,36 @@ def stage_steps(shapes: Shapes, tmp: Path, deadline: float) -> dict:
                         rows.append(row)
                 finally:
                     close(trainer)
-    projections = []
-    for utterances in shapes.utterances:
+    projections = project(rows, list(shapes.depths), shapes.utterances)
+    return {"peak_bf16_tflops": peak, "cases": rows, "projections": projections, "skipped": skipped}
+
+
+def project(rows: list[dict], depths: list[int], utterances: tuple[int, ...]) -> list[dict]:
+    """Per batch, front end and teacher with every depth timed: the EQL / PROP-1 speed-ups over full depth, the
+    full-depth step's speed-up over the IEEE fp32 teacher's, and EQL with this teacher over full depth with that
+    one (what the teacher's precision and the schedule give together)."""
+    out = []
+    for u in utterances:
         for frontend in FRONTENDS:
-            for name in TEACHERS:
-                step_s = {
+            times = {
+                name: {
                     r["depth"]: r["step_s"]
                     for r in rows
-                    if (r["utterances"], r["frontend"], r["teacher"]) == (utterances, frontend, name)
+                    if (r["utterances"], r["frontend"], r["teacher"]) == (u, frontend, name)
                 }
-                if len(step_s) == len(shapes.depths):
-                    eql, prop = (gpu_costs.projected(step_s, list(shapes.depths), a) for a in (0, 1))
-                    projections.append(
-                        {"utterances": utterances, "frontend": frontend, "teacher": name, "eql": eql, "prop1": prop}
-                    )
-    return {"peak_bf16_tflops": peak, "cases": rows, "projections": projections, "skipped": skipped}
+                for name in TEACHERS
+            }
+            for name, step_s in times.items():
+                if len(step_s) < len(depths):
+                    continue
+                row = {"utterances": u, "frontend": frontend, "teacher": name}
+                row.update(eql=gpu_costs.projected(step_s, depths, 0), prop1=gpu_costs.projected(step_s, depths, 1))
+                if len(times["fp32"]) == len(depths):
+                    full = times["fp32"][depths[-1]]
+                    row["full_depth_vs_fp32"] = full / step_s[depths[-1]]
+                    row["eql_vs_fp32_full_depth"] = row["full_depth_vs_fp32"] * row["eql"]
+                out.append(row)
+    return out
 
 
 def run_stage(report: dict, name: str, fn, *args) -> None:
@@ -403,10 +418,17 @@ def table(report: dict) -> str:
                 f"{100 * r['teacher_frac']:.0f} % | {r['audio_s_per_s']:.0f} | {r['tflops']:.3g} | {mfu} | "
                 f"{peak:.2f} | {syncs} |"
             )
-        lines += ["", "| utt/rank | front end | teacher | projected EQL | projected PROP-1 |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| utt/rank | front end | teacher | projected EQL | projected PROP-1 | full depth vs fp32 teacher "
+            "| EQL vs fp32-teacher full depth |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for p in steps["projections"]:
+            vs = [f"{p[k]:.2f}x" if k in p else "n/a" for k in ("full_depth_vs_fp32", "eql_vs_fp32_full_depth")]
             lines.append(
-                f"| {p['utterances']} | {p['frontend']} | {p['teacher']} | {p['eql']:.2f}x | {p['prop1']:.2f}x |"
+                f"| {p['utterances']} | {p['frontend']} | {p['teacher']} | {p['eql']:.2f}x | {p['prop1']:.2f}x | "
+                f"{vs[0]} | {vs[1]} |"
             )
         if steps["skipped"]:
             lines.append(f"\nSkipped (time budget): {steps['skipped']}")
