@@ -115,6 +115,11 @@ class TeacherConfig:
     dtype: Literal["fp32", "bf16", "int8"] = "fp32"
     """Teacher compute dtype: fp32, bf16 (weights and activations), or int8 (CPU only: Linear layers
     dynamically quantized, so the targets move away from fp32's; see README "Performance")."""
+    tf32: bool = False
+    """fp32 teacher on a CUDA GPU: its matmuls and convolutions of fp32 tensors in TF32 (fp32 range, 10-bit
+    mantissa, tensor cores) when true, in full IEEE fp32 when false. Set only inside the teacher's forward
+    (the student keeps torch's settings); nothing changes on the CPU, nor with `dtype: bf16` or `int8` (no fp32
+    math left to set), so a recipe's `tf32: true` stays when `--set teacher.dtype=bf16` is tried."""
     allow_random: bool = False
     """Train on a teacher marked as having random weights (RANDOM_WEIGHTS.txt, written by `istack make-teacher`):
     true for the demo and tests, which exercise the machinery; false refuses such a teacher before launch, so a
