@@ -475,7 +475,8 @@ def table(analysis: dict, costs: dict) -> str:
             f"| {arm} | {r['loss_kind']} | {', '.join(map(str, r['seeds']))} | {r['time_s'].mean:.0f} | "
             f"{r['ideal_equal_steps']:.2f}x | {fmt(r.get('equal_steps'), '.2f', 'x')} | {fmt(r['loss'])} | "
             f"{fmt(r['loss_L4'])} | {fmt(r['loss_L8'])} | {fmt(r['loss_L12'])} | "
-            f"{bounds}{fmt(r.get('equal_quality_loss'), '.2f', 'x')} | {fmt(r.get('equal_quality_loss_L12'), '.2f', 'x')} | "
+            f"{bounds}{fmt(r.get('equal_quality_loss'), '.2f', 'x')} | "
+            f"{fmt(r.get('equal_quality_loss_L12'), '.2f', 'x')} | "
             f"{fmt(probe.get('per'), '.3f')} | {fmt(probe.get('sid'), '.3f')} |"
         )
     floors = analysis["floors"]
