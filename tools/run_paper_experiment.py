@@ -183,9 +183,10 @@ def run_sets(arm: str, budget: float, seed: int, run_dir: Path, teacher: Path, s
     }
 
 
-def run_dir_of(out: Path, arm: str, budget: float, seed: int) -> Path:
+def run_dir_of(out: Path, steps: int, arm: str, budget: float, seed: int) -> Path:
+    """OUT/T<steps>/seed<seed>/<arm>[@<budget>]: runs of another T (a pilot's) never overwrite these."""
     name = arm if budget == 1.0 else f"{arm}@{budget:g}"
-    return out / f"seed{seed}" / name
+    return out / f"T{steps}" / f"seed{seed}" / name
 
 
 def finished(run_dir: Path, stamp: dict) -> bool:
@@ -211,7 +212,7 @@ def train(arm: str, sets: dict, run_dir: Path, nproc: int) -> float:
 
 def run_arms(plan: list[tuple[str, float, int]], teacher: Path, teacher_made: dict, shards: Path, args) -> None:
     for arm, budget, seed in plan:
-        run_dir = run_dir_of(args.out, arm, budget, seed)
+        run_dir = run_dir_of(args.out, args.steps, arm, budget, seed)
         sets = run_sets(arm, budget, seed, run_dir, teacher, shards, args)
         stamp = {"recipe": ARMS[arm][0], "sets": sets, "teacher": teacher_made, "nproc": args.nproc}
         if finished(run_dir, stamp) and not args.force:
@@ -479,6 +480,11 @@ def table(analysis: dict, costs: dict) -> str:
             f"{fmt(r.get('equal_quality_loss_L12'), '.2f', 'x')} | "
             f"{fmt(probe.get('per'), '.3f')} | {fmt(probe.get('sid'), '.3f')} |"
         )
+    if "last_third_change" in arms.get(BASELINE, {}):
+        change = ", ".join(f"{c:.1%}" for c in arms[BASELINE]["last_third_change"])
+        lines.append(
+            f"\nConvergence: full depth's held-out loss fell {change} over its last third (per seed; aim < 5 %)."
+        )
     floors = analysis["floors"]
     if floors:
         lines.append("\nProbe floors and ceiling (95 % bootstrap over test utterances):")
@@ -603,7 +609,7 @@ def main(argv=None) -> int:
 
     results, arm_cfgs = {}, {}
     for arm, budget, seed in plan_runs(args):
-        run_dir = run_dir_of(args.out, arm, budget, seed)
+        run_dir = run_dir_of(args.out, args.steps, arm, budget, seed)
         if (run_dir / "experiment.json").is_file():
             results[(arm, budget, seed)] = read_result(run_dir, costs["seconds_per_step"])
         arm_cfgs[arm] = load_config(ROOT / "configs" / ARMS[arm][0], [f"{k}={v}" for k, v in ARMS[arm][1].items()])
@@ -611,13 +617,15 @@ def main(argv=None) -> int:
     if "probes" in args.part:
         floors = {
             k: probe_intervals(v)
-            for k, v in probe_floors(teacher_dir, shards, args.out, teacher_made, args.tiny, args).items()
+            for k, v in probe_floors(
+                teacher_dir, shards, args.out / f"T{args.steps}", teacher_made, args.tiny, args
+            ).items()
         }
         for arm in ARMS:
             reports = []
             for (a, b, s), _ in sorted(results.items()):
                 if a == arm and b == 1.0:
-                    run_dir = run_dir_of(args.out, a, b, s)
+                    run_dir = run_dir_of(args.out, args.steps, a, b, s)
                     made = json.loads((run_dir / "experiment.json").read_text())
                     reports.append(probe(run_dir / "student", shards, run_dir / "probe", made, args.tiny))
             if reports:
