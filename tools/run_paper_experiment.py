@@ -581,9 +581,15 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     data = args.data / "tiny" if args.tiny else args.data  # a smoke run never reuses the real run's data
-    corpus, shards = make_data(data, args.tiny)
     teacher_dir = data / "teacher"
-    teacher = make_teacher(corpus, teacher_dir, args.tiny)  # every part needs it: reused once trained
+    if {"data", "teacher"} & set(args.part):
+        corpus, shards = make_data(data, args.tiny)
+        teacher = make_teacher(corpus, teacher_dir, args.tiny)
+    else:  # read only: parts run side by side (two lanes of runs) must not rewrite the corpus under each other
+        shards = data / "shards"
+        if not (shards / "experiment.json").is_file() or not (teacher_dir / "teacher_report.json").is_file():
+            raise SystemExit(f"no corpus shards or teacher under {data}: run --part data teacher first")
+        teacher = json.loads((teacher_dir / "teacher_report.json").read_text())
     teacher_made = {k: teacher.get(k) for k in ("settings", "corpus_sha256", "train_seconds")}
     args.out.mkdir(parents=True, exist_ok=True)
     args.docs.mkdir(parents=True, exist_ok=True)
