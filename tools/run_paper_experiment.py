@@ -26,7 +26,7 @@ The design (what each choice is for; docs/paper_cpu/README.md has the results):
    GradStack and MIDAS run with their recipe's `output_heads` loss and with `l2l`, so the operator is seen apart
    from the loss.
 5. Time: a run's time is its steps at each depth costed at c(d), plus its measured growth pauses (the runs may
-   share the machine; their own wall times are kept beside, unused). Full depth at budgets 0.25T .. T (each its
+   share the machine; their own wall times are kept beside, unused). Full depth at budgets 0.5T, 0.75T, T (each its
    own LR schedule) is the reference curve of held-out loss against time; a method's speed-up at equal quality
    is the time full depth needs to reach the method's final held-out loss over the method's time (paired by
    seed; mean and 95 % t interval over seeds). The equal-step speed-up and the ideal one stand beside it.
