@@ -21,6 +21,7 @@ from pathlib import Path
 from .batching import BatchPlan, plan_batches
 from .checkpoint import Checkpointer, CheckpointError, convert_to_universal, universal_path, verify
 from .config import Config, ConfigError
+from .device import optimizer_states_to_param_device
 from .dist import broadcast_from_main, gather_all, is_main, log0, rank, run_on_main
 from .growth import Schedule
 from .models.teacher import teacher_digest
@@ -207,6 +208,8 @@ def load_on_every_rank(checkpointer: Checkpointer, engine, path: Path) -> tuple[
     rank_state, error = None, ""
     try:
         rank_state = checkpointer.load(engine, path)
+        # NOTE: a universal load leaves AdamW's `step` on the CPU, where the fused CUDA kernel cannot read it.
+        optimizer_states_to_param_device(engine.optimizer)
         apply_configured_lr(engine)
     except Exception as e:  # noqa: BLE001 -- a corrupt file raises whatever its reader raises
         error = f"rank {rank()}: {type(e).__name__}: {e}"
