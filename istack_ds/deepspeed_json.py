@@ -43,13 +43,18 @@ OWNED_KEYS = {
     "zero_optimization.stage3_param_persistence_threshold": ("deepspeed.stage3_param_persistence_threshold", None),
 }
 
-#: ``deepspeed.extra`` keys whose choices ``deepspeed.initialize`` refuses with istack_ds's client optimizer
-#: (torch's fused AdamW, :func:`istack_ds.engine.fused_adamw`) -> why. NOTE: DeepSpeed raises only inside
-#: ``deepspeed.initialize``, after the process group, the teacher and the data have started; its config classes
-#: accept them.
+#: ``deepspeed.extra`` choices that do not work with istack_ds's client optimizer (torch's fused AdamW,
+#: :func:`istack_ds.engine.fused_adamw`, whose states growth carries: :mod:`istack_ds.zero_states`) -> why.
+#: NOTE: DeepSpeed's config classes accept them; ``deepspeed.initialize`` raises only after the process group,
+#: the teacher and the data have started.
 CLIENT_OPTIMIZER_REFUSES = {
-    "zero_optimization.offload_optimizer": "ZeRO-Offload of the optimizer needs DeepSpeed's CPU Adam",
-    "zero_optimization.offload_param": "ZeRO-Offload of the parameters needs DeepSpeed's CPU Adam",
+    "zero_optimization.offload_optimizer": (
+        "deepspeed.initialize refuses ZeRO-Offload of the optimizer with a client optimizer (ZeRORuntimeException: "
+        "it wants DeepSpeed's CPU Adam), and growth's state surgery is untested with offloaded states"
+    ),
+    "zero_optimization.offload_param": (
+        "growth's state surgery (gathers and writes of every ZeRO-3 partition) is untested with offloaded parameters"
+    ),
 }
 
 
@@ -132,16 +137,15 @@ def merge_extra(deepspeed: DeepSpeedConfig, generated: dict) -> dict:
 
 def check_client_optimizer(ds: dict) -> None:
     """Refuses a choice of :data:`CLIENT_OPTIMIZER_REFUSES` (an offload to any device but `none`) with a
-    ConfigError naming its ``deepspeed.extra`` key, before launch instead of inside ``deepspeed.initialize``."""
+    ConfigError naming its ``deepspeed.extra`` key, before launch instead of in the running job."""
     for dotted, why in CLIENT_OPTIMIZER_REFUSES.items():
         section, key = dotted.split(".")
         value = ds.get(section, {}).get(key)
         if value and (not isinstance(value, dict) or value.get("device", "none") != "none"):
             raise ConfigError(
-                f"deepspeed.extra.{dotted}={value!r}: {why}, and istack_ds gives DeepSpeed torch's fused AdamW "
-                "(built from the optim section; growth carries its states), so deepspeed.initialize would refuse "
-                "it (ZeRORuntimeException): leave the key out; to fit a larger student raise "
-                "deepspeed.zero_stage or the ranks"
+                f"deepspeed.extra.{dotted}={value!r} is refused: istack_ds gives DeepSpeed torch's fused AdamW "
+                f"(built from the optim section), and {why}. Leave the key out; to fit a larger student raise "
+                "deepspeed.zero_stage or the number of ranks"
             )
 
 

@@ -348,9 +348,9 @@ class DeepSpeedConfig:
     """DeepSpeed JSON options this config does not model (e.g. `flops_profiler`, `zero_optimization:
     {contiguous_gradients: true}`), merged into the generated JSON; a key istack_ds sets from another setting
     (batch sizes, accumulation, ZeRO stage, precision, clipping, scheduler, optimizer, the communication settings
-    above) is refused when it differs, as is a choice deepspeed.initialize refuses with istack_ds's client
-    optimizer (ZeRO-Offload: `offload_optimizer`, `offload_param`), and the merged JSON is checked by DeepSpeed's
-    config classes before launch."""
+    above) is refused when it differs, as is ZeRO-Offload (`offload_optimizer`: deepspeed.initialize refuses it
+    with istack_ds's client optimizer; `offload_param`: untested with growth), and the merged JSON is checked by
+    DeepSpeed's config classes before launch."""
 
     def __post_init__(self):
         _check_fields(self, "deepspeed")
