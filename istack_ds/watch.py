@@ -69,6 +69,8 @@ class SilentRankWatch(threading.Thread):
                 self.look(store)
             except Exception as e:  # noqa: BLE001 -- any failure to reach the store means the same here
                 store = None
+                if self.stopped.is_set():  # at exit: rank 0 and its store may be gone already
+                    return
                 if not self.store_lost:
                     log.warning(
                         "the job's store does not answer (%s): rank 0 or its host died or hangs; collectives fail "

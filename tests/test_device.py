@@ -214,6 +214,19 @@ def test_the_watch_says_when_the_store_is_gone(caplog):
     ]
 
 
+def test_the_watch_ends_quietly_when_the_store_goes_at_exit(caplog):
+    watch = SilentRankWatch(lambda: None, [0], interval=6.0, timeout_s=600)
+
+    def store_gone_at_exit(store):
+        watch.stopped.set()  # the watch is stopped (atexit) and rank 0's store is gone
+        raise ConnectionError("refused")
+
+    watch.look = store_gone_at_exit
+    with caplog.at_level(logging.WARNING, logger="istack_ds"):
+        watch.run()
+    assert caplog.records == []
+
+
 def test_the_watch_looks_well_before_the_timeout():
     assert watch_interval(600) == 30 and watch_interval(15) == 3 * dist.HEARTBEAT_S and watch_interval(None) == 30
     assert all(watch_interval(t) <= t / 2 for t in (15, 60, 600, 1800))

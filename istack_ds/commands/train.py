@@ -10,7 +10,7 @@ Four nodes (hostfile lists each node and its slots):
 torchrun works too (free port, good for tests):
     torchrun --standalone --nproc_per_node 2 launchers/train.py --config configs/demo.yaml
 Any config value can be overridden:  --set optim.total_steps=1000 --set growth.alpha=1
-DeepSpeed options the config does not model:  --set deepspeed.extra.zero_optimization.overlap_comm=true
+DeepSpeed options the config does not model:  --set deepspeed.extra.zero_optimization.contiguous_gradients=true
 
 Before launching (one process, no process group, no launcher):
     istack train --config configs/demo.yaml --print-config     # resolved YAML + the DeepSpeed JSON

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from istack_ds import resume
 from istack_ds.batching import plan_batches
 from istack_ds.checkpoint import Checkpointer, read_meta
 from istack_ds.config import load_config
@@ -89,8 +90,17 @@ def main(phase: str, teacher_dir: str, out_dir: str, out_json: str) -> None:
         plan = plan_batches(cfg.data, cfg.deepspeed, world, saved=(meta["world_size"], meta["gradient_accumulation"]))
         assert plan.accumulation == 2, plan.accumulation
         engine = build_engine(student, deepspeed_json(cfg, plan, load_universal=True), cfg.optim)
-        ckpt.load(engine, Path(out_dir) / "checkpoints/step00000003_universal")
+        # the run's own load: the engine's, then the optimizer states moved to their parameters' device
+        assert resume.load_on_every_rank(ckpt, engine, Path(out_dir) / "checkpoints/step00000003_universal")[1] == []
         assert engine.global_steps == 3, engine.global_steps
+        inner = engine.optimizer.optimizer  # torch's AdamW inside DeepSpeed's ZeRO optimizer
+        state = [
+            (k, v.device == p.device)
+            for g in inner.param_groups
+            for p in g["params"]
+            for k, v in inner.state[p].items()
+        ]
+        assert {k for k, _ in state} == {"step", "exp_avg", "exp_avg_sq"} and all(ok for _, ok in state), state
         for step in (4, 5):
             total = 0.0
             for r in range(2):

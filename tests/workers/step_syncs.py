@@ -21,7 +21,7 @@ from istack_ds import dist as istack_dist
 from istack_ds.config import load_config
 from istack_ds.dist import init_distributed
 from istack_ds.trainer import Trainer
-from tests.workers.protocol import worker_parser, write_all_ranks
+from tests.workers.protocol import finish_trainer, trainer_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = str(ROOT / "istack_ds")
@@ -85,21 +85,10 @@ class Counter:
 
 
 def main(teacher_dir: str, shards: str, out_dir: str, out_json: str) -> None:
-    cfg = load_config(
-        ROOT / "configs/demo.yaml",
-        [
-            f"run.out_dir={out_dir}",
-            f"teacher.path={teacher_dir}",
-            f"data.train_index={shards}/train/index.json",
-            "data.valid_index=null",
-            "data.num_workers=1",
-            "data.crop_seconds=2",
-            "data.batch_seconds=6",
-            "deepspeed.gradient_accumulation=2",
-            "optim.total_steps=10",
-            "checkpoint.resume=none",
-        ],
-    )
+    overrides = [f"run.out_dir={out_dir}", f"teacher.path={teacher_dir}", f"data.train_index={shards}/train/index.json"]
+    overrides += ["data.valid_index=null", "data.num_workers=1", "data.crop_seconds=2", "data.batch_seconds=6"]
+    overrides += ["deepspeed.gradient_accumulation=2", "optim.total_steps=10", "checkpoint.resume=none"]
+    cfg = load_config(ROOT / "configs/demo.yaml", overrides)
     init_distributed(120)
     trainer = Trainer(cfg)
     trainer.start()
@@ -119,15 +108,9 @@ def main(teacher_dir: str, shards: str, out_dir: str, out_json: str) -> None:
         "collectives": dict(counter.collectives),
         "loss_parts": len(trainer.window.parts),
     }
-    trainer.metrics.close()
-    trainer.engine.destroy()
-    write_all_ranks(out_json, result)
+    finish_trainer(trainer, out_json, result)
 
 
 if __name__ == "__main__":
-    parser = worker_parser(__doc__.split("\n")[0])
-    parser.add_argument("--teacher", required=True, help="the teacher's directory")
-    parser.add_argument("--shards", required=True, help="holds train/index.json")
-    parser.add_argument("--run-dir", required=True, help="the run's out_dir")
-    args = parser.parse_args()
+    args = trainer_parser(__doc__.split("\n")[0]).parse_args()
     main(args.teacher, args.shards, args.run_dir, args.out)
