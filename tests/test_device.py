@@ -14,7 +14,7 @@ from istack_ds import cli, dist, resume
 from istack_ds.config import ConfigError, DeepSpeedConfig, load_config
 from istack_ds.device import check_run_device, local_device_index, optimizer_states_to_param_device
 from istack_ds.watch import NCCL_FAILURE_ENV, SilentRankWatch, nccl_failure_env, watch_interval
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_worker
 
 DEMO = str(ROOT / "configs/demo.yaml")
 
@@ -230,3 +230,14 @@ def test_the_watch_ends_quietly_when_the_store_goes_at_exit(caplog):
 def test_the_watch_looks_well_before_the_timeout():
     assert watch_interval(600) == 30 and watch_interval(15) == 3 * dist.HEARTBEAT_S and watch_interval(None) == 30
     assert all(watch_interval(t) <= t / 2 for t in (15, 60, 600, 1800))
+
+
+@pytest.mark.procgroup
+def test_a_silent_rank_is_logged_before_the_timeout_in_a_real_group():
+    """init_distributed starts the watch: rank 1's heartbeat stops, rank 0 names it well within the 24 s timeout."""
+    rank0, rank1 = run_worker("watch_silent_rank.py", timeout=120)
+    assert rank0["warnings"] == [
+        "rank 1: no heartbeat for 6 s or more (dead, stopped or its host frozen); collectives with it fail after "
+        "deepspeed.dist_timeout_s=24"
+    ], rank0
+    assert rank1["warnings"] == [], rank1  # rank 0 beats on
