@@ -9,6 +9,7 @@ instead (:func:`check_run_device`), naming the torch build.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -33,8 +34,8 @@ def torch_build() -> str:
 def check_run_device(cfg: Config) -> None:
     """``run.device`` can be had, and DeepSpeed's accelerator is the same device (ConfigError otherwise).
 
-    With DS_ACCELERATOR unset and DeepSpeed's accelerator not chosen yet, DS_ACCELERATOR is set to the device,
-    so a `cpu` run on a GPU host does not become a CUDA one. Called before any process group (preflight).
+    With DS_ACCELERATOR unset and DeepSpeed not imported yet, DS_ACCELERATOR is set to the device, so a `cpu` run
+    on a GPU host does not become a CUDA one. Called before any process group (preflight).
     """
     requested = cfg.run.device
     device = resolved_device(requested)
@@ -43,11 +44,12 @@ def check_run_device(cfg: Config) -> None:
             f"run.device=cuda but {torch_build()}: this job would train on the CPU. Install the CUDA build of "
             "torch that the driver supports (README, GPU), or set run.device=cpu"
         )
-    from deepspeed.accelerator import real_accelerator
-
-    if real_accelerator.ds_accelerator is None and not os.environ.get("DS_ACCELERATOR"):
+    if "deepspeed" not in sys.modules and not os.environ.get("DS_ACCELERATOR"):
+        # NOTE: before DeepSpeed's import, which chooses its accelerator once (with torch.cuda, not run.device)
         os.environ["DS_ACCELERATOR"] = device
-    accelerator = real_accelerator.get_accelerator().device_name()
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator().device_name()
     if accelerator != device:
         raise ConfigError(
             f"run.device={requested} means {device}, but DeepSpeed's accelerator is {accelerator} "

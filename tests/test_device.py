@@ -4,6 +4,8 @@ states on their parameters' device after a (universal) load, NCCL's failure repo
 
 import logging
 import os
+import subprocess
+import sys
 import threading
 from types import SimpleNamespace
 
@@ -14,7 +16,7 @@ from istack_ds import cli, dist, resume
 from istack_ds.config import ConfigError, DeepSpeedConfig, load_config
 from istack_ds.device import check_run_device, local_device_index, optimizer_states_to_param_device
 from istack_ds.watch import NCCL_FAILURE_ENV, SilentRankWatch, nccl_failure_env, watch_interval
-from tests.helpers import ROOT, run_worker
+from tests.helpers import ROOT, child_env, run_worker
 
 DEMO = str(ROOT / "configs/demo.yaml")
 
@@ -71,6 +73,28 @@ def test_deepspeed_accelerator_must_agree_with_run_device(monkeypatch):
     with pytest.raises(ConfigError, match=r"run\.device=cuda means cuda, but DeepSpeed's accelerator is cpu .*DS_ACC"):
         check_run_device(cfg)
     check_run_device(load_config(DEMO, ["run.device=cpu"]))  # agrees
+
+
+# On a host where torch sees CUDA (pretended), DeepSpeed not imported yet: run.device=cpu chooses its accelerator.
+CPU_ON_A_GPU_HOST = """
+import os, torch
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 1
+from istack_ds.config import load_config
+from istack_ds.device import check_run_device
+check_run_device(load_config(None, ["run.device=cpu"]))
+from deepspeed.accelerator import get_accelerator
+print(os.environ["DS_ACCELERATOR"], get_accelerator().device_name())
+"""
+
+
+def test_run_device_cpu_makes_deepspeed_use_the_cpu_on_a_gpu_host():
+    env = {k: v for k, v in child_env().items() if k != "DS_ACCELERATOR"}
+    proc = subprocess.run(
+        [sys.executable, "-c", CPU_ON_A_GPU_HOST], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["cpu", "cpu"], proc.stdout
 
 
 # ---- item 5: one visible GPU per task -----------------------------------------------------------------
