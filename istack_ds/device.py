@@ -91,16 +91,14 @@ def optimizer_states_to_param_device(optimizer) -> int:
     capturable group (torch's rule: the other paths keep `step` on the CPU and read it there).
     """
     inner = getattr(optimizer, "optimizer", optimizer)
+    # NOTE: from the state's keys and the groups' flags, not the groups' "params": ZeRO-3 empties those lists
+    # between steps (istack_ds.zero_states reads them the same way).
+    device_step = any(g.get("fused") or g.get("capturable") for g in inner.param_groups)
     moved = 0
-    for group in inner.param_groups:
-        device_step = bool(group.get("fused") or group.get("capturable"))
-        for p in group["params"]:
-            state = inner.state.get(p, {})
-            for key, value in state.items():
-                if not torch.is_tensor(value) or value.device == p.device:
-                    continue
-                if key == "step" and not device_step:
-                    continue
-                state[key] = value.to(device=p.device, dtype=torch.float32 if key == "step" else value.dtype)
-                moved += 1
+    for p, state in inner.state.items():
+        for key, value in state.items():
+            if not torch.is_tensor(value) or value.device == p.device or (key == "step" and not device_step):
+                continue
+            state[key] = value.to(device=p.device, dtype=torch.float32 if key == "step" else value.dtype)
+            moved += 1
     return moved

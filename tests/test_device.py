@@ -149,6 +149,10 @@ def test_optimizer_states_move_to_their_parameters_device():
     assert optimizer_states_to_param_device(wrapper) == 3
     assert {k: v.device for k, v in opt.state[p].items()} == dict.fromkeys(("step", "exp_avg", "exp_avg_sq"), p.device)
     assert opt.state[p]["step"].dtype == torch.float32
+    # ZeRO-3 empties the groups' parameter lists between steps: the states are found all the same
+    opt, p = _adamw_after_a_universal_load(fused=True)
+    opt.param_groups[0]["params"] = []
+    assert optimizer_states_to_param_device(opt) == 3 and opt.state[p]["step"].device == p.device
     # unfused, not capturable: torch keeps `step` on the CPU (its kernels read it there); the moments move
     opt, p = _adamw_after_a_universal_load(fused=False)
     assert optimizer_states_to_param_device(opt) == 2
