@@ -82,23 +82,34 @@ def local_device_index(local_rank: int, visible: int) -> int:
     )
 
 
-def optimizer_states_to_param_device(optimizer) -> int:
-    """Moves every state tensor of `optimizer` (DeepSpeed's ZeRO optimizer or the torch one it wraps) to its
-    parameter's device, as torch's own ``Optimizer.load_state_dict`` places them; returns how many moved.
+def settle_optimizer_states(optimizer) -> int:
+    """After a load: every state tensor of `optimizer` (DeepSpeed's ZeRO optimizer or the torch one it wraps) its
+    own, and on its parameter's device as torch's own ``Optimizer.load_state_dict`` places them; returns how many
+    it replaced.
 
-    NOTE: a universal checkpoint's load (DeepSpeed's base_optimizer.py) writes AdamW's `step` as a CPU tensor,
-    and the fused CUDA kernel does not move it. `step` goes to the parameter's device only for a fused or
-    capturable group (torch's rule: the other paths keep `step` on the CPU and read it there).
+    NOTE: a universal checkpoint's load (DeepSpeed's base_optimizer.py, ZeRO-3's stage3.py) writes AdamW's `step`
+    as a CPU tensor, which the fused CUDA kernel does not move; and ZeRO-3's gives every flat partition the SAME
+    `step` tensor, which the fused kernel then increments once per partition (the second partition's bias
+    correction runs a step ahead). `step` goes to the parameter's device only for a fused or capturable group
+    (torch's rule: the other paths keep it on the CPU and read it there).
     """
     inner = getattr(optimizer, "optimizer", optimizer)
     # NOTE: from the state's keys and the groups' flags, not the groups' "params": ZeRO-3 empties those lists
     # between steps (istack_ds.zero_states reads them the same way).
     device_step = any(g.get("fused") or g.get("capturable") for g in inner.param_groups)
-    moved = 0
+    seen: set[int] = set()
+    replaced = 0
     for p, state in inner.state.items():
         for key, value in state.items():
-            if not torch.is_tensor(value) or value.device == p.device or (key == "step" and not device_step):
+            if not torch.is_tensor(value):
                 continue
-            state[key] = value.to(device=p.device, dtype=torch.float32 if key == "step" else value.dtype)
-            moved += 1
-    return moved
+            shared, device = id(value) in seen, p.device
+            seen.add(id(value))
+            if key == "step" and not device_step:
+                device = value.device
+            if device == value.device and not shared:
+                continue
+            dtype = torch.float32 if key == "step" else value.dtype
+            state[key] = value.to(device=device, dtype=dtype, copy=True)
+            replaced += 1
+    return replaced

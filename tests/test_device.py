@@ -14,7 +14,7 @@ import torch
 
 from istack_ds import cli, dist, resume
 from istack_ds.config import ConfigError, DeepSpeedConfig, load_config
-from istack_ds.device import check_run_device, local_device_index, optimizer_states_to_param_device
+from istack_ds.device import check_run_device, local_device_index, settle_optimizer_states
 from istack_ds.watch import NCCL_FAILURE_ENV, SilentRankWatch, nccl_failure_env, watch_interval
 from tests.helpers import ROOT, child_env, run_worker
 
@@ -146,17 +146,33 @@ def test_optimizer_states_move_to_their_parameters_device():
     opt, p = _adamw_after_a_universal_load(fused=True)
     assert opt.state[p]["step"].device.type == "cpu"
     wrapper = SimpleNamespace(optimizer=opt)  # DeepSpeed's ZeRO optimizer wraps torch's
-    assert optimizer_states_to_param_device(wrapper) == 3
+    assert settle_optimizer_states(wrapper) == 3
     assert {k: v.device for k, v in opt.state[p].items()} == dict.fromkeys(("step", "exp_avg", "exp_avg_sq"), p.device)
     assert opt.state[p]["step"].dtype == torch.float32
     # ZeRO-3 empties the groups' parameter lists between steps: the states are found all the same
     opt, p = _adamw_after_a_universal_load(fused=True)
     opt.param_groups[0]["params"] = []
-    assert optimizer_states_to_param_device(opt) == 3 and opt.state[p]["step"].device == p.device
+    assert settle_optimizer_states(opt) == 3 and opt.state[p]["step"].device == p.device
     # unfused, not capturable: torch keeps `step` on the CPU (its kernels read it there); the moments move
     opt, p = _adamw_after_a_universal_load(fused=False)
-    assert optimizer_states_to_param_device(opt) == 2
+    assert settle_optimizer_states(opt) == 2
     assert opt.state[p]["step"].device.type == "cpu" and opt.state[p]["exp_avg"].device == p.device
+
+
+def test_a_step_tensor_shared_by_two_partitions_is_untied():
+    """ZeRO-3's universal load gives every flat partition one `step` tensor: the fused kernel would increment it
+    once per partition."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([{"params": [a]}, {"params": [b], "weight_decay": 0.0}], lr=0.1, fused=True)
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    opt.step()
+    shared = torch.tensor(3.0)
+    opt.state[a]["step"] = opt.state[b]["step"] = shared
+    assert settle_optimizer_states(opt) == 1
+    assert opt.state[a]["step"] is not opt.state[b]["step"]
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    opt.step()
+    assert float(opt.state[a]["step"]) == float(opt.state[b]["step"]) == 4.0
 
 
 def test_a_loaded_checkpoint_has_its_optimizer_states_on_the_parameters_device(tmp_path):

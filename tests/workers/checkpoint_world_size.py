@@ -99,6 +99,10 @@ def main(phase: str, teacher_dir: str, out_dir: str, out_json: str, zero_stage: 
         inner = engine.optimizer.optimizer  # torch's AdamW inside DeepSpeed's ZeRO optimizer
         state = [(k, v.device == p.device) for p, st in inner.state.items() for k, v in st.items()]
         assert {k for k, _ in state} == {"step", "exp_avg", "exp_avg_sq"} and all(ok for _, ok in state), state
+        steps = [st["step"] for st in inner.state.values()]
+        assert len({id(s) for s in steps}) == len(steps), "partitions share one step tensor"
+        groups = [(g["name"], g["weight_decay"]) for g in inner.param_groups]
+        assert groups == [("decay", cfg.optim.weight_decay), ("no_decay", 0.0)], groups
         for step in (4, 5):
             total = 0.0
             for r in range(2):
