@@ -226,7 +226,12 @@ GROUP_HYPERPARAMETERS = ("name", "weight_decay", "betas", "eps")
 
 def group_hyperparameters(engine) -> list[dict]:
     """:data:`GROUP_HYPERPARAMETERS` of each parameter group of the engine's torch optimizer, in order."""
-    return [{k: g[k] for k in GROUP_HYPERPARAMETERS if k in g} for g in engine.optimizer.optimizer.param_groups]
+    return [{k: g[k] for k in GROUP_HYPERPARAMETERS if k in g} for g in _torch_optimizer(engine).param_groups]
+
+
+def _torch_optimizer(engine):
+    """The torch optimizer inside DeepSpeed's ZeRO optimizer (or the engine's own, when it has no wrapper)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
 def restore_group_hyperparameters(engine, configured: list[dict]) -> None:
@@ -236,7 +241,7 @@ def restore_group_hyperparameters(engine, configured: list[dict]) -> None:
     hyperparameters and name: the biases and norms (``no_decay``, weight decay 0) would decay from the first step
     on. A changed optim.weight_decay, betas or eps applies from the first step, as a changed LR does.
     """
-    for group, values in zip(engine.optimizer.optimizer.param_groups, configured, strict=True):
+    for group, values in zip(_torch_optimizer(engine).param_groups, configured, strict=True):
         group.update(values)
 
 
