@@ -135,11 +135,24 @@ def release(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+_held: Path | None = None
+"""The lock this process took through :func:`lock_run` (released by :func:`release_held`)."""
+
+
+def release_held() -> None:
+    """Releases the lock :func:`lock_run` took in this process, if any (at exit; also before ``os._exit``)."""
+    global _held
+    if _held is not None:
+        release(_held)
+        _held = None
+
+
 def lock_run(out_dir: str | Path) -> str:
     """Rank 0 takes the lock of `out_dir` until its process exits; "" on every rank when it did, else on every
     rank the message that names the holder (a collective where a process group runs)."""
     from .dist import broadcast_from_main, is_main, log0
 
+    global _held
     refused = ""
     if is_main():
         try:
@@ -147,5 +160,6 @@ def lock_run(out_dir: str | Path) -> str:
         except (RunLockError, OSError) as e:
             refused = str(e)
         else:
-            atexit.register(release, path)
+            _held = path
+            atexit.register(release_held)
     return broadcast_from_main(refused)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, faults, report, resume
+from . import __version__, faults, preemption, report, resume
 from .checkpoint import Checkpointer, CheckpointError, read_meta, saved_rank_states, seed_everything
 from .config import Config
 from .data import build_loader
@@ -218,6 +218,7 @@ class Trainer:
             self.maybe_log()
             self.maybe_validate()
             self.maybe_save()
+            preemption.stop_if_requested(self)  # SIGTERM / SIGUSR1 on any rank: every rank saves, then stops
         self.save()
         self.export()
         summary = report.write_summary(self, time.time() - start)

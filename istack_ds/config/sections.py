@@ -373,11 +373,17 @@ class CheckpointConfig:
     allow_other_teacher: bool = False
     """Resume a checkpoint distilled from another teacher (another config.json or weight files): refused unless
     true."""
+    preempt_grace_s: float = 300.0
+    """After SIGTERM / SIGUSR1 every rank saves a checkpoint at the end of the step and exits 7
+    (istack_ds.preemption); a rank still running this many seconds after the signal exits 8 without one.
+    assumed: 300 s holds a step and a save of the paper's models; Slurm is asked for the signal 600 s before the
+    time limit (launchers/slurm_4node.sbatch)."""
 
     def __post_init__(self):
         _check_fields(self, "checkpoint")
         _positive("checkpoint.every", self.every, allow_zero=True)
         _positive("checkpoint.keep", self.keep)
+        _positive("checkpoint.preempt_grace_s", self.preempt_grace_s)
 
 
 @dataclass

@@ -1,0 +1,179 @@
+"""Preemption: SIGTERM or SIGUSR1 to any rank makes every rank save a checkpoint at the next step boundary and
+exit with code 7; a rank whose launcher died does the same.
+
+**How a signal is seen.** :func:`install` gives SIGTERM and SIGUSR1 a Python handler that does nothing itself
+and points :func:`signal.set_wakeup_fd` at a pipe: the interpreter's C-level handler writes the signal's number
+there at once, whatever the main thread is doing (a collective, a save). A daemon thread reads the pipe: the first
+signal is recorded (:func:`requested`) and starts the grace timer; a second SIGTERM ends the process at once
+(exit 8, no new checkpoint), as does a grace period that runs out before the run stopped (a step or save that
+cannot finish). A second SIGUSR1 changes nothing (Slurm may send USR1 before the time limit and SIGTERM at it).
+
+**Every rank together.** :func:`stop_if_requested`, once per step in the training loop, all-reduces one small
+integer per rank (which signal each rank got) on a CPU (gloo) group, so under NCCL it waits for no GPU work. Any
+non-zero entry makes every rank save the same step and raise :class:`Preempted` (exit 7).
+
+**Orphans.** Where a launcher started several ranks (WORLD_SIZE > 1), each rank asks the kernel for SIGTERM when
+its parent dies (``prctl(PR_SET_PDEATHSIG)``, Linux): it arrives at once, even when the launcher was SIGKILLed,
+and then runs the path above. The reading thread also compares ``os.getppid()`` with the parent at install every
+POLL_S seconds, which covers a parent that died before the prctl and systems without it. A single process (a
+run started from a shell, perhaps under nohup) keeps running when its shell goes.
+
+**DataLoader workers** (forked from the rank) ignore SIGTERM and SIGUSR1 and do not write to the pipe: a launcher
+that signals the rank's whole process tree (DeepSpeed's does) would otherwise kill them mid-step, and the rank's
+DataLoader would raise instead of saving. They end with the rank (torch's worker watchdog sees its parent go).
+
+NOTE: DeepSpeed's launcher and torchrun forward SIGTERM to the ranks and SIGKILL them 30 s later: a step and save
+longer than that are cut off there (the previous checkpoint is resumed). Under Slurm, srun forwards the signal to
+the ranks with no such limit (launchers/slurm_4node.sbatch).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+import sys
+import threading
+from pathlib import Path
+
+PREEMPTED = 7
+"""Exit code: stopped by SIGTERM / SIGUSR1 (or the launcher's death) after saving a checkpoint of the step reached."""
+NOT_SAVED = 8
+"""Exit code: stopped by a signal without a new checkpoint (a second SIGTERM, or the grace period ran out)."""
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""The signals that ask for a checkpoint and an exit."""
+POLL_S = 2.0
+"""Seconds between two checks of the parent process."""
+_PR_SET_PDEATHSIG = 1
+
+
+class Preempted(RuntimeError):
+    """Every rank saved a checkpoint and stops because a rank got SIGTERM / SIGUSR1; the message says which."""
+
+
+def _hard_exit(code: int) -> None:
+    """Ends the process now (from any thread), the run lock released first; see :mod:`istack_ds.process_exit`."""
+    from .process_exit import exit_now
+
+    exit_now(code)
+
+
+class _Watch(threading.Thread):
+    """Reads the signal numbers the interpreter writes into the wakeup pipe; checks the parent process."""
+
+    def __init__(self, fd: int, grace_s: float, rank: int, parent: bool):
+        super().__init__(name="istack_ds-preemption", daemon=True)
+        self.fd, self.grace_s, self.rank = fd, grace_s, rank
+        self.ppid = os.getppid() if parent else None
+        self.signum = 0
+        """The first signal seen (0: none)."""
+
+    def run(self) -> None:
+        while True:
+            ready, _, _ = select.select([self.fd], [], [], POLL_S)
+            if ready:
+                for signum in os.read(self.fd, 64):
+                    if signum in SIGNALS:
+                        self.got(signal.Signals(signum), signal.Signals(signum).name)
+            elif self.ppid is not None and os.getppid() != self.ppid:
+                self.ppid = None
+                self.got(signal.SIGTERM, "its launcher (parent process) is gone")
+
+    def got(self, sig: signal.Signals, what: str) -> None:
+        if not self.signum:
+            self.signum = int(sig)
+            self.say(
+                f"{what}: a checkpoint at the end of this step on every rank, then exit {PREEMPTED} "
+                f"(within checkpoint.preempt_grace_s={self.grace_s:g} s, else exit {NOT_SAVED})"
+            )
+            timer = threading.Timer(self.grace_s, self.expire)
+            timer.daemon = True
+            timer.start()
+        elif sig == signal.SIGTERM:
+            self.say(f"a second SIGTERM: exiting now without a new checkpoint (exit {NOT_SAVED})")
+            _hard_exit(NOT_SAVED)
+
+    def expire(self) -> None:
+        self.say(
+            f"the step and its checkpoint did not end within checkpoint.preempt_grace_s={self.grace_s:g} s: "
+            f"exiting without a new checkpoint (exit {NOT_SAVED})"
+        )
+        _hard_exit(NOT_SAVED)
+
+    def say(self, message: str) -> None:
+        print(f"istack_ds: rank {self.rank}: {message}", file=sys.stderr, flush=True)
+
+
+_watch: _Watch | None = None
+_group = None  # the CPU group stop_if_requested reduces on (None: the default group, gloo already)
+
+
+def _ignore_in_child() -> None:
+    """In a process forked from a rank (a DataLoader worker): SIGTERM / SIGUSR1 ignored, no wakeup pipe."""
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+    except ValueError:  # forked from a thread that is not the main one: nothing to undo there
+        pass
+
+
+def _die_with_parent() -> None:
+    """SIGTERM to this process when its parent dies (Linux; elsewhere the parent poll alone)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+def install(grace_s: float, rank: int, world: int) -> None:
+    """Arms the handlers of this process (once; from the main thread, after the process group started).
+
+    `grace_s`: seconds from the first signal to the exit, at the latest. With a process group under another
+    backend than gloo, a gloo group for :func:`stop_if_requested` is created here (a collective: every rank).
+    """
+    global _watch, _group
+    if _watch is not None:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1 and dist.get_backend() != "gloo":
+        _group = dist.new_group(backend="gloo")
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    for sig in SIGNALS:
+        signal.signal(sig, lambda *_: None)  # the wakeup pipe carries it; the handler itself has nothing to do
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    os.register_at_fork(after_in_child=_ignore_in_child)
+    if world > 1:
+        _die_with_parent()
+    _watch = _Watch(read, grace_s, rank, parent=world > 1)
+    _watch.start()
+
+
+def requested() -> int:
+    """The signal this process got (its number; 0 when none)."""
+    return _watch.signum if _watch is not None else 0
+
+
+def stop_if_requested(trainer) -> None:
+    """At a step boundary, on every rank (a collective): when any rank got SIGTERM / SIGUSR1, every rank saves a
+    checkpoint of this step, closes the run's writers and raises :class:`Preempted`."""
+    import torch
+    import torch.distributed as dist
+
+    signals = [requested()]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        mine = torch.zeros(dist.get_world_size(), dtype=torch.int32)
+        mine[dist.get_rank()] = signals[0]
+        dist.all_reduce(mine, group=_group)
+        signals = mine.tolist()
+    if not any(signals):
+        return
+    path: Path = trainer.save()
+    trainer.close()
+    got = ", ".join(f"{signal.Signals(s).name} on rank {r}" for r, s in enumerate(signals) if s)
+    raise Preempted(
+        f"stopped by {got} at step {trainer.step}: checkpoint {path} saved; the same command with "
+        f"checkpoint.resume=auto (a requeued job) continues from it (exit {PREEMPTED})"
+    )
