@@ -170,3 +170,34 @@ def test_a_data_failure_on_one_rank_stops_every_rank_naming_it(tmp_path, teacher
     assert "istack_ds: rank 0: the data stream failed: rank 1: injected by ISTACK_FAULTS" in proc.stderr, proc.stderr[
         -3000:
     ]
+
+
+def test_the_survivor_of_a_sigkilled_rank_0_exits_4_never_by_sigabrt(tmp_path):
+    """Issue 23, 10: once in three trials the survivor printed its message, then died by SIGABRT (rc 134) in the
+    interpreter's finalization (the broken process group's teardown). It now ends with os._exit after the message:
+    its finalization never runs (tests/workers/survivor_exit.py records it when it does)."""
+    for trial in range(2):
+        out = tmp_path / f"trial{trial}"
+        port = free_port()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(ROOT / "tests/workers/survivor_exit.py"), str(out)],
+                cwd=ROOT,
+                env=ranks_env(
+                    RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+                ),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for r in (0, 1)
+        ]
+        try:
+            _, err = procs[1].communicate(timeout=120)
+            procs[0].wait(timeout=30)
+        finally:
+            _kill_all(procs)
+        assert procs[0].returncode == -signal.SIGKILL
+        assert procs[1].returncode == 4, err[-3000:]
+        assert "rank 1: a collective failed; the job's store at" in err, err[-3000:]
+        assert not (out / "finalized.r1").exists()

@@ -143,7 +143,7 @@ def test_sigterm_to_one_rank_saves_that_step_on_every_rank_and_the_resume_goes_o
 ):
     """Issue 23, 2: SIGTERM killed the rank (and its launcher orphaned the others): up to checkpoint.every steps
     were lost at every preemption."""
-    from istack_ds.checkpoint import read_meta, verify
+    from istack_ds.checkpoint import verify
 
     out = tmp_path / "run"
     port = free_port()

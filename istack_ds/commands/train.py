@@ -228,9 +228,9 @@ def train(cfg: Config) -> int:
 
 
 def _train(cfg: Config) -> int:
+    from .. import preemption
     from ..checkpoint import CheckpointError
     from ..data import DataError
-    from .. import preemption
     from ..dist import rank, unresponsive_ranks, world_size
     from ..preemption import PREEMPTED, Preempted
     from ..run_lock import lock_run
