@@ -119,6 +119,16 @@ def _ignore_in_child() -> None:
         pass
 
 
+def ignore_in_worker(worker_id: int) -> None:
+    """The DataLoader's ``worker_init_fn``: SIGTERM / SIGUSR1 ignored again in the worker.
+
+    NOTE: torch's worker loop installs a C handler for SIGTERM (it ends the worker quietly when the signal comes
+    from the rank, and dies of any other sender's) after the fork: a launcher's SIGTERM to the whole process tree
+    would kill the worker and the rank's DataLoader would raise before the save. This runs after it.
+    """
+    _ignore_in_child()
+
+
 def _die_with_parent() -> None:
     """SIGTERM to this process when its parent dies (Linux; elsewhere the parent poll alone)."""
     if sys.platform.startswith("linux"):

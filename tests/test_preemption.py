@@ -123,6 +123,31 @@ def test_a_process_forked_from_a_rank_ignores_the_signals(tmp_path):
     assert out.split() == ["True", "0"], err
 
 
+class _Slow:
+    """An iterable dataset of 0, 1, 2, one every 0.3 s (time for a signal between two items)."""
+
+    def __iter__(self):
+        for i in range(3):
+            time.sleep(0.3)
+            yield i
+
+
+def test_a_dataloader_worker_survives_a_sigterm_from_another_process():
+    """torch's worker loop dies of a SIGTERM sent by anyone but its rank (its own C handler); a launcher that
+    signals the rank's process tree (DeepSpeed's, torchrun) killed it, and the rank's next batch raised."""
+    import torch
+
+    from istack_ds.preemption import ignore_in_worker
+
+    dataset = type("SlowStream", (_Slow, torch.utils.data.IterableDataset), {})()
+    batches = iter(
+        torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1, worker_init_fn=ignore_in_worker)
+    )
+    assert next(batches) == 0
+    subprocess.run(["kill", "-TERM", str(batches._workers[0].pid)], check=True)  # sent by another process
+    assert list(batches) == [1, 2]
+
+
 # ---- the run: 2 gloo ranks, SIGTERM to one of them ---------------------------------------------------------
 
 
@@ -175,3 +200,40 @@ def test_sigterm_to_one_rank_saves_that_step_on_every_rank_and_the_resume_goes_o
     resumed = torchrun(ROOT / "launchers/train.py", *run_args(out, teacher_dir, demo_shards), timeout=300)
     assert f"resumed from {path}: step {step}" in resumed.stderr, resumed.stderr[-3000:]
     assert (out / "summary.json").exists()
+
+
+@pytest.mark.procgroup
+def test_sigterm_to_torchrun_reaches_every_rank_which_saves_and_exits_7(tmp_path, teacher_dir, demo_shards):
+    """The launcher forwards SIGTERM to each rank (and SIGKILLs them 30 s later): each saves the same step."""
+    from istack_ds.checkpoint import verify
+
+    out, log = tmp_path / "run", tmp_path / "torchrun.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    launcher = subprocess.Popen(
+        [*cmd, str(ROOT / "launchers/train.py"), *run_args(out, teacher_dir, demo_shards, "checkpoint.every=100")],
+        cwd=ROOT,
+        env=ranks_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+    )
+    try:
+        deadline = time.time() + 300
+        while "step 3/" not in log.read_text() and time.time() < deadline:
+            assert launcher.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    err = log.read_text()
+    saved = {
+        int(r): (int(step), path)
+        for r, step, path in re.findall(
+            r"rank (\d): stopped by SIGTERM on rank .* at step (\d+): checkpoint (\S+)", err
+        )
+    }
+    assert sorted(saved) == [0, 1] and saved[0] == saved[1], err[-3000:]
+    step, path = saved[0]
+    assert verify(path)["step"] == step

@@ -40,6 +40,8 @@ from istack_ds.data.position import (
 from istack_ds.data.stream import MIN_SAMPLES, ShardStream
 from istack_ds.dist import gather_all, ranks_per_node
 
+from ..preemption import ignore_in_worker
+
 
 @dataclass(frozen=True)
 class DataCounters:
@@ -301,6 +303,7 @@ def build_loader(
         pin_memory=torch.cuda.is_available(),
         # its own generator: the workers' base seed (unused by the stream) must not draw from the global RNG
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_in_worker,  # a launcher's SIGTERM to the rank's tree must not end it mid-step
     )
     loader.resume_from(position)
     return loader
