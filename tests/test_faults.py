@@ -201,3 +201,21 @@ def test_the_survivor_of_a_sigkilled_rank_0_exits_4_never_by_sigabrt(tmp_path):
         assert procs[1].returncode == 4, err[-3000:]
         assert "rank 1: a collective failed; the job's store at" in err, err[-3000:]
         assert not (out / "finalized.r1").exists()
+
+
+def test_a_full_disk_during_a_save_stops_every_rank_in_one_line_naming_the_file(tmp_path, teacher_dir, demo_shards):
+    """Issue 23, 11: a full disk during a save was torch's inline_container traceback, with no path and no
+    "no space left". Rank 1's rank file of step 6 is written to /dev/full (ENOSPC from the kernel)."""
+    out = tmp_path / "run"
+    procs = _start_two_ranks(out, teacher_dir, demo_shards, "disk_full@6:1")
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        _kill_all(procs)
+    rank_file = out / "checkpoints/step00000006/rank1.pt"
+    for r, (proc, err) in enumerate(zip(procs, errs)):
+        assert proc.returncode == 2, err[-3000:]
+        line = f"istack_ds: rank {r}: rank 1: writing checkpoint file {rank_file} failed: no space left on device ("
+        assert line in err, err[-3000:]
+        assert "Traceback" not in err and "inline_container" not in err
+    assert not (out / "checkpoints/step00000006/istack_meta.json").exists()  # incomplete: never resumed

@@ -17,7 +17,8 @@ Before launching (one process, no process group, no launcher):
     istack train --config configs/demo.yaml --dry-run --nodes 4 --ranks-per-node 8
                                      # every pre-launch check, topology, shards, schedule, memory
 
-Exit codes: 0 done, 2 bad config or input, or run.out_dir held by another run (nothing started),
+Exit codes: 0 done, 2 bad config or input, or run.out_dir held by another run (nothing started), or a
+checkpoint could not be written (disk full: the file and the reason named),
 3 too many non-finite losses (a checkpoint was saved), 4 a collective failed (another rank died or
 stopped answering; the message names it), 5 the data stream failed on a rank (every rank stops; the message names it),
 6 no checkpoint to resume could be used (every rank stops; the message says why for each),
@@ -230,6 +231,7 @@ def train(cfg: Config) -> int:
 def _train(cfg: Config) -> int:
     from .. import preemption
     from ..checkpoint import CheckpointError
+    from ..checkpoint_write import CheckpointWriteError
     from ..data import DataError
     from ..dist import rank, unresponsive_ranks, world_size
     from ..preemption import PREEMPTED, Preempted
@@ -255,6 +257,9 @@ def _train(cfg: Config) -> int:
     except CheckpointError as e:  # raised on every rank together: no checkpoint to resume can be used
         print(f"istack_ds: rank {rank()}: {e}", file=sys.stderr)
         return 6
+    except CheckpointWriteError as e:  # raised on every rank together: a rank could not write its files
+        print(f"istack_ds: rank {rank()}: {e}", file=sys.stderr)
+        return 2
     except RuntimeError as e:
         # A peer that died or hangs surfaces here as a failed collective (at the latest after
         # deepspeed.dist_timeout_s, which every process group has): say so plainly, naming the
