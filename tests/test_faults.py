@@ -219,3 +219,34 @@ def test_a_full_disk_during_a_save_stops_every_rank_in_one_line_naming_the_file(
         assert line in err, err[-3000:]
         assert "Traceback" not in err and "inline_container" not in err
     assert not (out / "checkpoints/step00000006/istack_meta.json").exists()  # incomplete: never resumed
+
+
+def test_a_hung_shard_read_is_named_by_the_survivor_and_ended_by_read_timeout_s(tmp_path, teacher_dir, demo_shards):
+    """Issue 23, 7: rank 1's DataLoader read hangs (its worker's 2nd batch never comes). Without a read timeout the
+    survivor's collective times out: it said every heartbeat was live and pointed at the network; it now names rank
+    1 waiting for its data loader. With data.read_timeout_s, rank 1 ends the wait itself: every rank exits 5 naming
+    rank 1, its worker and the shards it reads."""
+    hung = _start_two_ranks(
+        tmp_path / "hung",
+        teacher_dir,
+        demo_shards,
+        "stall_in_data@2:1",
+        "data.read_timeout_s=0",
+        f"deepspeed.dist_timeout_s={HANG_TIMEOUT_S}",
+    )
+    timed = None
+    try:
+        _, err = hung[0].communicate(timeout=300)
+        _kill_all(hung)  # rank 1 would wait for ever: no read timeout
+        assert hung[0].returncode == 4, err[-3000:]
+        assert "every other rank's heartbeat is live, so none died or froze: rank 1 waits for its data loader" in err
+        timed = _start_two_ranks(
+            tmp_path / "timed", teacher_dir, demo_shards, "stall_in_data@2:1", "data.read_timeout_s=5"
+        )
+        errs = [p.communicate(timeout=300)[1] for p in timed]
+    finally:
+        _kill_all(hung + (timed or []))
+    for r, (proc, err) in enumerate(zip(timed, errs)):
+        assert proc.returncode == 5, err[-3000:]
+        said = f"istack_ds: rank {r}: the data stream failed: rank 1: DataLoader worker 0 gave no batch in 5 s"
+        assert said in err and str(demo_shards / "train") in err, err[-3000:]
