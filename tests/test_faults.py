@@ -56,6 +56,13 @@ def test_nonfinite_losses_in_a_row_save_and_stop(tmp_path, teacher_dir, demo_sha
 
 def _start_two_ranks(out, teacher_dir, demo_shards, faults: str, *extra: str) -> list[subprocess.Popen]:
     """Ranks 0 and 1 of launchers/train.py as plain processes: no launcher cleans up after a fault."""
+    return _spawn_two_ranks(
+        [str(ROOT / "launchers/train.py"), *run_args(out, teacher_dir, demo_shards, *extra)], faults
+    )
+
+
+def _spawn_two_ranks(argv: list[str], faults: str = "") -> list[subprocess.Popen]:
+    """Ranks 0 and 1 of the Python script `argv` as plain processes on a free port, stdout and stderr piped."""
     port = free_port()
     procs = []
     for r in (0, 1):
@@ -69,15 +76,20 @@ def _start_two_ranks(out, teacher_dir, demo_shards, faults: str, *extra: str) ->
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(ROOT / "launchers/train.py"), *run_args(out, teacher_dir, demo_shards, *extra)],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
+                [sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
         )
     return procs
+
+
+def _outlived(procs: list[subprocess.Popen], survivor: int, timeout: float) -> str:
+    """The stderr of rank `survivor` once it and the other rank (killed by a fault) have ended."""
+    try:
+        _, err = procs[survivor].communicate(timeout=timeout)
+        procs[1 - survivor].wait(timeout=60)
+    finally:
+        _kill_all(procs)
+    return err
 
 
 def _kill_all(procs: list[subprocess.Popen]) -> None:
@@ -102,12 +114,8 @@ def _wait_until_stopped(proc: subprocess.Popen, timeout: float) -> float:
 def test_a_dead_rank_makes_the_other_exit_in_time_naming_it(tmp_path, teacher_dir, demo_shards):
     """Rank 1 is SIGKILLed at step 4 and rank 0 must leave on its own, naming rank 1."""
     procs = _start_two_ranks(tmp_path / "run", teacher_dir, demo_shards, "die@4:1", "deepspeed.dist_timeout_s=15")
-    try:
-        start = time.time()
-        _, err0 = procs[0].communicate(timeout=240)
-        procs[1].wait(timeout=60)
-    finally:
-        _kill_all(procs)
+    start = time.time()
+    err0 = _outlived(procs, survivor=0, timeout=240)
     assert procs[1].returncode == -signal.SIGKILL
     assert procs[0].returncode == 4, err0[-3000:]
     assert time.time() - start < 200
@@ -178,25 +186,8 @@ def test_the_survivor_of_a_sigkilled_rank_0_exits_4_never_by_sigabrt(tmp_path):
     its finalization never runs (tests/workers/survivor_exit.py records it when it does)."""
     for trial in range(2):
         out = tmp_path / f"trial{trial}"
-        port = free_port()
-        procs = [
-            subprocess.Popen(
-                [sys.executable, str(ROOT / "tests/workers/survivor_exit.py"), str(out)],
-                cwd=ROOT,
-                env=ranks_env(
-                    RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-                ),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for r in (0, 1)
-        ]
-        try:
-            _, err = procs[1].communicate(timeout=120)
-            procs[0].wait(timeout=30)
-        finally:
-            _kill_all(procs)
+        procs = _spawn_two_ranks([str(ROOT / "tests/workers/survivor_exit.py"), str(out)])
+        err = _outlived(procs, survivor=1, timeout=120)
         assert procs[0].returncode == -signal.SIGKILL
         assert procs[1].returncode == 4, err[-3000:]
         assert "rank 1: a collective failed; the job's store at" in err, err[-3000:]
