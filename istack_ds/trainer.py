@@ -130,7 +130,8 @@ class Trainer:
         """Loads `candidate` (converted first when another world size saved it) on every rank; "" when it
         loaded, else every rank's error (the engine built for it is destroyed again)."""
         meta = read_meta(candidate)
-        resume.check_fits(meta, self.cfg, candidate, world_size())
+        if unfit := resume.misfit(meta, self.cfg, candidate, world_size()):  # auto: the previous one is tried
+            return unfit
         path = resume.loadable_copy(candidate, meta, world_size())
         meta = read_meta(path)
         self.plan = resume.batch_plan(self.cfg, world_size(), meta, path)
