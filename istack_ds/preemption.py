@@ -18,9 +18,11 @@ and then runs the path above. The reading thread also compares ``os.getppid()`` 
 POLL_S seconds, which covers a parent that died before the prctl and systems without it. A single process (a
 run started from a shell, perhaps under nohup) keeps running when its shell goes.
 
-**DataLoader workers** (forked from the rank) ignore SIGTERM and SIGUSR1 and do not write to the pipe: a launcher
-that signals the rank's whole process tree (DeepSpeed's does) would otherwise kill them mid-step, and the rank's
-DataLoader would raise instead of saving. They end with the rank (torch's worker watchdog sees its parent go).
+**Forked processes** do not write to the pipe (an at-fork hook) and keep the default actions. **DataLoader workers**
+(:func:`ignore_in_worker`) ignore SIGTERM and SIGUSR1 from anyone but their rank: a launcher that signals the
+rank's whole process tree (DeepSpeed's, torchrun's process group, Slurm's step) would otherwise kill them mid-step,
+and the rank's DataLoader would raise instead of saving. The rank's own SIGTERM (multiprocessing's at the rank's
+exit) still ends them, and torch's worker watchdog ends them when the rank is gone.
 
 NOTE: DeepSpeed's launcher and torchrun forward SIGTERM to the ranks and SIGKILL them 30 s later: a step and save
 longer than that are cut off there (the previous checkpoint is resumed). Under Slurm, srun forwards the signal to
@@ -109,24 +111,37 @@ _watch: _Watch | None = None
 _group = None  # the CPU group stop_if_requested reduces on (None: the default group, gloo already)
 
 
-def _ignore_in_child() -> None:
-    """In a process forked from a rank (a DataLoader worker): SIGTERM / SIGUSR1 ignored, no wakeup pipe."""
+def _reset_in_child() -> None:
+    """In a process forked from a rank: no wakeup pipe (its signals are not the rank's) and the default actions."""
     try:
         signal.set_wakeup_fd(-1)
         for sig in SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
+            signal.signal(sig, signal.SIG_DFL)
     except ValueError:  # forked from a thread that is not the main one: nothing to undo there
         pass
 
 
-def ignore_in_worker(worker_id: int) -> None:
-    """The DataLoader's ``worker_init_fn``: SIGTERM / SIGUSR1 ignored again in the worker.
+def _sigterm_from_parent_only() -> None:
+    """Takes this process's SIGTERMs in a thread: one from the parent ends it (exit 0), any other is ignored."""
+    parent = os.getppid()
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
 
-    NOTE: torch's worker loop installs a C handler for SIGTERM (it ends the worker quietly when the signal comes
-    from the rank, and dies of any other sender's) after the fork: a launcher's SIGTERM to the whole process tree
-    would kill the worker and the rank's DataLoader would raise before the save. This runs after it.
+
+def ignore_in_worker(worker_id: int) -> None:
+    """The DataLoader's ``worker_init_fn``: the worker ignores SIGTERM and SIGUSR1 from anyone but its rank.
+
+    NOTE: a launcher (DeepSpeed's, torchrun's process group, Slurm's step) signals the rank's DataLoader workers
+    too; one that died of it would make the rank's DataLoader raise before the save. The rank itself still ends
+    them: multiprocessing terminates (SIGTERM) and joins the workers left at the rank's exit, so ignoring SIGTERM
+    outright would hang that exit. Hence SIGTERM is blocked and taken by a thread that exits on the parent's
+    (what torch's own worker handler, replaced here, does for it).
     """
-    _ignore_in_child()
+    _reset_in_child()
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_sigterm_from_parent_only, name="istack_ds-worker-sigterm", daemon=True).start()
 
 
 def _die_with_parent() -> None:
@@ -154,7 +169,7 @@ def install(grace_s: float, rank: int, world: int) -> None:
     for sig in SIGNALS:
         signal.signal(sig, lambda *_: None)  # the wakeup pipe carries it; the handler itself has nothing to do
     signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-    os.register_at_fork(after_in_child=_ignore_in_child)
+    os.register_at_fork(after_in_child=_reset_in_child)
     if world > 1:
         _die_with_parent()
     _watch = _Watch(read, grace_s, rank, parent=world > 1)
