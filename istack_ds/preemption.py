@@ -25,8 +25,9 @@ and the rank's DataLoader would raise instead of saving. The rank's own SIGTERM 
 exit) still ends them, and torch's worker watchdog ends them when the rank is gone.
 
 NOTE: DeepSpeed's launcher and torchrun forward SIGTERM to the ranks and SIGKILL them 30 s later: a step and save
-longer than that are cut off there (the previous checkpoint is resumed). Under Slurm, srun forwards the signal to
-the ranks with no such limit (launchers/slurm_4node.sbatch).
+longer than that are cut off there (the previous checkpoint is resumed). Under srun the limit is Slurm's: the
+sbatch script asks for SIGUSR1 600 s before the time limit (launchers/slurm_4node.sbatch); a preemption's SIGTERM
+comes with the partition's grace time.
 """
 
 from __future__ import annotations
