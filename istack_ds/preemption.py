@@ -14,9 +14,9 @@ non-zero entry makes every rank save the same step and raise :class:`Preempted` 
 
 **Orphans.** Where a launcher started several ranks (WORLD_SIZE > 1), each rank asks the kernel for SIGTERM when
 its parent dies (``prctl(PR_SET_PDEATHSIG)``, Linux): it arrives at once, even when the launcher was SIGKILLed,
-and then runs the path above. The reading thread also compares ``os.getppid()`` with the parent at install every
-POLL_S seconds, which covers a parent that died before the prctl and systems without it. A single process (a
-run started from a shell, perhaps under nohup) keeps running when its shell goes.
+and then runs the path above. The reading thread also compares ``os.getppid()`` with the parent it had just before
+the prctl every POLL_S seconds, which covers a parent that died in between and systems without the prctl. A
+single process (a run started from a shell, perhaps under nohup) keeps running when its shell goes.
 
 **Forked processes** do not write to the pipe (an at-fork hook) and keep the default actions. **DataLoader workers**
 (:func:`ignore_in_worker`) ignore SIGTERM and SIGUSR1 from anyone but their rank: a launcher that signals the
@@ -65,10 +65,9 @@ def _hard_exit(code: int) -> None:
 class _Watch(threading.Thread):
     """Reads the signal numbers the interpreter writes into the wakeup pipe; checks the parent process."""
 
-    def __init__(self, fd: int, grace_s: float, rank: int, parent: bool):
+    def __init__(self, fd: int, grace_s: float, rank: int, ppid: int | None):
         super().__init__(name="istack_ds-preemption", daemon=True)
-        self.fd, self.grace_s, self.rank = fd, grace_s, rank
-        self.ppid = os.getppid() if parent else None
+        self.fd, self.grace_s, self.rank, self.ppid = fd, grace_s, rank, ppid
         self.signum = 0
         """The first signal seen (0: none)."""
 
@@ -171,9 +170,10 @@ def install(grace_s: float, rank: int, world: int) -> None:
         signal.signal(sig, lambda *_: None)  # the wakeup pipe carries it; the handler itself has nothing to do
     signal.set_wakeup_fd(write, warn_on_full_buffer=False)
     os.register_at_fork(after_in_child=_reset_in_child)
+    ppid = os.getppid() if world > 1 else None  # before the prctl: a parent gone in between is still seen
     if world > 1:
         _die_with_parent()
-    _watch = _Watch(read, grace_s, rank, parent=world > 1)
+    _watch = _Watch(read, grace_s, rank, ppid)
     _watch.start()
 
 
