@@ -36,6 +36,25 @@ OWNED_KEYS = {
     "optimizer": ("the optim section (istack_ds builds torch AdamW)", None),
     "scheduler": ("optim.lr, optim.warmup_fraction and optim.total_steps", None),
     "checkpoint.load_universal": ("checkpoint.resume (set when resuming a universal checkpoint)", None),
+    "communication_data_type": ("deepspeed.communication_data_type", None),
+    "zero_optimization.overlap_comm": ("deepspeed.overlap_comm", None),
+    "zero_optimization.reduce_bucket_size": ("deepspeed.reduce_bucket_size", None),
+    "zero_optimization.allgather_bucket_size": ("deepspeed.allgather_bucket_size", None),
+    "zero_optimization.stage3_param_persistence_threshold": ("deepspeed.stage3_param_persistence_threshold", None),
+}
+
+#: ``deepspeed.extra`` choices that do not work with istack_ds's client optimizer (torch's fused AdamW,
+#: :func:`istack_ds.engine.fused_adamw`, whose states growth carries: :mod:`istack_ds.zero_states`) -> why.
+#: NOTE: DeepSpeed's config classes accept them; ``deepspeed.initialize`` raises only after the process group,
+#: the teacher and the data have started.
+CLIENT_OPTIMIZER_REFUSES = {
+    "zero_optimization.offload_optimizer": (
+        "deepspeed.initialize refuses ZeRO-Offload of the optimizer with a client optimizer (ZeRORuntimeException: "
+        "it wants DeepSpeed's CPU Adam), and growth's state surgery is untested with offloaded states"
+    ),
+    "zero_optimization.offload_param": (
+        "growth's state surgery (gathers and writes of every ZeRO-3 partition) is untested with offloaded parameters"
+    ),
 }
 
 
@@ -47,7 +66,7 @@ def deepspeed_json(cfg: Config, plan: BatchPlan, load_universal: bool = False) -
     size). ``deepspeed.extra`` is merged in last and the result checked by DeepSpeed's config classes: a
     conflicting or unknown key raises ConfigError naming it.
     """
-    opt = cfg.optim
+    opt, dsc = cfg.optim, cfg.deepspeed
     ds: dict[str, Any] = {
         # Batches are built by duration, not count: DeepSpeed only needs a
         # consistent (micro=1) x accumulation x world_size for its bookkeeping.
@@ -57,7 +76,12 @@ def deepspeed_json(cfg: Config, plan: BatchPlan, load_universal: bool = False) -
         "gradient_clipping": opt.grad_clip,
         "steps_per_print": 10**9,  # our own log line replaces DeepSpeed's
         "wall_clock_breakdown": False,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_optimization": {
+            "stage": dsc.zero_stage,
+            "overlap_comm": dsc.overlap_comm,
+            "reduce_bucket_size": dsc.reduce_bucket_size,
+        },
+        "communication_data_type": dsc.communication_data_type,
         "scheduler": {
             "type": "WarmupDecayLR",
             "params": {
@@ -69,17 +93,17 @@ def deepspeed_json(cfg: Config, plan: BatchPlan, load_universal: bool = False) -
             },
         },
     }
-    if cfg.deepspeed.precision == "bf16":
+    if dsc.precision == "bf16":
         ds["bf16"] = {"enabled": True}
-        # Gradients are averaged over every rank: in bf16 (DeepSpeed's default under bf16)
-        # that sum loses precision as ranks grow; the student is small, fp32 costs little.
-        ds["communication_data_type"] = "fp32"
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}
-    if cfg.deepspeed.zero_stage == 3:
-        # Small models: partition every parameter so growth exercises the real path.
-        ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0})
-    ds = merge_extra(cfg.deepspeed, ds)
+    # NOTE: each key only where DeepSpeed reads it (ZeRO-3 has no allgather bucket, ZeRO-1/2 no persistence).
+    if dsc.zero_stage == 3:
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = dsc.stage3_param_persistence_threshold
+    else:
+        ds["zero_optimization"]["allgather_bucket_size"] = dsc.allgather_bucket_size
+    ds = merge_extra(dsc, ds)
+    check_client_optimizer(ds)
     check_json(ds)
     return ds
 
@@ -109,6 +133,20 @@ def merge_extra(deepspeed: DeepSpeedConfig, generated: dict) -> dict:
             )
     # A copy: DeepSpeed may edit the sections of the JSON it is given; the config must not change with them.
     return merge(generated, copy.deepcopy(deepspeed.extra))
+
+
+def check_client_optimizer(ds: dict) -> None:
+    """Refuses a choice of :data:`CLIENT_OPTIMIZER_REFUSES` (an offload to any device but `none`) with a
+    ConfigError naming its ``deepspeed.extra`` key, before launch instead of in the running job."""
+    for dotted, why in CLIENT_OPTIMIZER_REFUSES.items():
+        section, key = dotted.split(".")
+        value = ds.get(section, {}).get(key)
+        if value and (not isinstance(value, dict) or value.get("device", "none") != "none"):
+            raise ConfigError(
+                f"deepspeed.extra.{dotted}={value!r} is refused: istack_ds gives DeepSpeed torch's fused AdamW "
+                f"(built from the optim section), and {why}. Leave the key out; to fit a larger student raise "
+                "deepspeed.zero_stage or the number of ranks"
+            )
 
 
 def check_json(ds: dict) -> None:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from . import phase
 from .data.index import DataError
+from .device import local_device_index
 from .startup import prepare_ops, single_process_env
 
 log = logging.getLogger("istack_ds")
@@ -80,11 +81,16 @@ def init_distributed(timeout_s: int | None = None) -> None:
     (:func:`prepare_ops`). `timeout_s` bounds every collective of every process
     group, the default one and those DeepSpeed creates (None: torch's defaults), so a dead or hung
     rank cannot hang the rest. With more than one rank, each rank then keeps a heartbeat in the
-    job's store (:func:`start_heartbeat`), which :func:`unresponsive_ranks` reads.
+    job's store (:func:`start_heartbeat`), which :func:`unresponsive_ranks` reads and a watch
+    (:func:`istack_ds.watch.start_watch`) checks while the job runs, logging a silent rank before
+    the timeout; under NCCL, NCCL's error handling and flight recorder are switched on
+    (:func:`istack_ds.watch.nccl_failure_env`).
     """
     if dist.is_available() and dist.is_initialized():
         return
     import deepspeed
+
+    from .watch import nccl_failure_env, start_watch
 
     single_process_env()
     bind_device()
@@ -93,8 +99,11 @@ def init_distributed(timeout_s: int | None = None) -> None:
         kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
         set_default_group_timeout(kwargs["timeout"])
     prepare_ops()
+    nccl_failure_env(backend())
     deepspeed.init_distributed(dist_backend=backend(), **kwargs)
+    control_group()  # NOTE: here, at the same point on every rank: creating a group is a collective
     start_heartbeat()
+    start_watch(timeout_s)
 
 
 def set_default_group_timeout(timeout: datetime.timedelta) -> None:
@@ -189,8 +198,8 @@ def start_heartbeat() -> None:
     atexit.register(_heartbeat.stop)
 
 
-def silent_ranks(store: dist.Store, ranks: list[int], wait_s: float) -> dict[int, float | None]:
-    """The ranks of `ranks` whose heartbeat did not change in `wait_s` seconds.
+def silent_ranks(store: dist.Store, ranks: list[int], wait_s: float, wait=time.sleep) -> dict[int, float | None]:
+    """The ranks of `ranks` whose heartbeat did not change in `wait_s` seconds (`wait(wait_s)` between the reads).
 
     Maps each to its last heartbeat (wall-clock time), or None when it never wrote one.
     NOTE: a change, not an age, decides: clocks of different hosts need not agree.
@@ -201,7 +210,7 @@ def silent_ranks(store: dist.Store, ranks: list[int], wait_s: float) -> dict[int
         return {r: float(store.get(k)) if store.check([k]) else None for r, k in keys.items()}
 
     before = read()
-    time.sleep(wait_s)
+    wait(wait_s)
     after = read()
     return {r: after[r] for r in ranks if after[r] is None or after[r] == before[r]}
 
@@ -267,7 +276,8 @@ def backend() -> str:
 
 
 def bind_device() -> None:
-    """Makes this rank's own GPU (LOCAL_RANK) the current device before anything is put on one.
+    """Makes this rank's own GPU (LOCAL_RANK, or the one GPU a task sees) the current device before anything is
+    put on one (:func:`istack_ds.device.local_device_index`).
 
     NOTE: without it every rank of a node would build its teacher and batches on GPU 0
     (DeepSpeed binds the device only inside deepspeed.initialize, after the teacher exists).
@@ -276,7 +286,7 @@ def bind_device() -> None:
 
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
-        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        accelerator.set_device(local_device_index(int(os.environ.get("LOCAL_RANK", "0")), accelerator.device_count()))
 
 
 def comm_device() -> torch.device:
@@ -286,22 +296,41 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+_control_group: dist.ProcessGroup | None = None
+
+
+def control_group() -> dist.ProcessGroup | None:
+    """The group of the control collectives (:func:`all_reduce_sum`, :func:`all_ranks`): the default group under
+    gloo; under NCCL a gloo group over every rank, created once (a collective).
+
+    NOTE: their values (a flag, a data status, the log line's sums) are on the host: over NCCL each would be
+    copied to the GPU and read back, two host syncs that stall the GPU's queue every micro-batch; over gloo
+    they never touch the GPU.
+    """
+    global _control_group
+    if not dist.is_initialized() or dist.get_backend() == "gloo":
+        return None
+    if _control_group is None:
+        _control_group = dist.new_group(backend="gloo")
+    return _control_group
+
+
 def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
-    """Sums a dict of floats over ranks (a collective: call it on every rank, same keys)."""
+    """Sums a dict of floats over ranks (a collective on :func:`control_group`: every rank, same keys)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return dict(values)
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=comm_device())
-    dist.all_reduce(t)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, group=control_group())
     return dict(zip(keys, t.tolist()))
 
 
 def all_ranks(flag: bool) -> bool:
-    """True when `flag` is true on every rank (a collective)."""
+    """True when `flag` is true on every rank (a collective on :func:`control_group`)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag
-    t = torch.tensor([1 if flag else 0], device=comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    t = torch.tensor([1 if flag else 0])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=control_group())
     return bool(t.item())
 
 

@@ -92,10 +92,10 @@ class LogWindow:
     """Wall seconds spent in those steps."""
     audio_s: float = 0.0
     """Unpadded audio seconds trained on."""
-    loss: float = 0.0
-    """Sum of the micro-batch losses."""
-    parts: dict[str, float] = field(default_factory=dict)
-    """Sum of each target's unweighted loss, by ``L<t>``."""
+    loss: float | torch.Tensor = 0.0
+    """Sum of the micro-batch losses (a tensor on the loss's device until :meth:`mean_losses` reads it)."""
+    parts: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    """Sum of each target's unweighted loss, by ``L<t>`` (on the device, as `loss`)."""
     samples: float = 0.0
     """Samples in the batch tensors, padding included."""
     padded: float = 0.0
@@ -105,8 +105,8 @@ class LogWindow:
 
     def add_micro_batch(
         self,
-        loss: float,
-        parts: dict[str, float],
+        loss: float | torch.Tensor,
+        parts: dict[str, float] | dict[str, torch.Tensor],
         audio_s: float,
         samples: float = 0.0,
         pad_frac: float = 0.0,
@@ -126,9 +126,15 @@ class LogWindow:
         self.step_s += seconds
 
     def mean_losses(self) -> dict[str, float]:
-        """``loss`` and ``loss_L<t>`` averaged over the window's micro-batches."""
+        """``loss`` and ``loss_L<t>`` averaged over the window's micro-batches (one device-to-host read)."""
         micro = max(1, self.micro)
-        return {"loss": self.loss / micro, **{f"loss_{name}": v / micro for name, v in self.parts.items()}}
+        names = ["loss", *(f"loss_{name}" for name in self.parts)]
+        sums = [self.loss, *self.parts.values()]
+        tensors = [v for v in sums if torch.is_tensor(v)]
+        if tensors:
+            device = tensors[0].device
+            sums = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in sums]).tolist()
+        return {name: float(v) / micro for name, v in zip(names, sums)}
 
     @property
     def mean_step_s(self) -> float:

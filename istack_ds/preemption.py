@@ -9,8 +9,9 @@ signal is recorded (:func:`requested`) and starts the grace timer; a second SIGT
 cannot finish). A second SIGUSR1 changes nothing (Slurm may send USR1 before the time limit and SIGTERM at it).
 
 **Every rank together.** :func:`stop_if_requested`, once per step in the training loop, all-reduces one small
-integer per rank (which signal each rank got) on a CPU (gloo) group, so under NCCL it waits for no GPU work. Any
-non-zero entry makes every rank save the same step and raise :class:`Preempted` (exit 7).
+integer per rank (which signal each rank got) on :func:`istack_ds.dist.control_group` (gloo, so under NCCL it
+waits for no GPU work). Any non-zero entry makes every rank save the same step and raise :class:`Preempted`
+(exit 7).
 
 **Orphans.** Where a launcher started several ranks (WORLD_SIZE > 1), each rank asks the kernel for SIGTERM when
 its parent dies (``prctl(PR_SET_PDEATHSIG)``, Linux): it arrives at once, even when the launcher was SIGKILLed,
@@ -108,7 +109,6 @@ class _Watch(threading.Thread):
 
 
 _watch: _Watch | None = None
-_group = None  # the CPU group stop_if_requested reduces on (None: the default group, gloo already)
 
 
 def _reset_in_child() -> None:
@@ -154,16 +154,11 @@ def _die_with_parent() -> None:
 def install(grace_s: float, rank: int, world: int) -> None:
     """Arms the handlers of this process (once; from the main thread, after the process group started).
 
-    `grace_s`: seconds from the first signal to the exit, at the latest. With a process group under another
-    backend than gloo, a gloo group for :func:`stop_if_requested` is created here (a collective: every rank).
+    `grace_s`: seconds from the first signal to the exit, at the latest.
     """
-    global _watch, _group
+    global _watch
     if _watch is not None:
         return
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1 and dist.get_backend() != "gloo":
-        _group = dist.new_group(backend="gloo")
     read, write = os.pipe()
     os.set_blocking(write, False)
     for sig in SIGNALS:
@@ -188,11 +183,13 @@ def stop_if_requested(trainer) -> None:
     import torch
     import torch.distributed as dist
 
+    from .dist import control_group
+
     signals = [requested()]
     if dist.is_initialized() and dist.get_world_size() > 1:
         mine = torch.zeros(dist.get_world_size(), dtype=torch.int32)
         mine[dist.get_rank()] = signals[0]
-        dist.all_reduce(mine, group=_group)
+        dist.all_reduce(mine, group=control_group())
         signals = mine.tolist()
     if not any(signals):
         return

@@ -2,8 +2,8 @@
 
 What a config alone decides is checked when it loads (:mod:`istack_ds.config`); this
 module checks the config against what lies on disk and the job's launcher variables.
-A missing teacher dir, a teacher layer that does not exist, a teacher whose sample rate
-or CNN depth does not fit the config, an int8 teacher on a GPU, a `checkpoint.resume`
+A `run.device=cuda` that torch cannot use, a missing teacher dir, a teacher layer that does not
+exist, a teacher whose sample rate or CNN depth does not fit the config, an int8 teacher on a GPU, a `checkpoint.resume`
 that is not a checkpoint, a missing or empty shard index, too few shards for the job's
 nodes x ranks x workers: each stops the run with a message naming the path or key, and every
 problem found is reported at once (:class:`PreflightError`), so one round trip shows them all.
@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from .config import Config, ConfigError
+from .device import check_run_device
 from .dist import ranks_per_node, world_size
 from .models.student import check_init
 from .models.teacher import RANDOM_MARKER, TeacherInfo, check_teacher_layers, read_teacher_info
@@ -53,6 +54,7 @@ def preflight_problems(cfg: Config) -> list[str]:
             return None
 
     world = world_size()
+    check(check_run_device, cfg)  # before anything asks DeepSpeed for its accelerator
     check(check_device, cfg)
     from .metrics import check_monitors
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from . import resume
 from .data import read_index
+from .device import describe_device
 from .dist import all_reduce_sum, is_main, log0, topology, world_size
 from .metrics import LogWindow
 from .provenance import provenance
@@ -64,7 +65,7 @@ def log_run_start(trainer: Trainer) -> None:
     shards = len(read_index(trainer.cfg.data.train_index).shards)
     log0(
         "topology: %d node(s) x %d rank(s) = %d ranks, %d data worker(s) per rank, %d shards (%.1f per worker); "
-        "ZeRO %d, %s, gradient accumulation %d",
+        "ZeRO %d, gradient accumulation %d; device: %s",
         topo["nodes"],
         topo["ranks_per_node"],
         topo["world_size"],
@@ -72,8 +73,8 @@ def log_run_start(trainer: Trainer) -> None:
         shards,
         shards / (topo["world_size"] * workers),
         trainer.cfg.deepspeed.zero_stage,
-        trainer.cfg.deepspeed.precision,
         trainer.plan.accumulation,
+        describe_device(trainer.cfg, topo["world_size"]),
     )
     log0("batch: %s", trainer.plan.describe())
     log0("teacher: %s", trainer.teacher.describe())

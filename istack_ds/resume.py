@@ -21,6 +21,7 @@ from pathlib import Path
 from .batching import BatchPlan, plan_batches
 from .checkpoint import Checkpointer, CheckpointError, convert_to_universal, universal_path, verify
 from .config import Config, ConfigError
+from .device import settle_optimizer_states
 from .dist import broadcast_from_main, gather_all, is_main, log0, rank, run_on_main
 from .growth import Schedule
 from .models.teacher import teacher_digest
@@ -220,11 +221,42 @@ def load_on_every_rank(checkpointer: Checkpointer, engine, path: Path) -> tuple[
     error (the same list on all ranks, so all try the previous checkpoint together). A collective."""
     rank_state, error = None, ""
     try:
+        configured = group_hyperparameters(engine)
         rank_state = checkpointer.load(engine, path)
+        # NOTE: a universal load leaves AdamW's `step` on the CPU, where the fused CUDA kernel cannot read it, and
+        # under ZeRO-3 one `step` tensor for every partition
+        settle_optimizer_states(engine.optimizer)
+        restore_group_hyperparameters(engine, configured)
         apply_configured_lr(engine)
     except Exception as e:  # noqa: BLE001 -- a corrupt file raises whatever its reader raises
         error = f"rank {rank()}: {type(e).__name__}: {e}"
     return rank_state, [e for e in gather_all(error) if e]
+
+
+#: The hyperparameters of each AdamW parameter group that the config sets (:func:`istack_ds.engine.param_groups`,
+#: :func:`istack_ds.engine.fused_adamw`); the LR is the scheduler's (:func:`apply_configured_lr`).
+GROUP_HYPERPARAMETERS = ("name", "weight_decay", "betas", "eps")
+
+
+def group_hyperparameters(engine) -> list[dict]:
+    """:data:`GROUP_HYPERPARAMETERS` of each parameter group of the engine's torch optimizer, in order."""
+    return [{k: g[k] for k in GROUP_HYPERPARAMETERS if k in g} for g in _torch_optimizer(engine).param_groups]
+
+
+def _torch_optimizer(engine):
+    """The torch optimizer inside DeepSpeed's ZeRO optimizer (or the engine's own, when it has no wrapper)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def restore_group_hyperparameters(engine, configured: list[dict]) -> None:
+    """Gives each parameter group back the hyperparameters this config built it with (`configured`).
+
+    NOTE: ZeRO-3's universal load (deepspeed==0.19.8, stage3.py) gives every group the first group's
+    hyperparameters and name: the biases and norms (``no_decay``, weight decay 0) would decay from the first step
+    on. A changed optim.weight_decay, betas or eps applies from the first step, as a changed LR does.
+    """
+    for group, values in zip(_torch_optimizer(engine).param_groups, configured, strict=True):
+        group.update(values)
 
 
 def apply_configured_lr(engine) -> None:

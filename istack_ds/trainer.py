@@ -264,8 +264,8 @@ class Trainer:
             self.engine.step()
             done += 1
             self.window.add_micro_batch(
-                loss.item(),
-                {k: v.item() for k, v in parts.items()},
+                loss.detach(),  # on the device: the log line reads the sums (no host sync per micro-batch)
+                {k: v.detach() for k, v in parts.items()},
                 float(batch["seconds"]),
                 samples=float(audio.numel()),
                 pad_frac=float(batch.get("pad_frac", 0.0)),

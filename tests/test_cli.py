@@ -86,15 +86,15 @@ def test_tool_scripts_are_the_commands():
 
 def test_print_config_prints_the_resolved_yaml_and_the_deepspeed_json(tmp_path, capsys):
     argv = ["train", "--config", DEMO, "--set", "optim.total_steps=90", "--print-config", "--nodes", "2"]
-    argv += ["--ranks-per-node", "4", "--set", "deepspeed.extra.zero_optimization.overlap_comm=true"]
+    argv += ["--ranks-per-node", "4", "--set", "deepspeed.extra.zero_optimization.contiguous_gradients=true"]
     assert cli.istack(argv) == 0
     out = capsys.readouterr().out
     head, _, ds_json = out.partition("# DeepSpeed JSON on 8 rank(s)")
-    cfg = load_config(DEMO, ["optim.total_steps=90", "deepspeed.extra.zero_optimization.overlap_comm=true"])
+    cfg = load_config(DEMO, ["optim.total_steps=90", "deepspeed.extra.zero_optimization.contiguous_gradients=true"])
     assert yaml.safe_load(head) == cfg.to_dict()
     ds = json.loads(ds_json.split("\n", 1)[1])
     assert ds == deepspeed_json(cfg, plan_batches(cfg.data, cfg.deepspeed, 8))
-    assert ds["train_batch_size"] == 8 and ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["train_batch_size"] == 8 and ds["zero_optimization"]["contiguous_gradients"] is True
     assert not (tmp_path / "run").exists() and not torch.distributed.is_initialized()
 
 
@@ -121,13 +121,19 @@ def test_deepspeed_extra_is_merged_and_checked():
     cfg = load_config(
         DEMO,
         [
-            "deepspeed.extra={zero_optimization: {overlap_comm: true, reduce_bucket_size: 5.0e+7}, "
+            "deepspeed.extra={zero_optimization: {contiguous_gradients: true, reduce_bucket_size: 2.0e+7}, "
             "communication_data_type: fp32, flops_profiler: {enabled: true, profile_step: 3}}",
             "deepspeed.extra.zero_optimization.stage=2",  # the same value as deepspeed.zero_stage: allowed
         ],
     )
     ds = deepspeed_json(cfg, plan_batches(cfg.data, cfg.deepspeed, 2))
-    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 5.0e7}
+    assert ds["zero_optimization"] == {
+        "stage": 2,
+        "overlap_comm": True,
+        "reduce_bucket_size": 2e7,
+        "allgather_bucket_size": 2e7,
+        "contiguous_gradients": True,
+    }
     assert ds["flops_profiler"] == {"enabled": True, "profile_step": 3} and ds["communication_data_type"] == "fp32"
     assert ds["train_batch_size"] == 2 and ds["gradient_accumulation_steps"] == 1
 
@@ -142,12 +148,52 @@ def test_deepspeed_extra_is_merged_and_checked():
         ("bf16.enabled=true", r"deepspeed\.extra\.bf16\.enabled=True conflicts .*deepspeed\.precision"),
         ("train_batch_size=64", r"deepspeed\.extra\.train_batch_size=64 conflicts"),
         ("optimizer={type: Adam}", r"deepspeed\.extra\.optimizer=.* conflicts .*optim section"),
+        ("zero_optimization.overlap_comm=false", r"overlap_comm=False conflicts .*deepspeed\.overlap_comm"),
+        ("zero_optimization.reduce_bucket_size=5.0e+8", r"reduce_bucket_size=.* conflicts .*deepspeed\.reduce_bucket"),
+        ("communication_data_type=bf16", r"communication_data_type='bf16' conflicts .*deepspeed\.communication_data"),
+        # ZeRO-Offload: DeepSpeed's config classes accept it, deepspeed.initialize refuses the client optimizer
+        ("zero_optimization.offload_optimizer={device: cpu}", r"offload_optimizer=.* is refused: .*ZeRORuntimeExc"),
+        ("zero_optimization.offload_param={device: nvme}", r"offload_param=.* is refused: .*offloaded parameters"),
     ],
 )
 def test_deepspeed_extra_refuses_typos_and_conflicts(extra, message):
     cfg = load_config(DEMO, [f"deepspeed.extra.{extra}"])
     with pytest.raises(ConfigError, match=message):
         deepspeed_json(cfg, plan_batches(cfg.data, cfg.deepspeed, 2))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_the_communication_settings_reach_the_deepspeed_json(stage):
+    """Multi-node ZeRO: overlap, bucket sizes, the gradients' reduction dtype, ZeRO-3's persistence threshold."""
+    defaults = load_config(DEMO, [f"deepspeed.zero_stage={stage}", "deepspeed.precision=bf16"])
+    ds = deepspeed_json(defaults, plan_batches(defaults.data, defaults.deepspeed, 2))
+    zero = {"stage": stage, "overlap_comm": True, "reduce_bucket_size": 20_000_000}
+    zero.update({"stage3_param_persistence_threshold": 100_000} if stage == 3 else {"allgather_bucket_size": 2e7})
+    assert ds["zero_optimization"] == zero and ds["communication_data_type"] == "fp32"
+    cfg = load_config(
+        DEMO,
+        [
+            f"deepspeed.zero_stage={stage}",
+            "deepspeed.overlap_comm=false",
+            "deepspeed.reduce_bucket_size=1000",
+            "deepspeed.allgather_bucket_size=2000",
+            "deepspeed.communication_data_type=bf16",
+            "deepspeed.stage3_param_persistence_threshold=0",
+        ],
+    )
+    ds = deepspeed_json(cfg, plan_batches(cfg.data, cfg.deepspeed, 2))
+    zero = {"stage": stage, "overlap_comm": False, "reduce_bucket_size": 1000}
+    zero.update({"stage3_param_persistence_threshold": 0} if stage == 3 else {"allgather_bucket_size": 2000})
+    assert ds["zero_optimization"] == zero and ds["communication_data_type"] == "bf16"
+
+
+def test_offload_is_refused_in_preflight_not_in_deepspeed_initialize(teacher_dir, demo_shards, tmp_path, capsys):
+    argv = demo_args(
+        teacher_dir, demo_shards, tmp_path, "deepspeed.extra.zero_optimization.offload_optimizer.device=cpu"
+    )
+    assert cli.main(argv) == 2
+    assert "deepspeed.extra.zero_optimization.offload_optimizer={'device': 'cpu'}" in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()
 
 
 def test_a_bad_extra_stops_train_before_any_process_group(teacher_dir, demo_shards, tmp_path, capsys):

@@ -42,6 +42,28 @@ def test_paper_recipes_differ_only_where_they_should():
     assert eql.student.hidden_size == 384 and eql.growth.depths == [3, 6, 9, 12]
 
 
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.stem.startswith("paper_")], ids=lambda p: p.stem)
+def test_paper_recipes_use_the_settings_the_paper_states(path):
+    """DESIGN.md section 3: AdamW lr 5e-4, wd 1e-4, global batch 64, 7 % warmup; where the paper states a value,
+    the recipe's value is the paper's."""
+    o, d = load_config(path).optim, load_config(path).data
+    assert (o.lr, o.weight_decay, o.warmup_fraction) == (5e-4, 1e-4, 0.07)
+    # LibriLight has no utterances: its batch is the seconds 64 LibriSpeech utterances hold
+    assert (d.global_batch, d.batch_unit) == ((790, "seconds") if "librilight" in path.stem else (64, "utterances"))
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.stem != "demo"], ids=lambda p: p.stem)
+def test_recipes_run_the_teacher_in_a_gpu_precision(path):
+    """Every GPU recipe's teacher is bf16 or fp32 with TF32, never IEEE fp32 (which dominates a GPU step), and
+    the recipe says it is assumed (the paper does not state it)."""
+    teacher = load_config(path).teacher
+    assert teacher.dtype == "bf16" or (teacher.dtype == "fp32" and teacher.tf32)
+    recipe = path.read_text()
+    while "tf32" not in recipe and "base:" in recipe:  # the line is where the base chain sets it
+        recipe = (path.parent / recipe.split("base:")[1].split()[0]).read_text()
+    assert "assumed: " in recipe.split("tf32: true")[0][-700:]  # the comment above the line that sets it
+
+
 def test_unknown_key_is_named(tmp_path):
     bad = tmp_path / "typo.yaml"
     bad.write_text(yaml.safe_dump({"optim": {"lr": 1e-3, "totl_steps": 5}}))

@@ -56,6 +56,36 @@ def test_teacher_frozen_and_matches_full_model(make_teacher, model_type):
     assert len(teacher.model.encoder.layers) == 4  # runs only up to the deepest layer used
 
 
+@pytest.mark.parametrize("tf32", [True, False])
+def test_teacher_fp32_math_is_set_inside_its_forward_only(teacher_dir, tf32):
+    """teacher.tf32 sets the fp32 matmul and convolution precision for the teacher's CNN and encoder, and torch's
+    settings are back after each call (the student's fp32 parts keep them)."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    teacher = Teacher(teacher_dir, [4], tf32=tf32)
+    seen = []
+    for module in (teacher.model.feature_extractor, teacher.model.encoder):
+        module.register_forward_pre_hook(lambda *_: seen.append((matmul.fp32_precision, conv.fp32_precision)))
+    audio, lens = torch.randn(1, 8000), torch.tensor([8000])
+    teacher(audio, lens)
+    teacher(audio, lens, teacher.cnn(audio))
+    mode = "tf32" if tf32 else "ieee"
+    assert len(seen) >= 3 and set(seen) == {(mode, mode)}  # CNN + encoder, then the shared front end's CNN
+    assert (matmul.fp32_precision, conv.fp32_precision) == before
+    assert ("TF32 on CUDA" in teacher.describe()) == tf32
+
+
+def test_teacher_tf32_is_named_only_for_an_fp32_teacher(teacher_dir):
+    """A paper recipe (fp32 + TF32) tried with `--set teacher.dtype=bf16` loads: TF32 has no fp32 math to set."""
+    from istack_ds.config import load_config
+
+    cfg = load_config(
+        Path(__file__).resolve().parent.parent / "configs/paper_interleaved_eql.yaml", ["teacher.dtype=bf16"]
+    )
+    assert cfg.teacher.tf32 and cfg.teacher.dtype == "bf16"
+    assert "TF32" not in Teacher(teacher_dir, [4], dtype=torch.bfloat16, tf32=True).describe()
+
+
 @pytest.mark.parametrize("model_type", SUPPORTED_TEACHERS)
 def test_int8_teacher_targets_stay_close_to_fp32(make_teacher, model_type):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear

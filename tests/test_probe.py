@@ -122,6 +122,12 @@ def test_probe_of_labelled_features_beats_chance_and_finds_the_layer(labelled_in
     assert counts["members"] == SPEAKERS * PER_SPEAKER + 3
     assert counts["without_phonemes"] == 2 and counts["without_speaker"] == 1
     assert report["sid"]["train_utterances"] + report["sid"]["test_utterances"] == SPEAKERS * PER_SPEAKER + 2
+    # the per-item scores the intervals resample add up to the reported figures
+    each = np.array(report["pr"]["per_utterance"])
+    assert len(each) == report["pr"]["test_utterances"] and each[:, 1].sum() == report["pr"]["test_phonemes"]
+    assert each[:, 0].sum() / each[:, 1].sum() == pytest.approx(report["pr"]["per"])
+    assert len(report["sid"]["correct"]) == report["sid"]["test_utterances"]
+    assert np.mean(report["sid"]["correct"]) == pytest.approx(report["sid"]["accuracy"])
     # deterministic for a seed
     again = run_probes(bands, labelled_index, tasks=["sid"], **PROBE)
     assert again["sid"] == {**report["sid"]}

@@ -93,6 +93,21 @@ class Checkpointer:
         return {}
 
 
+class OtherGroupsCheckpointer:
+    """A load that leaves the checkpoint's (or, ZeRO-3 universal, the first group's) hyperparameters in the groups."""
+
+    def load(self, engine, path):
+        engine.optimizer.param_groups[0].update(weight_decay=0.5, betas=(0.5, 0.5), eps=1e-3)
+        return {}
+
+
+def test_a_resume_runs_at_this_configs_weight_decay_betas_and_eps():
+    engine = LoadedEngine()
+    configured = {k: engine.optimizer.param_groups[0][k] for k in ("weight_decay", "betas", "eps")}
+    assert load_on_every_rank(OtherGroupsCheckpointer(), engine, None)[1] == []
+    assert {k: engine.optimizer.param_groups[0][k] for k in configured} == configured
+
+
 def test_a_resume_runs_its_first_step_at_this_configs_lr():
     engine = LoadedEngine()
     state, errors = load_on_every_rank(Checkpointer(), engine, None)

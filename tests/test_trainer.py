@@ -75,6 +75,8 @@ def test_demo_pipeline_end_to_end(tmp_path, teacher_dir, demo_shards):
     proc = torchrun(ROOT / "launchers/train.py", *args, timeout=400)
     assert "depth 2 -> 4" in proc.stderr + proc.stdout and "depth 4 -> 8" in proc.stderr + proc.stdout
     assert "int8 (49 Linear layers quantized)" in proc.stderr + proc.stdout  # 8 layers x 6 + the projection
+    # the start line names the device, its count and the precisions
+    assert "; device: cpu, 2 process(es); student fp32, teacher int8 (run.device=auto)" in proc.stderr + proc.stdout
 
     acc = _events(out / "tb")
     tags = set(acc.Tags()["scalars"])

@@ -1,37 +1,46 @@
-"""The paper's experiment at CPU scale, with a teacher that has learned something: six schedules, two seeds,
-then SUPERB-style probes (PR, SID) of every student, side by side.
+"""The paper's two claims decided at CPU scale: interleaved stacking reaches full depth's quality faster (1.24x EQL,
+1.16x PROP-1 in the paper), and standard stacking (GradStack, MIDAS) is as fast but loses quality.
 
-Usage:
-    python tools/run_paper_experiment.py                         # the README's run, on 2 CPU ranks
-    python tools/run_paper_experiment.py --steps 300 --seeds 1 2 --out runs/paper_cpu --docs docs/paper_cpu
-    python tools/run_paper_experiment.py --tiny                  # a smoke run of the whole path
+Usage (every part cached by what made it; a rerun reuses what exists, so the experiment runs part by part):
+    python tools/run_paper_experiment.py --part data teacher cost         # corpus, teacher, step cost by depth
+    python tools/run_paper_experiment.py --part runs --only full_depth --budgets 1.0 --seeds 1   # the pilot
+    python tools/run_paper_experiment.py --part runs --only interleaved_eql --seeds 1 2 3
+    python tools/run_paper_experiment.py --part probes report             # probe what exists; write docs/
+    python tools/run_paper_experiment.py --tiny                           # the whole path in ~2 min (smoke)
 
-What it runs, all of it cached (a rerun reuses what exists; --force reruns the students):
+The design (what each choice is for; docs/paper_cpu/README.md has the results):
 
-1. the labelled espeak-ng corpus (istack_ds/evidence/speech_corpus.py: voices as speakers, text, phonemes; 12
-   speakers x 50 sentences) as lhotse manifests, sharded through the lhotse_manifest corpus module (the last
-   2 speakers held out: `valid`);
-2. the teacher: a 12-layer HuBERT (hidden 96) trained here on the training speakers with CTC on phonemes
-   and masked log-mel regression (istack_ds/evidence/teacher_training.py; `istack train-teacher` makes the same);
-3. each schedule's shipped recipe (configs/paper_*.yaml, configs/distilhubert.yaml) unchanged in its method
-   (operator, stages 3 -> 6 -> 9 -> 12, alpha, loss kind and targets 4/8/12, carry, pick, optimizer state
-   copy, warmup + linear decay), scaled down only where CPU forces it, through --set: a 12 x 48 student
-   (FFN 192; the paper's student is half the teacher's width), 8 utterances a step over `--nproc` gloo ranks,
-   `--steps` steps for every schedule, fp32, ZeRO 2, seeds `--seeds`;
-4. `istack probe` of the teacher and of every exported student (PR: phoneme error rate of a CTC head over the
-   softmax-weighted layers, scored on the held-out speakers; SID: speaker accuracy of a mean-pooled linear
-   head on held-out sentences of the training speakers; the same probe seed for every model);
-5. `istack compare` per seed (speed-ups against that seed's full-depth run, CKA figures), and
-   DOCS/results.{md,json}: per schedule, the mean over seeds and each seed's values.
-
-The DistilHuBERT row is DistilHuBERT-style, not s3prl's model: 2 layers at the teacher's width (96) with
-prediction heads and its loss, but its layers start random (`student.init: teacher_cnn`): the trained
-teacher is pre-LN (HuBERT Large's layout), and `teacher_layers` copies post-LN layers only.
+1. Data: the labelled espeak-ng corpus (istack_ds/evidence/speech_corpus.py), 20 speakers x 80 sentences, the
+   last 4 speakers held out (`valid`: ~5k phonemes, the PR probe's test set and the held-out loss).
+2. Teacher: a 12 x 96 HuBERT trained here for 1000 steps (istack_ds/evidence/teacher_training.py), online (its
+   forward runs in every student step, as in the paper).
+3. Regime: the student is half the teacher's width (12 x 48, FFN 192), on the teacher's CNN output
+   (`student.frontend: shared`), one rank, 8 utterances a step, fp32, ZeRO 2, one thread, so that the student's
+   layers are a large share of a step (`--part cost` measures c(d), the seconds of a step at each depth, side by
+   side, and prints the share and each schedule's ideal speed-up). Full depth is also run with a trainable front
+   end (the paper's own baseline).
+4. Methods: each arm is a shipped recipe (configs/paper_*.yaml) with its method unchanged (operator, stages
+   3 -> 6 -> 9 -> 12, alpha, loss and targets 4/8/12, carry, pick, optimizer-state copy, warmup + linear decay,
+   weight decay 1e-4), scaled only through --set: the shape above, `--steps` T (fixed by a pilot: full depth's
+   held-out loss falls < 5 % over its last third), the peak LR `--lr` and the recipe's 7 % warmup of T.
+   GradStack and MIDAS run with their recipe's `output_heads` loss and with `l2l`, so the operator is seen apart
+   from the loss.
+5. Time: a run's time is its steps at each depth costed at c(d), plus its measured growth pauses (the runs may
+   share the machine; their own wall times are kept beside, unused). Full depth at budgets 0.5T, 0.75T, T (each its
+   own LR schedule) is the reference curve of held-out loss against time; a method's speed-up at equal quality
+   is the time full depth needs to reach the method's final held-out loss over the method's time (paired by
+   seed; mean and 95 % t interval over seeds). The equal-step speed-up and the ideal one stand beside it.
+6. Quality: the held-out loss over all held-out frames (same formula for l2l and output_heads), and each target's
+   MSE; probes (PR: phoneme error rate on the 4 held-out speakers; SID: 16 training speakers, 20 % of each one's
+   sentences held out) with 95 % bootstrap intervals over test utterances, and their floors (an untrained student,
+   the teacher's hidden state 0 alone, the teacher).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -41,57 +50,67 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools" / "bench"))
 
-#: schedule name -> (recipe under configs/, its own --set on top of the common ones).
-SCHEDULES: dict[str, tuple[str, dict]] = {
+#: arm -> (recipe under configs/, its own --set on top of the common ones).
+ARMS: dict[str, tuple[str, dict]] = {
+    "full_depth": ("paper_full_depth.yaml", {}),
     "interleaved_eql": ("paper_interleaved_eql.yaml", {}),
     "interleaved_prop1": ("paper_interleaved_prop1.yaml", {}),
     "gradstack_eql": ("paper_gradstack_eql.yaml", {}),
     "midas_eql": ("paper_midas_eql.yaml", {}),
-    "full_depth": ("paper_full_depth.yaml", {}),
-    "distilhubert": (
-        "distilhubert.yaml",
-        {
-            "student.hidden_size": 96,
-            "student.intermediate_size": 384,
-            "student.num_attention_heads": 4,
-            "student.init": "teacher_cnn",
-            "student.init_from": "null",
-        },
-    ),
+    "gradstack_eql_l2l": ("paper_gradstack_eql.yaml", {"loss.kind": "l2l"}),
+    "midas_eql_l2l": ("paper_midas_eql.yaml", {"loss.kind": "l2l"}),
+    "full_depth_trainable": ("paper_full_depth.yaml", {"student.frontend": "trainable"}),
 }
 BASELINE = "full_depth"
-STUDENT = dict(hidden_size=48, intermediate_size=192, num_attention_heads=4)
-GLOBAL_BATCH = 8  # utterances a step (the paper: 64 on 8 GPUs)
+#: the seeds an arm gets unless --seeds says otherwise (the issue's power: 3 where a verdict rests on it)
+SEEDS = {"full_depth": [1, 2, 3], "interleaved_eql": [1, 2, 3], "gradstack_eql": [1, 2, 3], "midas_eql": [1, 2, 3]}
+OTHER_SEEDS = [1, 2]
+BUDGETS = [0.5, 0.75, 1.0]  # full depth's budgets, fractions of T (the reference curve)
+STUDENT = {"hidden_size": 48, "intermediate_size": 192, "num_attention_heads": 4, "frontend": "shared"}
+GLOBAL_BATCH = 8
+CORPUS = {"speakers": 20, "utterances": 80}
+HELD_OUT_SPEAKERS = 4
+TEACHER_STEPS = 1000
+COST_DEPTHS = [3, 6, 9, 12]
+PAPER = {"interleaved_eql": 1.24, "interleaved_prop1": 1.16}
 
 
-def make_data(data: Path, tiny: bool, log=print) -> tuple[Path, Path]:
-    """The labelled corpus (lhotse manifests) and its shards (train + 2 held-out speakers); both reused while the
-    corpus is the one they were made from."""
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- data and teacher -----------------------------------------------------------
+
+
+def make_data(data: Path, tiny: bool) -> tuple[Path, Path]:
+    """The labelled corpus (lhotse manifests) and its shards; both reused while the corpus is the one they were
+    made from."""
     from istack_ds.data.writer import shard_corpus
     from istack_ds.evidence.speech_corpus import SpeechCorpusSettings, make_speech_corpus
     from istack_ds.evidence.teacher_data import corpus_digest
 
-    settings = SpeechCorpusSettings(speakers=4, utterances=8) if tiny else SpeechCorpusSettings()
+    settings = SpeechCorpusSettings(speakers=4, utterances=8) if tiny else SpeechCorpusSettings(**CORPUS)
     corpus = data / "corpus"
-    make_speech_corpus(corpus, settings, log=log)
-    shards, stamp = data / "shards", {"corpus_sha256": corpus_digest(corpus)}
+    make_speech_corpus(corpus, settings, log=say)
+    shards, stamp = data / "shards", {"corpus_sha256": corpus_digest(corpus), "held_out": held_out(tiny)}
     made_from = shards / "experiment.json"
     if not made_from.is_file() or json.loads(made_from.read_text()) != stamp:
-        import io
-
         shutil.rmtree(shards, ignore_errors=True)
         shard_corpus(
             corpus,
             shards,
             corpus="lhotse_manifest",
             min_seconds=0.3,
-            shard_mb=0.5,
+            shard_mb=0.5 if tiny else 2.0,
             min_shards=8,
-            valid_speakers=2 if not tiny else 1,
+            valid_speakers=held_out(tiny),
             log=lambda *_: None,
             progress_stream=io.StringIO(),
         )
@@ -99,28 +118,214 @@ def make_data(data: Path, tiny: bool, log=print) -> tuple[Path, Path]:
     return corpus, shards
 
 
-def make_teacher(corpus: Path, out: Path, tiny: bool, log=print) -> dict:
-    """Trains (or reuses) the teacher; returns its report (PER, CKA, speaker probe, wall time)."""
+def held_out(tiny: bool) -> int:
+    return 1 if tiny else HELD_OUT_SPEAKERS
+
+
+def make_teacher(corpus: Path, out: Path, tiny: bool) -> dict:
+    """Trains (or reuses) the teacher; returns its report (PER, CKA, speaker probe by layer, wall time)."""
     from istack_ds.evidence.teacher_training import TeacherTrainingSettings, train_teacher
 
-    settings = TeacherTrainingSettings(steps=6, held_out_speakers=1, probe_sentences=2) if tiny else None
-    return train_teacher(corpus, out, settings, log=log)
+    if tiny:
+        settings = TeacherTrainingSettings(steps=6, held_out_speakers=1, probe_sentences=2)
+    else:
+        settings = TeacherTrainingSettings(steps=TEACHER_STEPS, held_out_speakers=HELD_OUT_SPEAKERS)
+    return train_teacher(corpus, out, settings, log=say)
 
 
-def probe(model: Path, shards: Path, out: Path, tiny: bool, made_from: dict) -> dict:
-    """`istack probe` of one model, reused when out/probe.json was made from the same model (`made_from`)."""
+# ---- runs --------------------------------------------------------------------------
+
+
+def common_sets(teacher: Path, args) -> dict:
+    """The --set every arm shares: the regime (shape, batch, precision, steps, LR), no I/O beyond the run's own."""
+    return {
+        "teacher.path": str(teacher),
+        "teacher.dtype": "fp32",
+        "data.global_batch": GLOBAL_BATCH,
+        "data.batch_unit": "utterances",
+        "data.max_micro_batch": GLOBAL_BATCH,
+        "data.crop_seconds": 6.0,
+        "data.batch_seconds": 48.0,
+        "data.long_cuts": "crop",
+        # NOTE: an utterance batch is drawn within a group of `interleave_shards` shards and one bucket; a group's
+        # remainder is left out (counted): one bucket and groups of ~100 utterances leave out < 8 %
+        "data.num_buckets": 1,
+        "data.num_workers": 1,
+        "data.shuffle_buffer": 200,
+        "data.interleave_shards": 4,
+        **{f"student.{k}": v for k, v in STUDENT.items()},
+        "student.dropout": 0.0,
+        "optim.epochs": "null",
+        "optim.lr": args.lr,
+        "deepspeed.precision": "fp32",
+        "deepspeed.zero_stage": 2,
+        "checkpoint.every": 0,
+        "checkpoint.keep": 1,
+        "checkpoint.resume": "none",
+    }
+
+
+def run_sets(arm: str, budget: float, seed: int, run_dir: Path, teacher: Path, shards: Path, args) -> dict:
+    steps = max(1, round(budget * args.steps))
+    every = max(1, args.steps // 8)
+    return {
+        **common_sets(teacher, args),
+        "run.name": run_dir.name,
+        "run.out_dir": str(run_dir),
+        "run.seed": seed,
+        "data.train_index": str(shards / "train/index.json"),
+        "data.valid_index": str(shards / "valid/index.json"),
+        "optim.total_steps": steps,
+        "log.every": max(1, every // 4),
+        "eval.every": every,
+        "eval.max_batches": 1000,  # every held-out utterance, every time
+        **ARMS[arm][1],
+    }
+
+
+def run_dir_of(out: Path, steps: int, arm: str, budget: float, seed: int) -> Path:
+    """OUT/T<steps>/seed<seed>/<arm>[@<budget>]: runs of another T (a pilot's) never overwrite these."""
+    name = arm if budget == 1.0 else f"{arm}@{budget:g}"
+    return out / f"T{steps}" / f"seed{seed}" / name
+
+
+def finished(run_dir: Path, stamp: dict) -> bool:
+    made = run_dir / "experiment.json"
+    return (run_dir / "summary.json").is_file() and made.is_file() and json.loads(made.read_text()) == stamp
+
+
+def train(arm: str, sets: dict, run_dir: Path, nproc: int) -> float:
+    """One run of `arm` on `nproc` gloo ranks, one thread each; its wall seconds."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += [str(ROOT / "launchers/train.py"), "--config", str(ROOT / "configs" / ARMS[arm][0])]
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={value}"]
+    start = time.time()
+    with open(run_dir / "train.log", "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = (run_dir / "train.log").read_text()[-4000:]
+        raise SystemExit(f"run {run_dir} failed (rc={proc.returncode}); log {run_dir / 'train.log'}:\n{tail}")
+    return time.time() - start
+
+
+def run_arms(plan: list[tuple[str, float, int]], teacher: Path, teacher_made: dict, shards: Path, args) -> None:
+    for arm, budget, seed in plan:
+        run_dir = run_dir_of(args.out, args.steps, arm, budget, seed)
+        sets = run_sets(arm, budget, seed, run_dir, teacher, shards, args)
+        stamp = {"recipe": ARMS[arm][0], "sets": sets, "teacher": teacher_made, "nproc": args.nproc}
+        if finished(run_dir, stamp) and not args.force:
+            say(f"{run_dir.relative_to(args.out)}: finished earlier, reused")
+            continue
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        t0 = time.time()
+        say(f"{run_dir.relative_to(args.out)}: {sets['optim.total_steps']} steps ...")
+        seconds = train(arm, sets, run_dir, args.nproc)
+        (run_dir / "experiment.json").write_text(json.dumps(stamp, indent=1))
+        say(f"{run_dir.relative_to(args.out)}: done in {seconds:.0f} s wall (started {time.ctime(t0)})")
+
+
+# ---- step cost by depth ---------------------------------------------------------
+
+
+def measure_costs(teacher: Path, shards: Path, out: Path, args) -> dict:
+    """c(d): median seconds of one optimizer step at each depth (shared front end) and of the trainable front end
+    at full depth, the real Trainer on one rank and one thread, stepped round-robin (noise hits all alike), on
+    batches of GLOBAL_BATCH utterances of the corpus's median length."""
+    import benchlib
+    import torch
+
+    from istack_ds.data.index import read_index
+
+    index = read_index(shards / "train/index.json")
+    counts, width = index.duration_histogram, index.bin_seconds
+    half, seen, median = sum(counts) / 2, 0, width
+    for i, c in enumerate(counts):
+        seen += c
+        if seen >= half:
+            median = (i + 0.5) * width
+            break
+    torch.set_num_threads(1)
+    benchlib.init_single_process()
+    batches = benchlib.fixed_batches(4, GLOBAL_BATCH, median, seed=0)
+    base = {**common_sets(teacher, args), "data.train_index": str(benchlib.bench_shards())}
+    base.update({"data.valid_index": "null", "data.num_workers": 0, "log.tensorboard": "false", "eval.every": 0})
+    base.update({"log.every": 10**6, "optim.total_steps": 10**4, "growth.operator": "none"})
+    kinds = {f"shared@{d}": {"growth.depths": f"[{d}]"} for d in COST_DEPTHS}
+    kinds["trainable@12"] = {"growth.depths": "[12]", "student.frontend": "trainable"}
+    trainers, times = {}, {k: [] for k in kinds}
+    for kind, extra in kinds.items():
+        sets = {**base, **extra, "run.out_dir": str(out / "cost" / kind.replace("@", "_"))}
+        trainers[kind] = benchlib.make_trainer([f"{k}={v}" for k, v in sets.items()], batches)
+    for i in range(args.cost_steps + 2):
+        for kind, trainer in trainers.items():
+            t0 = time.process_time()
+            trainer.train_step()
+            if i >= 2:  # the first steps allocate
+                times[kind].append(time.process_time() - t0)
+    for trainer in trainers.values():
+        benchlib.close_trainer(trainer)
+    costs = {kind: statistics.median(t) for kind, t in times.items()}
+    return {"seconds_per_step": costs, "utterance_seconds": median, "steps": args.cost_steps, "clock": "process CPU"}
+
+
+def ideal(costs: dict, arm_cfg, total: int) -> float:
+    """Full depth's costed time over the arm's, at equal steps, no pauses."""
+    from istack_ds.evidence.claims import costed_time, stage_steps
+    from istack_ds.growth.schedule import Schedule
+
+    shared = {int(k.split("@")[1]): v for k, v in costs.items() if k.startswith("shared@")}
+    schedule = Schedule.from_config(arm_cfg.growth, total)
+    return total * shared[12] / costed_time(stage_steps(schedule.depths, schedule.boundaries, total), shared)
+
+
+# ---- what the runs show ---------------------------------------------------------
+
+
+def read_result(run_dir: Path, costs: dict) -> dict:
+    """One finished run: its final held-out losses, its curve, its costed and its own wall time."""
+    import yaml
+
+    from istack_ds.config import Config
+    from istack_ds.evidence.claims import costed_time, stage_steps
+    from istack_ds.evidence.compare import read_run
+    from istack_ds.growth.schedule import Schedule
+
+    cfg = Config.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    run = read_run(run_dir)
+    total = cfg.optim.total_steps
+    schedule = Schedule.from_config(cfg.growth, total)
+    prefix = "shared" if cfg.student.frontend == "shared" else "trainable"
+    by_depth = {int(k.split("@")[1]): v for k, v in costs.items() if k.startswith(prefix + "@")}
+    pauses = sum(v for _, _, v in run.get("growth/pause_s"))
+    final = {tag.split("/")[1]: run.get(tag)[-1][2] for tag in run.series if tag.startswith("valid/")}
+    return {
+        "steps": total,
+        "loss_kind": cfg.loss.kind,
+        "frontend": cfg.student.frontend,
+        "time_s": costed_time(stage_steps(schedule.depths, schedule.boundaries, total), by_depth, pauses),
+        "pauses_s": pauses,
+        "wall_s": json.loads((run_dir / "summary.json").read_text())["wall_s"],
+        "valid": final,
+        "curve": [(s, v) for s, _, v in run.get("valid/loss")],
+    }
+
+
+def probe(model, shards: Path, out: Path, made_from: dict, tiny: bool) -> dict:
+    """`istack probe` of one model (a directory or a hidden-state function), reused when made from the same."""
     report_file, stamp = out / "probe.json", out / "experiment.json"
     if report_file.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == made_from:
         return json.loads(report_file.read_text())
     shutil.rmtree(out, ignore_errors=True)
     from istack_ds.evidence.probe import run_probes
 
-    steps = 20 if tiny else 400
     report = run_probes(
         model,
         shards / "train" / "index.json",
         valid_index=shards / "valid" / "index.json",
-        steps=steps,
+        steps=20 if tiny else 400,
         seed=0,
         out=out,
         log=lambda *_: None,
@@ -129,234 +334,328 @@ def probe(model: Path, shards: Path, out: Path, tiny: bool, made_from: dict) -> 
     return report
 
 
-def overrides(name: str, seed: int, run_dir: Path, teacher: Path, shards: Path, args) -> list[str]:
-    sets = {
-        "run.name": f"{name}_s{seed}",
-        "run.out_dir": str(run_dir),
-        "run.seed": seed,
-        "teacher.path": str(teacher),
-        "teacher.dtype": "fp32",
-        "data.train_index": str(shards / "train/index.json"),
-        "data.valid_index": str(shards / "valid/index.json"),
-        "data.global_batch": GLOBAL_BATCH,
-        "data.batch_unit": "utterances",
-        "data.max_micro_batch": GLOBAL_BATCH,
-        "data.crop_seconds": 6.0,
-        "data.batch_seconds": 24.0,
-        "data.long_cuts": "crop",
-        "data.num_buckets": 4,
-        "data.num_workers": 1,
-        "data.shuffle_buffer": 200,
-        "data.interleave_shards": 2,
-        "student.hidden_size": STUDENT["hidden_size"],
-        "student.intermediate_size": STUDENT["intermediate_size"],
-        "student.num_attention_heads": STUDENT["num_attention_heads"],
-        "student.dropout": 0.0,
-        "optim.epochs": "null",
-        "optim.total_steps": args.steps,
-        "optim.lr": args.lr,
-        "deepspeed.precision": "fp32",
-        "deepspeed.zero_stage": 2,
-        "log.every": max(1, args.eval_every // 2),
-        "eval.every": args.eval_every,
-        "eval.max_batches": 4,
-        # Growth saves a checkpoint anyway; no periodic ones (they would add the same cost to every run).
-        "checkpoint.every": 0,
-        "checkpoint.keep": 1,
-        "checkpoint.resume": "none",
-        **SCHEDULES[name][1],
+def probe_floors(teacher: Path, shards: Path, out: Path, teacher_made: dict, tiny: bool, args) -> dict:
+    """The probes of the teacher, of its hidden state 0 alone, and of an untrained student (the arm's
+    initial weights: one step at a learning rate of 1e-12)."""
+    from istack_ds.evidence.probe_data import FrozenModel
+
+    frozen = FrozenModel(teacher)
+
+    def teacher_hidden_state_0(audio):
+        return frozen(audio)[:1]
+
+    teacher_hidden_state_0.sample_rate = frozen.sample_rate  # type: ignore[attr-defined]
+    untrained = out / "floors" / "untrained_student"
+    sets = {**run_sets(BASELINE, 1.0, 1, untrained, teacher, shards, args), "optim.total_steps": 1, "optim.lr": 1e-12}
+    sets.update({"eval.every": 0, "log.every": 1})
+    stamp = {"recipe": ARMS[BASELINE][0], "sets": sets, "teacher": teacher_made, "nproc": 1}
+    if not finished(untrained, stamp):
+        shutil.rmtree(untrained, ignore_errors=True)
+        untrained.mkdir(parents=True)
+        train(BASELINE, sets, untrained, 1)
+        (untrained / "experiment.json").write_text(json.dumps(stamp, indent=1))
+    return {
+        "teacher": probe(teacher, shards, out / "floors" / "teacher_probe", teacher_made, tiny),
+        "teacher_hidden_state_0": probe(
+            teacher_hidden_state_0, shards, out / "floors" / "hidden0_probe", teacher_made, tiny
+        ),
+        "untrained_student": probe(untrained / "student", shards, untrained / "probe", stamp, tiny),
     }
-    out = []
-    for key, value in sets.items():
-        out += ["--set", f"{key}={value}"]
-    return out
 
 
-def finished(run_dir: Path, settings: dict) -> bool:
-    summary, stamp = run_dir / "summary.json", run_dir / "experiment.json"
-    return (
-        summary.is_file()
-        and stamp.is_file()
-        and json.loads(stamp.read_text()) == settings
-        and json.loads(summary.read_text()).get("steps") == settings["steps"]
-    )
+def probe_intervals(report: dict) -> dict:
+    from istack_ds.evidence.claims import bootstrap_ratio
+
+    per = report["pr"]["per_utterance"]
+    correct = report["sid"]["correct"]
+    return {
+        "per": bootstrap_ratio([e for e, _ in per], [n for _, n in per]),
+        "sid": bootstrap_ratio(correct, [1] * len(correct)),
+    }
 
 
-def run_one(name: str, recipe: str, args_list: list, nproc: int, log_file: Path) -> float:
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        DS_ACCELERATOR="cpu",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        str(ROOT / "launchers/train.py"),
-        "--config",
-        str(ROOT / "configs" / recipe),
-        *args_list,
-    ]
-    start = time.time()
-    with open(log_file, "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = log_file.read_text()[-4000:]
-        raise SystemExit(f"run {name} failed (rc={proc.returncode}); log {log_file}:\n{tail}")
-    return time.time() - start
+# ---- the report -------------------------------------------------------------------
+
+TARGETS = ["loss", "loss_L4", "loss_L8", "loss_L12"]
 
 
-def _mean(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.fmean(values) if values else None
+def analyse(results: dict, costs: dict, probes: dict, floors: dict, arm_cfgs: dict) -> dict:
+    """Per arm: seeds, costed time, quality (mean and t interval), equal-step, ideal and equal-quality speed-ups;
+    per claim: its verdict."""
+    from istack_ds.evidence.claims import equal_quality_speedup, last_third_change, layer_share, mean_ci, verdict
+
+    shared = {int(k.split("@")[1]): v for k, v in costs["seconds_per_step"].items() if k.startswith("shared@")}
+    reference = {
+        (seed, q): [(r["time_s"], r["valid"][q]) for (arm, _, s), r in results.items() if arm == BASELINE and s == seed]
+        for (_, _, seed) in results
+        for q in TARGETS
+    }
+    arms: dict = {}
+    for arm in ARMS:
+        finals = {s: r for (a, b, s), r in sorted(results.items()) if a == arm and b == 1.0}
+        if not finals:
+            continue
+        row: dict = {"seeds": sorted(finals), "loss_kind": next(iter(finals.values()))["loss_kind"]}
+        row["time_s"] = mean_ci([r["time_s"] for r in finals.values()])
+        row["ideal_equal_steps"] = ideal(costs["seconds_per_step"], arm_cfgs[arm], next(iter(finals.values()))["steps"])
+        for q in TARGETS:
+            row[q] = mean_ci([r["valid"][q] for r in finals.values()])
+        base = {s: results.get((BASELINE, 1.0, s)) for s in finals}
+        paired = [s for s in finals if base[s] is not None]
+        if paired:
+            row["equal_steps"] = mean_ci([base[s]["time_s"] / finals[s]["time_s"] for s in paired])
+        for q in TARGETS:
+            each = []
+            for s in finals:
+                if len(reference.get((s, q), [])) >= 2:
+                    each.append(equal_quality_speedup(reference[(s, q)], finals[s]["time_s"], finals[s]["valid"][q]))
+            if each:
+                row[f"equal_quality_{q}"] = mean_ci([b.value for b in each])
+                row[f"bounds_{q}"] = sorted({b.relation for b in each} - {"="})
+        if arm == BASELINE:
+            row["last_third_change"] = [last_third_change(r["curve"]) for r in finals.values()]
+        if arm in probes:
+            row["probes"] = probes[arm]
+        arms[arm] = row
+    claims = {}
+    for arm, paper in PAPER.items():
+        if "equal_quality_loss" in arms.get(arm, {}):
+            ci = arms[arm]["equal_quality_loss"]
+            claims[arm] = {"paper": paper, "speedup": ci, "faster_at_equal_quality": verdict(ci, 1.0)}
+    for arm in ("gradstack_eql", "midas_eql", "gradstack_eql_l2l", "midas_eql_l2l"):
+        mine = {s: r for (a, b, s), r in results.items() if a == arm and b == 1.0}
+        ref = {s: r for (a, b, s), r in results.items() if a == "interleaved_eql" and b == 1.0}
+        gaps = [
+            (mine[s]["valid"]["loss"] - ref[s]["valid"]["loss"]) / ref[s]["valid"]["loss"] for s in mine if s in ref
+        ]
+        if gaps:
+            ci = mean_ci(gaps)
+            claims[arm] = {"loss_gap_vs_interleaved": ci, "loses_quality": verdict(ci, 0.0)}
+    # The project's lever beyond the paper: interleaved EQL on the shared front end against the paper's own
+    # baseline, full depth with a trainable front end (paired by seed: time ratio and relative loss gap).
+    trainable = {s: r for (a, b, s), r in results.items() if a == "full_depth_trainable" and b == 1.0}
+    eql = {s: r for (a, b, s), r in results.items() if a == "interleaved_eql" and b == 1.0}
+    both = [s for s in trainable if s in eql]
+    if both:
+        claims["shared_eql_vs_trainable_full_depth"] = {
+            "time_ratio": mean_ci([trainable[s]["time_s"] / eql[s]["time_s"] for s in both]),
+            "loss_gap": mean_ci(
+                [
+                    (eql[s]["valid"]["loss"] - trainable[s]["valid"]["loss"]) / trainable[s]["valid"]["loss"]
+                    for s in both
+                ]
+            ),
+        }
+    return {"layer_share": layer_share(shared), "arms": arms, "claims": claims, "floors": floors}
 
 
-def _cell(values: list, spec: str, suffix: str = "") -> str:
-    """`mean (v1, v2)` of the seeds' values; — where none."""
-    shown = [v for v in values if v is not None]
-    if not shown:
+def fmt(ci, spec=".4f", unit="") -> str:
+    """`mean [low, high]` of an interval (95 %), with `unit` after each number."""
+    if ci is None:
         return "—"
-    each = ", ".join(format(v, spec) for v in values if v is not None)
-    mean = format(statistics.fmean(shown), spec)
-    return f"{mean}{suffix} ({each})" if len(shown) > 1 else f"{mean}{suffix}"
+    if ci.n < 2:
+        return f"{ci.mean:{spec}}{unit} (1 seed)"
+    return f"{ci.mean:{spec}}{unit} [{ci.low:{spec}}{unit}, {ci.high:{spec}}{unit}]"
 
 
-def results(rows: dict[str, dict[int, dict]], teacher: dict, teacher_probe: dict) -> tuple[str, dict]:
-    """The side-by-side table (markdown) and its data: per schedule the mean over seeds and each seed's values."""
-    header = (
-        "| schedule | loss | seeds | train wall s | final valid loss | PER (probe) | SID acc (probe) | "
-        "speed-up, equal steps | speed-up, equal valid loss |\n|---|---|---|---|---|---|---|---|---|\n"
-    )
-    base_loss = next((by_seed[s]["loss"] for name, by_seed in rows.items() if name == BASELINE for s in by_seed), None)
-    lines, data = [], {}
-    for name, by_seed in rows.items():
-        seeds = sorted(by_seed)
-        col = {k: [by_seed[s].get(k) for s in seeds] for k in next(iter(by_seed.values()))}
-        loss = by_seed[seeds[0]]["loss"]
-        data[name] = {"seeds": seeds, "loss": loss}
-        data[name].update({k: {"mean": _mean(v), "each": v} for k, v in col.items() if k != "loss"})
-        # NOTE: valid losses of different loss kinds are different quantities: no speed-up at equal valid loss
-        equal_loss = _cell(col["speedup_equal_loss"], ".2f", "x") if loss == base_loss else "— (another loss)"
+def table(analysis: dict, costs: dict) -> str:
+    arms = analysis["arms"]
+    lines = [
+        f"Share of a full-depth step in the student's layers: {analysis['layer_share']:.0%} "
+        f"(step cost by depth, process CPU s: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in costs["seconds_per_step"].items())
+        + ").\n",
+        "| arm | loss | seeds | time s | ideal, equal steps | equal steps | held-out loss | MSE L4 | MSE L8 | "
+        "MSE L12 | equal quality (loss) | equal quality (L12) | PER | SID |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, r in arms.items():
+        bounds = "".join(r.get("bounds_loss", []))
+        probe = r.get("probes", {})
         lines.append(
-            f"| {name} | {loss} | {', '.join(map(str, seeds))} | {_cell(col['wall_s'], '.0f')} | "
-            f"{_cell(col['valid_loss'], '.4f')} | {_cell(col['per'], '.3f')} | {_cell(col['sid'], '.3f')} | "
-            f"{_cell(col['speedup_equal_steps'], '.2f', 'x')} | {equal_loss} |"
+            f"| {arm} | {r['loss_kind']} | {', '.join(map(str, r['seeds']))} | {r['time_s'].mean:.0f} | "
+            f"{r['ideal_equal_steps']:.2f}x | {fmt(r.get('equal_steps'), '.2f', 'x')} | {fmt(r['loss'])} | "
+            f"{fmt(r['loss_L4'])} | {fmt(r['loss_L8'])} | {fmt(r['loss_L12'])} | "
+            f"{bounds}{fmt(r.get('equal_quality_loss'), '.2f', 'x')} | "
+            f"{fmt(r.get('equal_quality_loss_L12'), '.2f', 'x')} | "
+            f"{fmt(probe.get('per'), '.3f')} | {fmt(probe.get('sid'), '.3f')} |"
         )
-    pr, sid = teacher_probe.get("pr", {}), teacher_probe.get("sid", {})
-    teacher_line = (
-        f"\nTeacher (12 x 96, trained here): PER of its own CTC head {teacher.get('per', float('nan')):.3f}, "
-        f"CKA(hidden 4, hidden 12) {teacher.get('cka_4_12', float('nan')):.3f}; probe PER "
-        f"{pr.get('per', float('nan')):.3f} (label-blind {pr.get('chance_per', float('nan')):.3f}), probe SID "
-        f"{sid.get('accuracy', float('nan')):.3f} (chance {sid.get('chance', float('nan')):.3f}).\n"
-    )
-    return header + "\n".join(lines) + "\n" + teacher_line, data
+    if "last_third_change" in arms.get(BASELINE, {}):
+        change = ", ".join(f"{c:.1%}" for c in arms[BASELINE]["last_third_change"])
+        lines.append(
+            f"\nConvergence: full depth's held-out loss fell {change} over its last third (per seed; aim < 5 %)."
+        )
+    floors = analysis["floors"]
+    if floors:
+        lines.append("\nProbe floors and ceiling (95 % bootstrap over test utterances):")
+        for name, f in floors.items():
+            lines.append(f"- {name}: PER {fmt(f['per'], '.3f')}, SID {fmt(f['sid'], '.3f')}")
+    lines.append("\nVerdicts:")
+    for arm, c in analysis["claims"].items():
+        if "time_ratio" in c:
+            lines.append(
+                f"- interleaved EQL (shared front end) against full depth with a trainable front end (the paper's "
+                f"baseline): {fmt(c['time_ratio'], '.2f', 'x')} less time, relative held-out loss gap "
+                f"{fmt(c['loss_gap'], '+.3f')}"
+            )
+        elif "speedup" in c:
+            lines.append(
+                f"- {arm} reaches full depth's held-out loss faster (paper {c['paper']:.2f}x): "
+                f"{fmt(c['speedup'], '.2f', 'x')} -> {c['faster_at_equal_quality']}"
+            )
+        else:
+            lines.append(
+                f"- {arm} loses quality against interleaved EQL at equal steps (relative held-out loss gap "
+                f"{fmt(c['loss_gap_vs_interleaved'], '+.3f')}): {c['loses_quality']}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ref = sorted((r["time_s"], r["valid"]["loss"]) for (a, _, _), r in results.items() if a == BASELINE)
+    if ref:
+        ax.plot(*zip(*ref), "k.", label=f"{BASELINE} (budgets 0.5T, 0.75T, T; every seed)")
+    for arm in ARMS:
+        if arm == BASELINE:
+            continue
+        pts = [(r["time_s"], r["valid"]["loss"]) for (a, b, _), r in results.items() if a == arm and b == 1.0]
+        if pts:
+            ax.plot(*zip(*pts), "o", label=arm, alpha=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("costed training time (s, one CPU thread)")
+    ax.set_ylabel("held-out loss (all held-out frames)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- main ---------------------------------------------------------------------------
+
+PARTS = ["data", "teacher", "cost", "runs", "probes", "report"]
+
+
+def plan_runs(args) -> list[tuple[str, float, int]]:
+    plan = []
+    for arm in args.only:
+        seeds = args.seeds or SEEDS.get(arm, OTHER_SEEDS)
+        budgets = (args.budgets or BUDGETS) if arm == BASELINE else [1.0]
+        plan += [(arm, b, s) for s in seeds for b in budgets]
+    return plan
+
+
+def to_json(obj):
+    from dataclasses import asdict, is_dataclass
+
+    if is_dataclass(obj):
+        return asdict(obj)
+    raise TypeError(type(obj))
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", nargs="+", choices=PARTS, default=PARTS, help="what to do (default: all, in order)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/paper_cpu", help="one run directory per run")
     parser.add_argument("--data", type=Path, default=ROOT / "data/paper_cpu", help="corpus, shards, teacher")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs/paper_cpu", help="where the results go")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every schedule")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak LR (the recipes' 5e-4 is for 330k steps)")
-    parser.add_argument("--eval-every", type=int, default=50, help="validation + CKA interval (steps)")
-    parser.add_argument("--nproc", type=int, default=2, help="gloo ranks per run")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="run.seed of each repetition")
-    parser.add_argument("--only", nargs="*", choices=list(SCHEDULES), default=list(SCHEDULES))
-    parser.add_argument("--tiny", action="store_true", help="smoke run: tiny corpus and teacher, 8 steps")
+    parser.add_argument("--steps", type=int, default=1600, help="T: the optimizer steps of a full run")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak LR (7 %% warmup of the run's steps)")
+    parser.add_argument("--nproc", type=int, default=1, help="gloo ranks per run")
+    parser.add_argument("--cost-steps", type=int, default=12, help="timed steps per depth in --part cost")
+    parser.add_argument("--only", nargs="+", choices=list(ARMS), default=list(ARMS), help="arms to run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run.seed of each repetition")
+    parser.add_argument("--budgets", type=float, nargs="+", default=None, help="full depth's budgets (x T)")
+    parser.add_argument("--tiny", action="store_true", help="smoke run: tiny corpus and teacher, 8 steps, 1 seed")
     parser.add_argument("--force", action="store_true", help="rerun finished runs")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.steps, args.eval_every = 8, 4
+        args.steps, args.cost_steps = 8, 2
+        args.seeds = args.seeds or [1]
+        args.budgets = args.budgets or [0.5, 1.0]
 
     t0 = time.time()
-    say = lambda msg: print(msg, flush=True)  # noqa: E731
     data = args.data / "tiny" if args.tiny else args.data  # a smoke run never reuses the real run's data
-    corpus, shards = make_data(data, args.tiny, log=say)
     teacher_dir = data / "teacher"
-    teacher = make_teacher(corpus, teacher_dir, args.tiny, log=say)
-    # What the teacher is: its settings, its corpus and when it was trained (a retrained teacher is another one).
-    made_by = {k: teacher.get(k) for k in ("settings", "corpus_sha256", "train_seconds")}
-    teacher_probe = probe(teacher_dir, shards, teacher_dir / "probe", args.tiny, made_by)
-    say(
-        f"data: {shards} | teacher {teacher_dir} | {args.steps} steps per run on {args.nproc} rank(s), "
-        f"seeds {args.seeds}"
-    )
+    if {"data", "teacher"} & set(args.part):
+        corpus, shards = make_data(data, args.tiny)
+        teacher = make_teacher(corpus, teacher_dir, args.tiny)
+    else:  # read only: parts run side by side (two lanes of runs) must not rewrite the corpus under each other
+        shards = data / "shards"
+        if not (shards / "experiment.json").is_file() or not (teacher_dir / "teacher_report.json").is_file():
+            raise SystemExit(f"no corpus shards or teacher under {data}: run --part data teacher first")
+        teacher = json.loads((teacher_dir / "teacher_report.json").read_text())
+    teacher_made = {k: teacher.get(k) for k in ("settings", "corpus_sha256", "train_seconds")}
     args.out.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, dict[int, dict]] = {name: {} for name in args.only}
-    from istack_ds.commands import compare as compare_runs
-
-    for seed in args.seeds:
-        run_dirs = []
-        for name in args.only:
-            recipe = SCHEDULES[name][0]
-            run_dir = args.out / f"seed{seed}" / name
-            run_dirs.append(run_dir)
-            settings = {
-                "steps": args.steps,
-                "lr": args.lr,
-                "eval_every": args.eval_every,
-                "nproc": args.nproc,
-                "tiny": args.tiny,
-                "recipe": recipe,
-                "sets": SCHEDULES[name][1],
-                "student": STUDENT,
-                "global_batch": GLOBAL_BATCH,
-                "teacher": made_by,
-            }
-            if finished(run_dir, settings) and not args.force:
-                say(f"{name} seed {seed}: finished earlier, reused ({run_dir})")
-            else:
-                shutil.rmtree(run_dir, ignore_errors=True)  # fresh: wall times of resumed runs are not comparable
-                run_dir.mkdir(parents=True)
-                sets = overrides(name, seed, run_dir, teacher_dir, shards, args)
-                seconds = run_one(name, recipe, sets, args.nproc, run_dir / "train.log")
-                (run_dir / "experiment.json").write_text(json.dumps(settings, indent=1))
-                shutil.rmtree(run_dir / "probe", ignore_errors=True)
-                say(f"{name} seed {seed}: {args.steps} steps in {seconds:.0f} s (process)")
-            report = probe(run_dir / "student", shards, run_dir / "probe", args.tiny, settings)
-            summary = json.loads((run_dir / "summary.json").read_text())
-            rows[name][seed] = {
-                "loss": yaml.safe_load((run_dir / "config.yaml").read_text())["loss"]["kind"],
-                "wall_s": summary["wall_s"],
-                "per": report["pr"]["per"],
-                "sid": report["sid"]["accuracy"],
-            }
-            say(f"{name} seed {seed}: PER {report['pr']['per']:.3f}, SID {report['sid']['accuracy']:.3f}")
-        baseline = [d for d in run_dirs if d.name == BASELINE]
-        seed_docs = args.docs / f"seed{seed}"
-        against = ["--baseline", str(baseline[0])] if baseline else []
-        compare_runs.main([*map(str, run_dirs), "--out", str(seed_docs), *against])
-        for row in json.loads((seed_docs / "comparison.json").read_text()):
-            name = Path(row["path"]).name
-            rows[name][seed].update(
-                valid_loss=row.get("final_valid_loss"),
-                speedup_equal_steps=row.get("speedup_equal_steps"),
-                speedup_equal_loss=row.get("speedup_equal_loss"),
-            )
-
-    table, data = results(rows, teacher, teacher_probe)
     args.docs.mkdir(parents=True, exist_ok=True)
+    cost_file = args.docs / "step_cost.json"
+    cost_stamp = {"sets": common_sets(teacher_dir, args), "teacher": teacher_made, "steps": args.cost_steps}
+    if "cost" in args.part:
+        old = json.loads(cost_file.read_text()) if cost_file.is_file() else {}
+        if old.get("made_from") != cost_stamp or args.force:
+            costs = measure_costs(teacher_dir, shards, args.out, args)
+            cost_file.write_text(json.dumps({**costs, "made_from": cost_stamp}, indent=1))
+        costs = json.loads(cost_file.read_text())
+        from istack_ds.evidence.claims import layer_share
+
+        share = layer_share({int(k[7:]): v for k, v in costs["seconds_per_step"].items() if k.startswith("shared@")})
+        say(f"step cost (process CPU s): {costs['seconds_per_step']}; layers' share of a full-depth step {share:.0%}")
+    if "runs" in args.part:
+        run_arms(plan_runs(args), teacher_dir, teacher_made, shards, args)
+    if not {"probes", "report"} & set(args.part):
+        say(f"done in {time.time() - t0:.0f} s")
+        return 0
+    costs = json.loads(cost_file.read_text())
+    from istack_ds.config import load_config
+
+    results, arm_cfgs = {}, {}
+    for arm, budget, seed in plan_runs(args):
+        run_dir = run_dir_of(args.out, args.steps, arm, budget, seed)
+        if (run_dir / "experiment.json").is_file():
+            results[(arm, budget, seed)] = read_result(run_dir, costs["seconds_per_step"])
+        arm_cfgs[arm] = load_config(ROOT / "configs" / ARMS[arm][0], [f"{k}={v}" for k, v in ARMS[arm][1].items()])
+    probes, floors = {}, {}
+    if "probes" in args.part:
+        floors = {
+            k: probe_intervals(v)
+            for k, v in probe_floors(
+                teacher_dir, shards, args.out / f"T{args.steps}", teacher_made, args.tiny, args
+            ).items()
+        }
+        for arm in ARMS:
+            reports = []
+            for (a, b, s), _ in sorted(results.items()):
+                if a == arm and b == 1.0:
+                    run_dir = run_dir_of(args.out, args.steps, a, b, s)
+                    made = json.loads((run_dir / "experiment.json").read_text())
+                    reports.append(probe(run_dir / "student", shards, run_dir / "probe", made, args.tiny))
+            if reports:
+                probes[arm] = probe_intervals(
+                    {
+                        "pr": {"per_utterance": [x for r in reports for x in r["pr"]["per_utterance"]]},
+                        "sid": {"correct": [x for r in reports for x in r["sid"]["correct"]]},
+                    }
+                )
+    analysis = analyse(results, costs, probes, floors, arm_cfgs)
+    text = table(analysis, costs)
+    (args.docs / "results.md").write_text(text)
+    runs = {f"{a}@{b:g}/seed{s}": {k: v for k, v in r.items()} for (a, b, s), r in results.items()}
+    (args.docs / "results.json").write_text(
+        json.dumps(
+            {"analysis": analysis, "runs": runs, "teacher": teacher, "step_cost": costs}, indent=1, default=to_json
+        )
+    )
+    plot(results, args.docs / "quality_vs_time.png")
     for name in ("layer_cka.png", "teacher_report.json"):
         if (teacher_dir / name).is_file():
             shutil.copy(teacher_dir / name, args.docs / f"teacher_{name}")
-    for name in ("probe.json", "probe_layers.png"):
-        if (teacher_dir / "probe" / name).is_file():
-            shutil.copy(teacher_dir / "probe" / name, args.docs / f"teacher_{name}")
-    wall = time.time() - t0
-    (args.docs / "results.md").write_text(table)
-    (args.docs / "results.json").write_text(
-        json.dumps({"schedules": data, "teacher": teacher, "teacher_probe": teacher_probe, "wall_s": wall}, indent=1)
-    )
-    print(table)
-    print(f"experiment done in {wall:.0f} s: runs in {args.out}, results in {args.docs}")
+    say(text)
+    say(f"experiment part(s) {args.part} done in {time.time() - t0:.0f} s: runs in {args.out}, results in {args.docs}")
     return 0
 
 

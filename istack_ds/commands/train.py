@@ -10,7 +10,7 @@ Four nodes (hostfile lists each node and its slots):
 torchrun works too (free port, good for tests):
     torchrun --standalone --nproc_per_node 2 launchers/train.py --config configs/demo.yaml
 Any config value can be overridden:  --set optim.total_steps=1000 --set growth.alpha=1
-DeepSpeed options the config does not model:  --set deepspeed.extra.zero_optimization.overlap_comm=true
+DeepSpeed options the config does not model:  --set deepspeed.extra.zero_optimization.contiguous_gradients=true
 
 Before launching (one process, no process group, no launcher):
     istack train --config configs/demo.yaml --print-config     # resolved YAML + the DeepSpeed JSON
@@ -346,6 +346,7 @@ def dry_run(cfg: Config, path: str, problems: list[str]) -> int:
     allow), then every pre-launch problem; the exit code: 0 when there is none, else 2."""
     from ..data import check_shard_count, read_index
     from ..data.position import shards_per_worker
+    from ..device import describe_device
     from ..dist import topology
 
     topo = topology()
@@ -364,6 +365,7 @@ def dry_run(cfg: Config, path: str, problems: list[str]) -> int:
         f"worker(s) per rank (data.num_workers) -> {world * readers} shard readers"
         + ("" if launched else " (no launcher variables: plan a job with --nodes and --ranks-per-node)")
     )
+    print(f"device: {describe_device(cfg, world)}")
     if train is None:
         print(f"train: {cfg.data.train_index} cannot be read (below)")
     else:

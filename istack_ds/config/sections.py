@@ -24,6 +24,10 @@ class RunConfig:
     """Run directory: tb/, checkpoints/, config.yaml, student/ are written here."""
     seed: int = 1234
     """Seed for model initialisation, data order and cropping."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where the ranks compute: `cuda` (one GPU per rank; refused before any process group when torch cannot use
+    CUDA, naming the torch build), `cpu`, or `auto` (cuda when torch.cuda.is_available(), else cpu). DeepSpeed's
+    accelerator (DS_ACCELERATOR) must agree; the start line names the device, its count and the precision."""
 
     def __post_init__(self):
         _check_fields(self, "run")
@@ -122,6 +126,11 @@ class TeacherConfig:
     dtype: Literal["fp32", "bf16", "int8"] = "fp32"
     """Teacher compute dtype: fp32, bf16 (weights and activations), or int8 (CPU only: Linear layers
     dynamically quantized, so the targets move away from fp32's; see README "Performance")."""
+    tf32: bool = False
+    """fp32 teacher on a CUDA GPU: its matmuls and convolutions of fp32 tensors in TF32 (fp32 range, 10-bit
+    mantissa, tensor cores) when true, in full IEEE fp32 when false. Set only inside the teacher's forward
+    (the student keeps torch's settings); nothing changes on the CPU, nor with `dtype: bf16` or `int8` (no fp32
+    math left to set), so a recipe's `tf32: true` stays when `--set teacher.dtype=bf16` is tried."""
     allow_random: bool = False
     """Train on a teacher marked as having random weights (RANDOM_WEIGHTS.txt, written by `istack make-teacher`):
     true for the demo and tests, which exercise the machinery; false refuses such a teacher before launch, so a
@@ -327,19 +336,41 @@ class DeepSpeedConfig:
     """Training precision: fp32 or bf16 (fp32 master weights either way)."""
     gradient_accumulation: int = 1
     """Micro-batches per optimizer step."""
-    dist_timeout_s: int = 1800
-    """Seconds a collective may wait before the process group gives up (a dead rank must not hang the others)."""
+    dist_timeout_s: int = 600
+    """Seconds a collective may wait before the process group gives up (a dead rank must not hang the others).
+    assumed: 10 min, sized for GPU jobs: far above any step, save or growth gather of the paper's students, and
+    short enough that a lost rank does not idle a cluster for long (torch's own default is 10 min for NCCL)."""
+    overlap_comm: bool = True
+    """ZeRO's `overlap_comm`: gradient reduction overlaps the backward pass. assumed: on, as DeepSpeed
+    recommends for multi-node ZeRO-2/3 (the paper is silent)."""
+    reduce_bucket_size: int = 20_000_000
+    """ZeRO's `reduce_bucket_size`, in elements: gradients reduced per bucket. assumed: 2e7 (DeepSpeed's
+    default 5e8 is one bucket for the whole student, so nothing overlaps); large enough to run at bandwidth."""
+    allgather_bucket_size: int = 20_000_000
+    """ZeRO-1/2's `allgather_bucket_size`, in elements: updated weights gathered per bucket after each step.
+    assumed: 2e7, as `reduce_bucket_size`."""
+    communication_data_type: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of the gradient reduction over ranks. assumed: fp32 (the paper is silent): a bf16 sum over 32
+    ranks keeps 8 bits of mantissa; the student is small, so fp32 traffic costs little next to the teacher."""
+    stage3_param_persistence_threshold: int = 100_000
+    """ZeRO-3: parameters with fewer elements stay whole on every rank instead of being gathered at each use
+    (biases and norms: many tiny all-gathers otherwise). assumed: DeepSpeed's default 1e5; 0 partitions every
+    parameter."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """DeepSpeed JSON options this config does not model (e.g. `zero_optimization: {overlap_comm: true}`,
-    `offload_optimizer`, bucket sizes, `flops_profiler`, `communication_data_type`), merged into the generated
-    JSON; a key istack_ds sets from another setting (batch sizes, accumulation, ZeRO stage, precision, clipping,
-    scheduler, optimizer) is refused when it differs, and the merged JSON is checked by DeepSpeed's config
-    classes before launch."""
+    """DeepSpeed JSON options this config does not model (e.g. `flops_profiler`, `zero_optimization:
+    {contiguous_gradients: true}`), merged into the generated JSON; a key istack_ds sets from another setting
+    (batch sizes, accumulation, ZeRO stage, precision, clipping, scheduler, optimizer, the communication settings
+    above) is refused when it differs, as is ZeRO-Offload (`offload_optimizer`: deepspeed.initialize refuses it
+    with istack_ds's client optimizer; `offload_param`: untested with growth), and the merged JSON is checked by
+    DeepSpeed's config classes before launch."""
 
     def __post_init__(self):
         _check_fields(self, "deepspeed")
         _positive("deepspeed.gradient_accumulation", self.gradient_accumulation)
         _positive("deepspeed.dist_timeout_s", self.dist_timeout_s)
+        _positive("deepspeed.reduce_bucket_size", self.reduce_bucket_size)
+        _positive("deepspeed.allgather_bucket_size", self.allgather_bucket_size)
+        _positive("deepspeed.stage3_param_persistence_threshold", self.stage3_param_persistence_threshold, True)
         if not isinstance(self.extra, dict) or not all(isinstance(k, str) for k in self.extra):
             raise ConfigError(f"deepspeed.extra={self.extra!r} must be a mapping of DeepSpeed JSON keys to values")
 

@@ -11,6 +11,8 @@ does it.
   trains and scores the heads.
 - :mod:`istack_ds.evidence.compare`: training runs compared from their TensorBoard logs (speed-ups at equal steps
   and at equal valid loss, the CKA figures).
+- :mod:`istack_ds.evidence.claims`: the arithmetic that decides the paper's claims (step cost by depth, time to
+  equal quality, intervals, verdicts) from finished runs.
 - :mod:`istack_ds.evidence.ctc`: the CTC loss, greedy decoding and edit distance the probes and the teacher share.
 
 The training path (``trainer.py``, ``engine.py``, ``data/``, ``growth/``, ``models/``) never imports this package;

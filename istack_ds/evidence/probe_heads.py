@@ -95,7 +95,8 @@ def probe_pr(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Phoneme recognition on (layer-normed hidden states [frames, layers, hidden], phonemes) pairs: weighted sum
-    -> Linear -> CTC on `fit`; greedy-decoding PER on `test`.
+    -> Linear -> CTC on `fit`; greedy-decoding PER on `test`, with each test utterance's [errors, phonemes]
+    (``per_utterance``, for intervals over utterances).
 
     ``chance_per`` is the PER of the better label-blind guess: nothing (PER 1), or the most frequent phoneme of
     `fit` repeated as often as `fit`'s phonemes per frame predict from the utterance's length.
@@ -120,10 +121,12 @@ def probe_pr(
     common = Counter(p for _, phonemes in fit for p in phonemes).most_common(1)[0][0]
     rate = sum(len(phonemes) for _, phonemes in fit) / sum(len(f) for f, _ in fit)
     errors = blind = length = unknown = 0
+    each = []
     with torch.no_grad():
         for frames, phonemes in test:
             hyp = [vocab[k - 1] for k in greedy_ctc(head(featurizer(frames.float())))]
-            errors += edit_distance(hyp, phonemes)
+            each.append([edit_distance(hyp, phonemes), len(phonemes)])
+            errors += each[-1][0]
             blind += edit_distance([common] * round(rate * len(frames)), phonemes)
             length += len(phonemes)
             unknown += sum(int(p not in ids) for p in phonemes)
@@ -133,6 +136,7 @@ def probe_pr(
         "train_utterances": len(fit),
         "test_utterances": len(test),
         "test_phonemes": length,
+        "per_utterance": each,
         "vocab_size": len(vocab),
         "unknown_test_phonemes": unknown,
         "train_too_short_for_ctc": sum(int(len(f) < len(phonemes)) for f, phonemes in fit),
@@ -148,7 +152,8 @@ def probe_sid(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Speaker identification on (frame means of the layer-normed hidden states [layers, hidden], speaker) pairs:
-    weighted sum -> Linear -> cross-entropy on `fit`; accuracy on `test` (speakers of `fit` only)."""
+    weighted sum -> Linear -> cross-entropy on `fit`; accuracy on `test` (speakers of `fit` only), with each test
+    utterance's 0/1 (``correct``)."""
     speakers = sorted({speaker for _, speaker in fit})
     ids = {s: i for i, s in enumerate(speakers)}
     x_fit = torch.stack([x for x, _ in fit])
@@ -169,6 +174,7 @@ def probe_sid(
         predicted = head(featurizer(torch.stack([x for x, _ in test]))).argmax(-1)
     return {
         "accuracy": float((predicted == y_test).float().mean()),
+        "correct": (predicted == y_test).int().tolist(),
         "chance": Counter(y_test.tolist()).most_common(1)[0][1] / len(test),
         "speakers": len(speakers),
         "train_utterances": len(fit),

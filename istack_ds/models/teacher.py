@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,10 +229,31 @@ def check_teacher_layers(info: TeacherInfo, layers: list[int]) -> None:
         )
 
 
+@contextmanager
+def fp32_math(tf32: bool) -> Iterator[None]:
+    """CUDA matmuls (cuBLAS) and convolutions (cuDNN) of fp32 tensors in TF32 (`tf32`) or IEEE fp32 inside the
+    block, torch's previous settings restored after. No effect on CPU kernels."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv  # type: ignore[attr-defined]
+    saved = matmul.fp32_precision, conv.fp32_precision
+    # NOTE: torch >= 2.9's fp32_precision API only: mixing it with the legacy allow_tf32 flags raises.
+    matmul.fp32_precision = conv.fp32_precision = "tf32" if tf32 else "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+
 class Teacher(nn.Module):
     """Frozen SFM that returns the hidden states named by ``layers`` (HF indexing: i = output of layer i)."""
 
-    def __init__(self, path: str | Path, layers: list[int], dtype: torch.dtype = torch.float32, int8: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        layers: list[int],
+        dtype: torch.dtype = torch.float32,
+        int8: bool = False,
+        tf32: bool = False,
+    ):
         super().__init__()
         from transformers import AutoModel
 
@@ -248,14 +271,15 @@ class Teacher(nn.Module):
         self.int8_linears = quantize_linear_int8(self.model) if int8 else 0
         self.layers = list(layers)
         self.dtype_ = dtype
+        #: fp32 teachers run their CUDA matmuls and convolutions in TF32 (True) or IEEE fp32 (False)
+        self.tf32 = tf32
         self.use_attention_mask = self.info.attention_mask
 
     @classmethod
     def from_config(cls, cfg, layers: list[int]) -> Teacher:
         """The teacher a ``TeacherConfig`` names, in its ``dtype`` (fp32, bf16 or int8)."""
-        return cls(
-            cfg.path, layers, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32, int8=cfg.dtype == "int8"
-        )
+        dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+        return cls(cfg.path, layers, dtype=dtype, int8=cfg.dtype == "int8", tf32=cfg.tf32)
 
     def describe(self) -> str:
         """One line for the log: what runs, in which precision."""
@@ -264,6 +288,8 @@ class Teacher(nn.Module):
             if self.int8_linears
             else str(self.dtype_).removeprefix("torch.")
         )
+        if self.dtype_ == torch.float32 and not self.int8_linears:
+            precision += " (TF32 on CUDA)" if self.tf32 else " (IEEE on CUDA)"
         return (
             f"{self.info.model_type} {self.info.num_layers} x {self.info.hidden_size} from {self.info.path}, "
             f"{precision}, run up to layer {len(self.model.encoder.layers)}, targets {self.layers}, input "
@@ -291,7 +317,8 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def cnn(self, audio: torch.Tensor) -> torch.Tensor:
         """The CNN front end's output [B, C, T] (no_grad, not inference_mode: a student may consume it)."""
-        return sfm.cnn(self.model, audio.to(self.dtype_))
+        with fp32_math(self.tf32):
+            return sfm.cnn(self.model, audio.to(self.dtype_))
 
     @torch.inference_mode()
     def forward(
@@ -312,7 +339,8 @@ class Teacher(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         mask = sfm.attention_mask(audio, audio_lens) if self.use_attention_mask else None
         feats = None if features is None else features.to(self.dtype_)
-        return sfm.hidden_states(self.model, audio.to(self.dtype_), mask, feats)
+        with fp32_math(self.tf32):
+            return sfm.hidden_states(self.model, audio.to(self.dtype_), mask, feats)
 
 
 def quantize_linear_int8(model: nn.Module) -> int:

@@ -46,7 +46,9 @@ def engine_config(
         optim=OptimConfig(
             lr=lr, total_steps=total_steps, grad_clip=grad_clip, warmup_fraction=warmup_fraction, weight_decay=0.01
         ),
-        deepspeed=DeepSpeedConfig(zero_stage=zero_stage, precision=precision),
+        # ZeRO-3: the toy's matrices (>= 128 elements) partitioned, its biases, norms and 16x3 head whole on
+        # every rank (persistent), as a real student's matrices and biases are under the default threshold.
+        deepspeed=DeepSpeedConfig(zero_stage=zero_stage, precision=precision, stage3_param_persistence_threshold=100),
     )
     return deepspeed_json(cfg, plan_batches(cfg.data, cfg.deepspeed, int(os.environ.get("WORLD_SIZE", 1)))), cfg.optim
 

@@ -40,3 +40,19 @@ def write_all_ranks(out_json: str, result: dict) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def trainer_parser(description: str) -> argparse.ArgumentParser:
+    """:func:`worker_parser` with the flags of a worker that runs the Trainer on the demo config's shape."""
+    parser = worker_parser(description)
+    parser.add_argument("--teacher", required=True, help="the teacher's directory")
+    parser.add_argument("--shards", required=True, help="holds train/index.json and valid/index.json")
+    parser.add_argument("--run-dir", required=True, help="the run's out_dir (TensorBoard in RUN_DIR/tb)")
+    return parser
+
+
+def finish_trainer(trainer, out_json: str, result: dict) -> None:
+    """Closes the Trainer's monitors and engine, then :func:`write_all_ranks` (the process ends there)."""
+    trainer.metrics.close()
+    trainer.engine.destroy()
+    write_all_ranks(out_json, result)

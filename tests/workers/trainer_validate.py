@@ -21,7 +21,7 @@ from istack_ds.diagnostics import LayerDiagnostics
 from istack_ds.dist import init_distributed
 from istack_ds.trainer import Trainer
 from istack_ds.zero_states import gather_full_states
-from tests.workers.protocol import worker_parser, write_all_ranks
+from tests.workers.protocol import finish_trainer, trainer_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,15 +101,9 @@ def main(teacher_dir: str, shards: str, out_dir: str, out_json: str) -> None:
         student.eval()
         mine["reference"] = reference_validation(trainer, student)
         mine["cka_plain"] = diagnostics.compute(student, trainer.teacher, diagnostics.batch()).tolist()
-    trainer.metrics.close()
-    trainer.engine.destroy()
-    write_all_ranks(out_json, mine)
+    finish_trainer(trainer, out_json, mine)
 
 
 if __name__ == "__main__":
-    parser = worker_parser(__doc__.split("\n")[0])
-    parser.add_argument("--teacher", required=True, help="the teacher's directory")
-    parser.add_argument("--shards", required=True, help="holds train/index.json and valid/index.json")
-    parser.add_argument("--run-dir", required=True, help="the run's out_dir (TensorBoard in RUN_DIR/tb)")
-    args = parser.parse_args()
+    args = trainer_parser(__doc__.split("\n")[0]).parse_args()
     main(args.teacher, args.shards, args.run_dir, args.out)
