@@ -55,8 +55,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import faults
 from .checkpoint_files import DIGEST, digest, digests, file_sizes, fsync, fsync_tree, own_digests
+from .checkpoint_write import CheckpointWriteError, write_share
 from .dist import barrier, broadcast_from_main, gather_all, log0, rank, world_size
 
 META_FILE = "istack_meta.json"
@@ -285,11 +285,9 @@ class Checkpointer:
         if rank() == 0:
             self._clear(path)
         barrier()
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state={"istack": meta}, save_latest=False)
-        faults.maybe("crash_in_save", meta["step"])
-        torch.save(rank_state | {"rng": rng_state()}, path / f"rank{rank()}.pt")
-        fsync_tree(path)
-        barrier()
+        share = write_share(engine, self.dir, tag, meta, rank_state | {"rng": rng_state()}, rank())
+        if failed := [e for e in gather_all(share and f"rank {rank()}: {share}") if e]:  # every rank stops
+            raise CheckpointWriteError(" | ".join(failed) + "; checkpoint.resume=auto resumes the last complete one")
         # NOTE: a collective: every rank hashes the files it wrote (checkpoint_files.owner), rank 0 gathers.
         names = list(file_sizes(path, skip=META_FILE))
         known = {k: v for d in gather_all(own_digests(path, names, rank(), world_size())) for k, v in d.items()}

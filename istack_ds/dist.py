@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from . import phase
 from .data.index import DataError
 from .device import local_device_index
 from .startup import prepare_ops, single_process_env
@@ -146,6 +147,7 @@ class Heartbeat(threading.Thread):
         super().__init__(name=f"istack_ds-heartbeat-r{rank}", daemon=True)
         self.store = store
         self.key = HEARTBEAT_KEY.format(rank=rank)
+        self.phase_key = phase.PHASE_KEY.format(rank=rank)
         self.failures = 0
         self.stopped = threading.Event()
 
@@ -153,6 +155,7 @@ class Heartbeat(threading.Thread):
         while not self.stopped.is_set():
             try:
                 self.store.set(self.key, f"{time.time():.3f}")
+                self.store.set(self.phase_key, phase.current())
             except Exception:  # noqa: BLE001 -- any store failure counts; the next failed collective reports it
                 self.failures += 1
             self.stopped.wait(HEARTBEAT_S)
@@ -226,7 +229,10 @@ def unresponsive_ranks(wait_s: float = 3 * HEARTBEAT_S) -> str:
 
     def check() -> None:
         try:
-            found["silent"] = silent_ranks(_store_client(address), others, wait_s)
+            client = _store_client(address)
+            found["silent"] = silent_ranks(client, others, wait_s)
+            keys = {r: phase.PHASE_KEY.format(rank=r) for r in others}
+            found["phases"] = {r: client.get(k).decode() if client.check([k]) else None for r, k in keys.items()}
         except Exception as e:  # noqa: BLE001 -- any failure to reach the store means the same here
             found["error"] = type(e).__name__
 
@@ -243,11 +249,12 @@ def unresponsive_ranks(wait_s: float = 3 * HEARTBEAT_S) -> str:
             "write(s) of this rank failed): rank 0 or its host died or hangs"
         )
     silent = found["silent"]
+    waits = phase.describe(found.get("phases", {}))
     if not silent:
-        return (
-            "every other rank's heartbeat is live, so none died or froze: a rank may wait in another "
-            "collective (ranks out of step) or the network between ranks failed"
-        )
+        live = "every other rank's heartbeat is live, so none died or froze"
+        if waits:  # the others wait for it in a collective
+            return f"{live}: {waits}"
+        return f"{live}: a rank may wait in another collective (ranks out of step) or the network between ranks failed"
     now = time.time()
     parts = [
         f"rank {r} (no heartbeat ever)" if t is None else f"rank {r} (last heartbeat {now - t:.0f} s ago)"

@@ -9,6 +9,8 @@ would strike, so the tests exercise the real recovery paths.
 Kinds:
     nan, nan_all          the loss of the step's first micro-batch / of every micro-batch is NaN
     crash_in_save         the process exits (code 17) in the middle of the step's checkpoint save
+    stall_in_data         a DataLoader worker's `step`-th batch never comes (its read hangs until the rank ends)
+    disk_full             the step's rank file is written to /dev/full: ENOSPC, as on a full disk
     die                   SIGKILL at the start of the step
     die_in_backward,      SIGKILL / SIGSTOP inside ``engine.backward`` (the peers are in ZeRO's
     hang_in_backward      gradient reduce)
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
 import torch
 
@@ -61,6 +65,23 @@ def maybe(kind: str, step: int) -> None:
             os.kill(os.getpid(), sig)
             return  # a SIGSTOPped process that is continued goes on where it stopped
         os._exit(17)
+
+
+def stall(place: str, step: int) -> None:
+    """``stall_in_<place>``: the process waits here while its parent lives (a read hung on a network file system;
+    its DataLoader worker ends with the rank)."""
+    if active(f"stall_in_{place}", step):
+        parent = os.getppid()
+        while os.getppid() == parent:
+            time.sleep(0.5)
+
+
+def disk_full(file: Path, step: int) -> None:
+    """``disk_full``: `file` becomes a link to /dev/full, so its writes fail with ENOSPC from the kernel."""
+    if active("disk_full", step):
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.unlink(missing_ok=True)
+        file.symlink_to("/dev/full")
 
 
 def stop_here(place: str, step: int) -> None:

@@ -111,6 +111,20 @@ def check_fits(meta: dict, cfg: Config, path: Path, world: int) -> None:
     batch_plan(cfg, world, meta, path)
 
 
+def misfit(meta: dict, cfg: Config, path: Path, world: int) -> str:
+    """ "" when checkpoint `path` fits this config and world size (:func:`check_fits`), else why not, for the
+    trainer to try the previous candidate (checkpoint.resume=auto: preflight checked only the newest one); a
+    checkpoint named by path is refused (CheckpointError)."""
+    try:
+        check_fits(meta, cfg, path, world)
+    except CheckpointError as e:
+        if cfg.checkpoint.resume != "auto":
+            raise
+        log0("checkpoint %s does not fit this run (%s): trying the previous one", path, e)
+        return str(e)
+    return ""
+
+
 def check_compatible(meta: dict, config: dict, path: str | Path) -> None:
     """Refuses a checkpoint whose model shape differs from what `config` builds, naming the field."""
     saved = meta.get("config", {})

@@ -9,11 +9,13 @@ so of two runs started at once exactly one gets it. It holds the holder's host, 
 pid (so a pid reused by another process is not taken for the holder), Slurm job id and start time.
 
 **Stale locks.** A holder on this host whose process is gone left a stale lock: it is taken over with a log
-line. A holder on another host cannot be judged from here (its pid means nothing on this host): the run is
-refused, naming it; a user who knows that run is gone removes the lock file. A shared file system without an
-atomic exclusive create (NFS v2, some FUSE mounts) can let two runs both take the lock. NOTE: the takeover of a
-stale lock (remove, then create) is not atomic: two runs that find the same stale lock within the same moment
-can both get in; a fresh lock is not affected.
+line. So is the lock of an earlier run of the same Slurm job (a requeue: the same SLURM_JOB_ID, a higher
+SLURM_RESTART_COUNT), on any host: Slurm starts a requeued job only after its previous run ended (a node that
+failed while its processes still run is the limit). Any other holder on another host cannot be judged from here
+(its pid means nothing on this host): the run is refused, naming it; a user who knows that run is gone removes
+the lock file. A shared file system without an atomic exclusive create (NFS v2, some FUSE mounts) can let two
+runs both take the lock. NOTE: the takeover of a stale lock (remove, then create) is not atomic: two runs that
+find the same stale lock within the same moment can both get in; a fresh lock is not affected.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def _me() -> dict:
         "pid": os.getpid(),
         "pid_started": _pid_started(os.getpid()),
         "job": os.environ.get("SLURM_JOB_ID"),
+        "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
 
@@ -101,11 +104,11 @@ def acquire(out_dir: str | Path, log=print) -> Path:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = read_holder(path)
-            if holder is not None and holder.get("host") == me["host"] and isinstance(holder.get("pid"), int):
-                if not _alive(holder["pid"], holder.get("pid_started")):
-                    path.unlink(missing_ok=True)
-                    log(f"istack_ds: took over the stale lock {path}: its holder ({describe(holder)}) is gone")
-                    continue
+            gone = _gone(holder, me)
+            if gone:
+                path.unlink(missing_ok=True)
+                log(f"istack_ds: took over the stale lock {path}: its holder ({describe(holder or {})}) {gone}")
+                continue
             raise RunLockError(_refusal(path, holder, me["host"])) from None
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(me, indent=1))
@@ -113,6 +116,21 @@ def acquire(out_dir: str | Path, log=print) -> Path:
             os.fsync(f.fileno())
         return path
     raise RunLockError(_refusal(path, read_holder(path), me["host"]))
+
+
+def _gone(holder: dict | None, me: dict) -> str:
+    """Why `holder`'s lock is stale ("" when it may not be): its process on this host is gone, or it is an
+    earlier run of this very Slurm job (the same job id, a lower SLURM_RESTART_COUNT: Slurm starts a requeued
+    job once its previous run has ended, on whatever nodes)."""
+    if holder is None:
+        return ""
+    if me["job"] and holder.get("job") == me["job"] and me["restart"] > int(holder.get("restart") or 0):
+        earlier = int(holder.get("restart") or 0)
+        return f"was run {earlier} of Slurm job {me['job']}, requeued since (this is run {me['restart']})"
+    if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int):
+        if not _alive(holder["pid"], holder.get("pid_started")):
+            return "is gone"
+    return ""
 
 
 def _refusal(path: Path, holder: dict | None, host: str) -> str:
@@ -135,11 +153,24 @@ def release(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+_held: Path | None = None
+"""The lock this process took through :func:`lock_run` (released by :func:`release_held`)."""
+
+
+def release_held() -> None:
+    """Releases the lock :func:`lock_run` took in this process, if any (at exit; also before ``os._exit``)."""
+    global _held
+    if _held is not None:
+        release(_held)
+        _held = None
+
+
 def lock_run(out_dir: str | Path) -> str:
     """Rank 0 takes the lock of `out_dir` until its process exits; "" on every rank when it did, else on every
     rank the message that names the holder (a collective where a process group runs)."""
     from .dist import broadcast_from_main, is_main, log0
 
+    global _held
     refused = ""
     if is_main():
         try:
@@ -147,5 +178,6 @@ def lock_run(out_dir: str | Path) -> str:
         except (RunLockError, OSError) as e:
             refused = str(e)
         else:
-            atexit.register(release, path)
+            _held = path
+            atexit.register(release_held)
     return broadcast_from_main(refused)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, faults, report, resume
+from . import __version__, faults, preemption, report, resume
 from .checkpoint import Checkpointer, CheckpointError, read_meta, saved_rank_states, seed_everything
 from .config import Config
 from .data import build_loader
@@ -130,7 +130,8 @@ class Trainer:
         """Loads `candidate` (converted first when another world size saved it) on every rank; "" when it
         loaded, else every rank's error (the engine built for it is destroyed again)."""
         meta = read_meta(candidate)
-        resume.check_fits(meta, self.cfg, candidate, world_size())
+        if unfit := resume.misfit(meta, self.cfg, candidate, world_size()):  # auto: the previous one is tried
+            return unfit
         path = resume.loadable_copy(candidate, meta, world_size())
         meta = read_meta(path)
         self.plan = resume.batch_plan(self.cfg, world_size(), meta, path)
@@ -218,6 +219,7 @@ class Trainer:
             self.maybe_log()
             self.maybe_validate()
             self.maybe_save()
+            preemption.stop_if_requested(self)  # SIGTERM / SIGUSR1 on any rank: every rank saves, then stops
         self.save()
         self.export()
         summary = report.write_summary(self, time.time() - start)

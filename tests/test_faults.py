@@ -56,6 +56,13 @@ def test_nonfinite_losses_in_a_row_save_and_stop(tmp_path, teacher_dir, demo_sha
 
 def _start_two_ranks(out, teacher_dir, demo_shards, faults: str, *extra: str) -> list[subprocess.Popen]:
     """Ranks 0 and 1 of launchers/train.py as plain processes: no launcher cleans up after a fault."""
+    return _spawn_two_ranks(
+        [str(ROOT / "launchers/train.py"), *run_args(out, teacher_dir, demo_shards, *extra)], faults
+    )
+
+
+def _spawn_two_ranks(argv: list[str], faults: str = "") -> list[subprocess.Popen]:
+    """Ranks 0 and 1 of the Python script `argv` as plain processes on a free port, stdout and stderr piped."""
     port = free_port()
     procs = []
     for r in (0, 1):
@@ -69,15 +76,20 @@ def _start_two_ranks(out, teacher_dir, demo_shards, faults: str, *extra: str) ->
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(ROOT / "launchers/train.py"), *run_args(out, teacher_dir, demo_shards, *extra)],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
+                [sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
         )
     return procs
+
+
+def _outlived(procs: list[subprocess.Popen], survivor: int, timeout: float) -> str:
+    """The stderr of rank `survivor` once it and the other rank (killed by a fault) have ended."""
+    try:
+        _, err = procs[survivor].communicate(timeout=timeout)
+        procs[1 - survivor].wait(timeout=60)
+    finally:
+        _kill_all(procs)
+    return err
 
 
 def _kill_all(procs: list[subprocess.Popen]) -> None:
@@ -102,12 +114,8 @@ def _wait_until_stopped(proc: subprocess.Popen, timeout: float) -> float:
 def test_a_dead_rank_makes_the_other_exit_in_time_naming_it(tmp_path, teacher_dir, demo_shards):
     """Rank 1 is SIGKILLed at step 4 and rank 0 must leave on its own, naming rank 1."""
     procs = _start_two_ranks(tmp_path / "run", teacher_dir, demo_shards, "die@4:1", "deepspeed.dist_timeout_s=15")
-    try:
-        start = time.time()
-        _, err0 = procs[0].communicate(timeout=240)
-        procs[1].wait(timeout=60)
-    finally:
-        _kill_all(procs)
+    start = time.time()
+    err0 = _outlived(procs, survivor=0, timeout=240)
     assert procs[1].returncode == -signal.SIGKILL
     assert procs[0].returncode == 4, err0[-3000:]
     assert time.time() - start < 200
@@ -170,3 +178,66 @@ def test_a_data_failure_on_one_rank_stops_every_rank_naming_it(tmp_path, teacher
     assert "istack_ds: rank 0: the data stream failed: rank 1: injected by ISTACK_FAULTS" in proc.stderr, proc.stderr[
         -3000:
     ]
+
+
+def test_the_survivor_of_a_sigkilled_rank_0_exits_4_never_by_sigabrt(tmp_path):
+    """Issue 23, 10: once in three trials the survivor printed its message, then died by SIGABRT (rc 134) in the
+    interpreter's finalization (the broken process group's teardown). It now ends with os._exit after the message:
+    its finalization never runs (tests/workers/survivor_exit.py records it when it does)."""
+    for trial in range(2):
+        out = tmp_path / f"trial{trial}"
+        procs = _spawn_two_ranks([str(ROOT / "tests/workers/survivor_exit.py"), str(out)])
+        err = _outlived(procs, survivor=1, timeout=120)
+        assert procs[0].returncode == -signal.SIGKILL
+        assert procs[1].returncode == 4, err[-3000:]
+        assert "rank 1: a collective failed; the job's store at" in err, err[-3000:]
+        assert not (out / "finalized.r1").exists()
+
+
+def test_a_full_disk_during_a_save_stops_every_rank_in_one_line_naming_the_file(tmp_path, teacher_dir, demo_shards):
+    """Issue 23, 11: a full disk during a save was torch's inline_container traceback, with no path and no
+    "no space left". Rank 1's rank file of step 6 is written to /dev/full (ENOSPC from the kernel)."""
+    out = tmp_path / "run"
+    procs = _start_two_ranks(out, teacher_dir, demo_shards, "disk_full@6:1")
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        _kill_all(procs)
+    rank_file = out / "checkpoints/step00000006/rank1.pt"
+    for r, (proc, err) in enumerate(zip(procs, errs)):
+        assert proc.returncode == 2, err[-3000:]
+        line = f"istack_ds: rank {r}: rank 1: writing checkpoint file {rank_file} failed: no space left on device ("
+        assert line in err, err[-3000:]
+        assert "Traceback" not in err and "inline_container" not in err
+    assert not (out / "checkpoints/step00000006/istack_meta.json").exists()  # incomplete: never resumed
+
+
+def test_a_hung_shard_read_is_named_by_the_survivor_and_ended_by_read_timeout_s(tmp_path, teacher_dir, demo_shards):
+    """Issue 23, 7: rank 1's DataLoader read hangs (its worker's 2nd batch never comes). Without a read timeout the
+    survivor's collective times out: it said every heartbeat was live and pointed at the network; it now names rank
+    1 waiting for its data loader. With data.read_timeout_s, rank 1 ends the wait itself: every rank exits 5 naming
+    rank 1, its worker and the shards it reads."""
+    hung = _start_two_ranks(
+        tmp_path / "hung",
+        teacher_dir,
+        demo_shards,
+        "stall_in_data@2:1",
+        "data.read_timeout_s=0",
+        f"deepspeed.dist_timeout_s={HANG_TIMEOUT_S}",
+    )
+    timed = None
+    try:
+        _, err = hung[0].communicate(timeout=300)
+        _kill_all(hung)  # rank 1 would wait for ever: no read timeout
+        assert hung[0].returncode == 4, err[-3000:]
+        assert "every other rank's heartbeat is live, so none died or froze: rank 1 waits for its data loader" in err
+        timed = _start_two_ranks(
+            tmp_path / "timed", teacher_dir, demo_shards, "stall_in_data@2:1", "data.read_timeout_s=5"
+        )
+        errs = [p.communicate(timeout=300)[1] for p in timed]
+    finally:
+        _kill_all(hung + (timed or []))
+    for r, (proc, err) in enumerate(zip(timed, errs)):
+        assert proc.returncode == 5, err[-3000:]
+        said = f"istack_ds: rank {r}: the data stream failed: rank 1: DataLoader worker 0 gave no batch in 5 s"
+        assert said in err and str(demo_shards / "train") in err, err[-3000:]

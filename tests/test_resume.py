@@ -11,7 +11,15 @@ from deepspeed.runtime.lr_schedules import WarmupDecayLR
 from istack_ds.checkpoint import CheckpointError
 from istack_ds.config import load_config
 from istack_ds.models.teacher import teacher_digest
-from istack_ds.resume import apply_configured_lr, check_fits, config_changes, flat, load_on_every_rank, recorded_config
+from istack_ds.resume import (
+    apply_configured_lr,
+    check_fits,
+    config_changes,
+    flat,
+    load_on_every_rank,
+    misfit,
+    recorded_config,
+)
 from tests.helpers import ROOT
 
 
@@ -23,6 +31,17 @@ def test_config_changes_lists_each_changed_key_but_not_bookkeeping():
     assert config_changes(saved, saved) == []
 
 
+def saved_meta(cfg, teacher_dir) -> dict:
+    """The marker of a step-0 checkpoint of `cfg` saved by one rank."""
+    return {
+        "step": 0,
+        "depth": 2,
+        "world_size": 1,
+        "config": cfg.to_dict(),
+        "teacher_digest": teacher_digest(teacher_dir),
+    }
+
+
 def test_a_checkpoint_of_another_teacher_is_refused_unless_allowed(tmp_path, teacher_dir):
     other = tmp_path / "other_teacher"
     shutil.copytree(teacher_dir, other)
@@ -31,13 +50,7 @@ def test_a_checkpoint_of_another_teacher_is_refused_unless_allowed(tmp_path, tea
     assert teacher_digest(other) != teacher_digest(teacher_dir) == teacher_digest(teacher_dir)
 
     made = load_config(ROOT / "configs/demo.yaml", [f"teacher.path={teacher_dir}"])
-    meta = {
-        "step": 0,
-        "depth": 2,
-        "world_size": 1,
-        "config": made.to_dict(),
-        "teacher_digest": teacher_digest(teacher_dir),
-    }
+    meta = saved_meta(made, teacher_dir)
     check_fits(meta, made, tmp_path, 1)
     swapped = load_config(ROOT / "configs/demo.yaml", [f"teacher.path={other}"])
     with pytest.raises(CheckpointError, match=rf"teacher {teacher_dir} .* this run's teacher {other} differs"):
@@ -45,6 +58,19 @@ def test_a_checkpoint_of_another_teacher_is_refused_unless_allowed(tmp_path, tea
     allowed = load_config(ROOT / "configs/demo.yaml", [f"teacher.path={other}", "checkpoint.allow_other_teacher=true"])
     check_fits(meta, allowed, tmp_path, 1)
     check_fits({k: v for k, v in meta.items() if k != "teacher_digest"}, swapped, tmp_path, 1)  # an older checkpoint
+
+
+def test_a_fallback_that_does_not_fit_is_passed_over_under_auto_and_refused_by_path(tmp_path, teacher_dir):
+    """Issue 23: a fallback candidate whose shape differs (preflight checks only the newest) stopped the run
+    instead of the trainer trying the one before it."""
+    made = load_config(ROOT / "configs/demo.yaml", [f"teacher.path={teacher_dir}", "student.hidden_size=96"])
+    meta = saved_meta(made, teacher_dir)
+    auto = load_config(ROOT / "configs/demo.yaml", [f"teacher.path={teacher_dir}"])
+    assert misfit(meta, made, tmp_path, 1) == ""
+    assert "student.hidden_size=96" in misfit(meta, auto, tmp_path, 1)
+    by_path = load_config(ROOT / "configs/demo.yaml", [f"teacher.path={teacher_dir}", f"checkpoint.resume={tmp_path}"])
+    with pytest.raises(CheckpointError, match="student.hidden_size=96"):
+        misfit(meta, by_path, tmp_path, 1)
 
 
 class LoadedEngine:

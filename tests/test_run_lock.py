@@ -19,7 +19,15 @@ from tests.helpers import ROOT
 @pytest.fixture(autouse=True)
 def one_process(monkeypatch):
     """A plain single-process job, whatever the environment pytest runs in."""
-    for var in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "RANK", "SLURM_PROCID", "SLURM_JOB_ID"):
+    for var in (
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "LOCAL_SIZE",
+        "RANK",
+        "SLURM_PROCID",
+        "SLURM_JOB_ID",
+        "SLURM_RESTART_COUNT",
+    ):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -131,3 +139,25 @@ def test_a_holder_on_another_host_is_not_judged(tmp_path):
         run_lock.acquire(out)
     assert "node-elsewhere" in str(e.value) and "Slurm job 77" in str(e.value) and "remove" in str(e.value)
     assert json.loads((out / ".istack.lock").read_text()) == other
+
+
+def test_the_lock_of_an_earlier_run_of_this_slurm_job_is_taken_over_on_any_host(tmp_path, monkeypatch):
+    """A requeued job (same SLURM_JOB_ID, SLURM_RESTART_COUNT one higher) found its own lock from a node that was
+    killed (SIGKILL after the grace time, a node failure) and was refused for ever."""
+    out = tmp_path / "run"
+    out.mkdir()
+    earlier = {"host": "node-elsewhere", "pid": 1, "job": "77", "restart": 0, "started": "yesterday"}
+    (out / ".istack.lock").write_text(json.dumps(earlier))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    with pytest.raises(run_lock.RunLockError):  # the same run of the job (no restart count): never taken over
+        run_lock.acquire(out)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    lines = []
+    path = run_lock.acquire(out, log=lines.append)
+    assert json.loads(path.read_text())["restart"] == 1
+    assert len(lines) == 1 and "was run 0 of Slurm job 77, requeued since (this is run 1)" in lines[0]
+    run_lock.release(path)
+    monkeypatch.setenv("SLURM_JOB_ID", "78")  # another job's lock on another host: refused as before
+    (out / ".istack.lock").write_text(json.dumps(earlier))
+    with pytest.raises(run_lock.RunLockError):
+        run_lock.acquire(out)

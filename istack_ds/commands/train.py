@@ -17,10 +17,14 @@ Before launching (one process, no process group, no launcher):
     istack train --config configs/demo.yaml --dry-run --nodes 4 --ranks-per-node 8
                                      # every pre-launch check, topology, shards, schedule, memory
 
-Exit codes: 0 done, 2 bad config or input, or run.out_dir held by another run (nothing started),
+Exit codes: 0 done, 2 bad config or input, or run.out_dir held by another run (nothing started), or a
+checkpoint could not be written (disk full: the file and the reason named),
 3 too many non-finite losses (a checkpoint was saved), 4 a collective failed (another rank died or
 stopped answering; the message names it), 5 the data stream failed on a rank (every rank stops; the message names it),
-6 no checkpoint to resume could be used (every rank stops; the message says why for each).
+6 no checkpoint to resume could be used (every rank stops; the message says why for each),
+7 stopped by SIGTERM / SIGUSR1 or the launcher's death after every rank saved a checkpoint of the step it reached
+(checkpoint.resume=auto continues from it), 8 stopped by a signal without a new checkpoint (a second SIGTERM, or
+checkpoint.preempt_grace_s ran out).
 """
 
 from __future__ import annotations
@@ -207,22 +211,43 @@ def launch_deepspeed_json(cfg: Config, world: int) -> dict:
 
 
 def train(cfg: Config) -> int:
-    """Starts the process group and trains; the exit code says how it ended."""
-    from ..checkpoint import CheckpointError
-    from ..data import DataError
-    from ..dist import init_distributed, rank, setup_logging, unresponsive_ranks
-    from ..run_lock import lock_run
-    from ..trainer import NonFiniteLossError, Trainer
+    """Starts the process group and trains; the exit code says how it ended. A rank of several that did not end
+    with 0 exits here (:func:`istack_ds.process_exit.exit_now`)."""
+    from ..dist import init_distributed, setup_logging
 
     setup_logging()
     init_distributed(cfg.deepspeed.dist_timeout_s)
     setup_logging()  # again: the rank is known only now
+    code = _train(cfg)
+    import torch.distributed as dist
+
+    if code and dist.is_initialized() and dist.get_world_size() > 1:
+        from ..process_exit import exit_now
+
+        exit_now(code)
+    return code
+
+
+def _train(cfg: Config) -> int:
+    from .. import preemption
+    from ..checkpoint import CheckpointError
+    from ..checkpoint_write import CheckpointWriteError
+    from ..data import DataError
+    from ..dist import rank, unresponsive_ranks, world_size
+    from ..preemption import PREEMPTED, Preempted
+    from ..run_lock import lock_run
+    from ..trainer import NonFiniteLossError, Trainer
+
     refused = lock_run(cfg.run.out_dir)  # before anything is written into it; every rank hears it
     if refused:
         print(f"istack_ds: rank {rank()}: {refused}", file=sys.stderr)
         return 2
+    preemption.install(cfg.checkpoint.preempt_grace_s, rank(), world_size())
     try:
         Trainer(cfg).train()
+    except Preempted as e:  # raised on every rank together, after the checkpoint was saved
+        print(f"istack_ds: rank {rank()}: {e}", file=sys.stderr)
+        return PREEMPTED
     except NonFiniteLossError as e:
         print(f"istack_ds: rank {rank()}: {e}", file=sys.stderr)
         return 3
@@ -232,6 +257,9 @@ def train(cfg: Config) -> int:
     except CheckpointError as e:  # raised on every rank together: no checkpoint to resume can be used
         print(f"istack_ds: rank {rank()}: {e}", file=sys.stderr)
         return 6
+    except CheckpointWriteError as e:  # raised on every rank together: a rank could not write its files
+        print(f"istack_ds: rank {rank()}: {e}", file=sys.stderr)
+        return 2
     except RuntimeError as e:
         # A peer that died or hangs surfaces here as a failed collective (at the latest after
         # deepspeed.dist_timeout_s, which every process group has): say so plainly, naming the

@@ -73,6 +73,12 @@ class DataConfig:
     duration histogram into equal audio seconds."""
     num_workers: int = 2
     """DataLoader worker processes per rank; shards are split across them."""
+    read_timeout_s: float = 600.0
+    """Seconds a rank waits for its DataLoader's next batch before every rank stops (exit 5) naming it, the worker
+    and its shards (0: for ever). Only with num_workers > 0: a read in the rank's own process cannot be cut short
+    (the heartbeat still names the rank that waits for data). assumed: 600 s outlasts a slow network file system's
+    read and stays under deepspeed.dist_timeout_s (1800), so the rank is named by this, not by a collective's
+    timeout."""
     shuffle_buffer: int = 1000
     """Cuts held in the batcher's shuffle buffer before they go to their duration bucket."""
     interleave_shards: int = 4
@@ -86,6 +92,7 @@ class DataConfig:
         _positive("data.batch_seconds", self.batch_seconds)
         _positive("data.num_buckets", self.num_buckets)
         _positive("data.num_workers", self.num_workers, allow_zero=True)
+        _positive("data.read_timeout_s", self.read_timeout_s, allow_zero=True)
         _positive("data.shuffle_buffer", self.shuffle_buffer)
         _positive("data.interleave_shards", self.interleave_shards)
         _positive("data.sample_rate", self.sample_rate)
@@ -404,11 +411,17 @@ class CheckpointConfig:
     allow_other_teacher: bool = False
     """Resume a checkpoint distilled from another teacher (another config.json or weight files): refused unless
     true."""
+    preempt_grace_s: float = 300.0
+    """After SIGTERM / SIGUSR1 every rank saves a checkpoint at the end of the step and exits 7
+    (istack_ds.preemption); a rank still running this many seconds after the signal exits 8 without one.
+    assumed: 300 s holds a step and a save of the paper's models; Slurm is asked for the signal 600 s before the
+    time limit (launchers/slurm_4node.sbatch)."""
 
     def __post_init__(self):
         _check_fields(self, "checkpoint")
         _positive("checkpoint.every", self.every, allow_zero=True)
         _positive("checkpoint.keep", self.keep)
+        _positive("checkpoint.preempt_grace_s", self.preempt_grace_s)
 
 
 @dataclass

@@ -31,6 +31,7 @@ from istack_ds.config import DataConfig
 from istack_ds.data.batcher import duration_bins
 from istack_ds.data.index import DataError, check_shard_count, read_index
 from istack_ds.data.position import (
+    WorkerCounters,
     epoch_start,
     resume_plan,
     resume_points,
@@ -39,6 +40,8 @@ from istack_ds.data.position import (
 )
 from istack_ds.data.stream import MIN_SAMPLES, ShardStream
 from istack_ds.dist import gather_all, ranks_per_node
+from istack_ds.phase import waiting
+from istack_ds.preemption import ignore_in_worker
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ class ShardLoader(torch.utils.data.DataLoader):
         n = max(1, self.num_workers)
         expected = self._first_worker
         held: dict[int, deque] | None = {w: deque() for w in range(n)} if expected else None
-        for batch in batches:
+        for batch in self._waited(batches):
             if held is None:
                 yield self._note(batch)
                 continue
@@ -103,6 +106,39 @@ class ShardLoader(torch.utils.data.DataLoader):
             if held[expected]:
                 yield self._note(held[expected].popleft())
             expected = (expected + 1) % n
+
+    def _waited(self, batches) -> Iterator[dict]:
+        """The DataLoader's batches, each waited for in phase ``data`` (:mod:`istack_ds.phase`, which the heartbeat
+        reports); the DataLoader's timeout (data.read_timeout_s) becomes a DataError naming this rank, the worker
+        and its shards."""
+        it = iter(batches)
+        while True:
+            try:
+                with waiting("data"):
+                    batch = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if "DataLoader timed out" not in str(e):
+                    raise
+                raise DataError(self.timed_out(it)) from None
+            yield batch
+
+    def timed_out(self, it) -> str:
+        """The message of a read that outlasted data.read_timeout_s: the worker waited for and its shard group (the
+        rank is named by :func:`istack_ds.dist.next_on_all_ranks`)."""
+        task = getattr(it, "_task_info", {}).get(getattr(it, "_rcvd_idx", None))  # torch's: whose batch is due
+        worker = int(task[0]) if task else self._next_worker
+        stream = self.dataset
+        position = self._positions.get(str(worker)) or vars(stream.start.get(worker) or WorkerCounters())
+        epoch, done = int(position.get("epoch", 0)), int(position.get("shards_done", 0))
+        shards = stream.shards_for(epoch, worker, max(1, self.num_workers))
+        group = shards[done : done + stream.data.interleave_shards]
+        return (
+            f"DataLoader worker {worker} gave no batch in {self.timeout:g} s "
+            f"(data.read_timeout_s): a shard read hangs or is very slow; its shard group in epoch {epoch}: "
+            + (", ".join(path for path, _ in group) or "none left")
+        )
 
     def _note(self, batch: dict) -> dict:
         # NOTE: noted as the caller takes them, so the state is what the trainer consumed, never what
@@ -301,6 +337,8 @@ def build_loader(
         pin_memory=torch.cuda.is_available(),
         # its own generator: the workers' base seed (unused by the stream) must not draw from the global RNG
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_in_worker,  # a launcher's SIGTERM to the rank's tree must not end it mid-step
+        timeout=data.read_timeout_s if data.num_workers else 0,  # a hung read becomes a DataError (_waited)
     )
     loader.resume_from(position)
     return loader

@@ -144,12 +144,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         )
 
     def __iter__(self) -> Iterator[dict]:
+        from istack_ds import faults  # here: faults imports dist, which imports this package
+
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         counters = copy.deepcopy(self.start.get(worker)) or WorkerCounters(worker=worker)
         counters.interleave_shards = self.data.interleave_shards
         epoch, skip, drop = counters.epoch, counters.shards_done, counters.batches_in_group
         dry: list[str] = []  # shards read in a row (across groups and epochs) without a batch
+        handed = 0  # batches this iterator handed out (fault injection counts them)
         while self.epochs is None or epoch < self.epochs:
             shards = self.shards_for(epoch, worker, num_workers)
             if not shards:
@@ -177,6 +180,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                         # handed out before the resume; decoded all the same, so that skips count as then
                         drop -= 1
                         continue
+                    handed += 1
+                    faults.stall("data", handed)
                     yield counters.stamp(self.collate(decoded))
                 drop = 0  # only the group a worker resumes in was partly handed out
                 counters.reached(epoch, end)
