@@ -2,8 +2,9 @@
 phases and names the rank that waits for its data loader while the others wait for it in a collective.
 
 A phase is a name and the time it began: ``data`` while the training loop waits for the DataLoader's next batch
-(:class:`istack_ds.data.loader.ShardLoader`), ``step`` otherwise (computing, in a collective, saving). The heartbeat
-thread (:class:`istack_ds.dist.Heartbeat`) writes ``"<name> <seconds in it>"`` under PHASE_KEY every beat;
+(:class:`istack_ds.data.loader.ShardLoader`), ``save`` while it writes a checkpoint and ``validate`` while it
+validates (:class:`istack_ds.trainer.Trainer`), ``step`` otherwise (computing, in a training step's collectives).
+The heartbeat thread (:class:`istack_ds.dist.Heartbeat`) writes ``"<name> <seconds in it>"`` under PHASE_KEY every beat;
 :func:`describe` turns the other ranks' entries into the survivor's words.
 """
 
@@ -16,8 +17,12 @@ from contextlib import contextmanager
 PHASE_KEY = "istack_ds/phase/{rank}"
 """The store key of a rank's phase."""
 STEP = "step"
-"""The phase outside any named wait (computing, a collective, a save)."""
-_WORDS = {"data": "waits for its data loader's next batch (a shard read hangs or is slow)"}
+"""The phase outside any named wait (computing, a training step's collectives)."""
+_WORDS = {
+    "data": "waits for its data loader's next batch (a shard read hangs or is slow)",
+    "save": "is writing a checkpoint (a slow, hung or full file system)",
+    "validate": "is validating (held-out shards read and scored)",
+}
 
 _now: tuple[str, float] = (STEP, time.time())
 

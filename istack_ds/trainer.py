@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, faults, preemption, report, resume
+from . import __version__, faults, phase, preemption, report, resume
 from .checkpoint import Checkpointer, CheckpointError, read_meta, saved_rank_states, seed_everything
 from .config import Config
 from .data import build_loader
@@ -350,7 +350,8 @@ class Trainer:
     def maybe_validate(self) -> None:
         every = self.cfg.eval.every
         if self.cfg.data.valid_index and every and (self.step % every == 0 or self.step == self.cfg.optim.steps):
-            self.validate()
+            with phase.waiting("validate"):
+                self.validate()
 
     def maybe_save(self) -> None:
         every = self.cfg.checkpoint.every
@@ -405,7 +406,8 @@ class Trainer:
         meta = self.state_dict()
         if self.saved_step != self.step:  # the final save may follow a periodic or growth save
             rank_state = {"data": self.loader.state_dict()}
-            self.saved_path = self.checkpointer.save(self.engine, meta, rank_state)
+            with phase.waiting("save"):  # a survivor names a rank stuck writing (a hung file system)
+                self.saved_path = self.checkpointer.save(self.engine, meta, rank_state)
             self.saved_step = self.step
         assert self.saved_path is not None  # saved now or at this step before
         return self.saved_path

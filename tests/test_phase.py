@@ -27,6 +27,29 @@ def test_describe_names_the_ranks_in_a_named_wait_only():
     said = phase.describe({1: "data 41", 2: "step 3", 3: None})
     assert said == "rank 1 waits for its data loader's next batch (a shard read hangs or is slow) for 41 s"
     assert phase.describe({1: "step 0"}) == ""
+    assert phase.describe({0: "save 7"}) == "rank 0 is writing a checkpoint (a slow, hung or full file system) for 7 s"
+
+
+def test_a_trainer_save_and_validation_are_named_phases():
+    """What the heartbeat says while the trainer writes a checkpoint or validates (a survivor names that rank)."""
+    from types import SimpleNamespace
+
+    from istack_ds.trainer import Trainer
+
+    seen = []
+    trainer = SimpleNamespace(
+        state_dict=dict,
+        saved_step=None,
+        step=3,
+        loader=SimpleNamespace(state_dict=dict),
+        engine=None,
+        checkpointer=SimpleNamespace(save=lambda *a: seen.append(phase.current().split()[0]) or "ckpt"),
+        cfg=SimpleNamespace(data=SimpleNamespace(valid_index="v"), eval=SimpleNamespace(every=3), optim=None),
+        validate=lambda: seen.append(phase.current().split()[0]),
+    )
+    assert Trainer.save(trainer) == "ckpt"
+    Trainer.maybe_validate(trainer)
+    assert seen == ["save", "validate"] and phase.current().split()[0] == phase.STEP
 
 
 def test_a_hung_shard_read_ends_after_read_timeout_s_naming_rank_worker_and_shards(demo_shards, monkeypatch):
