@@ -73,12 +73,13 @@ class DataConfig:
     duration histogram into equal audio seconds."""
     num_workers: int = 2
     """DataLoader worker processes per rank; shards are split across them."""
-    read_timeout_s: float = 600.0
+    read_timeout_s: float = 300.0
     """Seconds a rank waits for its DataLoader's next batch before every rank stops (exit 5) naming it, the worker
     and its shards (0: for ever). Only with num_workers > 0: a read in the rank's own process cannot be cut short
-    (the heartbeat still names the rank that waits for data). assumed: 600 s outlasts a slow network file system's
-    read and stays under deepspeed.dist_timeout_s (1800), so the rank is named by this, not by a collective's
-    timeout."""
+    (the heartbeat still names the rank that waits for data). Keep it below deepspeed.dist_timeout_s: the other
+    ranks wait for this rank's batch in a collective, whose timeout would otherwise end the run first (exit 4,
+    no shards named). assumed: 300 s outlasts a slow network file system's read and is half the default
+    collective timeout."""
     shuffle_buffer: int = 1000
     """Cuts held in the batcher's shuffle buffer before they go to their duration bucket."""
     interleave_shards: int = 4
