@@ -31,6 +31,8 @@ def test_readme_command_is_the_documented_one():
     assert cmd[cmd.index("--hostfile") + 1] == "launchers/hostfile.example"
     assert (ROOT / "launchers/hostfile.example").exists() and (ROOT / "launchers/slurm_4node.sbatch").exists()
     assert "launchers/slurm_4node.sbatch" in (ROOT / "README.md").read_text()
+    # a GPU job never falls back to the CPU: the script asks for cuda before the user's overrides
+    assert '--config "$CONFIG" --set run.device=cuda "$@"' in (ROOT / "launchers/slurm_4node.sbatch").read_text()
 
 
 def rehearsal_command(node_rank: int, port: int, overrides: list[str]) -> list[str]:
