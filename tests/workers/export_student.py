@@ -34,6 +34,8 @@ def main(teacher_dir: str, out_dir: str, zero_stage: int, frontend: str, out_jso
             f"teacher.path={teacher_dir}",
             f"run.out_dir={out_dir}",
             f"deepspeed.zero_stage={zero_stage}",
+            # every layer matrix partitioned under ZeRO-3 (the default threshold keeps these tiny ones whole)
+            "deepspeed.stage3_param_persistence_threshold=0",
             "deepspeed.precision=fp32",
             f"student.frontend={frontend}",
             "optim.total_steps=10",

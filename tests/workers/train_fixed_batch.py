@@ -28,6 +28,8 @@ def main(teacher_dir: str, out_json: str, zero_stage: int, precision: str) -> No
         [
             f"teacher.path={teacher_dir}",
             f"deepspeed.zero_stage={zero_stage}",
+            # every layer matrix partitioned under ZeRO-3 (the default threshold keeps these tiny ones whole)
+            "deepspeed.stage3_param_persistence_threshold=0",
             f"deepspeed.precision={precision}",
             "optim.total_steps=20",
             "optim.lr=3e-3",
