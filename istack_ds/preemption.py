@@ -86,13 +86,13 @@ class _Watch(threading.Thread):
     def got(self, sig: signal.Signals, what: str) -> None:
         if not self.signum:
             self.signum = int(sig)
+            timer = threading.Timer(self.grace_s, self.expire)  # first: the grace bound holds whatever say() meets
+            timer.daemon = True
+            timer.start()
             self.say(
                 f"{what}: a checkpoint at the end of this step on every rank, then exit {PREEMPTED} "
                 f"(within checkpoint.preempt_grace_s={self.grace_s:g} s, else exit {NOT_SAVED})"
             )
-            timer = threading.Timer(self.grace_s, self.expire)
-            timer.daemon = True
-            timer.start()
         elif sig == signal.SIGTERM:
             self.say(f"a second SIGTERM: exiting now without a new checkpoint (exit {NOT_SAVED})")
             _hard_exit(NOT_SAVED)
@@ -105,7 +105,10 @@ class _Watch(threading.Thread):
         _hard_exit(NOT_SAVED)
 
     def say(self, message: str) -> None:
-        print(f"istack_ds: rank {self.rank}: {message}", file=sys.stderr, flush=True)
+        try:
+            print(f"istack_ds: rank {self.rank}: {message}", file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # stderr gone with the launcher: the exit must not depend on the message
+            pass
 
 
 _watch: _Watch | None = None

@@ -69,6 +69,14 @@ def test_a_second_sigusr1_changes_nothing_and_the_grace_period_ends_the_process(
     assert "did not end within checkpoint.preempt_grace_s=2 s" in err
 
 
+def test_the_grace_period_holds_when_stderr_is_gone(tmp_path):
+    """A launcher that died takes the rank's stderr with it: the message fails, the bound on the exit must not."""
+    proc = _start(_script(tmp_path, "wait.py", grace=2))
+    proc.stderr.close()  # writes to it now fail (a broken pipe)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=20) == NOT_SAVED
+
+
 def test_a_rank_whose_launcher_died_is_asked_to_stop(tmp_path):
     """The launcher (here a shell that started the rank) is SIGKILLed: the rank gets SIGTERM from the kernel."""
     seen = tmp_path / "seen"
