@@ -40,10 +40,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[dev]" $(QUIET_PIP)
 	touch $(STAMP)
 
-# A CPU torch already in .venv stays (the stamp): the check then fails; `rm -rf .venv` and run it again.
+# A CPU torch already in .venv (a venv made by `make venv`) is replaced by the CUDA build of the same version.
 gpu-venv:
 	@test -n "$(CUDA)" || { echo "no NVIDIA driver (nvidia-smi), or one older than CUDA 12.6: set CUDA=cu1XY" >&2; exit 2; }
 	$(MAKE) venv TORCH_INDEX_URL=https://download.pytorch.org/whl/$(CUDA)
+	$(PY) -c 'import torch; raise SystemExit(0 if torch.version.cuda else 1)' || \
+		$(PIP) install -q --force-reinstall torch==2.13.0 --index-url https://download.pytorch.org/whl/$(CUDA) $(QUIET_PIP)
 	$(PY) -c '$(CUDA_CHECK)'
 
 gpu-check: $(STAMP)
