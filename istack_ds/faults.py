@@ -11,6 +11,8 @@ Kinds:
     crash_in_save         the process exits (code 17) in the middle of the step's checkpoint save
     stall_in_data         a DataLoader worker's `step`-th batch never comes (its read hangs until the rank ends)
     disk_full             the step's rank file is written to /dev/full: ENOSPC, as on a full disk
+    disk_full_deepspeed   DeepSpeed's write of the step's optimizer-state file fails with ENOSPC (inside its
+                          save_checkpoint, a collective: the other ranks' writes succeed)
     die                   SIGKILL at the start of the step
     die_in_backward,      SIGKILL / SIGSTOP inside ``engine.backward`` (the peers are in ZeRO's
     hang_in_backward      gradient reduce)
@@ -23,6 +25,7 @@ swapping host does, so its peers see no error: only a collective timeout ends th
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -82,6 +85,13 @@ def disk_full(file: Path, step: int) -> None:
         file.parent.mkdir(parents=True, exist_ok=True)
         file.unlink(missing_ok=True)
         file.symlink_to("/dev/full")
+
+
+def disk_full_deepspeed(file: Path, step: int) -> None:
+    """``disk_full_deepspeed``: called by the guard around DeepSpeed's checkpoint writes before each; the write of
+    an optimizer-state `file` raises ENOSPC, as torch.save's on a full disk."""
+    if active("disk_full_deepspeed", step) and "optim_states" in file.name:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
 
 
 def stop_here(place: str, step: int) -> None:

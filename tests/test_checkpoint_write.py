@@ -58,3 +58,49 @@ def test_a_failed_collective_is_not_taken_for_a_write_error(tmp_path):
 def test_the_full_bytes_threshold_is_what_decides(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda _: Usage(10**12, 0, checkpoint_write.FULL_BYTES - 1))
     assert "no space left on device" in write_failure(tmp_path, _torch_error())
+
+
+class _Engine:
+    """DeepSpeed's save_checkpoint in small: its files through ``checkpoint_engine.save`` (model states by keyword,
+    optimizer states by position, as engine.py calls it), then the barrier every rank must reach."""
+
+    def __init__(self, checkpoint_engine):
+        self.checkpoint_engine = checkpoint_engine
+        self.reached_barrier = False
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        path = f"{save_dir}/{tag}"
+        self.checkpoint_engine.save(state_dict={"module": torch.zeros(10)}, path=f"{path}/mp_rank_00_model_states.pt")
+        self.checkpoint_engine.save({"w": torch.zeros(100_000)}, f"{path}/zero_pp_rank_1_mp_rank_00_optim_states.pt")
+        self.reached_barrier = True
+
+
+class _TorchCheckpointEngine:
+    def save(self, state_dict, path):
+        torch.save(state_dict, path)
+
+
+def test_a_failed_write_inside_deepspeeds_save_is_recorded_so_its_barrier_is_reached(tmp_path, monkeypatch):
+    """A write failing inside DeepSpeed's save_checkpoint raised out of it, past the barrier that ends it, while the
+    other ranks waited there: the failure is now recorded, named by its file, and the save runs to its end."""
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: Usage(10**12, 10**12 - 4096, 4096))
+    (tmp_path / "step00000006").mkdir()
+    optim = tmp_path / "step00000006/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    optim.symlink_to("/dev/full")  # torch's C++ writer fails on it, as on a full disk
+    engine = _Engine(_TorchCheckpointEngine())
+    line = checkpoint_write.write_share(engine, tmp_path, "step00000006", {"step": 6}, {}, 1)
+    assert line.startswith(f"writing checkpoint file {optim} failed: no space left on device (")
+    assert engine.reached_barrier
+    assert not (tmp_path / "step00000006/rank1.pt").exists()
+    assert "save" not in vars(engine.checkpoint_engine)  # the class's save again once the checkpoint is done
+
+
+def test_a_non_write_error_inside_deepspeeds_save_still_raises(tmp_path):
+    class Failing(_TorchCheckpointEngine):
+        def save(self, state_dict, path):
+            raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer")
+
+    engine = _Engine(Failing())
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        checkpoint_write.write_share(engine, tmp_path, "step00000006", {"step": 6}, {}, 1)
+    assert "save" not in vars(engine.checkpoint_engine)

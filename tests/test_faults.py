@@ -212,6 +212,34 @@ def test_a_full_disk_during_a_save_stops_every_rank_in_one_line_naming_the_file(
     assert not (out / "checkpoints/step00000006/istack_meta.json").exists()  # incomplete: never resumed
 
 
+def test_a_full_disk_inside_deepspeeds_save_stops_every_rank_with_exit_2_naming_the_file(
+    tmp_path, teacher_dir, demo_shards
+):
+    """Rank 1's optimizer-state file of step 6, written by DeepSpeed inside save_checkpoint, fails with ENOSPC. Rank
+    1 raised out of DeepSpeed's save, skipping the barrier that ends it, into our gather of errors while rank 0 waited
+    in that barrier: a hang until deepspeed.dist_timeout_s, then exit 4. Every rank now exits 2 in one line."""
+    from istack_ds.checkpoint import Checkpointer
+
+    out = tmp_path / "run"
+    procs = _start_two_ranks(
+        out, teacher_dir, demo_shards, "disk_full_deepspeed@6:1", f"deepspeed.dist_timeout_s={HANG_TIMEOUT_S}"
+    )
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        _kill_all(procs)
+    step6 = out / "checkpoints/step00000006"
+    optim_file = step6 / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    for r, (proc, err) in enumerate(zip(procs, errs)):
+        assert proc.returncode == 2, err[-3000:]
+        line = f"istack_ds: rank {r}: rank 1: writing checkpoint file {optim_file} failed: no space left on device ("
+        assert line in err, err[-3000:]
+        assert "Traceback" not in err
+    assert not (step6 / "istack_meta.json").exists()  # incomplete: never resumed
+    candidates, _ = Checkpointer(out / "checkpoints", keep=10).candidates(2)
+    assert candidates and step6 not in candidates  # auto resumes an earlier one
+
+
 def test_a_hung_shard_read_is_named_by_the_survivor_and_ended_by_read_timeout_s(tmp_path, teacher_dir, demo_shards):
     """Issue 23, 7: rank 1's DataLoader read hangs (its worker's 2nd batch never comes). Without a read timeout the
     survivor's collective times out: it said every heartbeat was live and pointed at the network; it now names rank
