@@ -106,7 +106,7 @@ def _deepspeed_writes_recorded(engine, path: Path, step: int) -> Iterator[list[s
 
     # NOTE: instance attributes shadow the methods only while the save runs (then what was there before again).
     writes: list[tuple[object, str, Callable[..., str]]] = [
-        (engine.checkpoint_engine, "save", lambda state_dict, path: path),
+        (getattr(engine, "checkpoint_engine", None), "save", lambda state_dict, path: path),
         (engine, "_copy_recovery_script", lambda save_path: save_path),
     ]
     patched = [(o, a, vars(o).get(a)) for o, a, _ in writes if hasattr(o, a)]

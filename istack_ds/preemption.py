@@ -143,8 +143,6 @@ def ignore_in_worker(worker_id: int) -> None:
     """
     _reset_in_child()
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    # a SIGTERM the kernel hands to a thread that does not block it (one started before this) is not fatal either
-    signal.signal(signal.SIGTERM, lambda *_: None)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=_sigterm_from_parent_only, name="istack_ds-worker-sigterm", daemon=True).start()
 

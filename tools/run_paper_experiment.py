@@ -267,6 +267,7 @@ def measure_costs(teacher: Path, shards: Path, out: Path, args) -> dict:
                 times[kind].append(time.process_time() - t0)
     for trainer in trainers.values():
         benchlib.close_trainer(trainer)
+    torch.distributed.destroy_process_group()  # the caller's process goes on (the smoke test's pytest)
     costs = {kind: statistics.median(t) for kind, t in times.items()}
     return {"seconds_per_step": costs, "utterance_seconds": median, "steps": args.cost_steps, "clock": "process CPU"}
 
