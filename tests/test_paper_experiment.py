@@ -21,7 +21,7 @@ def test_tiny_experiment_end_to_end_and_reused(tmp_path, capsys):
     args += ["--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs")]
     assert experiment.main(args) == 0
 
-    docs = tmp_path / "docs"
+    docs = tmp_path / "docs" / "T8"
     results = json.loads((docs / "results.json").read_text())
     costs = results["step_cost"]["seconds_per_step"]
     assert set(costs) == {"shared@3", "shared@6", "shared@9", "shared@12", "trainable@12"}
@@ -41,3 +41,38 @@ def test_tiny_experiment_end_to_end_and_reused(tmp_path, capsys):
     capsys.readouterr()
     assert experiment.main([*args, "--part", "runs"]) == 0
     assert capsys.readouterr().out.count("finished earlier, reused") == 3
+
+    # run directories are not kept in git: the report rebuilds the same table from the results.json it wrote
+    (tmp_path / "runs").rename(tmp_path / "runs_gone")
+    assert experiment.main([*args, "--part", "report"]) == 0
+    assert (docs / "results.md").read_text() == table
+
+
+def _run(arm, steps, seed, loss, regime="r1"):
+    return {"arm": arm, "seed": seed, "regime": regime, "steps": steps, "time_s": steps * 0.1, "valid": {"loss": loss}}
+
+
+def test_the_reference_curve_takes_full_depths_runs_of_every_t_in_the_same_regime(tmp_path):
+    saved = {
+        "T100": [_run("full_depth", 100, 1, 0.5), _run("full_depth", 50, 1, 0.7), _run("interleaved_eql", 100, 1, 0.6)],
+        # T = 200: its full run is a point at 2T of T = 100; another regime's run and another arm are not
+        "T200": [_run("full_depth", 200, 1, 0.4), _run("full_depth", 150, 1, 0.45, "r2"), _run("midas_eql", 200, 1, 1)],
+    }
+    for name, runs in saved.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"runs": {str(i): r for i, r in enumerate(runs)}}))
+    args = experiment.argparse.Namespace(
+        docs=tmp_path,
+        out=tmp_path / "no_runs",
+        steps=100,
+        only=["full_depth", "interleaved_eql"],
+        seeds=[1],
+        budgets=[0.5, 1.0],
+    )
+    results = experiment.collect(args, costs={})
+    assert {k: r["valid"]["loss"] for k, r in results.items()} == {
+        ("full_depth", 0.5, 1): 0.7,
+        ("full_depth", 1.0, 1): 0.5,
+        ("interleaved_eql", 1.0, 1): 0.6,
+        ("full_depth", 2.0, 1): 0.4,
+    }

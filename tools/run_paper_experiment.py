@@ -189,6 +189,16 @@ def run_dir_of(out: Path, steps: int, arm: str, budget: float, seed: int) -> Pat
     return out / f"T{steps}" / f"seed{seed}" / name
 
 
+#: what may differ between two runs of one regime: their place, seed, length and logging cadence
+REGIME_FREE = ("run.name", "run.out_dir", "run.seed", "optim.total_steps", "log.every", "eval.every")
+
+
+def regime(stamp: dict) -> str:
+    """The digest of what made a run, less REGIME_FREE: full depth's runs of one regime at any T are points of one
+    reference curve."""
+    return digest({**stamp, "sets": {k: v for k, v in stamp["sets"].items() if k not in REGIME_FREE}})
+
+
 def finished(run_dir: Path, stamp: dict) -> bool:
     made = run_dir / "experiment.json"
     return (run_dir / "summary.json").is_file() and made.is_file() and json.loads(made.read_text()) == stamp
@@ -295,6 +305,7 @@ def read_result(run_dir: Path, costs: dict) -> dict:
     from istack_ds.growth.schedule import Schedule
 
     cfg = Config.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    stamp = json.loads((run_dir / "experiment.json").read_text())
     run = read_run(run_dir)
     total = cfg.optim.total_steps
     schedule = Schedule.from_config(cfg.growth, total)
@@ -302,7 +313,15 @@ def read_result(run_dir: Path, costs: dict) -> dict:
     by_depth = {int(k.split("@")[1]): v for k, v in costs.items() if k.startswith(prefix + "@")}
     pauses = sum(v for _, _, v in run.get("growth/pause_s"))
     final = {tag.split("/")[1]: run.get(tag)[-1][2] for tag in run.series if tag.startswith("valid/")}
+    probed = run_dir / "probe"
+    if (probed / "probe.json").is_file() and json.loads((probed / "experiment.json").read_text()) == stamp:
+        final_probe = probe_items(json.loads((probed / "probe.json").read_text()))
+    else:
+        final_probe = None
     return {
+        "arm": run_dir.name.split("@")[0],
+        "seed": cfg.run.seed,
+        "regime": regime(stamp),
         "steps": total,
         "loss_kind": cfg.loss.kind,
         "frontend": cfg.student.frontend,
@@ -311,6 +330,7 @@ def read_result(run_dir: Path, costs: dict) -> dict:
         "wall_s": json.loads((run_dir / "summary.json").read_text())["wall_s"],
         "valid": final,
         "curve": [(s, v) for s, _, v in run.get("valid/loss")],
+        "probe": final_probe,
     }
 
 
@@ -361,6 +381,28 @@ def probe_floors(teacher: Path, shards: Path, out: Path, teacher_made: dict, tin
             teacher_hidden_state_0, shards, out / "floors" / "hidden0_probe", teacher_made, tiny
         ),
         "untrained_student": probe(untrained / "student", shards, untrained / "probe", stamp, tiny),
+    }
+
+
+def probe_items(report: dict) -> dict:
+    """What the intervals need of a probe report: each test utterance's phoneme errors and count, each SID test
+    utterance's 0/1 (kept with the run's result, so a report needs no run directory)."""
+    return {"pr": {"per_utterance": report["pr"]["per_utterance"]}, "sid": {"correct": report["sid"]["correct"]}}
+
+
+def pooled_probe(items: list[dict]) -> dict:
+    """The seeds' probe items of one arm as one report.
+
+    NOTE: every seed scores the same test utterances, so an utterance is one item whatever the seeds: its errors
+    summed over the seeds (resampling seeds' rows apart would narrow the interval falsely)."""
+    return {
+        "pr": {
+            "per_utterance": [
+                [sum(e for e, _ in rows), sum(n for _, n in rows)]
+                for rows in zip(*(r["pr"]["per_utterance"] for r in items))
+            ]
+        },
+        "sid": {"correct": [sum(c) / len(c) for c in zip(*(r["sid"]["correct"] for r in items))]},
     }
 
 
@@ -458,7 +500,8 @@ def analyse(results: dict, costs: dict, probes: dict, floors: dict, arm_cfgs: di
                 ]
             ),
         }
-    return {"layer_share": layer_share(shared), "arms": arms, "claims": claims, "floors": floors}
+    cost = {"runs": len(results), "wall_s": sum(r["wall_s"] for r in results.values())}
+    return {"layer_share": layer_share(shared), "arms": arms, "claims": claims, "floors": floors, "cost": cost}
 
 
 def fmt(ci, spec=".4f", unit="") -> str:
@@ -503,6 +546,11 @@ def table(analysis: dict, costs: dict) -> str:
         lines.append("\nProbe floors and ceiling (95 % bootstrap over test utterances):")
         for name, f in floors.items():
             lines.append(f"- {name}: PER {fmt(f['per'], '.3f')}, SID {fmt(f['sid'], '.3f')}")
+    cost = analysis["cost"]
+    lines.append(
+        f"\nMachine time: {cost['runs']} runs (full depth's of every T in this regime included), "
+        f"{cost['wall_s'] / 3600:.1f} h of wall time in all, one thread each, two runs side by side."
+    )
     lines.append("\nVerdicts:")
     for arm, c in analysis["claims"].items():
         if "time_ratio" in c:
@@ -533,7 +581,7 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ref = sorted((r["time_s"], r["valid"]["loss"]) for (a, _, _), r in results.items() if a == BASELINE)
     if ref:
-        ax.plot(*zip(*ref), "k.", label=f"{BASELINE} (budgets 0.5T, 0.75T, T; every seed)")
+        ax.plot(*zip(*ref), "k.", label=f"{BASELINE} (every budget, every seed)")
     for arm in ARMS:
         if arm == BASELINE:
             continue
@@ -561,6 +609,31 @@ def plan_runs(args) -> list[tuple[str, float, int]]:
         budgets = (args.budgets or BUDGETS) if arm == BASELINE else [1.0]
         plan += [(arm, b, s) for s in seeds for b in budgets]
     return plan
+
+
+def collect(args, costs: dict) -> dict:
+    """(arm, budget, seed) -> result: the planned runs of this T, each read from its run directory, else from the
+    results.json an earlier report wrote (run directories are not kept in git); and full depth's runs of every other
+    T in the same regime, at their budget in this T's units: more points on the reference curve."""
+    saved = {}
+    for made in args.docs.glob("T*/results.json"):
+        for r in json.loads(made.read_text())["runs"].values():
+            saved[(int(made.parent.name[1:]), r["arm"], r["steps"], r["seed"])] = r
+    for made in args.out.glob("T*/seed*/*/experiment.json"):
+        total = int(made.parent.parent.parent.name[1:])
+        r = read_result(made.parent, costs)
+        saved[(total, r["arm"], r["steps"], r["seed"])] = r
+    results = {}
+    for arm, budget, seed in plan_runs(args):
+        r = saved.get((args.steps, arm, max(1, round(budget * args.steps)), seed))
+        if r is not None:
+            results[(arm, budget, seed)] = r
+    regimes = {r["regime"] for (arm, _, _), r in results.items() if arm == BASELINE}
+    for (_, arm, steps, seed), r in sorted(saved.items()):
+        key = (arm, steps / args.steps, seed)
+        if arm == BASELINE and r["regime"] in regimes and seed in (args.seeds or SEEDS[BASELINE]):
+            results.setdefault(key, r)
+    return results
 
 
 def to_json(obj):
@@ -626,56 +699,47 @@ def main(argv=None) -> int:
     costs = json.loads(cost_file.read_text())
     from istack_ds.config import load_config
 
-    results, arm_cfgs = {}, {}
-    for arm, budget, seed in plan_runs(args):
-        run_dir = run_dir_of(args.out, args.steps, arm, budget, seed)
-        if (run_dir / "experiment.json").is_file():
-            results[(arm, budget, seed)] = read_result(run_dir, costs["seconds_per_step"])
-        arm_cfgs[arm] = load_config(ROOT / "configs" / ARMS[arm][0], [f"{k}={v}" for k, v in ARMS[arm][1].items()])
-    probes, floors = {}, {}
+    results = collect(args, costs["seconds_per_step"])
+    arm_cfgs = {
+        arm: load_config(ROOT / "configs" / ARMS[arm][0], [f"{k}={v}" for k, v in ARMS[arm][1].items()])
+        for arm in args.only
+    }
+    saved_file = args.docs / f"T{args.steps}" / "results.json"
+    floor_items = json.loads(saved_file.read_text()).get("floor_items", {}) if saved_file.is_file() else {}
     if "probes" in args.part:
-        floors = {
-            k: probe_intervals(v)
-            for k, v in probe_floors(
-                teacher_dir, shards, args.out / f"T{args.steps}", teacher_made, args.tiny, args
-            ).items()
-        }
-        for arm in ARMS:
-            reports = []
-            for (a, b, s), _ in sorted(results.items()):
-                if a == arm and b == 1.0:
-                    run_dir = run_dir_of(args.out, args.steps, a, b, s)
-                    made = json.loads((run_dir / "experiment.json").read_text())
-                    reports.append(probe(run_dir / "student", shards, run_dir / "probe", made, args.tiny))
-            if reports:
-                # NOTE: every seed scores the same test utterances, so an utterance is one item whatever the seeds:
-                # its errors summed over the seeds (resampling seeds' rows apart would narrow the interval falsely)
-                probes[arm] = probe_intervals(
-                    {
-                        "pr": {
-                            "per_utterance": [
-                                [sum(e for e, _ in rows), sum(n for _, n in rows)]
-                                for rows in zip(*(r["pr"]["per_utterance"] for r in reports))
-                            ]
-                        },
-                        "sid": {"correct": [sum(c) / len(c) for c in zip(*(r["sid"]["correct"] for r in reports))]},
-                    }
-                )
+        floors_out = args.out / f"T{args.steps}"
+        made = probe_floors(teacher_dir, shards, floors_out, teacher_made, args.tiny, args)
+        floor_items = {k: probe_items(v) for k, v in made.items()}
+        for (arm, budget, seed), r in sorted(results.items()):
+            run_dir = run_dir_of(args.out, args.steps, arm, budget, seed)
+            if budget == 1.0 and r.get("probe") is None and (run_dir / "student").is_dir():
+                made_from = json.loads((run_dir / "experiment.json").read_text())
+                r["probe"] = probe_items(probe(run_dir / "student", shards, run_dir / "probe", made_from, args.tiny))
+    floors = {k: probe_intervals(v) for k, v in floor_items.items()}
+    probes = {}
+    for arm in ARMS:
+        items = [r["probe"] for (a, b, _), r in sorted(results.items()) if a == arm and b == 1.0 and r.get("probe")]
+        if items:
+            probes[arm] = probe_intervals(pooled_probe(items))
     analysis = analyse(results, costs, probes, floors, arm_cfgs)
     text = table(analysis, costs)
-    (args.docs / "results.md").write_text(text)
-    runs = {f"{a}@{b:g}/seed{s}": {k: v for k, v in r.items()} for (a, b, s), r in results.items()}
-    (args.docs / "results.json").write_text(
+    docs = args.docs / f"T{args.steps}"
+    docs.mkdir(exist_ok=True)
+    (docs / "results.md").write_text(text)
+    runs = {f"{a}@{b:g}/seed{s}": r for (a, b, s), r in results.items()}
+    (docs / "results.json").write_text(
         json.dumps(
-            {"analysis": analysis, "runs": runs, "teacher": teacher, "step_cost": costs}, indent=1, default=to_json
+            {"analysis": analysis, "runs": runs, "floor_items": floor_items, "teacher": teacher, "step_cost": costs},
+            indent=1,
+            default=to_json,
         )
     )
-    plot(results, args.docs / "quality_vs_time.png")
+    plot(results, docs / "quality_vs_time.png")
     for name in ("layer_cka.png", "teacher_report.json"):
         if (teacher_dir / name).is_file():
             shutil.copy(teacher_dir / name, args.docs / f"teacher_{name}")
     say(text)
-    say(f"experiment part(s) {args.part} done in {time.time() - t0:.0f} s: runs in {args.out}, results in {args.docs}")
+    say(f"experiment part(s) {args.part} done in {time.time() - t0:.0f} s: runs in {args.out}, results in {docs}")
     return 0
 
 
