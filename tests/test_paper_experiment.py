@@ -37,6 +37,7 @@ def test_tiny_experiment_end_to_end_and_reused(tmp_path, capsys):
     table = (docs / "results.md").read_text()
     assert "| interleaved_eql | l2l | 1 |" in table and "interleaved_eql reaches full depth" in table
     assert (docs / "quality_vs_time.png").stat().st_size > 1000
+    assert "\n| 8 | " in (tmp_path / "docs" / "trend.md").read_text()  # a row per T reported
 
     capsys.readouterr()
     assert experiment.main([*args, "--part", "runs"]) == 0

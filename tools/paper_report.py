@@ -240,3 +240,35 @@ def to_json(obj):
     if is_dataclass(obj):
         return asdict(obj)
     raise TypeError(type(obj))
+
+
+def trend(docs: Path) -> str:
+    """One row per T reported under `docs`/T<steps>/: how the verdicts move as every run gets longer."""
+    import json
+
+    from istack_ds.evidence.claims import Interval
+
+    def ci(d: dict | None) -> Interval | None:
+        return Interval(**d) if d else None
+
+    lines = [
+        "| T | full depth's fall over its last third | full depth loss | interleaved EQL loss | "
+        "EQL equal quality | PROP-1 equal quality | GradStack gap | MIDAS gap | GradStack l2l gap | MIDAS l2l gap |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for made in sorted(docs.glob("T*/results.json"), key=lambda p: int(p.parent.name[1:])):
+        arms, claims = (json.loads(made.read_text())["analysis"][k] for k in ("arms", "claims"))
+        fall = arms.get(BASELINE, {}).get("last_third_change", [])
+        cells = [
+            made.parent.name[1:],
+            ", ".join(f"{c:.1%}" for c in fall) or "—",
+            fmt(ci(arms.get(BASELINE, {}).get("loss"))),
+            fmt(ci(arms.get("interleaved_eql", {}).get("loss"))),
+            *(fmt(ci(claims.get(arm, {}).get("speedup")), ".2f", "x") for arm in PAPER),
+            *(
+                fmt(ci(claims.get(arm, {}).get("loss_gap_vs_interleaved")), "+.3f")
+                for arm in ("gradstack_eql", "midas_eql", "gradstack_eql_l2l", "midas_eql_l2l")
+            ),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

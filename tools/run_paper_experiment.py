@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools" / "bench"))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from paper_report import BASELINE, analyse, plot, pooled_probe, probe_intervals, probe_items, table, to_json  # noqa: E402
+from paper_report import BASELINE, analyse, plot, pooled_probe, probe_intervals, probe_items, table, to_json, trend  # noqa: E402
 
 #: arm -> (recipe under configs/, its own --set on top of the common ones).
 ARMS: dict[str, tuple[str, dict]] = {
@@ -505,6 +505,10 @@ def main(argv=None) -> int:
         )
     )
     plot(results, arm_cfgs, docs / "quality_vs_time.png")
+    (args.docs / "trend.md").write_text(
+        "# The verdicts as T grows\n\nEach row: `--part report --steps T` (cells as in T<steps>/results.md; a gap is "
+        "the relative held-out loss gap to interleaved EQL at equal steps).\n\n" + trend(args.docs)
+    )
     for name in ("layer_cka.png", "teacher_report.json"):
         if (teacher_dir / name).is_file():
             shutil.copy(teacher_dir / name, args.docs / f"teacher_{name}")
