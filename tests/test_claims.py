@@ -2,6 +2,7 @@
 docs/paper_cpu/ relies on when a speed-up, an interval or a verdict is printed."""
 
 import math
+import statistics
 
 import pytest
 
@@ -53,9 +54,14 @@ def test_a_reference_curve_that_rises_is_refused():
 
 def test_mean_ci_is_the_t_interval():
     ci = mean_ci([1.0, 2.0, 3.0])
-    half = 4.303 * 1.0 / math.sqrt(3)
-    assert (ci.mean, ci.low, ci.high, ci.n) == pytest.approx((2.0, 2.0 - half, 2.0 + half, 3))
+    half = 4.3027 * 1.0 / math.sqrt(3)
+    assert (ci.mean, ci.low, ci.high, ci.n) == pytest.approx((2.0, 2.0 - half, 2.0 + half, 3), rel=1e-4)
     assert str(mean_ci([1.5])) == "1.500 (1 seed)"
+    # beyond a short table of quantiles: 12 values have t(0.975, 11) = 2.201, not the normal's 1.96
+    twelve = mean_ci([1.0, 3.0] * 6)
+    assert twelve.high - twelve.mean == pytest.approx(
+        2.201 * statistics.stdev([1.0, 3.0] * 6) / math.sqrt(12), rel=1e-3
+    )
 
 
 def test_bootstrap_ratio_brackets_the_ratio_and_narrows_with_items():
@@ -68,7 +74,10 @@ def test_bootstrap_ratio_brackets_the_ratio_and_narrows_with_items():
 
 def test_last_third_change_reads_the_loss_at_two_thirds():
     curve = [(100, 2.0), (200, 1.2), (300, 1.1)]
-    assert last_third_change(curve) == pytest.approx((1.2 - 1.1) / 1.1)
+    assert last_third_change(curve) == pytest.approx((1.2 - 1.1) / 1.2)
+    # 2/3 of 400 steps falls between two evaluations: the loss there is interpolated (1.3 at step 266.7)
+    curve = [(200, 1.4), (300, 1.25), (400, 1.0)]
+    assert last_third_change(curve) == pytest.approx((1.3 - 1.0) / 1.3)
 
 
 def test_verdicts_follow_the_interval():

@@ -77,3 +77,31 @@ def test_the_reference_curve_takes_full_depths_runs_of_every_t_in_the_same_regim
         ("interleaved_eql", 1.0, 1): 0.6,
         ("full_depth", 2.0, 1): 0.4,
     }
+
+
+def test_a_seed_whose_reference_curve_rises_is_named_in_the_verdict():
+    import paper_report
+
+    from istack_ds.config import load_config
+
+    def result(arm, steps, seed, loss):
+        return {**_run(arm, steps, seed, loss), "loss_kind": "l2l", "wall_s": 1.0, "curve": [(steps, loss)]}
+
+    results = {
+        ("full_depth", 0.5, 1): result("full_depth", 50, 1, 0.7),
+        ("full_depth", 1.0, 1): result("full_depth", 100, 1, 0.5),
+        ("full_depth", 0.5, 2): result("full_depth", 50, 2, 0.5),  # seed 2's curve rises: it decides nothing
+        ("full_depth", 1.0, 2): result("full_depth", 100, 2, 0.6),
+        ("interleaved_eql", 1.0, 1): result("interleaved_eql", 100, 1, 0.6),
+        ("interleaved_eql", 1.0, 2): result("interleaved_eql", 100, 2, 0.6),
+    }
+    for r in results.values():
+        r["valid"] = {q: r["valid"]["loss"] for q in paper_report.TARGETS}
+    costs = {"seconds_per_step": {f"shared@{d}": 0.05 + 0.01 * d for d in (3, 6, 9, 12)}}
+    arm_cfgs = {
+        arm: load_config(ROOT / "configs" / experiment.ARMS[arm][0]) for arm in ("full_depth", "interleaved_eql")
+    }
+    analysis = paper_report.analyse(results, costs, {}, {}, arm_cfgs)
+    claim = analysis["claims"]["interleaved_eql"]
+    assert claim["speedup"].n == 1 and claim["seeds_left_out"][0].startswith("seed 2: reference loss rises")
+    assert "left out: seed 2" in paper_report.table(analysis, costs)

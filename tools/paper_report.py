@@ -111,7 +111,9 @@ def analyse(results: dict, costs: dict, probes: dict, floors: dict, arm_cfgs: di
             ci, bounds = arms[arm]["equal_quality_loss"], arms[arm]["bounds_loss"]
             # NOTE: a bound is no point value: an interval over bounds decides nothing
             said = f"not decided (a seed's speed-up is only a bound: {''.join(bounds)})" if bounds else verdict(ci, 1.0)
-            claims[arm] = {"paper": paper, "speedup": ci, "faster_at_equal_quality": said}
+            # seeds whose reference curve rises said nothing: the verdict rests on the others, and says so
+            left_out = arms[arm].get("undecided_loss", [])
+            claims[arm] = {"paper": paper, "speedup": ci, "faster_at_equal_quality": said, "seeds_left_out": left_out}
     for arm in ("gradstack_eql", "midas_eql", "gradstack_eql_l2l", "midas_eql_l2l"):
         mine = {s: r for (a, b, s), r in results.items() if a == arm and b == 1.0}
         ref = {s: r for (a, b, s), r in results.items() if a == "interleaved_eql" and b == 1.0}
@@ -199,6 +201,7 @@ def table(analysis: dict, costs: dict) -> str:
             lines.append(
                 f"- {arm} reaches full depth's held-out loss faster (paper {c['paper']:.2f}x): "
                 f"{fmt(c['speedup'], '.2f', 'x')} -> {c['faster_at_equal_quality']}"
+                + "".join(f"; left out: {why}" for why in c["seeds_left_out"])
             )
         else:
             lines.append(

@@ -24,9 +24,6 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-#: two-sided 95 % Student t quantiles by degrees of freedom (1..10); beyond, the normal's 1.96 is close enough.
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
 
 def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     """Least-squares (intercept, slope) of ys on xs."""
@@ -126,7 +123,9 @@ def mean_ci(values: Sequence[float]) -> Interval:
     mean = statistics.fmean(values)
     if len(values) < 2:
         return Interval(mean, mean, mean, 1)
-    half = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    from scipy.stats import t
+
+    half = float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
     return Interval(mean, mean - half, mean + half, len(values))
 
 
@@ -144,12 +143,16 @@ def bootstrap_ratio(numerators: Sequence[float], denominators: Sequence[float], 
 
 
 def last_third_change(curve: Sequence[tuple[int, float]]) -> float:
-    """Relative fall of a held-out loss curve [(step, loss)] over its last third: (loss at 2/3 - final) / final,
-    the loss at 2/3 of the steps read at the nearest evaluation at or before it."""
+    """Relative fall of a held-out loss curve [(step, loss)] over its last third: (loss at 2/3 - final) / loss at
+    2/3, the loss at 2/3 of the steps interpolated linearly between the evaluations around it."""
     curve = sorted(curve)
     last_step, final = curve[-1]
-    at = max((p for p in curve if p[0] <= 2 * last_step / 3), default=curve[0])
-    return (at[1] - final) / final
+    at_step = 2 * last_step / 3
+    before = max((p for p in curve if p[0] <= at_step), default=curve[0])
+    after = min(p for p in curve if p[0] >= at_step)
+    f = 0.0 if after[0] == before[0] else (at_step - before[0]) / (after[0] - before[0])
+    at = before[1] + f * (after[1] - before[1])
+    return (at - final) / at
 
 
 def verdict(interval: Interval, threshold: float) -> str:
