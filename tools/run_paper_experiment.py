@@ -390,27 +390,27 @@ def plan_runs(args) -> list[tuple[str, float, int]]:
 
 
 def collect(args, costs: dict) -> dict:
-    """(arm, budget, seed) -> result: the planned runs of this T, each read from its run directory, else from the
+    """(arm, budget, seed) -> result: the planned runs of this T, each read from its run directory, else from a
     results.json an earlier report wrote (run directories are not kept in git); and full depth's runs of every other
-    T in the same regime, at their budget in this T's units: more points on the reference curve."""
+    T in the same regime, at their budget in this T's units: more points on the reference curve.
+
+    A run is known by its arm, steps and seed: two of these are the same run whatever T's directory holds them."""
     saved = {}
     for made in args.docs.glob("T*/results.json"):
         for r in json.loads(made.read_text())["runs"].values():
-            saved[(int(made.parent.name[1:]), r["arm"], r["steps"], r["seed"])] = r
+            saved[(r["arm"], r["steps"], r["seed"])] = r
     for made in args.out.glob("T*/seed*/*/experiment.json"):
-        total = int(made.parent.parent.parent.name[1:])
         r = read_result(made.parent, costs)
-        saved[(total, r["arm"], r["steps"], r["seed"])] = r
+        saved[(r["arm"], r["steps"], r["seed"])] = r
     results = {}
     for arm, budget, seed in plan_runs(args):
-        r = saved.get((args.steps, arm, max(1, round(budget * args.steps)), seed))
+        r = saved.get((arm, max(1, round(budget * args.steps)), seed))
         if r is not None:
             results[(arm, budget, seed)] = r
     regimes = {r["regime"] for (arm, _, _), r in results.items() if arm == BASELINE}
-    for (_, arm, steps, seed), r in sorted(saved.items()):
-        key = (arm, steps / args.steps, seed)
+    for (arm, steps, seed), r in sorted(saved.items()):
         if arm == BASELINE and r["regime"] in regimes and seed in (args.seeds or SEEDS[BASELINE]):
-            results.setdefault(key, r)
+            results.setdefault((arm, steps / args.steps, seed), r)
     return results
 
 
