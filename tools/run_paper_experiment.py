@@ -398,7 +398,8 @@ def collect(args, costs: dict) -> dict:
     saved = {}
     for made in args.docs.glob("T*/results.json"):
         for r in json.loads(made.read_text())["runs"].values():
-            saved[(r["arm"], r["steps"], r["seed"])] = r
+            if "regime" in r:  # a report written before results kept what made them is read from its runs only
+                saved[(r["arm"], r["steps"], r["seed"])] = r
     for made in args.out.glob("T*/seed*/*/experiment.json"):
         r = read_result(made.parent, costs)
         saved[(r["arm"], r["steps"], r["seed"])] = r
