@@ -8,7 +8,8 @@ Usage (every part cached by what made it; a rerun reuses what exists, so the exp
     python tools/run_paper_experiment.py --part probes report             # probe what exists; write docs/
     python tools/run_paper_experiment.py --tiny                           # the whole path in ~2 min (smoke)
 
-The design (what each choice is for; docs/paper_cpu/README.md has the results):
+The design (what each choice is for; the results: docs/paper_cpu/T<steps>/results.md, one row per T in
+docs/paper_cpu/trend.md, the pilot in docs/paper_cpu/pilot.md):
 
 1. Data: the labelled espeak-ng corpus (istack_ds/evidence/speech_corpus.py), 20 speakers x 80 sentences, the
    last 4 speakers held out (`valid`: ~5k phonemes, the PR probe's test set and the held-out loss).
@@ -21,8 +22,9 @@ The design (what each choice is for; docs/paper_cpu/README.md has the results):
    end (the paper's own baseline).
 4. Methods: each arm is a shipped recipe (configs/paper_*.yaml) with its method unchanged (operator, stages
    3 -> 6 -> 9 -> 12, alpha, loss and targets 4/8/12, carry, pick, optimizer-state copy, warmup + linear decay,
-   weight decay 1e-4), scaled only through --set: the shape above, `--steps` T (fixed by a pilot: full depth's
-   held-out loss falls < 5 % over its last third), the peak LR `--lr` and the recipe's 7 % warmup of T.
+   weight decay 1e-4), scaled only through --set: the shape above, `--steps` T (the aim, full depth's held-out
+   loss falling < 5 % over its last third, is out of this machine's reach: pilot.md), the peak LR `--lr` and the
+   recipe's 7 % warmup of T.
    GradStack and MIDAS run with their recipe's `output_heads` loss and with `l2l`, so the operator is seen apart
    from the loss.
 5. Time: a run's time is its steps at each depth costed at c(d), plus its measured growth pauses (the runs may
