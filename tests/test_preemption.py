@@ -62,6 +62,7 @@ def test_a_second_sigusr1_changes_nothing_and_the_grace_period_ends_the_process(
     proc = _start(_script(tmp_path, "wait.py", grace=2))
     start = time.time()
     proc.send_signal(signal.SIGUSR1)
+    assert "SIGUSR1: a checkpoint at the end of this step" in proc.stderr.readline()  # recorded: the next is second
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == NOT_SAVED, err
@@ -77,35 +78,75 @@ def test_the_grace_period_holds_when_stderr_is_gone(tmp_path):
     assert proc.wait(timeout=20) == NOT_SAVED
 
 
-def test_a_rank_whose_launcher_died_is_asked_to_stop(tmp_path):
-    """The launcher (here a shell that started the rank) is SIGKILLed: the rank gets SIGTERM from the kernel."""
+# Starts a rank under a launcher (a shell), SIGKILLs the launcher and prints the rank's exit code: the orphaned rank
+# is reparented to this process (PR_SET_CHILD_SUBREAPER, Linux), which can wait for it.
+ORPHANED = """
+import ctypes, os, signal, subprocess, sys, time
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)
+launcher = subprocess.Popen(["bash", "-c", "{python} {rank} & wait"], stdout=subprocess.PIPE, text=True)
+assert launcher.stdout.readline().strip() == "armed"
+pid = int(launcher.stdout.readline())
+if {sigterm_first}:
+    os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)  # recorded before the launcher dies
+launcher.kill()
+launcher.wait()
+print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+@pytest.mark.parametrize("sigterm_first", [False, True], ids=["launcher-killed", "sigterm-then-launcher-killed"])
+def test_a_rank_whose_launcher_died_is_asked_to_stop_and_saves(tmp_path, sigterm_first):
+    """The launcher is SIGKILLed: the rank gets SIGTERM from the kernel, and its parent poll sees the same death; one
+    event, which asks for a stop (none was asked yet) and is never a second SIGTERM (exit 8 without the save the
+    README promises). Here the rank's step and save outlast a parent poll."""
     seen = tmp_path / "seen"
     rank = _script(
         tmp_path,
         "rank.py",
         world=2,
         then=f"""
-        import time, pathlib
+        import os, time, pathlib
+        print(os.getpid(), flush=True)
         while not preemption.requested():
             time.sleep(0.05)
+        time.sleep(preemption.POLL_S + 1.5)  # the step and its save
         pathlib.Path({str(seen)!r}).write_text(str(preemption.requested()))
+        sys.exit(preemption.PREEMPTED)
         """,
     )
-    launcher = subprocess.Popen(
-        ["bash", "-c", f"{sys.executable} {rank} & wait"],
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    harness = tmp_path / "orphaned.py"
+    harness.write_text(ORPHANED.format(python=sys.executable, rank=rank, sigterm_first=sigterm_first))
+    done = subprocess.run(
+        [sys.executable, str(harness)], env=child_env(), capture_output=True, text=True, timeout=60, check=True
     )
-    assert launcher.stdout.readline().strip() == "armed"
-    launcher.kill()
-    launcher.wait()
-    for _ in range(100):
-        if seen.exists() and seen.read_text():
-            break
-        time.sleep(0.1)
+    assert done.stdout.split() == [str(PREEMPTED)], done.stderr
     assert seen.read_text() == str(int(signal.SIGTERM))
+    assert "second SIGTERM" not in done.stderr
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["before-the-save", "after-the-save"])
+def test_a_sigterm_after_every_rank_saved_exits_7_and_before_it_8(monkeypatch, capsys, saved):
+    """A launcher ends the ranks still shutting down after one exited 7 (DeepSpeed's on any non-zero exit,
+    torchrun's close): that SIGTERM was a "second signal", exit 8 and "without a new checkpoint" though it was
+    saved. So is a grace period that runs out in the exit after the save."""
+    from istack_ds import preemption
+
+    exits: list[int] = []
+    monkeypatch.setattr(preemption, "_hard_exit", exits.append)
+    watch = preemption._Watch(-1, 1000, 0, None)
+    monkeypatch.setattr(preemption, "_watch", watch)
+    watch.got(signal.SIGTERM, "SIGTERM")
+    watch.timer.cancel()
+    if saved:
+        trainer = type("Trainer", (), {"step": 3, "save": lambda self: Path("step3"), "close": lambda self: None})()
+        with pytest.raises(preemption.Preempted, match="checkpoint step3 saved"):
+            preemption.stop_if_requested(trainer)
+    watch.got(signal.SIGTERM, "SIGTERM")
+    watch.expire()
+    code = PREEMPTED if saved else NOT_SAVED
+    assert exits == [code, code]
+    assert ("without a new checkpoint" in capsys.readouterr().err) is not saved
 
 
 def test_a_process_forked_from_a_rank_keeps_the_default_actions_and_leaves_the_ranks_pipe_alone(tmp_path):
