@@ -24,10 +24,11 @@ second SIGTERM, so the orphan saves and exits 7 as a preempted rank does. A sing
 shell, perhaps under nohup) keeps running when its shell goes.
 
 **Forked processes** do not write to the pipe (an at-fork hook) and keep the default actions. **DataLoader workers**
-(:func:`ignore_in_worker`) ignore SIGTERM and SIGUSR1 from anyone but their rank: a launcher that signals the
-rank's whole process tree (DeepSpeed's, torchrun's process group, Slurm's step) would otherwise kill them mid-step,
-and the rank's DataLoader would raise instead of saving. The rank's own SIGTERM (multiprocessing's at the rank's
-exit) still ends them, and torch's worker watchdog ends them when the rank is gone.
+(:func:`ignore_in_worker`) ignore SIGTERM and SIGUSR1 from anyone but their rank: a launcher that signals the rank's
+whole process tree (DeepSpeed's, torchrun's process group, Slurm's step) would otherwise kill them mid-step, and the
+rank's DataLoader would raise instead of saving. They are started in :func:`signals_blocked` and so born with both
+signals blocked: one that comes before ``ignore_in_worker`` runs waits for it. The rank's own SIGTERM (multiprocessing's
+at the rank's exit) still ends them, and torch's worker watchdog ends them when the rank is gone.
 
 NOTE: torchrun forwards SIGTERM to every rank and SIGKILLs them 30 s later; DeepSpeed's launcher (launch.py)
 SIGTERMs one rank's process tree at a time and SIGKILLs it after 30 s before going on to the next (the others learn
@@ -40,12 +41,14 @@ comes with the partition's grace time.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import select
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 PREEMPTED = 7
@@ -187,12 +190,31 @@ def ignore_in_worker(worker_id: int) -> None:
     too; one that died of it would make the rank's DataLoader raise before the save. The rank itself still ends
     them: multiprocessing terminates (SIGTERM) and joins the workers left at the rank's exit, so ignoring SIGTERM
     outright would hang that exit. Hence SIGTERM is blocked and taken by a thread that exits on the parent's
-    (what torch's own worker handler, replaced here, does for it).
+    (what torch's own worker handler, replaced here, does for it). This runs after torch's worker start: a worker
+    forked in :func:`signals_blocked` was born with both blocked, so a signal before it waits here, and both are
+    blocked before any handler is reset.
     """
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     _reset_in_child()
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # also drops one that came during the start
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     threading.Thread(target=_sigterm_from_parent_only, name="istack_ds-worker-sigterm", daemon=True).start()
+
+
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """SIGTERM and SIGUSR1 blocked in the calling thread, for the start of DataLoader workers (a DataLoader
+    iterator's creation): a worker is born with them blocked, so neither ends it before :func:`ignore_in_worker`.
+
+    NOTE: only this thread blocks them: a signal to the rank meanwhile is taken by another of its threads (the
+    reading thread of :func:`install` blocks none), whose C handler writes the wakeup pipe all the same; one that
+    no thread could take is delivered when the mask is restored.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _die_with_parent() -> bool:

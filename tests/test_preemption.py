@@ -173,33 +173,69 @@ def test_a_process_forked_from_a_rank_keeps_the_default_actions_and_leaves_the_r
 
 
 class _Slow:
-    """An iterable dataset of 0, 1, 2, one every 0.3 s (time for a signal between two items)."""
+    """An iterable dataset of batches 0, 1, 2, one every 0.3 s (time for a signal between two items)."""
 
     def __iter__(self):
         for i in range(3):
             time.sleep(0.3)
-            yield i
+            yield {"i": i}
 
 
-def test_a_dataloader_worker_survives_a_sigterm_from_another_process():
-    """torch's worker loop dies of a SIGTERM sent by anyone but its rank (its own C handler); a launcher that
-    signals the rank's process tree (DeepSpeed's, torchrun) killed it, and the rank's next batch raised."""
-    import torch
-
+def _slow_start(worker_id: int) -> None:
+    """A worker_init_fn whose worker starts slowly: a launcher's signals may come before ignore_in_worker."""
     from istack_ds.preemption import ignore_in_worker
 
+    time.sleep(1.0)
+    ignore_in_worker(worker_id)
+
+
+def test_a_dataloader_worker_survives_sigterm_and_sigusr1_from_another_process_from_its_start_on():
+    """torch's worker loop dies of a SIGTERM sent by anyone but its rank (its own C handler), and of a SIGUSR1
+    (default action) before its worker_init_fn ran; a launcher that signals the rank's process tree (DeepSpeed's,
+    torchrun, Slurm's USR1) killed it, at its start too (workers restart at each validation and epoch), and the
+    rank's next batch raised. The rank's loader starts its workers with both blocked."""
+    import multiprocessing
+
+    import torch
+
+    from istack_ds.data.loader import ShardLoader
+
     dataset = type("SlowStream", (_Slow, torch.utils.data.IterableDataset), {})()
-    batches = iter(
-        torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1, worker_init_fn=ignore_in_worker)
-    )
-    assert next(batches) == 0
-    worker = batches._workers[0]
-    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # sent by another process
-    subprocess.run(["kill", "-USR1", str(worker.pid)], check=True)
-    assert next(batches) == 1
+    before = set(multiprocessing.active_children())
+    batches = iter(ShardLoader(dataset, batch_size=None, num_workers=1, worker_init_fn=_slow_start))
+    [worker] = set(multiprocessing.active_children()) - before
+    for sig in ("-TERM", "-USR1"):  # during its start, sent by another process
+        subprocess.run(["kill", sig, str(worker.pid)], check=True)
+    assert next(batches)["i"] == 0
+    for sig in ("-TERM", "-USR1"):  # while it runs
+        subprocess.run(["kill", sig, str(worker.pid)], check=True)
+    assert next(batches)["i"] == 1
     worker.terminate()  # its rank's SIGTERM (multiprocessing's at the rank's exit) still ends it
     worker.join(timeout=10)
     assert worker.exitcode == 0
+
+
+def test_a_rank_starting_its_workers_still_takes_its_signals(tmp_path):
+    """The rank's thread that starts the workers blocks SIGTERM / SIGUSR1 meanwhile: a signal then is not lost or
+    delayed, the reading thread takes it."""
+    proc = _start(
+        _script(
+            tmp_path,
+            "blocked.py",
+            then="""
+            import os, signal, time
+            with preemption.signals_blocked():
+                os.kill(os.getpid(), signal.SIGUSR1)
+                for _ in range(100):
+                    if preemption.requested():
+                        break
+                    time.sleep(0.05)
+                print(preemption.requested(), flush=True)
+            """,
+        )
+    )
+    out, err = proc.communicate(timeout=30)
+    assert out.split() == [str(int(signal.SIGUSR1))], err
 
 
 # ---- the run: 2 gloo ranks, SIGTERM to one of them ---------------------------------------------------------
