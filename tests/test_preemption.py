@@ -292,13 +292,26 @@ def test_sigterm_to_one_rank_saves_that_step_on_every_rank_and_the_resume_goes_o
     assert (out / "summary.json").exists()
 
 
+# Runs a rank (its arguments) and prints its exit code; torchrun signals the process group, this wrapper lives on.
+REPORT_EXIT = """
+import os, signal, subprocess, sys
+signal.signal(signal.SIGTERM, lambda *_: None)
+code = subprocess.call([sys.executable, *sys.argv[1:]])
+print(f"rank {os.environ['RANK']} exited {code}", file=sys.stderr, flush=True)
+sys.exit(code)
+"""
+
+
 @pytest.mark.procgroup
 def test_sigterm_to_torchrun_reaches_every_rank_which_saves_and_exits_7(tmp_path, teacher_dir, demo_shards):
-    """The launcher forwards SIGTERM to each rank (and SIGKILLs them 30 s later): each saves the same step."""
+    """The launcher forwards SIGTERM to each rank (and SIGKILLs them 30 s later): each rank gets it (its own line),
+    each saves the same step and exits 7 (torchrun reports no code of a rank it stopped: a wrapper prints it)."""
     from istack_ds.checkpoint import verify
 
     out, log = tmp_path / "run", tmp_path / "torchrun.log"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    wrapper = tmp_path / "report_exit.py"
+    wrapper.write_text(REPORT_EXIT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper)]
     launcher = subprocess.Popen(
         [*cmd, str(ROOT / "launchers/train.py"), *run_args(out, teacher_dir, demo_shards, "checkpoint.every=100")],
         cwd=ROOT,
@@ -325,5 +338,8 @@ def test_sigterm_to_torchrun_reaches_every_rank_which_saves_and_exits_7(tmp_path
         )
     }
     assert sorted(saved) == [0, 1] and saved[0] == saved[1], err[-3000:]
+    for r in (0, 1):  # printed by the rank that got the signal itself (the all-reduce tells the others)
+        assert f"rank {r}: SIGTERM: a checkpoint at the end of this step on every rank" in err, err[-3000:]
+    assert sorted(re.findall(r"rank (\d) exited (-?\d+)", err)) == [("0", "7"), ("1", "7")], err[-3000:]
     step, path = saved[0]
     assert verify(path)["step"] == step
