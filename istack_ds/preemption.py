@@ -108,7 +108,7 @@ class _Watch(threading.Thread):
         True when `sigterm` was the kernel's SIGTERM of that death (taken here).
 
         NOTE: the kernel changes the parent and then queues its SIGTERM, so a SIGTERM read after the poll saw the
-        death may be that one (``pdeathsig_due``), and a SIGTERM read when the parent already changed is it.
+        death is that one (``pdeathsig_due``), as is a SIGTERM read when the parent already changed.
         """
         if self.ppid is None:
             return False
