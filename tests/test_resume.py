@@ -144,6 +144,21 @@ def test_a_resume_with_another_lr_logs_the_change_and_runs_at_it(tmp_path, teach
 def test_a_save_records_the_digest_taken_at_start_without_reading_the_teacher_again(tmp_path):
     """Review of issue 23, 8: the digest was recomputed from the teacher directory at every save, so a teacher
     removed during a long run stopped the run at its next checkpoint with a traceback."""
+    from types import SimpleNamespace
+
+    from istack_ds.trainer import Trainer
+
     cfg = load_config(None, [f"teacher.path={tmp_path / 'removed'}"])
-    recorded = recorded_config(cfg, "d1")
-    assert recorded == {"config": cfg.to_dict(), "teacher_digest": "d1"}
+    assert recorded_config(cfg, "d1") == {"config": cfg.to_dict(), "teacher_digest": "d1"}
+    # what a save records (Trainer.save writes Trainer.state_dict into the marker), the teacher directory gone
+    run = SimpleNamespace(
+        cfg=cfg,
+        teacher_digest="d1",  # taken by Trainer.__init__
+        step=5,
+        student=SimpleNamespace(depth=2, supervised=[1, 2]),
+        schedule=SimpleNamespace(stage_at=lambda step: 0),
+        plan=SimpleNamespace(accumulation=1),
+        nonfinite_total=0,
+    )
+    meta = Trainer.state_dict(run)
+    assert meta["teacher_digest"] == "d1" and meta["config"] == cfg.to_dict()

@@ -41,7 +41,7 @@ from istack_ds.data.position import (
 from istack_ds.data.stream import MIN_SAMPLES, ShardStream
 from istack_ds.dist import gather_all, ranks_per_node
 from istack_ds.phase import waiting
-from istack_ds.preemption import ignore_in_worker
+from istack_ds.preemption import ignore_in_worker, signals_blocked
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,9 @@ class ShardLoader(torch.utils.data.DataLoader):
     def __iter__(self) -> Iterator[dict]:  # type: ignore[override]  # batches, noted on the way
         # NOTE: the DataLoader draws its base seed from the loader's own generator (build_loader), never
         # from the global torch RNG, so iterating does not move a training run's RNG stream.
-        return self._noted(super().__iter__())
+        with signals_blocked():  # the workers start here: born with SIGTERM / SIGUSR1 blocked (ignore_in_worker)
+            batches = super().__iter__()
+        return self._noted(batches)
 
     def _noted(self, batches) -> Iterator[dict]:
         """The DataLoader's batches in the order an uninterrupted iterator would have given them.

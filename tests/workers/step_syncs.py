@@ -7,10 +7,11 @@ Trains one step (warm-up), then counts over STEPS steps of 2 micro-batches each:
 on the host (item, tolist, cpu, bool, float, int, numpy) and every torch.distributed collective whose caller
 (the first frame outside torch) is istack_ds code, by that caller. Reads in istack_ds/data (the loader's batches,
 on the host on a GPU too) are left out. Each rank's result: the micro-batches counted, the reads by caller, the
-collectives by caller and whether each ran on dist.control_group().
+collectives by caller and whether each was given dist.control_group() (as its group argument).
 """
 
 import collections
+import inspect
 import sys
 from pathlib import Path
 
@@ -76,8 +77,9 @@ class Counter:
 
             def collective(*args, _original=original, _name=name, **kwargs):
                 if self.on and (where := caller()):
-                    group = kwargs.get("group")
-                    on_control = group is istack_dist.control_group()
+                    # NOTE: what the caller passed: under gloo control_group() is None, the default group's too
+                    passed = inspect.signature(_original).bind(*args, **kwargs).arguments
+                    on_control = "group" in passed and passed["group"] is istack_dist.control_group()
                     self.collectives[f"{where} {_name} {'control' if on_control else 'other'}"] += 1
                 return _original(*args, **kwargs)
 
