@@ -380,6 +380,11 @@ class Metrics:
         )
         log0(msg)
 
+    def flush(self) -> None:
+        """Puts every event logged so far on disk (before a checkpoint: a resume from it does not log them again)."""
+        if self.writer is not None:
+            self.writer.flush()
+
     def close(self) -> None:
         self._redirect.close()
         if self.bar is not None:

@@ -406,6 +406,7 @@ class Trainer:
         meta = self.state_dict()
         if self.saved_step != self.step:  # the final save may follow a periodic or growth save
             rank_state = {"data": self.loader.state_dict()}
+            self.metrics.flush()  # the events up to this step are not logged again by a resume from it
             with phase.waiting("save"):  # a survivor names a rank stuck writing (a hung file system)
                 self.saved_path = self.checkpointer.save(self.engine, meta, rank_state)
             self.saved_step = self.step

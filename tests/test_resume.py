@@ -162,3 +162,26 @@ def test_a_save_records_the_digest_taken_at_start_without_reading_the_teacher_ag
     )
     meta = Trainer.state_dict(run)
     assert meta["teacher_digest"] == "d1" and meta["config"] == cfg.to_dict()
+
+
+def test_a_save_puts_the_events_logged_before_it_on_disk_first(tmp_path):
+    """A resume from a checkpoint does not log its step's events again (Metrics' purge_step), so they must be on
+    disk before the checkpoint exists: a growth's depth events, logged just before its save and still in the
+    TensorBoard writer's buffer at a kill -9, were lost (test_checkpoint's kill -9 test, under load: the resumed
+    run's depth at the growth step was the old one)."""
+    from types import SimpleNamespace
+
+    from istack_ds.trainer import Trainer
+
+    order: list[str] = []
+    run = SimpleNamespace(
+        metrics=SimpleNamespace(flush=lambda: order.append("events flushed")),
+        checkpointer=SimpleNamespace(save=lambda engine, meta, rank_state: order.append("checkpoint") or tmp_path),
+        loader=SimpleNamespace(state_dict=dict),
+        state_dict=dict,
+        saved_step=None,
+        step=9,
+        engine=None,
+    )
+    Trainer.save(run)  # type: ignore[arg-type]
+    assert order == ["events flushed", "checkpoint"]
