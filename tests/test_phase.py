@@ -42,6 +42,7 @@ def test_a_trainer_save_and_validation_are_named_phases():
         saved_step=None,
         step=3,
         loader=SimpleNamespace(state_dict=dict),
+        metrics=SimpleNamespace(flush=lambda: None),
         engine=None,
         checkpointer=SimpleNamespace(save=lambda *a: seen.append(phase.current().split()[0]) or "ckpt"),
         cfg=SimpleNamespace(data=SimpleNamespace(valid_index="v"), eval=SimpleNamespace(every=3), optim=None),
