@@ -101,7 +101,8 @@ def shard_course(out, rank, owner):
     entries = [json.loads(line) for line in (out / f"data_audit/rank{rank}.jsonl").read_text().splitlines()]
     kept = []
     for e in entries:
-        if kept and e["step"] < kept[-1]["step"]:  # the run restarted at an earlier step: those steps were redone
+        # the run restarted at this or an earlier step (a kill right after a step was logged: the resume redoes it)
+        if kept and e["step"] <= kept[-1]["step"]:
             while kept and kept[-1]["step"] >= e["step"]:
                 kept.pop()
         kept.append(e)
