@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -47,6 +49,29 @@ def test_tiny_experiment_end_to_end_and_reused(tmp_path, capsys):
     (tmp_path / "runs").rename(tmp_path / "runs_gone")
     assert experiment.main([*args, "--part", "report"]) == 0
     assert (docs / "results.md").read_text() == table
+
+    # a long T in parts: --part-minutes stops the run under way at a step, with a checkpoint; the same command
+    # continues it from there, and it ends with the unbroken run's weights
+    base = ["--tiny", "--steps", "40", "--only", "interleaved_eql", "--data", str(tmp_path / "data"), "--part", "runs"]
+    in_parts = [*base, "--out", str(tmp_path / "parts"), "--docs", str(tmp_path / "docs")]
+    capsys.readouterr()
+    assert experiment.main([*in_parts, "--part-minutes", "0"]) == 0
+    assert "--part-minutes 0 ran out: the same command continues" in capsys.readouterr().out
+    run = tmp_path / "parts/T40/seed1/interleaved_eql"
+    (saved,) = (run / "checkpoints").glob("step*")
+    assert 0 < int(saved.name[4:]) < 40 and not (run / "experiment.json").exists()
+    assert experiment.main(in_parts) == 0
+    assert f"continued from {saved.name} of 40 steps" in capsys.readouterr().out
+    assert experiment.main([*base, "--out", str(tmp_path / "unbroken"), "--docs", str(tmp_path / "docs")]) == 0
+    ended = {p.name: load_file(p) for p in (run / "student").glob("*.safetensors")}
+    unbroken = {
+        p.name: load_file(p) for p in (tmp_path / "unbroken/T40/seed1/interleaved_eql/student").glob("*.safetensors")
+    }
+    assert ended and ended.keys() == unbroken.keys()
+    for name, tensors in ended.items():
+        assert all(torch.equal(t, unbroken[name][k]) for k, t in tensors.items()), name
+    walls = json.loads((run / "parts.json").read_text())
+    assert len(walls) == 2 and experiment.wall_s(run) == sum(walls)
 
 
 def _run(arm, steps, seed, loss, regime="r1"):

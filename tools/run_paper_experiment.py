@@ -5,6 +5,8 @@ Usage (every part cached by what made it; a rerun reuses what exists, so the exp
     python tools/run_paper_experiment.py --part data teacher cost         # corpus, teacher, step cost by depth
     python tools/run_paper_experiment.py --part runs --only full_depth --budgets 1.0 --seeds 1   # the pilot
     python tools/run_paper_experiment.py --part runs --only interleaved_eql --seeds 1 2 3
+    python tools/run_paper_experiment.py --part runs --steps 12800 --only full_depth --part-minutes 55  # in parts:
+                                                                          # the same command until it says done
     python tools/run_paper_experiment.py --part probes report             # probe what exists; write docs/
     python tools/run_paper_experiment.py --tiny                           # the whole path in ~2 min (smoke)
 
@@ -45,7 +47,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -207,37 +211,82 @@ def finished(run_dir: Path, stamp: dict) -> bool:
     return (run_dir / "summary.json").is_file() and made.is_file() and json.loads(made.read_text()) == stamp
 
 
-def train(arm: str, sets: dict, run_dir: Path, nproc: int) -> float:
-    """One run of `arm` on `nproc` gloo ranks, one thread each; its wall seconds."""
+def train(arm: str, sets: dict, run_dir: Path, nproc: int, deadline: float | None = None) -> tuple[float, int | None]:
+    """One run of `arm` on `nproc` gloo ranks, one thread each (continued from its checkpoint when `sets` say
+    checkpoint.resume=auto): its wall seconds, and None when it finished or the step it stopped at when `deadline`
+    (a time.time()) came first: SIGTERM once the run trained a step here, and every rank saves that step (exit 7)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += [str(ROOT / "launchers/train.py"), "--config", str(ROOT / "configs" / ARMS[arm][0])]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
-    start = time.time()
-    with open(run_dir / "train.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = (run_dir / "train.log").read_text()[-4000:]
-        raise SystemExit(f"run {run_dir} failed (rc={proc.returncode}); log {run_dir / 'train.log'}:\n{tail}")
-    return time.time() - start
+    log_file = run_dir / "train.log"
+    offset = log_file.stat().st_size if log_file.is_file() else 0
+    start, signalled = time.time(), False
+    with open(log_file, "a") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            time.sleep(0.5)
+            # NOTE: not before a step: a signal in the start would end torchrun's rank before its handler is in place
+            if deadline is not None and time.time() > deadline and not signalled and _part_of(log_file, offset, STEP):
+                proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
+                signalled = True
+    seconds = time.time() - start
+    stopped = STOPPED.search(_part_of(log_file, offset, STOPPED) or "")
+    if proc.returncode != 0 and not (signalled and stopped):
+        tail = log_file.read_text()[-4000:]
+        raise SystemExit(f"run {run_dir} failed (rc={proc.returncode}); log {log_file}:\n{tail}")
+    return seconds, int(stopped.group(1)) if proc.returncode != 0 and stopped else None
 
 
-def run_arms(plan: list[tuple[str, float, int]], teacher: Path, teacher_made: dict, shards: Path, args) -> None:
+#: a rank's progress line, and its stop line at a SIGTERM (istack_ds.preemption)
+STEP = re.compile(r"\] step \d+/")
+STOPPED = re.compile(r"stopped by SIGTERM on rank \d+ at step (\d+): checkpoint")
+
+
+def _part_of(log_file: Path, offset: int, pattern: re.Pattern) -> str | None:
+    """The log written since `offset` when `pattern` is in it."""
+    with open(log_file) as f:
+        f.seek(offset)
+        text = f.read()
+    return text if pattern.search(text) else None
+
+
+def run_arms(plan: list[tuple[str, float, int]], teacher: Path, teacher_made: dict, shards: Path, args) -> bool:
+    """The planned runs, each continued from where an earlier call stopped it; False when --part-minutes ran out
+    first (the run it stopped keeps its checkpoint, and the same command goes on from it)."""
+    deadline = None if args.part_minutes is None else time.time() + 60 * args.part_minutes
+    trained = False
     for arm, budget, seed in plan:
         run_dir = run_dir_of(args.out, args.steps, arm, budget, seed)
         sets = run_sets(arm, budget, seed, run_dir, teacher, shards, args)
         stamp = {"recipe": ARMS[arm][0], "sets": sets, "teacher": teacher_made, "nproc": args.nproc}
+        name = run_dir.relative_to(args.out)
         if finished(run_dir, stamp) and not args.force:
-            say(f"{run_dir.relative_to(args.out)}: finished earlier, reused")
+            say(f"{name}: finished earlier, reused")
             continue
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
-        t0 = time.time()
-        say(f"{run_dir.relative_to(args.out)}: {sets['optim.total_steps']} steps ...")
-        seconds = train(arm, sets, run_dir, args.nproc)
+        if deadline is not None and time.time() > deadline and trained:  # a call trains at least one part
+            return False
+        trained = True
+        started, parts = run_dir / "started.json", run_dir / "parts.json"
+        saved = sorted((run_dir / "checkpoints").glob("step*"))
+        if args.force or not (started.is_file() and json.loads(started.read_text()) == stamp and saved):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.mkdir(parents=True)
+            started.write_text(json.dumps(stamp, indent=1))
+            parts.write_text("[]")
+            say(f"{name}: {sets['optim.total_steps']} steps ...")
+        else:  # the stamp holds what made the run; where it goes on from is no part of it
+            sets = {**sets, "checkpoint.resume": "auto"}
+            say(f"{name}: continued from {saved[-1].name} of {sets['optim.total_steps']} steps ...")
+        seconds, stopped_at = train(arm, sets, run_dir, args.nproc, deadline)
+        parts.write_text(json.dumps([*json.loads(parts.read_text()), round(seconds, 1)]))
+        if stopped_at is not None:
+            say(f"{name}: stopped at step {stopped_at} with a checkpoint after {seconds:.0f} s (--part-minutes)")
+            return False
         (run_dir / "experiment.json").write_text(json.dumps(stamp, indent=1))
-        say(f"{run_dir.relative_to(args.out)}: done in {seconds:.0f} s wall (started {time.ctime(t0)})")
+        say(f"{name}: done in {seconds:.0f} s wall")
+    return True
 
 
 # ---- step cost by depth ---------------------------------------------------------
@@ -288,6 +337,14 @@ def measure_costs(teacher: Path, shards: Path, out: Path, args) -> dict:
 # ---- what the runs show ---------------------------------------------------------
 
 
+def wall_s(run_dir: Path) -> float:
+    """A run's own wall seconds: its parts' together where the run was made in parts."""
+    parts = run_dir / "parts.json"
+    if parts.is_file():
+        return sum(json.loads(parts.read_text()))
+    return json.loads((run_dir / "summary.json").read_text())["wall_s"]
+
+
 def read_result(run_dir: Path, costs: dict) -> dict:
     """One finished run: its final held-out losses, its curve, its costed and its own wall time."""
     import yaml
@@ -320,7 +377,7 @@ def read_result(run_dir: Path, costs: dict) -> dict:
         "frontend": cfg.student.frontend,
         "time_s": costed_time(stage_steps(schedule.depths, schedule.boundaries, total), by_depth, pauses),
         "pauses_s": pauses,
-        "wall_s": json.loads((run_dir / "summary.json").read_text())["wall_s"],
+        "wall_s": wall_s(run_dir),
         "valid": final,
         "curve": [(s, v) for s, _, v in run.get("valid/loss")],
         "probe": final_probe,
@@ -366,7 +423,7 @@ def probe_floors(teacher: Path, shards: Path, out: Path, teacher_made: dict, tin
     if not finished(untrained, stamp):
         shutil.rmtree(untrained, ignore_errors=True)
         untrained.mkdir(parents=True)
-        train(BASELINE, sets, untrained, 1)
+        train(BASELINE, sets, untrained, 1)  # one step: no deadline
         (untrained / "experiment.json").write_text(json.dumps(stamp, indent=1))
     return {
         "teacher": probe(teacher, shards, out / "floors" / "teacher_probe", teacher_made, tiny),
@@ -423,7 +480,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs/paper_cpu", help="one run directory per run")
     parser.add_argument("--data", type=Path, default=ROOT / "data/paper_cpu", help="corpus, shards, teacher")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs/paper_cpu", help="where the results go")
-    parser.add_argument("--steps", type=int, default=1600, help="T: the optimizer steps of a full run")
+    parser.add_argument("--steps", type=int, default=None, help="T: the optimizer steps of a full run (1600; tiny 8)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak LR (7 %% warmup of the run's steps)")
     parser.add_argument("--nproc", type=int, default=1, help="gloo ranks per run")
     parser.add_argument("--cost-steps", type=int, default=12, help="timed steps per depth in --part cost")
@@ -432,11 +489,19 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", type=float, nargs="+", default=None, help="full depth's budgets (x T)")
     parser.add_argument("--tiny", action="store_true", help="smoke run: tiny corpus and teacher, 8 steps, 1 seed")
     parser.add_argument("--force", action="store_true", help="rerun finished runs")
+    parser.add_argument(
+        "--part-minutes",
+        type=float,
+        default=None,
+        help="end the call's runs within about this many minutes (the run under way saves a checkpoint at a step; "
+        "the same command continues it): a long T in parts",
+    )
     args = parser.parse_args(argv)
     if args.tiny:
-        args.steps, args.cost_steps = 8, 2
+        args.steps, args.cost_steps = args.steps or 8, 2
         args.seeds = args.seeds or [1]
         args.budgets = args.budgets or [0.5, 1.0]
+    args.steps = args.steps or 1600
 
     t0 = time.time()
     data = args.data / "tiny" if args.tiny else args.data  # a smoke run never reuses the real run's data
@@ -465,7 +530,9 @@ def main(argv=None) -> int:
         share = layer_share({int(k[7:]): v for k, v in costs["seconds_per_step"].items() if k.startswith("shared@")})
         say(f"step cost (process CPU s): {costs['seconds_per_step']}; layers' share of a full-depth step {share:.0%}")
     if "runs" in args.part:
-        run_arms(plan_runs(args), teacher_dir, teacher_made, shards, args)
+        if not run_arms(plan_runs(args), teacher_dir, teacher_made, shards, args):
+            say(f"--part-minutes {args.part_minutes:g} ran out: the same command continues")
+            return 0
     if not {"probes", "report"} & set(args.part):
         say(f"done in {time.time() - t0:.0f} s")
         return 0
