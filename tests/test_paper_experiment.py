@@ -51,13 +51,15 @@ def test_tiny_experiment_end_to_end_and_reused(tmp_path, capsys):
     assert (docs / "results.md").read_text() == table
 
     # a long T in parts: --part-minutes stops the run under way at a step, with a checkpoint; the same command
-    # continues it from there, and it ends with the unbroken run's weights
-    base = ["--tiny", "--steps", "40", "--only", "interleaved_eql", "--data", str(tmp_path / "data"), "--part", "runs"]
+    # continues it from there, and it ends with the unbroken run's weights. (Another peak LR is another regime:
+    # its runs go to their own folder.)
+    base = ["--tiny", "--steps", "40", "--lr", "4e-3", "--only", "interleaved_eql", "--data", str(tmp_path / "data")]
+    base += ["--part", "runs"]
     in_parts = [*base, "--out", str(tmp_path / "parts"), "--docs", str(tmp_path / "docs")]
     capsys.readouterr()
     assert experiment.main([*in_parts, "--part-minutes", "0"]) == 0
     assert "--part-minutes 0 ran out: the same command continues" in capsys.readouterr().out
-    run = tmp_path / "parts/T40/seed1/interleaved_eql"
+    run = tmp_path / "parts/lr0.004/T40/seed1/interleaved_eql"
     (saved,) = (run / "checkpoints").glob("step*")
     assert 0 < int(saved.name[4:]) < 40 and not (run / "experiment.json").exists()
     assert experiment.main(in_parts) == 0
@@ -65,7 +67,8 @@ def test_tiny_experiment_end_to_end_and_reused(tmp_path, capsys):
     assert experiment.main([*base, "--out", str(tmp_path / "unbroken"), "--docs", str(tmp_path / "docs")]) == 0
     ended = {p.name: load_file(p) for p in (run / "student").glob("*.safetensors")}
     unbroken = {
-        p.name: load_file(p) for p in (tmp_path / "unbroken/T40/seed1/interleaved_eql/student").glob("*.safetensors")
+        p.name: load_file(p)
+        for p in (tmp_path / "unbroken/lr0.004/T40/seed1/interleaved_eql/student").glob("*.safetensors")
     }
     assert ended and ended.keys() == unbroken.keys()
     for name, tensors in ended.items():

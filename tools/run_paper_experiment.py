@@ -83,6 +83,9 @@ CORPUS = {"speakers": 20, "utterances": 80}
 HELD_OUT_SPEAKERS = 4
 TEACHER_STEPS = 1000
 COST_DEPTHS = [3, 6, 9, 12]
+#: the peak LR of the experiment's first regime; another --lr is another regime, whose runs and results go to an
+#: lr<value>/ folder under --out and --docs (the step cost, which no LR changes, is --docs' own)
+LR = 2e-3
 
 
 def say(msg: str) -> None:
@@ -481,7 +484,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "data/paper_cpu", help="corpus, shards, teacher")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs/paper_cpu", help="where the results go")
     parser.add_argument("--steps", type=int, default=None, help="T: the optimizer steps of a full run (1600; tiny 8)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak LR (7 %% warmup of the run's steps)")
+    parser.add_argument("--lr", type=float, default=LR, help="peak LR (7 %% warmup of the run's steps)")
     parser.add_argument("--nproc", type=int, default=1, help="gloo ranks per run")
     parser.add_argument("--cost-steps", type=int, default=12, help="timed steps per depth in --part cost")
     parser.add_argument("--only", nargs="+", choices=list(ARMS), default=list(ARMS), help="arms to run")
@@ -518,7 +521,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.docs.mkdir(parents=True, exist_ok=True)
     cost_file = args.docs / "step_cost.json"
-    cost_stamp = {"sets": common_sets(teacher_dir, args), "teacher": teacher_made, "steps": args.cost_steps}
+    sets = {k: v for k, v in common_sets(teacher_dir, args).items() if k != "optim.lr"}
+    cost_stamp = {"sets": sets, "teacher": teacher_made, "steps": args.cost_steps}
     if "cost" in args.part:
         old = json.loads(cost_file.read_text()) if cost_file.is_file() else {}
         if old.get("made_from") != cost_stamp or args.force:
@@ -529,6 +533,9 @@ def main(argv=None) -> int:
 
         share = layer_share({int(k[7:]): v for k, v in costs["seconds_per_step"].items() if k.startswith("shared@")})
         say(f"step cost (process CPU s): {costs['seconds_per_step']}; layers' share of a full-depth step {share:.0%}")
+    if args.lr != LR:  # another regime
+        args.out, args.docs = args.out / f"lr{args.lr:g}", args.docs / f"lr{args.lr:g}"
+        args.docs.mkdir(parents=True, exist_ok=True)
     if "runs" in args.part:
         if not run_arms(plan_runs(args), teacher_dir, teacher_made, shards, args):
             say(f"--part-minutes {args.part_minutes:g} ran out: the same command continues")
