@@ -133,3 +133,11 @@ def test_a_seed_whose_reference_curve_rises_is_named_in_the_verdict():
     claim = analysis["claims"]["interleaved_eql"]
     assert claim["speedup"].n == 1 and claim["seeds_left_out"][0].startswith("seed 2: reference loss rises")
     assert "left out: seed 2" in paper_report.table(analysis, costs)
+
+
+def test_a_stop_is_read_from_the_log_of_one_rank_and_of_several():
+    # the line istack_ds.preemption writes on every rank once a stop's checkpoint is saved
+    one = "12:00:01 [r0] stopped by SIGTERM on rank 0 at step 3: checkpoint /r/checkpoints/step00000003 saved; ..."
+    two = "12:00:01 [r1] stopped by SIGTERM on rank 0, SIGTERM on rank 1 at step 12: checkpoint /r/c saved; ..."
+    assert [int(experiment.STOPPED.search(line).group(1)) for line in (one, two)] == [3, 12]
+    assert experiment.STOPPED.search("12:00:01 [r0] step 3/40 (7.5%) | loss=1.0") is None

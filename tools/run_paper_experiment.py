@@ -244,7 +244,7 @@ def train(arm: str, sets: dict, run_dir: Path, nproc: int, deadline: float | Non
 
 #: a rank's progress line, and its stop line at a SIGTERM (istack_ds.preemption)
 STEP = re.compile(r"\] step \d+/")
-STOPPED = re.compile(r"stopped by SIGTERM on rank \d+ at step (\d+): checkpoint")
+STOPPED = re.compile(r"stopped by SIG\w+ on rank \d+(?:, SIG\w+ on rank \d+)* at step (\d+): checkpoint")
 
 
 def _part_of(log_file: Path, offset: int, pattern: re.Pattern) -> str | None:
