@@ -18,6 +18,7 @@ import run_paper_experiment as experiment  # noqa: E402
 
 
 @pytest.mark.procgroup
+@pytest.mark.timeout(1200)  # ~2-4 min on a quiet 2-core machine: 8 runs and 7 probes
 def test_tiny_experiment_end_to_end_and_reused(tmp_path, capsys):
     args = ["--tiny", "--only", "full_depth", "interleaved_eql", "--data", str(tmp_path / "data")]
     args += ["--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs")]
@@ -57,8 +58,8 @@ def test_tiny_experiment_end_to_end_and_reused(tmp_path, capsys):
     base += ["--part", "runs"]
     in_parts = [*base, "--out", str(tmp_path / "parts"), "--docs", str(tmp_path / "docs")]
     capsys.readouterr()
-    assert experiment.main([*in_parts, "--part-minutes", "0"]) == 0
-    assert "--part-minutes 0 ran out: the same command continues" in capsys.readouterr().out
+    assert experiment.main([*in_parts, "--part-minutes", "0"]) == experiment.RAN_OUT
+    assert "a run was stopped (--part-minutes 0.0): the same command continues it" in capsys.readouterr().out
     run = tmp_path / "parts/lr0.004/T40/seed1/interleaved_eql"
     (saved,) = (run / "checkpoints").glob("step*")
     assert 0 < int(saved.name[4:]) < 40 and not (run / "experiment.json").exists()
@@ -73,8 +74,7 @@ def test_tiny_experiment_end_to_end_and_reused(tmp_path, capsys):
     assert ended and ended.keys() == unbroken.keys()
     for name, tensors in ended.items():
         assert all(torch.equal(t, unbroken[name][k]) for k, t in tensors.items()), name
-    walls = json.loads((run / "parts.json").read_text())
-    assert len(walls) == 2 and experiment.wall_s(run) == sum(walls)
+    assert len(json.loads((run / "parts.json").read_text())) == 2  # its wall time: both parts
 
 
 def _run(arm, steps, seed, loss, regime="r1"):
@@ -141,3 +141,16 @@ def test_a_stop_is_read_from_the_log_of_one_rank_and_of_several():
     two = "12:00:01 [r1] stopped by SIGTERM on rank 0, SIGTERM on rank 1 at step 12: checkpoint /r/c saved; ..."
     assert [int(experiment.STOPPED.search(line).group(1)) for line in (one, two)] == [3, 12]
     assert experiment.STOPPED.search("12:00:01 [r0] step 3/40 (7.5%) | loss=1.0") is None
+
+
+def test_a_stopped_run_goes_on_only_from_a_complete_checkpoint_made_from_its_stamp(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step00000003").mkdir(parents=True)  # a save that did not finish: no marker
+    (run / "started.json").write_text(json.dumps({"sets": {"optim.total_steps": 40}}))
+    assert experiment.resumable(run, {"sets": {"optim.total_steps": 40}}, nproc=1) is None
+
+
+def test_force_and_part_minutes_together_are_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        experiment.main(["--part", "runs", "--force", "--part-minutes", "55"])
+    assert e.value.code == 2 and "would never end" in capsys.readouterr().err

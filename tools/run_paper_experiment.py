@@ -6,7 +6,7 @@ Usage (every part cached by what made it; a rerun reuses what exists, so the exp
     python tools/run_paper_experiment.py --part runs --only full_depth --budgets 1.0 --seeds 1   # the pilot
     python tools/run_paper_experiment.py --part runs --only interleaved_eql --seeds 1 2 3
     python tools/run_paper_experiment.py --part runs --steps 12800 --only full_depth --part-minutes 55  # in parts:
-                                                                          # the same command until it says done
+                                                                          # the same command while it exits 75
     python tools/run_paper_experiment.py --part probes report             # probe what exists; write docs/
     python tools/run_paper_experiment.py --tiny                           # the whole path in ~2 min (smoke)
 
@@ -86,6 +86,8 @@ COST_DEPTHS = [3, 6, 9, 12]
 #: the peak LR of the experiment's first regime; another --lr is another regime, whose runs and results go to an
 #: lr<value>/ folder under --out and --docs (the step cost, which no LR changes, is --docs' own)
 LR = 2e-3
+#: the exit of a call whose runs were not all done (a run stopped at --part-minutes): EX_TEMPFAIL, "try again"
+RAN_OUT = 75
 
 
 def say(msg: str) -> None:
@@ -214,50 +216,78 @@ def finished(run_dir: Path, stamp: dict) -> bool:
     return (run_dir / "summary.json").is_file() and made.is_file() and json.loads(made.read_text()) == stamp
 
 
-def train(arm: str, sets: dict, run_dir: Path, nproc: int, deadline: float | None = None) -> tuple[float, int | None]:
+def train(arm: str, sets: dict, run_dir: Path, nproc: int, deadline: float | None = None) -> int | None:
     """One run of `arm` on `nproc` gloo ranks, one thread each (continued from its checkpoint when `sets` say
-    checkpoint.resume=auto): its wall seconds, and None when it finished or the step it stopped at when `deadline`
-    (a time.time()) came first: SIGTERM once the run trained a step here, and every rank saves that step (exit 7)."""
+    checkpoint.resume=auto); its wall seconds are added to the run's parts.json. Returns None when the run finished,
+    or the step it stopped at: when `deadline` (a time.time()) came first, the ranks get SIGUSR1 once the run trained
+    a step here, and every rank saves a checkpoint at the next step and exits 7 (istack_ds.preemption)."""
+    import psutil
+
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += [str(ROOT / "launchers/train.py"), "--config", str(ROOT / "configs" / ARMS[arm][0])]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
-    log_file = run_dir / "train.log"
+    log_file, parts = run_dir / "train.log", run_dir / "parts.json"
     offset = log_file.stat().st_size if log_file.is_file() else 0
     start, signalled = time.time(), False
     with open(log_file, "a") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        while proc.poll() is None:
-            time.sleep(0.5)
-            # NOTE: not before a step: a signal in the start would end torchrun's rank before its handler is in place
-            if deadline is not None and time.time() > deadline and not signalled and _part_of(log_file, offset, STEP):
-                proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
+        try:
+            while proc.poll() is None:
+                time.sleep(0.5)
+                if deadline is None or signalled or time.time() < deadline or not _part_of(log_file, offset, STEP):
+                    continue
+                # NOTE: the ranks, not torchrun: torchrun ends its ranks 30 s after its own SIGTERM (a stop's step,
+                # evaluation and save may take longer) and fails a run whose last step was done. Not before a
+                # step: a rank in its start may have no handler yet. A rank past its last step ends as it would.
+                for child in psutil.Process(proc.pid).children():
+                    if str(ROOT / "launchers/train.py") in child.cmdline():
+                        child.send_signal(signal.SIGUSR1)
                 signalled = True
-    seconds = time.time() - start
+        finally:
+            if proc.poll() is None:  # this tool stopped (an error, Ctrl-C): no run goes on unwatched
+                proc.terminate()
+                proc.wait()
+            walls = json.loads(parts.read_text()) if parts.is_file() else []
+            parts.write_text(json.dumps([*walls, round(time.time() - start, 1)]))
     stopped = STOPPED.search(_part_of(log_file, offset, STOPPED) or "")
-    if proc.returncode != 0 and not (signalled and stopped):
-        tail = log_file.read_text()[-4000:]
-        raise SystemExit(f"run {run_dir} failed (rc={proc.returncode}); log {log_file}:\n{tail}")
-    return seconds, int(stopped.group(1)) if proc.returncode != 0 and stopped else None
+    if proc.returncode == 0:
+        return None
+    if stopped:  # by this tool's deadline or by a signal from outside: the same command continues
+        return int(stopped.group(1))
+    tail = log_file.read_text(errors="replace")[-4000:]
+    raise SystemExit(f"run {run_dir} failed (rc={proc.returncode}); log {log_file}:\n{tail}")
 
 
-#: a rank's progress line, and its stop line at a SIGTERM (istack_ds.preemption)
+#: a rank's progress line, and its line once a stop's checkpoint is saved (istack_ds.preemption)
 STEP = re.compile(r"\] step \d+/")
 STOPPED = re.compile(r"stopped by SIG\w+ on rank \d+(?:, SIG\w+ on rank \d+)* at step (\d+): checkpoint")
 
 
 def _part_of(log_file: Path, offset: int, pattern: re.Pattern) -> str | None:
     """The log written since `offset` when `pattern` is in it."""
-    with open(log_file) as f:
+    with open(log_file, errors="replace") as f:
         f.seek(offset)
         text = f.read()
     return text if pattern.search(text) else None
 
 
+def resumable(run_dir: Path, stamp: dict, nproc: int) -> Path | None:
+    """The checkpoint a run stopped by an earlier call goes on from: its newest complete, not diverged one, when
+    the run was started from the same stamp."""
+    from istack_ds.checkpoint import Checkpointer
+
+    started = run_dir / "started.json"
+    if not started.is_file() or json.loads(started.read_text()) != stamp:
+        return None
+    good, _ = Checkpointer(run_dir / "checkpoints", 1).candidates(nproc, content=False, first=True)
+    return good[0] if good else None
+
+
 def run_arms(plan: list[tuple[str, float, int]], teacher: Path, teacher_made: dict, shards: Path, args) -> bool:
-    """The planned runs, each continued from where an earlier call stopped it; False when --part-minutes ran out
-    first (the run it stopped keeps its checkpoint, and the same command goes on from it)."""
+    """The planned runs, each continued from where an earlier call stopped it; False when a run was stopped (at
+    --part-minutes, or by a signal): it keeps its checkpoint, and the same command goes on from it."""
     deadline = None if args.part_minutes is None else time.time() + 60 * args.part_minutes
     trained = False
     for arm, budget, seed in plan:
@@ -271,24 +301,21 @@ def run_arms(plan: list[tuple[str, float, int]], teacher: Path, teacher_made: di
         if deadline is not None and time.time() > deadline and trained:  # a call trains at least one part
             return False
         trained = True
-        started, parts = run_dir / "started.json", run_dir / "parts.json"
-        saved = sorted((run_dir / "checkpoints").glob("step*"))
-        if args.force or not (started.is_file() and json.loads(started.read_text()) == stamp and saved):
+        saved = None if args.force else resumable(run_dir, stamp, args.nproc)
+        if saved is None:
             shutil.rmtree(run_dir, ignore_errors=True)
             run_dir.mkdir(parents=True)
-            started.write_text(json.dumps(stamp, indent=1))
-            parts.write_text("[]")
+            (run_dir / "started.json").write_text(json.dumps(stamp, indent=1))
             say(f"{name}: {sets['optim.total_steps']} steps ...")
         else:  # the stamp holds what made the run; where it goes on from is no part of it
             sets = {**sets, "checkpoint.resume": "auto"}
-            say(f"{name}: continued from {saved[-1].name} of {sets['optim.total_steps']} steps ...")
-        seconds, stopped_at = train(arm, sets, run_dir, args.nproc, deadline)
-        parts.write_text(json.dumps([*json.loads(parts.read_text()), round(seconds, 1)]))
+            say(f"{name}: continued from {saved.name} of {sets['optim.total_steps']} steps ...")
+        stopped_at = train(arm, sets, run_dir, args.nproc, deadline)
         if stopped_at is not None:
-            say(f"{name}: stopped at step {stopped_at} with a checkpoint after {seconds:.0f} s (--part-minutes)")
+            say(f"{name}: stopped at step {stopped_at}, its checkpoint saved")
             return False
         (run_dir / "experiment.json").write_text(json.dumps(stamp, indent=1))
-        say(f"{name}: done in {seconds:.0f} s wall")
+        say(f"{name}: done in {wall_s(run_dir):.0f} s wall")
     return True
 
 
@@ -341,9 +368,9 @@ def measure_costs(teacher: Path, shards: Path, out: Path, args) -> dict:
 
 
 def wall_s(run_dir: Path) -> float:
-    """A run's own wall seconds: its parts' together where the run was made in parts."""
+    """A run's own wall seconds: its trainer's, or for a run made in parts, each part's process (start included)."""
     parts = run_dir / "parts.json"
-    if parts.is_file():
+    if parts.is_file() and len(json.loads(parts.read_text())) > 1:
         return sum(json.loads(parts.read_text()))
     return json.loads((run_dir / "summary.json").read_text())["wall_s"]
 
@@ -480,9 +507,9 @@ def collect(args, costs: dict) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", nargs="+", choices=PARTS, default=PARTS, help="what to do (default: all, in order)")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs/paper_cpu", help="one run directory per run")
+    parser.add_argument("--out", type=Path, default=None, help="one run directory per run (runs/paper_cpu)")
     parser.add_argument("--data", type=Path, default=ROOT / "data/paper_cpu", help="corpus, shards, teacher")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs/paper_cpu", help="where the results go")
+    parser.add_argument("--docs", type=Path, default=None, help="where the results go (docs/paper_cpu)")
     parser.add_argument("--steps", type=int, default=None, help="T: the optimizer steps of a full run (1600; tiny 8)")
     parser.add_argument("--lr", type=float, default=LR, help="peak LR (7 %% warmup of the run's steps)")
     parser.add_argument("--nproc", type=int, default=1, help="gloo ranks per run")
@@ -497,14 +524,20 @@ def main(argv=None) -> int:
         type=float,
         default=None,
         help="end the call's runs within about this many minutes (the run under way saves a checkpoint at a step; "
-        "the same command continues it): a long T in parts",
+        f"the same command continues it; exit {RAN_OUT} until every run is done): a long T in parts",
     )
     args = parser.parse_args(argv)
+    if args.force and args.part_minutes is not None:
+        parser.error("--force starts every run anew, so a run in parts would never end: leave out one of them")
+    # a smoke run never reuses or overwrites the real experiment's runs and results
+    args.out = args.out or ROOT / ("runs/paper_cpu/tiny" if args.tiny else "runs/paper_cpu")
+    args.docs = args.docs or (args.out / "docs" if args.tiny else ROOT / "docs/paper_cpu")
     if args.tiny:
-        args.steps, args.cost_steps = args.steps or 8, 2
+        args.cost_steps = 2
+        args.steps = 8 if args.steps is None else args.steps
         args.seeds = args.seeds or [1]
         args.budgets = args.budgets or [0.5, 1.0]
-    args.steps = args.steps or 1600
+    args.steps = 1600 if args.steps is None else args.steps
 
     t0 = time.time()
     data = args.data / "tiny" if args.tiny else args.data  # a smoke run never reuses the real run's data
@@ -533,13 +566,13 @@ def main(argv=None) -> int:
 
         share = layer_share({int(k[7:]): v for k, v in costs["seconds_per_step"].items() if k.startswith("shared@")})
         say(f"step cost (process CPU s): {costs['seconds_per_step']}; layers' share of a full-depth step {share:.0%}")
+    docs_root = args.docs  # what no LR changes: the step cost, the teacher's report
     if args.lr != LR:  # another regime
-        args.out, args.docs = args.out / f"lr{args.lr:g}", args.docs / f"lr{args.lr:g}"
-        args.docs.mkdir(parents=True, exist_ok=True)
+        args.out, args.docs = args.out / f"lr{args.lr!r}", args.docs / f"lr{args.lr!r}"
     if "runs" in args.part:
         if not run_arms(plan_runs(args), teacher_dir, teacher_made, shards, args):
-            say(f"--part-minutes {args.part_minutes:g} ran out: the same command continues")
-            return 0
+            say(f"a run was stopped (--part-minutes {args.part_minutes}): the same command continues it")
+            return RAN_OUT
     if not {"probes", "report"} & set(args.part):
         say(f"done in {time.time() - t0:.0f} s")
         return 0
@@ -571,7 +604,7 @@ def main(argv=None) -> int:
     analysis = analyse(results, costs, probes, floors, arm_cfgs)
     text = table(analysis, costs)
     docs = args.docs / f"T{args.steps}"
-    docs.mkdir(exist_ok=True)
+    docs.mkdir(parents=True, exist_ok=True)
     (docs / "results.md").write_text(text)
     runs = {f"{a}@{b:g}/seed{s}": r for (a, b, s), r in results.items()}
     (docs / "results.json").write_text(
@@ -588,7 +621,7 @@ def main(argv=None) -> int:
     )
     for name in ("layer_cka.png", "teacher_report.json"):
         if (teacher_dir / name).is_file():
-            shutil.copy(teacher_dir / name, args.docs / f"teacher_{name}")
+            shutil.copy(teacher_dir / name, docs_root / f"teacher_{name}")
     say(text)
     say(f"experiment part(s) {args.part} done in {time.time() - t0:.0f} s: runs in {args.out}, results in {docs}")
     return 0
