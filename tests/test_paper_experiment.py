@@ -18,7 +18,7 @@ import run_paper_experiment as experiment  # noqa: E402
 
 
 @pytest.mark.procgroup
-@pytest.mark.timeout(1200)  # ~2-4 min on a quiet 2-core machine: 8 runs and 7 probes
+@pytest.mark.timeout(1200)  # the whole path and a run in parts: minutes on a quiet 2-core machine
 def test_tiny_experiment_end_to_end_and_reused(tmp_path, capsys):
     args = ["--tiny", "--only", "full_depth", "interleaved_eql", "--data", str(tmp_path / "data")]
     args += ["--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs")]
